@@ -1,0 +1,150 @@
+"""Argument checks shared by the functional API and the modules.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+shape or value) whose message starts with the argument's name, so that a user sees which
+input is wrong instead of a broadcast or an error deep inside torch.
+
+Shape, dtype and device checks are free. Value checks (NaN/Inf, permutation validity, lam
+range) read tensor data and so synchronise with an accelerator once per call; they can be
+switched off with :func:`set_value_checks` once a pipeline is known to be sound, e.g. for
+``torch.compile`` or CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+_VALUE_CHECKS = True
+
+REDUCTIONS = ("mean", "sum", "none")
+CONVENTIONS = ("paper", "reference")
+BACKENDS = ("auto", "dense", "tiled", "triton")
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the data-dependent input checks on or off; returns the previous setting."""
+    global _VALUE_CHECKS
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    return previous
+
+
+def value_checks_enabled() -> bool:
+    """Whether data-dependent checks (NaN/Inf, permutations, lam range) run."""
+    return _VALUE_CHECKS
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Context manager form of :func:`set_value_checks`."""
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_temperature(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive real number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value}")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number in [0, 1]; got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; got {value}")
+    return value
+
+
+def check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive real number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value}")
+    return value
+
+
+def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | None = None) -> Tensor:
+    """A floating (N, D) tensor with N >= 2, optionally of a given N and D."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64); got {z.dtype}")
+    if z.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, D); got shape {tuple(z.shape)}")
+    if z.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 samples (N >= 2) for a contrastive loss; got N = {z.shape[0]}")
+    if z.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one feature (D >= 1); got shape {tuple(z.shape)}")
+    if n is not None and z.shape[0] != n:
+        raise ValueError(f"{name} has {z.shape[0]} rows but the batch has N = {n}")
+    if d is not None and z.shape[1] != d:
+        raise ValueError(f"{name} has dimension {z.shape[1]} but the other embeddings have D = {d}")
+    if _VALUE_CHECKS and not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return z
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    device = tensors[0].device
+    for name, tensor in zip(names, tensors):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {names[0]} is on {device}; move them to one device")
+
+
+def check_perm(name: str, perm: object, n: int, device: torch.device) -> Tensor:
+    """An integer tensor of shape (N,) holding a permutation of 0..N-1."""
+    if not isinstance(perm, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape ({n},); got {type(perm).__name__}")
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype; got {perm.dtype}")
+    if perm.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the batch; got {tuple(perm.shape)}")
+    if perm.device != device:
+        raise ValueError(f"{name} is on {perm.device} but the embeddings are on {device}")
+    perm = perm.long()
+    if _VALUE_CHECKS:
+        in_range = bool(((perm >= 0) & (perm < n)).all())
+        if not in_range or not bool((torch.bincount(perm, minlength=n) == 1).all()):
+            raise ValueError(f"{name} must be a permutation of 0..{n - 1}")
+    return perm
+
+
+def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
+    """A floating tensor of shape (N,) with values in [0, 1]."""
+    if not isinstance(lam, Tensor):
+        raise TypeError(f"{name} must be a floating torch.Tensor of shape ({n},); got {type(lam).__name__}")
+    if not lam.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype; got {lam.dtype}")
+    if lam.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one mixing weight per sample; got {tuple(lam.shape)}")
+    if lam.device != device:
+        raise ValueError(f"{name} is on {lam.device} but the embeddings are on {device}")
+    if _VALUE_CHECKS and not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1] (NaN is not allowed)")
+    return lam
+
+
+def check_sequence(name: str, value: object, *, min_len: int = 2) -> list:
+    if isinstance(value, Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, one per modality; got {type(value).__name__}")
+    if len(value) < min_len:
+        raise ValueError(f"{name} must hold at least {min_len} modalities; got {len(value)}")
+    return list(value)

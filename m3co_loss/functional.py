@@ -1,0 +1,525 @@
+r"""The losses of M3CoL as pure functions.
+
+Every loss L2-normalises its inputs along the last dimension, works on the similarity matrix
+``S = p_a @ p_b.T / t`` in log-sum-exp form (row and column log-sum-exps plus gathered
+entries, never ``log(softmax)`` and never a dense target matrix), and accumulates in float32
+when the inputs are float16 or bfloat16. ``reduction="none"`` returns the length-N vector whose
+mean is the ``"mean"`` value.
+
+Notation (see the docs' maths page): ``r = lse_row(S)``, ``c = lse_col(S)``, ``j = perm[i]``.
+
+* :func:`m3co_pair` (paper Eq. 6):
+  ``v_i = (r_i - lam_i S_ii - (1-lam_i) S_ij) + (lam_i c_i + (1-lam_i) c_j - lam_i S_ii - (1-lam_i) S_ij)``
+* :func:`multisoftclip_pair` (paper Eq. 9) with ``W = softmax_row(p_a p_a^T / t)``:
+  ``v_i = c_i + sum_l W_il r_l - 2 sum_l W_il S_li``
+* :func:`clip_loss`: ``v_i = r_i + c_i - 2 S_ii``
+
+``convention="reference"`` computes what the authors' released code computes (SPEC section 6):
+each directed term is the *average* of its two directions, MultiSClip weights both directions
+by the rows of ``W``, and :func:`m3co` / :func:`multisoftclip` use cyclic pairs
+(modality m against m+1 mod M, one direction each). Fixed points of ``perm`` are exact in both
+conventions (the released code's fixed-point bug is not reproduced).
+
+Backends: ``"dense"`` builds the N x N similarity matrix (readable reference);
+``"tiled"`` streams over tiles with online log-sum-exp in O(N D) memory and recomputes tiles in
+the backward pass (:mod:`m3co_loss.kernels`); ``"triton"`` is the CUDA kernel of the tiled
+algorithm; ``"auto"`` picks by size (:func:`m3co_loss.kernels.choose_backend`).
+
+With ``gather_distributed=True`` and an initialised process group, each rank passes its local
+rows (local ``perm`` and ``lam``); embeddings are gathered with gradients and each rank returns
+a value whose average over ranks equals the single-process loss on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import distributed as dist_utils
+from . import kernels
+from ._validation import (
+    BACKENDS,
+    CONVENTIONS,
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_lam,
+    check_perm,
+    check_same_device,
+    check_sequence,
+    check_temperature,
+)
+
+__all__ = [
+    "m3co_pair",
+    "m3co",
+    "multisoftclip_pair",
+    "multisoftclip",
+    "clip_loss",
+    "unis_mmc",
+    "normalize",
+]
+
+LamArg = Union[Tensor, Sequence[Tensor]]
+
+
+def normalize(z: Tensor) -> Tensor:
+    """``z / max(||z||, eps)`` along the last dim, in float32 at least (zero rows stay zero)."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    return F.normalize(z.to(dtype), dim=-1, eps=1e-12)
+
+
+class _Rows(NamedTuple):
+    """One modality's normalised embeddings: this rank's rows and the gathered batch."""
+
+    local: Tensor
+    full: Tensor
+    offset: int  # index of local[0] inside full
+
+
+class _Batch(NamedTuple):
+    """What every modality of one call shares: process-group layout and reduction scale."""
+
+    sizes: list  # rows per rank
+    rank: int
+
+    @property
+    def distributed(self) -> bool:
+        return len(self.sizes) > 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    def gather(self, x: Tensor) -> Tensor:
+        return dist_utils.all_gather_with_grad(x, sizes=self.sizes) if self.distributed else x
+
+
+def _batch_layout(n: int, device: torch.device, gather_distributed: bool) -> _Batch:
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(f"gather_distributed must be a bool; got {type(gather_distributed).__name__}")
+    if gather_distributed and dist_utils.is_initialized():
+        return _Batch(dist_utils.all_gather_sizes(n, device), dist_utils.rank())
+    return _Batch([n], 0)
+
+
+def _prepare(z: Tensor, layout: _Batch) -> _Rows:
+    p = normalize(z)
+    return _Rows(p, layout.gather(p), layout.offset)
+
+
+def _no_autocast(device: torch.device):
+    # The losses choose their own precision: matmuls under an outer autocast region would
+    # otherwise run in bfloat16/float16 and lose the float32 accumulation promised above.
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+def _reduce(v: Tensor, reduction: str, layout: _Batch) -> Tensor:
+    if reduction == "none":
+        return v
+    # Each rank returns world_size / N_global times its local sum, so that the average over
+    # ranks (what DDP's gradient averaging computes) is the global mean, even when ranks hold
+    # different numbers of rows.
+    world = len(layout.sizes)
+    if reduction == "sum":
+        return v.sum() * world if world > 1 else v.sum()
+    return v.sum() * (world / layout.total) if world > 1 else v.mean()
+
+
+# ----------------------------------------------------------------------------- dense kernels
+# Each returns the per-sample vector v (length n_local). The tiled and Triton backends in
+# kernels.py compute the same vectors without materialising any N x N matrix.
+
+
+def _m3co_vector_dense(a: _Rows, b: _Rows, perm: Tensor, lam: Tensor, t: float, reference: bool, layout: _Batch) -> Tensor:
+    n = a.local.shape[0]
+    rows = torch.arange(n, device=a.local.device)
+    s = (a.local / t) @ b.full.T  # local mixed rows against every clean column
+    r = torch.logsumexp(s, dim=1)
+    if layout.distributed:
+        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)  # local clean columns against every mixed row
+    else:
+        c = torch.logsumexp(s, dim=0)
+    s_ii = s[rows, a.offset + rows]
+    s_ij = s[rows, a.offset + perm]
+    target = lam * s_ii + (1 - lam) * s_ij
+    v = (r - target) + (lam * c + (1 - lam) * c[perm] - target)
+    return 0.5 * v if reference else v
+
+
+def _clip_vector_dense(a: _Rows, b: _Rows, t: float, layout: _Batch) -> Tensor:
+    n = a.local.shape[0]
+    rows = torch.arange(n, device=a.local.device)
+    s = (a.local / t) @ b.full.T
+    r = torch.logsumexp(s, dim=1)
+    if layout.distributed:
+        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)
+    else:
+        c = torch.logsumexp(s, dim=0)
+    return r + c - 2 * s[rows, a.offset + rows]
+
+
+def _multisoftclip_vector_dense(a: _Rows, b: _Rows, t: float, reference: bool, layout: _Batch) -> Tensor:
+    s_rows = (a.local / t) @ b.full.T  # s_rows[i, l] = S[i, l]
+    s_cols = (b.local / t) @ a.full.T if layout.distributed else s_rows.T  # s_cols[i, l] = S[l, i]
+    r = torch.logsumexp(s_rows, dim=1)
+    c = torch.logsumexp(s_cols, dim=1)
+    w = torch.softmax((a.local / t) @ a.full.T, dim=1)  # soft targets W[i, l]
+    if reference:
+        # Both directions weight query i by the target distribution W[i, :].
+        return 0.5 * (c + r - (w * s_cols).sum(1) - (w * s_rows).sum(1))
+    r_full = layout.gather(r)
+    return c + (w * (r_full.unsqueeze(0) - 2 * s_cols)).sum(1)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _pick(backend: str, n_rows: int, n_cols: int, device: torch.device) -> str:
+    check_choice("backend", backend, BACKENDS)
+    return kernels.choose_backend(backend, n_rows, n_cols, device)
+
+
+def _m3co_vector(a, b, perm, lam, t, reference, layout, backend) -> Tensor:
+    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
+    if chosen == "dense":
+        return _m3co_vector_dense(a, b, perm, lam, t, reference, layout)
+    v = kernels.m3co_vector(a.local, a.full, b.local, b.full, a.offset, perm, lam, t, backend=chosen)
+    return 0.5 * v if reference else v
+
+
+def _clip_vector(a, b, t, layout, backend) -> Tensor:
+    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
+    if chosen == "dense":
+        return _clip_vector_dense(a, b, t, layout)
+    return kernels.clip_vector(a.local, a.full, b.local, b.full, a.offset, t, backend=chosen)
+
+
+def _multisoftclip_vector(a, b, t, reference, layout, backend) -> Tensor:
+    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
+    if chosen == "dense":
+        return _multisoftclip_vector_dense(a, b, t, reference, layout)
+    return kernels.multisoftclip_vector(
+        a.local, a.full, b.local, b.full, a.offset, t, reference=reference, gather=layout.gather, backend=chosen
+    )
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_common(temperature, reduction, convention) -> float:
+    t = check_temperature("temperature", temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("convention", convention, CONVENTIONS)
+    return t
+
+
+def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object) -> tuple[Tensor, Tensor]:
+    z_a = check_embeddings(name_a, z_a)
+    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1])
+    check_same_device((name_a, name_b), (z_a, z_b))
+    return z_a, z_b
+
+
+def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None) -> list:
+    zs = check_sequence(name, zs)
+    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d)
+    out = [first]
+    for m, z in enumerate(zs[1:], start=1):
+        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1]))
+    check_same_device([f"{name}[{m}]" for m in range(len(out))], out)
+    return out
+
+
+def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> list:
+    """lam as one (N,) tensor shared by all modalities, an (M, N) tensor or a list of M tensors."""
+    if isinstance(lam, Tensor) and lam.dim() == 2:
+        if lam.shape[0] != num:
+            raise ValueError(f"lam has shape {tuple(lam.shape)}; a 2-D lam needs one row per modality ({num}, {n})")
+        return [check_lam(f"lam[{m}]", lam[m], n, device) for m in range(num)]
+    if isinstance(lam, Tensor):
+        return [check_lam("lam", lam, n, device)] * num
+    if not isinstance(lam, (list, tuple)):
+        raise TypeError(f"lam must be a torch.Tensor of shape ({n},) or ({num}, {n}), or a list of {num} tensors; got {type(lam).__name__}")
+    lams = list(lam)
+    if len(lams) != num:
+        raise ValueError(f"lam holds {len(lams)} tensors but there are {num} modalities")
+    return [check_lam(f"lam[{m}]", x, n, device) for m, x in enumerate(lams)]
+
+
+def _directed_pairs(num: int, convention: str) -> list:
+    """(a, b, weight) for every directed term a -> b of the aggregate loss."""
+    if convention == "reference":
+        # Released code: modality m against m+1 (mod M), one direction each; for M = 2 this
+        # visits both directions.
+        return [(m, (m + 1) % num, 1.0) for m in range(num)]
+    return [(a, b, 0.5) for a in range(num) for b in range(num) if a != b]
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def m3co_pair(
+    mixed_a: Tensor,
+    clean_b: Tensor,
+    perm: Tensor,
+    lam: Tensor,
+    *,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    convention: str = "paper",
+    backend: str = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Mixup contrastive loss L3(a -> b) of one mixed modality against one clean one.
+
+    Row ``i`` of ``mixed_a`` is ``lam[i] x_i + (1 - lam[i]) x_perm[i]`` (mixed inputs or mixed
+    embeddings, encoded). Its targets in ``clean_b`` are sample ``i`` with weight ``lam[i]`` and
+    sample ``perm[i]`` with weight ``1 - lam[i]``, in both the row (mixed -> clean) and the
+    column (clean -> mixed) direction (paper Eq. 6)::
+
+        v_i = lam_i (r_i - S_ii) + (1-lam_i) (r_i - S_ij) + lam_i (c_i - S_ii) + (1-lam_i) (c_j - S_ij)
+
+    with ``S = p_a p_b^T / t``, ``r``/``c`` its row/column log-sum-exps and ``j = perm[i]``.
+    With ``lam = 1`` this is :func:`clip_loss`. ``convention="reference"`` halves it (the
+    released code averages the two directions).
+
+    Args:
+        mixed_a: (N, D) embeddings of the mixed modality a.
+        clean_b: (N, D) embeddings of the clean modality b.
+        perm: (N,) integer permutation of 0..N-1: the mixing partner of each row.
+        lam: (N,) mixing weights in [0, 1].
+        temperature: softmax temperature t > 0.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample vector).
+        convention: ``"paper"`` or ``"reference"``.
+        backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
+        gather_distributed: contrast against the batch of every rank (``perm`` and ``lam``
+            stay local: mixing partners live on the same rank).
+    """
+    t = _check_common(temperature, reduction, convention)
+    mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b)
+    n = mixed_a.shape[0]
+    perm = check_perm("perm", perm, n, mixed_a.device)
+    lam = check_lam("lam", lam, n, mixed_a.device)
+    layout = _batch_layout(n, mixed_a.device, gather_distributed)
+    with _no_autocast(mixed_a.device):
+        a, b = _prepare(mixed_a, layout), _prepare(clean_b, layout)
+        v = _m3co_vector(a, b, perm, lam.to(a.local.dtype), t, convention == "reference", layout, backend)
+        return _reduce(v, reduction, layout)
+
+
+def m3co(
+    mixed: Sequence[Tensor],
+    clean: Sequence[Tensor],
+    perms: Sequence[Tensor],
+    lam: LamArg,
+    *,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    convention: str = "paper",
+    backend: str = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""M3Co loss over M >= 2 modalities (paper Eq. 8 and 12).
+
+    ``paper``: ``sum_{a<b} 1/2 (L3(a->b) + L3(b->a))``, where L3(a->b) uses ``mixed[a]``,
+    ``clean[b]``, ``perms[a]`` and ``lam`` of modality a.
+    ``reference``: ``sum_m L3_ref(m -> m+1 mod M)`` (the released code's cyclic pairs, each term
+    the average of its two directions); for M = 2 both conventions coincide.
+
+    Args:
+        mixed: M tensors (N, D): each modality's mixed embeddings.
+        clean: M tensors (N, D): each modality's clean embeddings.
+        perms: M permutations (N,), one per modality.
+        lam: (N,) shared by all modalities (the paper), or (M, N) / M tensors (N,), one per
+            modality (the released code).
+        temperature, reduction, convention, backend, gather_distributed: as in :func:`m3co_pair`.
+    """
+    t = _check_common(temperature, reduction, convention)
+    clean = _check_modalities("clean", clean)
+    n, d = clean[0].shape
+    mixed = _check_modalities("mixed", mixed, n=n, d=d)
+    num = len(clean)
+    if len(mixed) != num:
+        raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {num}")
+    device = clean[0].device
+    check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
+    perms = check_sequence("perms", perms, min_len=1)
+    if len(perms) != num:
+        raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
+    perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]
+    lams = _per_modality_lam(lam, num, n, device)
+    layout = _batch_layout(n, device, gather_distributed)
+    reference = convention == "reference"
+    with _no_autocast(device):
+        mixed_rows = [_prepare(z, layout) for z in mixed]
+        clean_rows = [_prepare(z, layout) for z in clean]
+        total = None
+        for a, b, weight in _directed_pairs(num, convention):
+            v = _m3co_vector(mixed_rows[a], clean_rows[b], perms[a], lams[a].to(mixed_rows[a].local.dtype), t, reference, layout, backend)
+            total = weight * v if total is None else total + weight * v
+        return _reduce(total, reduction, layout)
+
+
+def multisoftclip_pair(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    convention: str = "paper",
+    backend: str = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Soft-target CLIP loss Ls(a; a, b) with targets from modality a (paper Eq. 9).
+
+    ``W = softmax_row(p_a p_a^T / t)`` holds the soft targets, ``S = p_a p_b^T / t``::
+
+        v_i = sum_l W_il ((c_i - S_li) + (r_l - S_li)) = c_i + sum_l W_il r_l - 2 sum_l W_il S_li
+
+    ``convention="reference"``: ``1/2 (c_i - sum_l W_il S_li + r_i - sum_l W_il S_il)``
+    (the released code's ``soft_clip_loss(preds=z_b, targs=z_a)``, whose two directions both
+    use the rows of W as target distributions).
+    """
+    t = _check_common(temperature, reduction, convention)
+    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b)
+    layout = _batch_layout(z_a.shape[0], z_a.device, gather_distributed)
+    with _no_autocast(z_a.device):
+        a, b = _prepare(z_a, layout), _prepare(z_b, layout)
+        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend)
+        return _reduce(v, reduction, layout)
+
+
+def multisoftclip(
+    z: Sequence[Tensor],
+    *,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    convention: str = "paper",
+    backend: str = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""MultiSClip loss over M >= 2 modalities (paper Eq. 11 and 13).
+
+    ``paper``: ``sum_{a<b} 1/2 (Ls(a; a,b) + Ls(b; a,b))``.
+    ``reference``: ``sum_m Ls_ref(m+1 mod M; m+1, m)``, the released code's
+    ``soft_clip_loss(z[m], z[m+1])`` summed cyclically (targets from modality m+1).
+    """
+    t = _check_common(temperature, reduction, convention)
+    z = _check_modalities("z", z)
+    layout = _batch_layout(z[0].shape[0], z[0].device, gather_distributed)
+    reference = convention == "reference"
+    with _no_autocast(z[0].device):
+        rows = [_prepare(x, layout) for x in z]
+        total = None
+        for a, b, weight in _directed_pairs(len(z), convention):
+            # The directed term "a against b" takes its soft targets from b in the released
+            # code (soft_clip_loss(preds=a, targs=b)); in the paper both orders are summed.
+            targets, other = (b, a) if reference else (a, b)
+            v = weight * _multisoftclip_vector(rows[targets], rows[other], t, reference, layout, backend)
+            total = v if total is None else total + v
+        return _reduce(total, reduction, layout)
+
+
+def clip_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    temperature: float = 0.1,
+    reduction: str = "mean",
+    backend: str = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Symmetric InfoNCE: row cross-entropy plus column cross-entropy, identity targets.
+
+    ``v_i = (r_i - S_ii) + (c_i - S_ii)`` with ``S = p_a p_b^T / t`` (a sum of the two
+    directions, not their average, so that it equals :func:`m3co_pair` at ``lam = 1``).
+    """
+    t = check_temperature("temperature", temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b)
+    layout = _batch_layout(z_a.shape[0], z_a.device, gather_distributed)
+    with _no_autocast(z_a.device):
+        a, b = _prepare(z_a, layout), _prepare(z_b, layout)
+        return _reduce(_clip_vector(a, b, t, layout, backend), reduction, layout)
+
+
+def unis_mmc(
+    r: Sequence[Tensor],
+    logits: Sequence[Tensor],
+    y: Tensor,
+    *,
+    temperature: float = 0.07,
+) -> Tensor:
+    r"""UniS-MMC loss (Zou et al. 2023, Eq. 1-5), summed over modality pairs a < b.
+
+    For each pair the unimodal predictions ``argmax logits[m]`` decide, per sample, whether the
+    pair is positive (both correct), semi-positive (exactly one correct) or negative::
+
+        L(a, b) = -log( sum_{n in P or S} exp(cos_n / t) / sum_n exp(cos_n / t) )
+
+    with ``cos_n = cos(r_a[n], r_b[n])``. In a semi-positive pair only the wrong modality's
+    representation receives gradient (the correct one is detached). If no sample is positive
+    or semi-positive, every sample counts as positive (as in the released code), which makes
+    that pair's loss 0.
+
+    Args:
+        r: M tensors (N, D): each modality's representation.
+        logits: M tensors (N, C): each unimodal head's logits.
+        y: (N,) integer class labels in [0, C).
+        temperature: t > 0 (0.07 in the paper).
+    """
+    t = check_temperature("temperature", temperature)
+    r = _check_modalities("r", r)
+    n = r[0].shape[0]
+    logits = check_sequence("logits", logits)
+    if len(logits) != len(r):
+        raise ValueError(f"logits holds {len(logits)} tensors but r holds {len(r)} modalities")
+    num_classes = None
+    for m, lg in enumerate(logits):
+        if not isinstance(lg, Tensor) or not lg.is_floating_point():
+            raise TypeError(f"logits[{m}] must be a floating torch.Tensor of shape (N, C)")
+        if lg.dim() != 2 or lg.shape[0] != n:
+            raise ValueError(f"logits[{m}] must have shape ({n}, C); got {tuple(lg.shape)}")
+        num_classes = num_classes or lg.shape[1]
+        if lg.shape[1] != num_classes:
+            raise ValueError(f"logits[{m}] has {lg.shape[1]} classes but logits[0] has {num_classes}")
+    check_same_device(["r[0]"] + [f"logits[{m}]" for m in range(len(logits))], [r[0]] + list(logits))
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be an integer torch.Tensor of shape ({n},); got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must have an integer dtype; got {y.dtype}")
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}")
+    check_same_device(("r[0]", "y"), (r[0], y))
+    from ._validation import value_checks_enabled
+
+    if value_checks_enabled() and not bool(((y >= 0) & (y < num_classes)).all()):
+        raise ValueError(f"y must hold class indices in [0, {num_classes})")
+
+    with _no_autocast(r[0].device):
+        p = [normalize(x) for x in r]
+        correct = [lg.argmax(dim=1) == y for lg in logits]
+        total = None
+        for a in range(len(p)):
+            for b in range(a + 1, len(p)):
+                semi = correct[a] ^ correct[b]
+                pa = torch.where((semi & correct[a]).unsqueeze(1), p[a].detach(), p[a])
+                pb = torch.where((semi & correct[b]).unsqueeze(1), p[b].detach(), p[b])
+                cos = (pa * pb).sum(1) / t
+                keep = correct[a] | correct[b]
+                keep = keep | ~keep.any()  # no P or S sample: every pair is positive
+                loss = torch.logsumexp(cos, 0) - torch.logsumexp(cos.masked_fill(~keep, float("-inf")), 0)
+                total = loss if total is None else total + loss
+        return total

@@ -1,0 +1,265 @@
+"""``nn.Module`` wrappers over :mod:`m3co_loss.functional`.
+
+Each module takes the keyword arguments of its function, validates them once in ``__init__``
+and calls the function in ``forward``. :class:`M3CoLoss` adds what a training loop needs: the
+mixup sampler, the weight beta and the M3Co -> MultiSClip schedule of the paper (Eq. 14-16).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from ._validation import (
+    BACKENDS,
+    CONVENTIONS,
+    REDUCTIONS,
+    check_choice,
+    check_probability,
+    check_temperature,
+)
+from .mixup import MixupPlan, MixupSampler
+
+__all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "UniSMMCLoss"]
+
+# The released code's MultiSClip temperature and M3Co share of training (SPEC section 6).
+REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
+REFERENCE_M3CO_FRACTION = 0.33
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+class _ContrastiveOptions(nn.Module):
+    def __init__(self, temperature, reduction, backend, gather_distributed, convention="paper") -> None:
+        super().__init__()
+        self.temperature = check_temperature("temperature", temperature)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.gather_distributed = _check_flag("gather_distributed", gather_distributed)
+        self.convention = check_choice("convention", convention, CONVENTIONS)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, reduction={self.reduction!r}, convention={self.convention!r}, "
+            f"backend={self.backend!r}, gather_distributed={self.gather_distributed}"
+        )
+
+
+class CLIPLoss(_ContrastiveOptions):
+    """Symmetric InfoNCE (row plus column cross-entropy): :func:`m3co_loss.functional.clip_loss`."""
+
+    def __init__(self, *, temperature: float = 0.1, reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False) -> None:
+        super().__init__(temperature, reduction, backend, gather_distributed)
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        return F.clip_loss(
+            z_a, z_b, temperature=self.temperature, reduction=self.reduction, backend=self.backend, gather_distributed=self.gather_distributed
+        )
+
+
+class MultiSClipLoss(_ContrastiveOptions):
+    """MultiSClip over M >= 2 modalities: :func:`m3co_loss.functional.multisoftclip`.
+
+    ``temperature=None`` means 0.1 for ``convention="paper"`` and 0.125 (the released code's
+    value) for ``convention="reference"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: Optional[float] = None,
+        reduction: str = "mean",
+        convention: str = "paper",
+        backend: str = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        check_choice("convention", convention, CONVENTIONS)
+        if temperature is None:
+            temperature = 0.1 if convention == "paper" else REFERENCE_MULTISCLIP_TEMPERATURE
+        super().__init__(temperature, reduction, backend, gather_distributed, convention)
+
+    def forward(self, z: Sequence[Tensor]) -> Tensor:
+        return F.multisoftclip(
+            z,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            convention=self.convention,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
+        )
+
+
+class UniSMMCLoss(nn.Module):
+    """UniS-MMC baseline loss: :func:`m3co_loss.functional.unis_mmc` (weight it by 0.1 as in its paper)."""
+
+    def __init__(self, *, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.temperature = check_temperature("temperature", temperature)
+
+    def forward(self, r: Sequence[Tensor], logits: Sequence[Tensor], y: Tensor) -> Tensor:
+        return F.unis_mmc(r, logits, y, temperature=self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class M3CoLoss(_ContrastiveOptions):
+    r"""The M3CoL contrastive term: ``beta * (M3Co early in training, MultiSClip afterwards)``.
+
+    During the first ``m3co_fraction`` of ``total_steps`` the loss is M3Co on mixed versus
+    clean embeddings (paper Eq. 12); afterwards it is MultiSClip on the clean embeddings
+    (Eq. 13). Add the unimodal and fusion cross-entropies of Eq. 14-15 yourself. Without
+    ``total_steps`` the loss is M3Co throughout.
+
+    Drop-in use, mixing the final embeddings (what the released code does)::
+
+        criterion = M3CoLoss(total_steps=num_epochs)
+        for epoch in range(num_epochs):
+            for x_img, x_txt, y in loader:
+                z = [image_encoder(x_img), text_encoder(x_txt)]
+                loss = task_loss(z, y) + criterion(z)
+                ...
+            criterion.step()
+
+    Mixing raw inputs (the paper's choice for images and omics): draw the plan first, encode
+    the mixed inputs, and pass both::
+
+        plan = criterion.sample(len(y), num_modalities=2, device=y.device)   # None after M3Co
+        if plan is not None:
+            mixed = [image_encoder(plan.mix(x_img, 0)), text_encoder(plan.mix(x_txt, 1))]
+        loss = task_loss(z, y) + criterion(z, mixed=mixed, plan=plan)
+
+    Args:
+        temperature: M3Co temperature (paper 0.1).
+        multisclip_temperature: MultiSClip temperature; None means 0.1 (paper) or 0.125
+            (``convention="reference"``).
+        beta: weight of the contrastive term (paper 0.1).
+        total_steps: length of training in the unit of :meth:`step` (epochs or iterations).
+        m3co_fraction: share of ``total_steps`` spent on M3Co; None means 1/3 (paper) or
+            0.33 (reference).
+        alpha: Beta(alpha, alpha) concentration of the mixing weights (0.15).
+        mix_prob, shared_lam: sampler options; None takes the convention's values
+            (paper: 1.0 and True; reference: 0.5 and False).
+        convention: ``"paper"`` or ``"reference"`` (SPEC section 6).
+        reduction, backend, gather_distributed: as in :mod:`m3co_loss.functional`.
+        generator: CPU ``torch.Generator`` for reproducible mixing.
+    """
+
+    step_count: Tensor
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        multisclip_temperature: Optional[float] = None,
+        beta: float = 0.1,
+        total_steps: Optional[int] = None,
+        m3co_fraction: Optional[float] = None,
+        alpha: float = 0.15,
+        mix_prob: Optional[float] = None,
+        shared_lam: Optional[bool] = None,
+        convention: str = "paper",
+        reduction: str = "mean",
+        backend: str = "auto",
+        gather_distributed: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__(temperature, reduction, backend, gather_distributed, convention)
+        reference = convention == "reference"
+        if multisclip_temperature is None:
+            multisclip_temperature = REFERENCE_MULTISCLIP_TEMPERATURE if reference else 0.1
+        self.multisclip_temperature = check_temperature("multisclip_temperature", multisclip_temperature)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"beta must be a number >= 0; got {beta!r}")
+        self.beta = float(beta)
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive int or None; got {total_steps!r}")
+        self.total_steps = total_steps
+        if m3co_fraction is None:
+            m3co_fraction = REFERENCE_M3CO_FRACTION if reference else 1.0 / 3.0
+        self.m3co_fraction = check_probability("m3co_fraction", m3co_fraction)
+        sampler_options = {}
+        if mix_prob is not None:
+            sampler_options["mix_prob"] = mix_prob
+        if shared_lam is not None:
+            sampler_options["shared_lam"] = shared_lam
+        self.sampler = MixupSampler.for_convention(convention, alpha=alpha, generator=generator, **sampler_options)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def m3co_steps(self) -> Optional[int]:
+        """Number of steps spent on M3Co (None: M3Co throughout)."""
+        if self.total_steps is None:
+            return None
+        return int(self.m3co_fraction * self.total_steps + 1e-9)
+
+    def phase(self, step: Optional[int] = None) -> str:
+        """``"m3co"`` or ``"multisclip"`` at ``step`` (default: the module's own step counter)."""
+        if step is None:
+            step = int(self.step_count)
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0; got {step!r}")
+        limit = self.m3co_steps
+        return "m3co" if limit is None or step < limit else "multisclip"
+
+    def step(self) -> None:
+        """Advance the schedule by one step (call once per epoch or iteration, as ``total_steps`` counts)."""
+        self.step_count += 1
+
+    def sample(
+        self, batch_size: int, num_modalities: int = 2, *, device: Union[str, torch.device, None] = None, step: Optional[int] = None
+    ) -> Optional[MixupPlan]:
+        """A mixup plan for this batch, or None when the schedule is in its MultiSClip phase."""
+        if self.phase(step) != "m3co":
+            return None
+        return self.sampler.sample(batch_size, num_modalities, device=device)
+
+    def forward(
+        self,
+        z: Sequence[Tensor],
+        *,
+        mixed: Optional[Sequence[Tensor]] = None,
+        plan: Optional[MixupPlan] = None,
+        step: Optional[int] = None,
+    ) -> Tensor:
+        """``beta`` times the loss of the current phase.
+
+        Args:
+            z: M clean embeddings (N, D).
+            mixed: M embeddings of mixed inputs, made with ``plan``. If None, the clean
+                embeddings themselves are mixed with ``plan`` (the released code's choice).
+            plan: the :class:`MixupPlan` used for ``mixed``; drawn here when None.
+            step: schedule position; default the counter advanced by :meth:`step`.
+        """
+        z = F._check_modalities("z", z)
+        phase = self.phase(step)
+        options = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
+        if phase == "multisclip":
+            loss = F.multisoftclip(z, temperature=self.multisclip_temperature, **options)
+        else:
+            if plan is None:
+                if mixed is not None:
+                    raise ValueError("mixed was given without the plan that made it; pass plan=")
+                plan = self.sampler.sample(z[0].shape[0], len(z), device=z[0].device)
+            elif not isinstance(plan, MixupPlan):
+                raise TypeError(f"plan must be a MixupPlan; got {type(plan).__name__}")
+            if plan.num_modalities != len(z):
+                raise ValueError(f"plan was drawn for {plan.num_modalities} modalities but z holds {len(z)}")
+            if mixed is None:
+                mixed = [plan.mix(x, m) for m, x in enumerate(z)]
+            loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, **options)
+        return self.beta * loss
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", multisclip_temperature={self.multisclip_temperature}, beta={self.beta}, total_steps={self.total_steps}, "
+            f"m3co_fraction={self.m3co_fraction:.4g}, sampler={self.sampler!r}"
+        )

@@ -1,0 +1,42 @@
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+settings.register_profile(
+    "ci",
+    max_examples=int(os.environ.get("M3CO_HYPOTHESIS_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+settings.load_profile("ci")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(params=["dense", "tiled"])
+def backend(request, small_tiles):
+    return request.param
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles smaller than the test batches, so that the tiled path streams over several uneven tiles."""
+    from m3co_loss import kernels
+
+    monkeypatch.setattr(kernels, "TILE_ROWS", 3)
+    monkeypatch.setattr(kernels, "TILE_COLS", 5)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,145 @@
+"""Slow, literal transcriptions of the equations (SPEC sections 3, 4, 6, 7), for tests only.
+
+Everything is written with explicit loops over samples and scalar float64 tensors, so that
+it shares no code path with the package. Autograd flows through it, so gradients can be
+compared as well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def normalize(z):
+    rows = []
+    for i in range(z.shape[0]):
+        norm = torch.sqrt((z[i] * z[i]).sum())
+        rows.append(z[i] / torch.clamp(norm, min=1e-12))
+    return torch.stack(rows)
+
+
+def similarity(p, q, t):
+    return [[(p[i] * q[k]).sum() / t for k in range(q.shape[0])] for i in range(p.shape[0])]
+
+
+def log_sum_exp(values):
+    top = max(float(v) for v in values)
+    return top + torch.log(sum(torch.exp(v - top) for v in values))
+
+
+def lse_row(S, i):
+    return log_sum_exp(S[i])
+
+
+def lse_col(S, k):
+    return log_sum_exp([S[i][k] for i in range(len(S))])
+
+
+def m3co_pair_paper(mixed_a, clean_b, perm, lam, t):
+    """SPEC section 3, L3(a->b)."""
+    S = similarity(normalize(mixed_a), normalize(clean_b), t)
+    n = len(S)
+    total = 0
+    for i in range(n):
+        j = int(perm[i])
+        uni = lam[i] * (lse_row(S, i) - S[i][i]) + (1 - lam[i]) * (lse_row(S, i) - S[i][j])
+        bi = lam[i] * (lse_col(S, i) - S[i][i]) + (1 - lam[i]) * (lse_col(S, j) - S[i][j])
+        total = total + uni + bi
+    return total / n
+
+
+def m3co_pair_released(mixed_a, clean_b, perm, lam, t):
+    """The released code's mixco_nce (bidirectional, averaged), with its fixed-point bug fixed:
+    the target of row i puts lam_i on i and 1 - lam_i on perm[i], *added* when they coincide."""
+    p, q = normalize(mixed_a), normalize(clean_b)
+    n = p.shape[0]
+    S = torch.stack([torch.stack(row) for row in similarity(p, q, t)])
+    target = torch.zeros(n, n, dtype=S.dtype)
+    for i in range(n):
+        target[i, i] += lam[i]
+        target[i, int(perm[i])] += 1 - lam[i]
+    row = -(torch.log_softmax(S, 1) * target).sum(1).mean()
+    col = -(torch.log_softmax(S.T, 1) * target.T).sum(1).mean()
+    return (row + col) / 2
+
+
+def clip(z_a, z_b, t):
+    S = similarity(normalize(z_a), normalize(z_b), t)
+    n = len(S)
+    return sum((lse_row(S, i) - S[i][i]) + (lse_col(S, i) - S[i][i]) for i in range(n)) / n
+
+
+def soft_targets(p, t):
+    G = similarity(p, p, t)
+    return [[torch.exp(G[i][l] - lse_row(G, i)) for l in range(len(G))] for i in range(len(G))]
+
+
+def multisoftclip_pair_paper(z_a, z_b, t):
+    """SPEC section 4, Ls(a; a, b)."""
+    p_a, p_b = normalize(z_a), normalize(z_b)
+    S = similarity(p_a, p_b, t)
+    W = soft_targets(p_a, t)
+    n = len(S)
+    total = 0
+    for i in range(n):
+        for l in range(n):
+            total = total + W[i][l] * ((lse_col(S, i) - S[l][i]) + (lse_row(S, l) - S[l][i]))
+    return total / n
+
+
+def multisoftclip_pair_released(z_a, z_b, t):
+    """The released code's soft_clip_loss(preds=z_b, targs=z_a)."""
+    targs, preds = normalize(z_a), normalize(z_b)
+    clip_clip = targs @ targs.T / t
+    brain_clip = preds @ targs.T / t
+    loss1 = -(brain_clip.log_softmax(-1) * clip_clip.softmax(-1)).sum(-1).mean()
+    loss2 = -(brain_clip.T.log_softmax(-1) * clip_clip.softmax(-1)).sum(-1).mean()
+    return (loss1 + loss2) / 2
+
+
+def m3co(mixed, clean, perms, lams, t, convention):
+    M = len(clean)
+    if convention == "paper":
+        return sum(
+            0.5 * (m3co_pair_paper(mixed[a], clean[b], perms[a], lams[a], t) + m3co_pair_paper(mixed[b], clean[a], perms[b], lams[b], t))
+            for a in range(M)
+            for b in range(a + 1, M)
+        )
+    return sum(m3co_pair_released(mixed[m], clean[(m + 1) % M], perms[m], lams[m], t) for m in range(M))
+
+
+def multisoftclip(z, t, convention):
+    M = len(z)
+    if convention == "paper":
+        return sum(
+            0.5 * (multisoftclip_pair_paper(z[a], z[b], t) + multisoftclip_pair_paper(z[b], z[a], t))
+            for a in range(M)
+            for b in range(a + 1, M)
+        )
+    # released: soft_clip_loss(z[m], z[m+1]) = targets from z[m+1]
+    return sum(multisoftclip_pair_released(z[(m + 1) % M], z[m], t) for m in range(M))
+
+
+def unis_mmc(r, logits, y, t):
+    """Seed paper Eq. 1-5, sample by sample."""
+    M = len(r)
+    p = [normalize(x) for x in r]
+    total = 0
+    for a in range(M):
+        for b in range(a + 1, M):
+            cos, keep = [], []
+            for n in range(len(y)):
+                ok_a = int(torch.argmax(logits[a][n])) == int(y[n])
+                ok_b = int(torch.argmax(logits[b][n])) == int(y[n])
+                u, v = p[a][n], p[b][n]
+                if ok_a and not ok_b:
+                    u = u.detach()
+                if ok_b and not ok_a:
+                    v = v.detach()
+                cos.append((u * v).sum() / t)
+                keep.append(ok_a or ok_b)
+            if not any(keep):
+                keep = [True] * len(keep)
+            numerator = log_sum_exp([c for c, k in zip(cos, keep) if k])
+            total = total + (log_sum_exp(cos) - numerator)
+    return total

@@ -1,0 +1,360 @@
+"""Properties of the losses, and agreement with the literal equations (tests/literal.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import literal
+from m3co_loss import functional as F
+from strategies import cases, temperatures
+
+CONVENTIONS = ["paper", "reference"]
+
+
+def close(x, y, rtol=1e-7, atol=1e-10):
+    torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def grads(fn, tensors):
+    tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+    value = fn(*tensors)
+    return value.detach(), torch.autograd.grad(value, tensors, allow_unused=True)
+
+
+def assert_same_value_and_grad(fast, slow, tensors, rtol=1e-7):
+    v1, g1 = grads(fast, tensors)
+    v2, g2 = grads(slow, tensors)
+    close(v1, v2, rtol=rtol)
+    for a, b in zip(g1, g2):
+        a = torch.zeros_like(tensors[0]) if a is None else a
+        b = torch.zeros_like(tensors[0]) if b is None else b
+        close(a, b, rtol=rtol, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- literal agreement
+
+
+@given(case=cases(), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_m3co_pair_matches_literal(backend, case, t, convention):
+    perm, lam = case.perms[0], case.lams[0]
+    slow_pair = literal.m3co_pair_paper if convention == "paper" else literal.m3co_pair_released
+    assert_same_value_and_grad(
+        lambda a, b: F.m3co_pair(a, b, perm, lam, temperature=t, convention=convention, backend=backend),
+        lambda a, b: slow_pair(a, b, perm, lam, t),
+        [case.mixed[0], case.z[1]],
+    )
+
+
+@given(case=cases(), t=temperatures)
+def test_clip_loss_matches_literal(backend, case, t):
+    assert_same_value_and_grad(
+        lambda a, b: F.clip_loss(a, b, temperature=t, backend=backend), lambda a, b: literal.clip(a, b, t), case.z
+    )
+
+
+@given(case=cases(), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_multisoftclip_pair_matches_literal(backend, case, t, convention):
+    slow_pair = literal.multisoftclip_pair_paper if convention == "paper" else literal.multisoftclip_pair_released
+    assert_same_value_and_grad(
+        lambda a, b: F.multisoftclip_pair(a, b, temperature=t, convention=convention, backend=backend),
+        lambda a, b: slow_pair(a, b, t),
+        case.z,
+    )
+
+
+@given(case=cases(modalities=2, max_modalities=4, max_n=6), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_m3co_matches_literal(backend, case, t, convention):
+    m = len(case.z)
+    assert_same_value_and_grad(
+        lambda *x: F.m3co(list(x[:m]), list(x[m:]), case.perms, case.lams, temperature=t, convention=convention, backend=backend),
+        lambda *x: literal.m3co(list(x[:m]), list(x[m:]), case.perms, case.lams, t, convention),
+        case.mixed + case.z,
+    )
+
+
+@given(case=cases(modalities=2, max_modalities=4, max_n=6), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_multisoftclip_matches_literal(backend, case, t, convention):
+    assert_same_value_and_grad(
+        lambda *x: F.multisoftclip(list(x), temperature=t, convention=convention, backend=backend),
+        lambda *x: literal.multisoftclip(list(x), t, convention),
+        case.z,
+    )
+
+
+@given(case=cases(modalities=2, max_modalities=3), t=st.sampled_from([0.07, 0.2, 1.0]), data=st.data())
+def test_unis_mmc_matches_literal(case, t, data):
+    n = case.n
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    classes = data.draw(st.integers(2, 4))
+    y = torch.randint(0, classes, (n,), generator=g)
+    logits = [torch.randn(n, classes, generator=g, dtype=torch.float64) for _ in case.z]
+    assert_same_value_and_grad(
+        lambda *r: F.unis_mmc(list(r), logits, y, temperature=t), lambda *r: literal.unis_mmc(list(r), logits, y, t), case.z
+    )
+
+
+# ----------------------------------------------------------------------------- identities
+
+
+@given(case=cases(), t=temperatures)
+def test_lam_one_makes_m3co_pair_clip(backend, case, t):
+    ones = torch.ones(case.n, dtype=torch.float64)
+    close(
+        F.m3co_pair(case.z[0], case.z[1], case.perms[0], ones, temperature=t, backend=backend),
+        F.clip_loss(case.z[0], case.z[1], temperature=t, backend=backend),
+    )
+    # the released convention averages the two directions
+    close(
+        F.m3co_pair(case.z[0], case.z[1], case.perms[0], ones, temperature=t, convention="reference", backend=backend),
+        0.5 * F.clip_loss(case.z[0], case.z[1], temperature=t, backend=backend),
+    )
+
+
+def _relabel(case, sigma):
+    inv = torch.argsort(sigma)
+    perms = [inv[p[sigma]] for p in case.perms]
+    return [x[sigma] for x in case.z], [x[sigma] for x in case.mixed], perms, [lam[sigma] for lam in case.lams]
+
+
+@given(case=cases(max_modalities=3), t=temperatures, convention=st.sampled_from(CONVENTIONS), seed=st.integers(0, 10**6))
+def test_relabelling_the_batch_changes_nothing(backend, case, t, convention, seed):
+    sigma = torch.randperm(case.n, generator=torch.Generator().manual_seed(seed))
+    z, mixed, perms, lams = _relabel(case, sigma)
+    kw = dict(temperature=t, reduction="none", convention=convention, backend=backend)
+    close(F.m3co(mixed, z, perms, lams, **kw), F.m3co(case.mixed, case.z, case.perms, case.lams, **kw)[sigma])
+    close(F.multisoftclip(z, **kw), F.multisoftclip(case.z, **kw)[sigma])
+    kw.pop("convention")
+    close(F.clip_loss(z[0], z[1], **kw), F.clip_loss(case.z[0], case.z[1], **kw)[sigma])
+
+
+@given(case=cases(), t=temperatures, convention=st.sampled_from(CONVENTIONS), seed=st.integers(0, 10**6))
+def test_invariant_to_positive_rescaling_and_rotation(backend, case, t, convention, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = case.z[0].shape[1]
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+
+    def transform(x):
+        return (x @ rotation) * (0.1 + 10 * torch.rand(x.shape[0], 1, generator=g, dtype=torch.float64))
+
+    kw = dict(temperature=t, convention=convention, backend=backend)
+    close(
+        F.m3co([transform(x) for x in case.mixed], [transform(x) for x in case.z], case.perms, case.lams, **kw),
+        F.m3co(case.mixed, case.z, case.perms, case.lams, **kw),
+    )
+    close(F.multisoftclip([transform(x) for x in case.z], **kw), F.multisoftclip(case.z, **kw))
+    kw.pop("convention")
+    close(F.clip_loss(transform(case.z[0]), transform(case.z[1]), **kw), F.clip_loss(case.z[0], case.z[1], **kw))
+
+
+@given(case=cases(max_modalities=3), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_reductions_agree(backend, case, t, convention):
+    for fn in (
+        lambda r: F.m3co(case.mixed, case.z, case.perms, case.lams, temperature=t, reduction=r, convention=convention, backend=backend),
+        lambda r: F.multisoftclip(case.z, temperature=t, reduction=r, convention=convention, backend=backend),
+        lambda r: F.m3co_pair(case.mixed[0], case.z[1], case.perms[0], case.lams[0], temperature=t, reduction=r, backend=backend),
+        lambda r: F.multisoftclip_pair(case.z[0], case.z[1], temperature=t, reduction=r, convention=convention, backend=backend),
+        lambda r: F.clip_loss(case.z[0], case.z[1], temperature=t, reduction=r, backend=backend),
+    ):
+        vector = fn("none")
+        assert vector.shape == (case.n,)
+        close(vector.mean(), fn("mean"))
+        close(vector.sum(), fn("sum"))
+
+
+@given(case=cases(modalities=3, max_modalities=4, max_n=6), t=temperatures)
+def test_aggregates_are_sums_over_pairs(backend, case, t):
+    m = len(case.z)
+    kw = dict(temperature=t, reduction="none", backend=backend)
+    expected = sum(
+        0.5 * (F.m3co_pair(case.mixed[a], case.z[b], case.perms[a], case.lams[a], **kw) + F.m3co_pair(case.mixed[b], case.z[a], case.perms[b], case.lams[b], **kw))
+        for a in range(m)
+        for b in range(a + 1, m)
+    )
+    close(F.m3co(case.mixed, case.z, case.perms, case.lams, **kw), expected)
+    expected = sum(
+        0.5 * (F.multisoftclip_pair(case.z[a], case.z[b], **kw) + F.multisoftclip_pair(case.z[b], case.z[a], **kw))
+        for a in range(m)
+        for b in range(a + 1, m)
+    )
+    close(F.multisoftclip(case.z, **kw), expected)
+    # released convention: cyclic, one direction each
+    ref = dict(kw, convention="reference")
+    close(
+        F.m3co(case.mixed, case.z, case.perms, case.lams, **ref),
+        sum(F.m3co_pair(case.mixed[k], case.z[(k + 1) % m], case.perms[k], case.lams[k], **ref) for k in range(m)),
+    )
+    close(F.multisoftclip(case.z, **ref), sum(F.multisoftclip_pair(case.z[(k + 1) % m], case.z[k], **ref) for k in range(m)))
+
+
+@given(case=cases(), t=temperatures)
+def test_two_modalities_conventions_agree_for_m3co(backend, case, t):
+    kw = dict(temperature=t, backend=backend)
+    close(
+        F.m3co(case.mixed, case.z, case.perms, case.lams, convention="paper", **kw),
+        F.m3co(case.mixed, case.z, case.perms, case.lams, convention="reference", **kw),
+    )
+
+
+@given(case=cases(max_modalities=3), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_every_term_is_non_negative(backend, case, t, convention):
+    kw = dict(temperature=t, reduction="none", backend=backend)
+    tol = -1e-12
+    assert (F.m3co_pair(case.mixed[0], case.z[1], case.perms[0], case.lams[0], convention=convention, **kw) >= tol).all()
+    assert (F.multisoftclip_pair(case.z[0], case.z[1], convention=convention, **kw) >= tol).all()
+    assert (F.clip_loss(case.z[0], case.z[1], **kw) >= tol).all()
+    assert (F.m3co(case.mixed, case.z, case.perms, case.lams, convention=convention, **kw) >= tol).all()
+    assert (F.multisoftclip(case.z, convention=convention, **kw) >= tol).all()
+
+
+def test_multisoftclip_tends_to_clip_for_orthogonal_embeddings(backend):
+    g = torch.Generator().manual_seed(0)
+    n, d = 6, 16
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    z_a = basis[:n] + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    z_b = z_a + torch.randn(n, d, generator=g, dtype=torch.float64)
+    gaps = []
+    for t in (0.5, 0.2, 0.1, 0.05, 0.02):
+        soft = F.multisoftclip_pair(z_a, z_b, temperature=t, backend=backend)
+        hard = F.clip_loss(z_a, z_b, temperature=t, backend=backend)
+        gaps.append(float(abs(soft - hard) / hard))
+    # W = softmax(p_a p_a^T / t) tends to the identity, off-diagonal weight ~ (n - 1) e^{-1/t}
+    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 1e-12 and gaps[0] > 1e-3, gaps
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+@given(case=cases(min_n=3, max_n=8, max_d=6, max_modalities=3), t=temperatures, convention=st.sampled_from(CONVENTIONS))
+def test_float32_agrees_with_float64(backend, case, t, convention):
+    def both(fn):
+        return fn(lambda x: x.float()), fn(lambda x: x)
+
+    for lo, hi in (
+        both(lambda c: F.m3co([c(x) for x in case.mixed], [c(x) for x in case.z], case.perms, [c(l) for l in case.lams], temperature=t, convention=convention, backend=backend)),
+        both(lambda c: F.multisoftclip([c(x) for x in case.z], temperature=t, convention=convention, backend=backend)),
+        both(lambda c: F.clip_loss(c(case.z[0]), c(case.z[1]), temperature=t, backend=backend)),
+    ):
+        assert lo.dtype == torch.float32
+        torch.testing.assert_close(lo.double(), hi, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_half_precision_inputs_accumulate_in_float32(backend, dtype, convention):
+    g = torch.Generator().manual_seed(1)
+    n, d, t = 24, 32, 0.01
+    z = [torch.randn(n, d, generator=g) for _ in range(3)]
+    perms = [torch.randperm(n, generator=g) for _ in range(3)]
+    lam = torch.rand(n, generator=g)
+    mixed = [lam[:, None] * x + (1 - lam[:, None]) * x[p] for x, p in zip(z, perms)]
+    low = [x.to(dtype) for x in z]
+    low_mixed = [x.to(dtype) for x in mixed]
+    # compare against float32 on the same rounded inputs: only accumulation may differ
+    pairs = [
+        (F.m3co(low_mixed, low, perms, lam, temperature=t, convention=convention, backend=backend),
+         F.m3co([x.float() for x in low_mixed], [x.float() for x in low], perms, lam, temperature=t, convention=convention, backend="dense")),
+        (F.multisoftclip(low, temperature=t, convention=convention, backend=backend),
+         F.multisoftclip([x.float() for x in low], temperature=t, convention=convention, backend="dense")),
+        (F.clip_loss(low[0], low[1], temperature=t, backend=backend), F.clip_loss(low[0].float(), low[1].float(), temperature=t, backend="dense")),
+    ]
+    for value, reference in pairs:
+        assert value.dtype == torch.float32
+        assert torch.isfinite(value)
+        torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-3)
+
+
+def test_autocast_does_not_lower_the_precision():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    expected = F.clip_loss(a, b, temperature=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = F.clip_loss(a, b, temperature=0.05)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected)
+
+
+def test_zero_vectors_give_finite_values_and_gradients(backend):
+    z_a = torch.randn(5, 4, dtype=torch.float64)
+    z_b = torch.randn(5, 4, dtype=torch.float64)
+    z_a[1] = 0
+    z_b[3] = 0
+    z_a.requires_grad_(True)
+    z_b.requires_grad_(True)
+    perm = torch.tensor([1, 0, 2, 4, 3])
+    lam = torch.tensor([0.3, 1.0, 0.0, 0.5, 0.9], dtype=torch.float64)
+    for fn in (
+        lambda: F.m3co_pair(z_a, z_b, perm, lam, backend=backend),
+        lambda: F.multisoftclip_pair(z_a, z_b, backend=backend),
+        lambda: F.multisoftclip_pair(z_b, z_a, temperature=0.005, backend=backend),
+        lambda: F.clip_loss(z_a, z_b, temperature=0.01, backend=backend),
+    ):
+        value = fn()
+        ga, gb = torch.autograd.grad(value, (z_a, z_b))
+        assert torch.isfinite(value) and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+def _gradcheck_inputs(n=5, d=3, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    perm = torch.tensor([2, 1, 0, 4, 3])  # a fixed point at 1
+    lam = torch.tensor([0.2, 0.7, 1.0, 0.0, 0.5], dtype=torch.float64)
+    return a, b, c, perm, lam
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("t", [0.1, 0.01])
+def test_gradcheck_every_loss(backend, convention, t):
+    a, b, c, perm, lam = _gradcheck_inputs()
+    kw = dict(temperature=t, backend=backend)
+    checks = {
+        "m3co_pair": (lambda x, y: F.m3co_pair(x, y, perm, lam, convention=convention, **kw), (a, b)),
+        "m3co": (lambda x, y, w: F.m3co([x, y, w], [y, w, x], [perm] * 3, lam, convention=convention, **kw), (a, b, c)),
+        "multisoftclip_pair": (lambda x, y: F.multisoftclip_pair(x, y, convention=convention, reduction="none", **kw), (a, b)),
+        "multisoftclip": (lambda x, y, w: F.multisoftclip([x, y, w], convention=convention, **kw), (a, b, c)),
+        "clip_loss": (lambda x, y: F.clip_loss(x, y, reduction="none", **kw), (a, b)),
+    }
+    for name, (fn, inputs) in checks.items():
+        assert torch.autograd.gradcheck(fn, inputs), name
+
+
+def test_gradcheck_unis_mmc():
+    # The stop-gradient on semi-positive pairs is not a derivative of the value, so the
+    # finite-difference check runs on a batch without semi-positive pairs (the detach itself
+    # is tested below).
+    a, b, c, _, _ = _gradcheck_inputs()
+    y = torch.tensor([0, 1, 2, 0, 1])
+    same = torch.eye(3, dtype=torch.float64)[[0, 1, 0, 1, 1]]  # right on 0, 1, 4 for every modality
+    assert torch.autograd.gradcheck(lambda x, y_, w: F.unis_mmc([x, y_, w], [same, same, same], y), (a, b, c))
+
+
+def test_unis_mmc_semi_positive_pair_sends_gradient_only_to_the_wrong_modality():
+    g = torch.Generator().manual_seed(4)
+    r_a = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    r_b = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1])
+    eye = torch.eye(2, dtype=torch.float64)
+    logits_a = eye[[0, 1, 1, 0]]  # a correct on 0, 1
+    logits_b = eye[[0, 0, 0, 0]]  # b correct on 0, 2
+    # sample 0: positive, 1: semi (a right), 2: semi (b right), 3: negative
+    loss = F.unis_mmc([r_a, r_b], [logits_a, logits_b], y)
+    ga, gb = torch.autograd.grad(loss, (r_a, r_b))
+    assert torch.count_nonzero(ga[1]) == 0 and torch.count_nonzero(gb[1]) > 0
+    assert torch.count_nonzero(gb[2]) == 0 and torch.count_nonzero(ga[2]) > 0
+    for sample in (0, 3):
+        assert torch.count_nonzero(ga[sample]) > 0 and torch.count_nonzero(gb[sample]) > 0
+
+
+def test_unis_mmc_without_positive_pairs_is_zero():
+    r = [torch.randn(4, 3), torch.randn(4, 3)]
+    y = torch.zeros(4, dtype=torch.long)
+    wrong = torch.tensor([[0.0, 1.0]]).expand(4, 2)
+    assert F.unis_mmc(r, [wrong, wrong], y).item() == 0.0

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import m3co_loss
+from m3co_loss import CLIPLoss, M3CoLoss, MultiSClipLoss, UniSMMCLoss
+from m3co_loss import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def embeddings(n=8, d=5, m=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g) for _ in range(m)]
+
+
+def test_modules_equal_their_functions():
+    z = embeddings(m=3)
+    assert torch.equal(CLIPLoss(temperature=0.2)(z[0], z[1]), F.clip_loss(z[0], z[1], temperature=0.2))
+    assert torch.equal(MultiSClipLoss()(z), F.multisoftclip(z, temperature=0.1))
+    assert torch.equal(
+        MultiSClipLoss(convention="reference")(z), F.multisoftclip(z, temperature=0.125, convention="reference")
+    )
+    assert torch.equal(MultiSClipLoss(reduction="none")(z), F.multisoftclip(z, reduction="none"))
+    logits = [torch.randn(8, 3), torch.randn(8, 3), torch.randn(8, 3)]
+    y = torch.randint(0, 3, (8,))
+    assert torch.equal(UniSMMCLoss()(z, logits, y), F.unis_mmc(z, logits, y))
+
+
+def test_m3co_loss_with_a_plan_equals_the_function():
+    z = embeddings(m=3)
+    criterion = M3CoLoss(beta=0.5)
+    plan = criterion.sample(8, 3)
+    mixed = [plan.mix(x, m) for m, x in enumerate(z)]
+    expected = 0.5 * F.m3co(mixed, z, plan.perms, plan.lam, temperature=0.1)
+    torch.testing.assert_close(criterion(z, mixed=mixed, plan=plan), expected)
+    # without `mixed`, the module mixes the embeddings with the plan
+    torch.testing.assert_close(criterion(z, plan=plan), expected)
+
+
+def test_schedule_switches_from_m3co_to_multisclip():
+    z = embeddings()
+    criterion = M3CoLoss(total_steps=9, beta=1.0)
+    assert criterion.m3co_steps == 3
+    phases = []
+    for _ in range(9):
+        phases.append(criterion.phase())
+        criterion.step()
+    assert phases == ["m3co"] * 3 + ["multisclip"] * 6
+    assert criterion.sample(8) is None
+    torch.testing.assert_close(criterion(z), F.multisoftclip(z, temperature=0.1))
+    assert criterion.phase(step=2) == "m3co"
+    # the step counter travels with the state dict
+    restored = M3CoLoss(total_steps=9)
+    restored.load_state_dict(criterion.state_dict())
+    assert restored.phase() == "multisclip" and int(restored.step_count) == 9
+
+
+def test_reference_convention_defaults():
+    criterion = M3CoLoss(convention="reference", total_steps=500)
+    assert criterion.multisclip_temperature == 0.125
+    assert criterion.m3co_steps == 165  # int(0.33 * 500), as in the released training loop
+    assert (criterion.sampler.mix_prob, criterion.sampler.shared_lam) == (0.5, False)
+    paper = M3CoLoss(total_steps=500)
+    assert paper.m3co_steps == 166 and paper.multisclip_temperature == 0.1
+
+
+def test_m3co_loss_is_reproducible_with_a_generator():
+    z = embeddings()
+    a = M3CoLoss(generator=torch.Generator().manual_seed(5))(z)
+    b = M3CoLoss(generator=torch.Generator().manual_seed(5))(z)
+    assert torch.equal(a, b)
+
+
+def test_m3co_loss_rejects_inconsistent_arguments():
+    z = embeddings()
+    criterion = M3CoLoss()
+    with pytest.raises(ValueError, match="without the plan"):
+        criterion(z, mixed=z)
+    with pytest.raises(ValueError, match="3 modalities"):
+        criterion(z, plan=criterion.sample(8, 3))
+    with pytest.raises(TypeError, match="MixupPlan"):
+        criterion(z, plan=(torch.arange(8), torch.ones(8)))
+    with pytest.raises(ValueError, match="step"):
+        criterion.phase(step=-1)
+
+
+def test_modules_backpropagate():
+    z = [x.requires_grad_(True) for x in embeddings()]
+    loss = M3CoLoss()(z) + MultiSClipLoss()(z) + CLIPLoss()(z[0], z[1])
+    loss.backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in z)
+
+
+def test_repr_lists_the_options():
+    text = repr(M3CoLoss(convention="reference"))
+    assert "convention='reference'" in text and "beta=0.1" in text and "mix_prob=0.5" in text
+
+
+def test_public_names():
+    for name in ("m3co_pair", "m3co", "multisoftclip_pair", "multisoftclip", "clip_loss", "unis_mmc"):
+        assert callable(getattr(m3co_loss.functional, name))
+    for name in ("M3CoLoss", "MultiSClipLoss", "MixupSampler", "CLIPLoss", "UniSMMCLoss", "__version__"):
+        assert hasattr(m3co_loss, name)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", m3co_loss.__version__)
+
+
+def test_readme_snippet_runs():
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- snippet -->\s*```python\n(.*?)```", readme, re.S)
+    assert match, "README.md lost its drop-in snippet"
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    assert namespace["criterion"].phase() == "multisclip"
+    assert torch.isfinite(namespace["loss"])
