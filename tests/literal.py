@@ -23,7 +23,7 @@ def similarity(p, q, t):
 
 
 def log_sum_exp(values):
-    top = max(float(v) for v in values)
+    top = max(float(v.detach()) for v in values)
     return top + torch.log(sum(torch.exp(v - top) for v in values))
 
 
