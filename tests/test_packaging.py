@@ -48,6 +48,8 @@ def test_distribution_installs_in_a_fresh_venv(dist, tmp_path, kind):
     files = list(dist.glob(f"m3co_loss-*.{kind}"))
     assert len(files) == 1, os.listdir(dist)
     python = fresh_venv(tmp_path / "venv")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-build-isolation", str(files[0])], check=True, capture_output=True, cwd=tmp_path)
-    result = subprocess.run([str(python), "-c", SMOKE], check=True, capture_output=True, text=True, cwd=tmp_path)
+    # a PYTHONPATH pointing at a checkout would shadow the installed package
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-build-isolation", str(files[0])], check=True, capture_output=True, cwd=tmp_path, env=env)
+    result = subprocess.run([str(python), "-c", SMOKE], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.stdout.startswith("0.")
