@@ -27,8 +27,10 @@ configuration) and, with ``checkpoint_every``, a resumable checkpoint per seed.
 
 The model (:class:`MultimodalClassifier`) is one encoder per modality, one classifier head per
 modality and a fusion head on the concatenated embeddings (paper Eq. 14-15); inference uses the
-fusion head only. Subclass it when a modality's input cannot be mixed as a tensor (text: mix the
-token embeddings) by overriding :meth:`MultimodalClassifier.encode_mixed_modality`.
+fusion head only. A training step makes exactly one ``model(inputs, plan=..., mix=..., classify=...,
+unimodal=...)`` call (DDP-friendly). Subclass it when a modality's input cannot be mixed as a
+tensor (text: mix the token embeddings) by overriding :meth:`MultimodalClassifier.mix_input` or
+:meth:`MultimodalClassifier.encode_mixed_modality`.
 
 The objective (:class:`Objective`) is built from the package's public API the way a user would
 build it: :class:`m3co_loss.M3CoLoss` with its schedule, :class:`m3co_loss.MultiSClipLoss`,
@@ -355,9 +357,12 @@ def mlp(in_dim: int, hidden: int, out_dim: int, *, dropout: float = 0.0, init: s
 
 @dataclass
 class MultimodalOutput:
-    z: List[Tensor]
-    unimodal: Optional[List[Tensor]]
-    fused: Tensor
+    """What one forward pass returns (see :meth:`MultimodalClassifier.forward`)."""
+
+    z: Optional[List[Tensor]]  # clean embeddings (None when only the mixed batch was encoded)
+    z_mixed: Optional[List[Tensor]]  # embeddings of the mixed batch (None without a plan)
+    unimodal: Optional[List[Tensor]]  # per-modality logits (None with unimodal=False)
+    fused: Tensor  # fusion-head logits
 
 
 class MultimodalClassifier(nn.Module):
@@ -421,10 +426,47 @@ class MultimodalClassifier(nn.Module):
         heads = [head(e) for head, e in zip(self.heads, z)] if unimodal else None
         return heads, self.fusion(torch.cat(list(z), dim=1))
 
-    def forward(self, inputs: Sequence[Any]) -> MultimodalOutput:
-        z = self.encode(inputs)
-        unimodal, fused = self.classify(z)
-        return MultimodalOutput(z, unimodal, fused)
+    def forward(
+        self,
+        inputs: Sequence[Any],
+        *,
+        plan: Optional[MixupPlan] = None,
+        mix: str = "none",
+        classify: str = "clean",
+        unimodal: bool = True,
+    ) -> MultimodalOutput:
+        """Everything a training step needs, in one call (so that a ``DistributedDataParallel``
+        wrapper sees a single forward per backward).
+
+        Args:
+            inputs: M per-modality inputs.
+            plan: the mixup plan, needed when ``mix`` is not ``"none"``.
+            mix: ``"none"``; ``"inputs"``: also encode the plan-mixed raw inputs (the paper);
+                ``"embeddings"``: also mix the clean embeddings with the plan (the released code).
+            classify: run the heads on the ``"clean"`` or on the ``"mixed"`` embeddings (vanilla
+                mixup); with ``mix="inputs"`` and ``classify="mixed"`` the clean batch is not encoded.
+            unimodal: also run the per-modality heads.
+        """
+        if mix not in ("none", "inputs", "embeddings"):
+            raise ValueError(f"mix must be 'none', 'inputs' or 'embeddings'; got {mix!r}")
+        if classify not in ("clean", "mixed"):
+            raise ValueError(f"classify must be 'clean' or 'mixed'; got {classify!r}")
+        if mix != "none" and not isinstance(plan, MixupPlan):
+            raise ValueError(f"mix={mix!r} needs plan= (a MixupPlan)")
+        if classify == "mixed" and mix == "none":
+            raise ValueError("classify='mixed' needs mix='inputs' or 'embeddings'")
+        z = z_mixed = None
+        if mix == "inputs" and classify == "mixed":
+            self._check_inputs(inputs)
+            z_mixed = [self.encode_mixed_modality(m, x, plan) for m, x in enumerate(inputs)]
+        elif mix == "inputs":
+            z, z_mixed = self.encode_with_mixed(inputs, plan)
+        else:
+            z = self.encode(inputs)
+            if mix == "embeddings":
+                z_mixed = [plan.mix(e, m) for m, e in enumerate(z)]
+        heads, fused = self.classify(z if classify == "clean" else z_mixed, unimodal=unimodal)
+        return MultimodalOutput(z, z_mixed, heads, fused)
 
     def predict(self, inputs: Sequence[Any]) -> Tensor:
         """Fused logits only (inference uses the fusion head)."""
@@ -516,24 +558,23 @@ class Objective:
         if self.mixup_sampler is not None:
             return self._vanilla_mixup(model, inputs, y)
         n = y.shape[0]
-        plan = mixed = None
+        plan = None
         if self.m3col is not None and self.m3col.phase() == "m3co":
             plan = self.m3col.sample(n, self.num_modalities, device=y.device)
         if plan is not None and self.convention == "paper":
-            z, mixed = model.encode_with_mixed(inputs, plan)
+            out = model(inputs, plan=plan, mix="inputs", unimodal=self.uses_unimodal)
         else:
-            z = model.encode(inputs)
-        unimodal, fused = model.classify(z, unimodal=self.uses_unimodal)
-        parts = {"fusion_ce": F.cross_entropy(fused.float(), y)}
-        if unimodal is not None:
-            parts["unimodal_ce"] = sum(F.cross_entropy(logits.float(), y) for logits in unimodal)
+            out = model(inputs, unimodal=self.uses_unimodal)
+        parts = {"fusion_ce": F.cross_entropy(out.fused.float(), y)}
+        if out.unimodal is not None:
+            parts["unimodal_ce"] = sum(F.cross_entropy(logits.float(), y) for logits in out.unimodal)
         if self.m3col is not None:
-            # with the reference convention `mixed` is None and the criterion mixes z itself
-            parts[self.m3col.phase()] = self.m3col(z, mixed=mixed, plan=plan)
+            # reference convention: z_mixed is None and the criterion mixes z itself with the plan
+            parts[self.m3col.phase()] = self.m3col(out.z, mixed=out.z_mixed, plan=plan)
         elif self.multisclip is not None:
-            parts["multisclip"] = self.beta * self.multisclip(z)
+            parts["multisclip"] = self.beta * self.multisclip(out.z)
         elif self.unis_mmc is not None:
-            parts["unis_mmc"] = UNIS_MMC_WEIGHT * self.unis_mmc(z, unimodal, y)
+            parts["unis_mmc"] = UNIS_MMC_WEIGHT * self.unis_mmc(out.z, out.unimodal, y)
         loss = sum(parts.values())
         return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -542,15 +583,11 @@ class Objective:
         one = self.mixup_sampler.sample(n, 1)
         # one partner and one lam per sample for every modality: the mixed label is then exact
         plan = MixupPlan(one.perms * self.num_modalities, one.lam.expand(self.num_modalities, n).contiguous()).to(y.device)
-        if self.convention == "paper":
-            z = [model.encode_mixed_modality(m, x, plan) for m, x in enumerate(inputs)]
-        else:
-            z = [plan.mix(e, m) for m, e in enumerate(model.encode(inputs))]
+        out = model(inputs, plan=plan, mix="inputs" if self.convention == "paper" else "embeddings", classify="mixed")
         target = plan.mix(F.one_hot(y, self.num_classes).float(), 0)
-        unimodal, fused = model.classify(z, unimodal=True)
         parts = {
-            "fusion_ce": F.cross_entropy(fused.float(), target),
-            "unimodal_ce": sum(F.cross_entropy(logits.float(), target) for logits in unimodal),
+            "fusion_ce": F.cross_entropy(out.fused.float(), target),
+            "unimodal_ce": sum(F.cross_entropy(logits.float(), target) for logits in out.unimodal),
         }
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
@@ -792,7 +829,7 @@ class Trainer:
         for inputs, y in batches:
             inputs, y = move_to(inputs, self.device), y.to(self.device)
             with self._autocast():
-                logits = model.predict(inputs)
+                logits = model(inputs, unimodal=False).fused
             probs.append(logits.float())
             labels.append(y)
         logits, y = self.gather_rows(torch.cat(probs)), self.gather_rows(torch.cat(labels))
@@ -912,9 +949,9 @@ class Trainer:
                     best_val.offer(
                         epoch,
                         val_ev,
-                        lambda: {"val_prob": val_ev.prob, "test_prob": test_ev.prob}
+                        lambda: {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "test_prob": test_ev.prob}
                         if test_ev is not None
-                        else {"val_prob": val_ev.prob, "state": _cpu_state(model)},
+                        else {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "state": _cpu_state(model)},
                     )
                 if test_ev is not None and c.test_every > 0:
                     best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
@@ -966,10 +1003,7 @@ class Trainer:
                 model.load_state_dict(payload["state"])
                 prob = self.evaluate(model, test_batches).prob
             protocols["validation"] = dict(task.metrics(labels, prob), epoch=best_val.epoch)
-            val_labels = val_set.labels.cpu().numpy() if isinstance(val_set, TensorMultimodalDataset) else None
-            val_scores = {"acc": best_val.key[0], "loss": -best_val.key[1]}
-            if val_labels is not None:
-                val_scores = dict(task.metrics(val_labels, payload["val_prob"]), loss=-best_val.key[1])
+            val_scores = dict(task.metrics(payload["val_labels"], payload["val_prob"]), loss=-best_val.key[1])
         protocols["final"] = dict(task.metrics(labels, final_test.prob), epoch=c.epochs - 1)
         if best_test.epoch is not None:
             protocols["best_on_test"] = dict(task.metrics(labels, best_test.payload["test_prob"]), epoch=best_test.epoch)

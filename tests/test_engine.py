@@ -176,6 +176,29 @@ def test_vanilla_mixup_mixes_every_modality_and_the_labels_with_one_partner():
     assert set(parts) == {"fusion_ce", "unimodal_ce"}
 
 
+def test_forward_modes_and_their_errors():
+    torch.manual_seed(0)
+    model = tiny_model()
+    inputs, y = tiny_data(6, 0).batch(None)
+    plan = engine.MixupSampler().sample(6, 2)
+    out = model(inputs, plan=plan, mix="inputs")
+    torch.testing.assert_close(out.z_mixed[1], model.encoders[1](plan.mix(inputs[1], 1)))
+    torch.testing.assert_close(out.fused, model.predict(inputs))
+    only_mixed = model(inputs, plan=plan, mix="inputs", classify="mixed", unimodal=False)
+    assert only_mixed.z is None and only_mixed.unimodal is None
+    torch.testing.assert_close(only_mixed.fused, model.fusion(torch.cat(out.z_mixed, 1)))
+    out = model(inputs, plan=plan, mix="embeddings")
+    torch.testing.assert_close(out.z_mixed[0], plan.mix(out.z[0], 0))
+    with pytest.raises(ValueError, match="needs plan"):
+        model(inputs, mix="inputs")
+    with pytest.raises(ValueError, match="classify"):
+        model(inputs, classify="mixed")
+    with pytest.raises(ValueError, match="inputs must be a list of 2"):
+        model(inputs[:1])
+    with pytest.raises(TypeError, match="mix_input"):
+        model([{"input_ids": inputs[0]}, inputs[1]], plan=plan, mix="inputs", classify="mixed")
+
+
 def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
     task = tiny_task(n_train=40)
     grads = []
