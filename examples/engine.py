@@ -841,10 +841,18 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> Dict[str, Any]:
+        """Train, score the protocols and return the seed's record."""
+        threads = torch.get_num_threads()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> Dict[str, Any]:
         c, task = self.config, self.task
         start_time = time.perf_counter()
-        if c.threads:
-            torch.set_num_threads(c.threads)
         torch.manual_seed(self.seed)
         train_set, val_set = self._split()
         train_set, test_set = self._prepare_data(train_set), self._prepare_data(task.test)
@@ -1255,21 +1263,21 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), default=d.method, help="training objective (default: %(default)s)")
     parser.add_argument("--convention", choices=CONVENTIONS, default=d.convention, help="paper or released-code conventions (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, required=True, help="where results.json, results.md and curves.png go")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s (None = full batch)")
     parser.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per optimiser step")
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="default: %(default)s")
     parser.add_argument("--step-size", type=int, default=None, help="StepLR step in epochs (default: the convention's)")
-    parser.add_argument("--gamma", type=float, default=d.gamma)
+    parser.add_argument("--gamma", type=float, default=d.gamma, help="StepLR factor (default: %(default)s)")
     parser.add_argument("--beta", type=float, default=d.beta, help="weight of the contrastive term (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=d.alpha, help="Beta(alpha, alpha) of mixup (default: %(default)s)")
     parser.add_argument("--mix-prob", type=float, default=d.mix_prob, help="share of rows mixed (default: the convention's)")
-    parser.add_argument("--holdout", type=float, default=d.holdout, help="stratified share of train held out for validation; 0: none")
+    parser.add_argument("--holdout", type=float, default=d.holdout, help="stratified share (or count) of train held out for the validation protocol; 0: none (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between validation scores (default: %(default)s)")
     parser.add_argument("--test-every", type=int, default=d.test_every, help="epochs between test scores, for best_on_test and the curves (default: %(default)s; 0: last epoch only)")
-    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--device", default=d.device, help="default: %(default)s")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
     parser.add_argument("--workers", type=int, default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
