@@ -614,7 +614,8 @@ class Objective:
 class TrainConfig:
     """Training options of one run (validated by :meth:`validate`).
 
-    ``batch_size=None`` trains full batch; ``accumulate`` micro-batches make one optimiser step.
+    ``batch_size=None`` trains full batch; ``accumulate`` micro-batches make one optimiser step;
+    evaluation runs in batches of ``eval_batch_size`` (default: ``batch_size``, else the whole split).
     ``holdout`` (a fraction in (0, 1) or a count) is the stratified part of the training set held
     out for the validation protocol; 0 trains on the whole training set and reports only
     ``final`` and ``best_on_test`` (unless the task has its own validation split).
@@ -862,7 +863,7 @@ class Trainer:
         train_batches = _Batches(train_set, sampler, **loader_options)
 
         def eval_batches(ds):
-            s = EpochBatchSampler(len(ds), c.eval_batch_size, shuffle=False, rank=self.rank, world_size=self.world_size, pad=False)
+            s = EpochBatchSampler(len(ds), c.eval_batch_size or c.batch_size, shuffle=False, rank=self.rank, world_size=self.world_size, pad=False)
             return _Batches(ds, s, **loader_options)
 
         val_batches = eval_batches(val_set) if val_set is not None else None

@@ -216,6 +216,29 @@ def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+class PlainDataset(torch.utils.data.Dataset):
+    """A map-style dataset without the in-memory fast path: batches go through a DataLoader."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def test_a_plain_dataset_through_a_dataloader_gives_the_in_memory_numbers():
+    task = tiny_task()
+    plain = dataclasses.replace(task, train=PlainDataset(task.train), test=PlainDataset(task.test))
+    cfg = config(batch_size=16, accumulate=2, epochs=4)
+    fast, loaded = engine.train_seed(task, cfg, seed=2), engine.train_seed(plain, cfg, seed=2)
+    assert loaded["history"]["train_loss"] == pytest.approx(fast["history"]["train_loss"], rel=1e-6)
+    assert loaded["protocols"]["validation"]["epoch"] == fast["protocols"]["validation"]["epoch"]
+    assert loaded["protocols"]["final"] == pytest.approx(fast["protocols"]["final"])
+
+
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     task = tiny_task()
     cfg = config(epochs=9, checkpoint_every=1, resume=True)  # M3Co in epochs 0-2: the mixup generator matters
