@@ -125,3 +125,14 @@ def test_group_of_one_process_is_one_process(tmp_path):
             assert all(torch.equal(grads[name], g) for name, g in expected_grads.items())
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_unis_mmc_gather_distributed_must_be_a_bool():
+    import m3co_loss
+
+    r = [torch.randn(4, 3), torch.randn(4, 3)]
+    logits = [torch.randn(4, 2), torch.randn(4, 2)]
+    with pytest.raises(TypeError, match="gather_distributed"):
+        F.unis_mmc(r, logits, torch.tensor([0, 1, 0, 1]), gather_distributed=1)
+    with pytest.raises(TypeError, match="gather_distributed"):
+        m3co_loss.UniSMMCLoss(gather_distributed="yes")
