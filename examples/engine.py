@@ -290,7 +290,9 @@ class EpochBatchSampler(Sampler):
     share of every global batch (shares differ by at most one row, and may be empty). Nothing is
     padded or repeated, every rank takes the same number of steps, and the ranks together see
     exactly the batches of one process: padding would put duplicate samples into the global
-    batch, which changes a contrastive loss.
+    batch, which changes a contrastive loss. ``nonempty_shares=True`` drops a last global batch
+    with fewer rows than ranks instead (for datasets read through a ``DataLoader``, which cannot
+    collate an empty batch).
     """
 
     def __init__(
@@ -305,6 +307,7 @@ class EpochBatchSampler(Sampler):
         world_size: int = 1,
         pad: bool = True,
         split_batches: bool = False,
+        nonempty_shares: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1; got {size}")
@@ -313,6 +316,7 @@ class EpochBatchSampler(Sampler):
         self.size, self.shuffle, self.seed, self.drop_last = size, shuffle, seed, drop_last
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.split_batches = split_batches
+        self.nonempty_shares = nonempty_shares and split_batches and world_size > 1
         self.epoch = 0
         if split_batches:
             per_rank = size  # batches are cut from the whole order, then split over ranks
@@ -341,6 +345,8 @@ class EpochBatchSampler(Sampler):
         for chunk in self.order().split(self.batch_size):
             if self.drop_last and len(chunk) < self.batch_size:
                 return
+            if self.nonempty_shares and len(chunk) < self.world_size:
+                return
             yield chunk.tensor_split(self.world_size)[self.rank] if self.split_batches else chunk
 
     def __iter__(self) -> Iterator[List[int]]:
@@ -349,6 +355,8 @@ class EpochBatchSampler(Sampler):
 
     def __len__(self) -> int:
         full, rest = divmod(self.per_rank, self.batch_size)
+        if self.nonempty_shares and rest < self.world_size:
+            rest = 0
         return full + (0 if self.drop_last or rest == 0 else 1)
 
 
@@ -923,7 +931,14 @@ class Trainer:
         val_set = self._prepare_data(val_set) if val_set is not None else None
         loader_options = dict(collate_fn=task.collate_fn, num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
         sampler = EpochBatchSampler(
-            len(train_set), c.batch_size, shuffle=c.batch_size is not None, seed=self.seed, rank=self.rank, world_size=self.world_size, split_batches=True
+            len(train_set),
+            c.batch_size,
+            shuffle=c.batch_size is not None,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            split_batches=True,
+            nonempty_shares=not hasattr(train_set, "batch"),  # a DataLoader cannot collate an empty share
         )
         train_batches = _Batches(train_set, sampler, **loader_options)
 

@@ -18,6 +18,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import engine  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -35,6 +38,27 @@ def rosmap_like(tmp_path_factory) -> Path:
         for view in (1, 2, 3):
             np.savetxt(folder / f"{view}_{part}.csv", rng.normal(size=(n, 200)) + 0.5 * y[:, None], fmt="%.5f", delimiter=",")
     return folder
+
+
+@pytest.mark.parametrize("batch_size", [4, None])
+def test_split_batches_give_every_rank_a_share_of_every_global_batch(batch_size):
+    def sampler(rank, **options):
+        s = engine.EpochBatchSampler(10, batch_size, seed=3, rank=rank, world_size=3, split_batches=True, **options)
+        s.set_epoch(2)
+        return s
+
+    single = engine.EpochBatchSampler(10, batch_size, seed=3)
+    single.set_epoch(2)
+    shares = [list(sampler(r).batches()) for r in range(3)]
+    assert {len(s) for s in shares} == {len(single)} and all(len(sampler(r)) == len(single) for r in range(3))
+    for step, whole in enumerate(single.batches()):
+        parts = [shares[r][step] for r in range(3)]
+        assert torch.equal(torch.cat(parts), whole)  # rank order is the single-process order
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    if batch_size == 4:  # global batches 4, 4, 2: the last leaves rank 2 without a row
+        assert [len(b) for b in shares[2]] == [1, 1, 0]
+        trimmed = [sampler(r, nonempty_shares=True) for r in range(3)]
+        assert all(len(s) == 2 and len(list(s)) == 2 for s in trimmed)
 
 
 def run(args, *, processes: int = 0, cwd: Path):
