@@ -694,9 +694,10 @@ class TrainConfig:
     ``holdout`` (a fraction in (0, 1) or a count) is the stratified part of the training set held
     out for the validation protocol; 0 trains on the whole training set and reports only
     ``final`` and ``best_on_test`` (unless the task has its own validation split).
-    ``eval_every`` evaluates every k epochs (the last epoch is always evaluated);
-    ``score_test_every_epoch=False`` skips the per-epoch test pass (no ``best_on_test``): the
-    weights of the chosen epoch are then kept and the test set is scored once at the end.
+    ``eval_every`` scores the validation split every k epochs and ``test_every`` the test set
+    every k epochs (the last epoch always; 0: only the last, and no ``best_on_test``). When the
+    validation protocol chooses an epoch whose test score was not taken, that epoch's weights are
+    kept and the test set is scored once with them at the end.
     ``distributed`` trains as one rank of an initialised process group (:func:`init_distributed`):
     ``batch_size`` is then the global batch, split over the ranks.
     """
@@ -720,7 +721,7 @@ class TrainConfig:
     temperature: float = 0.1
     holdout: float = 0.2
     eval_every: int = 1
-    score_test_every_epoch: bool = True
+    test_every: int = 1
     grad_clip: Optional[float] = None
     bf16: bool = False
     device: str = "cpu"
@@ -757,6 +758,7 @@ class TrainConfig:
         need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or > 0")
         need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
+        need(isinstance(self.test_every, int) and self.test_every >= 0, "test_every", "an int >= 0 (0: the last epoch only)")
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: no checkpoints)")
         need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
@@ -1049,22 +1051,25 @@ class Trainer:
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"{task.name} {c.method} seed {self.seed}: the training loss is {train_loss} at epoch {epoch}")
                 last = epoch == c.epochs - 1
-                val_ev = test_ev = None
-                if last or (epoch + 1) % c.eval_every == 0:
-                    if val_batches is not None:
-                        val_ev = self.evaluate(model, val_batches)
-                    if c.score_test_every_epoch or last:
-                        test_ev = self.evaluate(model, test_batches)
-                    if val_ev is not None:
-                        if c.score_test_every_epoch:
-                            # the chosen epoch's test probabilities are those of its weights
-                            best_val.offer(epoch, val_ev, lambda: {"test_prob": test_ev.prob, "val_prob": val_ev.prob})
-                        else:
-                            best_val.offer(epoch, val_ev, lambda: {"state": _cpu_state(model), "val_prob": val_ev.prob})
-                    if test_ev is not None and c.score_test_every_epoch:
-                        best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
-                    if last:
-                        final_test = test_ev
+                val_due = val_batches is not None and (last or (epoch + 1) % c.eval_every == 0)
+                test_due = last or (c.test_every > 0 and (epoch + 1) % c.test_every == 0)
+                val_ev = self.evaluate(model, val_batches) if val_due else None
+                test_ev = self.evaluate(model, test_batches) if test_due else None
+                if val_ev is not None:
+                    # the test probabilities of the chosen epoch's weights: at hand when the test set
+                    # was scored this epoch; otherwise keep the weights and score the test set at the end
+                    best_val.offer(
+                        epoch,
+                        val_ev,
+                        lambda: {"val_prob": val_ev.prob, "test_prob": test_ev.prob}
+                        if test_ev is not None
+                        else {"val_prob": val_ev.prob, "state": _cpu_state(model)},
+                    )
+                if test_ev is not None and c.test_every > 0:
+                    best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
+                if last:
+                    final_test = test_ev
+                if val_ev is not None or test_ev is not None:
                     history["epoch"].append(epoch)
                     history["lr"].append(optimizer.param_groups[0]["lr"])
                     history["train_loss"].append(train_loss)
@@ -1335,19 +1340,19 @@ def plot_curves(per_seed: Sequence[Mapping[str, Any]], path: Union[str, Path], *
     epochs = np.array(per_seed[0]["history"]["epoch"]) + 1
 
     def mean_curve(key):
-        rows = [r["history"][key] for r in per_seed]
-        if any(v is None for row in rows for v in row):
-            return None
-        return np.mean(np.array(rows, dtype=np.float64), axis=0)
+        # the epochs at which every seed has a value (the test set may be scored less often)
+        rows = np.array([[np.nan if v is None else v for v in r["history"][key]] for r in per_seed], dtype=np.float64)
+        keep = ~np.isnan(rows).any(axis=0)
+        return epochs[keep], rows[:, keep].mean(axis=0)
 
     for key, label, style in (("train_loss", "train (objective)", "-"), ("val_loss", "validation CE", "-"), ("test_loss", "test CE", ":")):
-        curve = mean_curve(key)
-        if curve is not None:
-            ax_loss.plot(epochs, curve, style, label=label)
+        x, curve = mean_curve(key)
+        if len(x):
+            ax_loss.plot(x, curve, style, label=label)
     for key, label, style in (("val_acc", "validation", "-"), ("test_acc", "test", ":")):
-        curve = mean_curve(key)
-        if curve is not None:
-            ax_acc.plot(epochs, curve, style, label=label)
+        x, curve = mean_curve(key)
+        if len(x):
+            ax_acc.plot(x, curve, style, label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (fusion head)")
     for ax in (ax_loss, ax_acc):
@@ -1390,7 +1395,8 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--alpha", type=float, default=d.alpha, help="Beta(alpha, alpha) of mixup (default: %(default)s)")
     parser.add_argument("--mix-prob", type=float, default=d.mix_prob, help="share of rows mixed (default: the convention's)")
     parser.add_argument("--holdout", type=float, default=d.holdout, help="stratified share of train held out for validation; 0: none")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between validation scores (default: %(default)s)")
+    parser.add_argument("--test-every", type=int, default=d.test_every, help="epochs between test scores, for best_on_test and the curves (default: %(default)s; 0: last epoch only)")
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
     parser.add_argument("--workers", type=int, default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
@@ -1430,6 +1436,7 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
         mix_prob=args.mix_prob,
         holdout=holdout,
         eval_every=args.eval_every,
+        test_every=args.test_every,
         device=args.device,
         bf16=args.bf16,
         threads=args.threads,

@@ -75,7 +75,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(rosmap_like, tm
     # Global batches of 11 rows (32 = 11 + 11 + 10: ranks hold 6/5 or 5/5), two micro-batches per
     # optimiser step, a gathered MultiSClip term and scaled cross-entropies.
     common = ["--data-dir", str(rosmap_like), "--seeds", "0", "--epochs", "2", "--method", "only-multisclip"]
-    common += ["--batch-size", "11", "--accumulate", "2", "--no-progress", "--threads", "1"]
+    common += ["--batch-size", "11", "--accumulate", "2", "--test-every", "1", "--no-progress", "--threads", "1"]
     run(common + ["--output-dir", str(tmp_path / "one")], cwd=tmp_path)
     two = run(common + ["--distributed", "--output-dir", str(tmp_path / "two")], processes=2, cwd=tmp_path)
     assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
@@ -95,7 +95,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(rosmap_like, tm
 
 def test_m3co_with_checkpoints_under_torchrun(rosmap_like, tmp_path):
     out = tmp_path / "m3co"
-    args = ["--data-dir", str(rosmap_like), "--seeds", "0", "--epochs", "2", "--method", "only-m3co", "--holdout", "0"]
+    args = ["--data-dir", str(rosmap_like), "--seeds", "0", "--epochs", "2", "--method", "only-m3co", "--holdout", "0", "--test-every", "1"]
     args += ["--checkpoint-every", "1", "--no-progress", "--distributed", "--output-dir", str(out)]
     result = run(args, processes=2, cwd=tmp_path)
     assert result.stdout.count("wrote ") == 1

@@ -1,0 +1,291 @@
+"""The shared training engine (examples/engine.py) on tiny generated tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import engine  # noqa: E402
+from m3co_loss import M3CoLoss, MultiSClipLoss, UniSMMCLoss  # noqa: E402
+
+
+def accuracy_metrics(y, prob):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = prob.argmax(1)
+    return {"acc": float(accuracy_score(y, pred)), "mf1": float(f1_score(y, pred, average="macro", zero_division=0))}
+
+
+def tiny_model(dims=(6, 5), classes=3, width=8):
+    return engine.MultimodalClassifier(
+        [engine.mlp(d, width, width) for d in dims],
+        [engine.mlp(width, width, classes) for _ in dims],
+        engine.mlp(width * len(dims), width, classes),
+        encode_mixed_jointly=True,
+    )
+
+
+def tiny_data(n, seed, dims=(6, 5), classes=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    centers = torch.randn(classes, 4, generator=torch.Generator().manual_seed(7))
+    signal = centers[y] + 0.7 * torch.randn(n, 4, generator=g)
+    xs = [signal @ torch.randn(4, d, generator=torch.Generator().manual_seed(d)) + 0.5 * torch.randn(n, d, generator=g) for d in dims]
+    return engine.TensorMultimodalDataset(xs, y)
+
+
+def tiny_task(n_train=60, n_test=30):
+    train = tiny_data(n_train, 0)
+    return engine.Task(
+        name="tiny",
+        num_classes=3,
+        build_model=tiny_model,
+        train=train,
+        test=tiny_data(n_test, 1),
+        train_labels=train.labels,
+        metrics=accuracy_metrics,
+        metric_labels={"acc": "ACC", "mf1": "macro F1"},
+        published={"paper": {"acc": (0.9, 0.01)}},
+    )
+
+
+def config(**overrides):
+    base = dict(epochs=6, lr=1e-2, step_size=3, holdout=0.25, progress=False, threads=1)
+    base.update(overrides)
+    return engine.TrainConfig(**base)
+
+
+@pytest.mark.parametrize("convention", engine.CONVENTIONS)
+@pytest.mark.parametrize("method", sorted(engine.METHODS))
+def test_every_method_trains_and_reports_three_protocols(method, convention):
+    record = engine.train_seed(tiny_task(), config(method=method, convention=convention), seed=0)
+    assert set(record["protocols"]) == set(engine.PROTOCOLS)
+    for name, row in record["protocols"].items():
+        assert 0 <= row["acc"] <= 1 and 0 <= row["mf1"] <= 1
+    assert record["protocols"]["final"]["epoch"] == 5
+    assert all(np.isfinite(record["history"]["train_loss"]))
+    assert record["train_size"] == 45 and record["val_size"] == 15 and record["test_size"] == 30
+
+
+def test_selection_follows_the_protocols():
+    record = engine.train_seed(tiny_task(), config(epochs=12, method="unimodal-sup"), seed=3)
+    h = record["history"]
+    val_key = [(a, -l) for a, l in zip(h["val_acc"], h["val_loss"])]
+    test_key = [(a, -l) for a, l in zip(h["test_acc"], h["test_loss"])]
+    chosen = record["protocols"]["validation"]["epoch"]
+    assert chosen == h["epoch"][val_key.index(max(val_key))]  # earliest epoch among exact ties
+    best = record["protocols"]["best_on_test"]
+    assert best["epoch"] == h["epoch"][test_key.index(max(test_key))]
+    assert best["acc"] == pytest.approx(max(h["test_acc"]))
+    assert record["protocols"]["validation"]["acc"] == pytest.approx(h["test_acc"][h["epoch"].index(chosen)])
+    assert record["protocols"]["final"]["acc"] == pytest.approx(h["test_acc"][-1])
+    assert record["val_scores"]["acc"] == pytest.approx(max(h["val_acc"]))
+
+
+def test_scoring_test_once_with_kept_weights_matches_scoring_every_epoch():
+    task = tiny_task()
+    every = engine.train_seed(task, config(epochs=8), seed=1)
+    once = engine.train_seed(task, config(epochs=8, test_every=0), seed=1)
+    assert once["protocols"]["validation"] == every["protocols"]["validation"]
+    assert once["protocols"]["final"] == every["protocols"]["final"]
+    assert "best_on_test" not in once["protocols"]
+    assert once["history"]["test_acc"][:-1] == [None] * 7
+    sparse = engine.train_seed(task, config(epochs=8, test_every=3), seed=1)
+    assert [e for e, a in zip(sparse["history"]["epoch"], sparse["history"]["test_acc"]) if a is not None] == [2, 5, 7]
+    assert sparse["protocols"]["validation"] == every["protocols"]["validation"]
+
+
+def test_a_seed_is_deterministic_and_seeds_differ():
+    task = tiny_task()
+    a = engine.train_seed(task, config(), seed=0)
+    b = engine.train_seed(task, config(), seed=0)
+    c = engine.train_seed(task, config(), seed=1)
+    assert a["history"]["train_loss"] == b["history"]["train_loss"]
+    assert a["protocols"] == b["protocols"]
+    assert a["history"]["train_loss"] != c["history"]["train_loss"]
+
+
+def test_the_objective_is_the_public_api_wired_as_a_user_would():
+    torch.manual_seed(0)
+    model = tiny_model()
+    data = tiny_data(10, 0)
+    inputs, y = data.batch(None)
+    objective = engine.Objective("m3col", num_modalities=2, num_classes=3, epochs=6, seed=5)
+    loss, parts = objective(model, inputs, y)
+    # the same loss, written out by hand with the package's public API
+    criterion = M3CoLoss(total_steps=6, generator=torch.Generator().manual_seed(5))
+    plan = criterion.sample(10, 2)
+    z = [enc(x) for enc, x in zip(model.encoders, inputs)]
+    mixed = [enc(plan.mix(x, m)) for m, (enc, x) in enumerate(zip(model.encoders, inputs))]
+    expected = (
+        F.cross_entropy(model.fusion(torch.cat(z, 1)), y)
+        + sum(F.cross_entropy(h(e), y) for h, e in zip(model.heads, z))
+        + criterion(z, mixed=mixed, plan=plan)
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"fusion_ce", "unimodal_ce", "m3co"}
+    # two epochs later (m3co_steps = 2) the schedule has moved on to MultiSClip on the clean embeddings
+    objective.epoch_end()
+    objective.epoch_end()
+    assert objective.phase() == "multisclip"
+    loss, parts = objective(model, inputs, y)
+    torch.testing.assert_close(parts["multisclip"], 0.1 * MultiSClipLoss()(z))
+
+
+def test_reference_convention_mixes_embeddings_and_unis_mmc_uses_the_unimodal_heads():
+    torch.manual_seed(0)
+    model = tiny_model()
+    inputs, y = tiny_data(10, 0).batch(None)
+    z = model.encode(inputs)
+    objective = engine.Objective("m3col", num_modalities=2, num_classes=3, epochs=6, convention="reference", seed=2)
+    _, parts = objective(model, inputs, y)
+    criterion = M3CoLoss(total_steps=6, convention="reference", generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(parts["m3co"], criterion(z))  # the criterion mixes z itself
+    objective = engine.Objective("unis-mmc", num_modalities=2, num_classes=3, epochs=6)
+    _, parts = objective(model, inputs, y)
+    logits = [h(e) for h, e in zip(model.heads, z)]
+    torch.testing.assert_close(parts["unis_mmc"], 0.1 * UniSMMCLoss()(z, logits, y))
+    _, parts = engine.Objective("concat", num_modalities=2, num_classes=3, epochs=6)(model, inputs, y)
+    assert set(parts) == {"fusion_ce"}
+
+
+def test_vanilla_mixup_mixes_every_modality_and_the_labels_with_one_partner():
+    torch.manual_seed(0)
+    model = tiny_model()
+    inputs, y = tiny_data(12, 0).batch(None)
+    objective = engine.Objective("mixup", num_modalities=2, num_classes=3, epochs=6, seed=4)
+    loss, parts = objective(model, inputs, y)
+    plan = engine.MixupSampler(generator=torch.Generator().manual_seed(4)).sample(12, 1)
+    perm, lam = plan.perms[0], plan.lam[0].unsqueeze(1)
+    z = [enc(lam * x + (1 - lam) * x[perm]) for enc, x in zip(model.encoders, inputs)]
+    target = lam * F.one_hot(y, 3).float() + (1 - lam) * F.one_hot(y[perm], 3).float()
+    expected = F.cross_entropy(model.fusion(torch.cat(z, 1)), target) + sum(F.cross_entropy(h(e), target) for h, e in zip(model.heads, z))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"fusion_ce", "unimodal_ce"}
+
+
+def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
+    task = tiny_task(n_train=40)
+    grads = []
+    make_optimizer = engine.Trainer._optimizer
+
+    def recording_optimizer(self, model):
+        optimizer = make_optimizer(self, model)
+        optimizer.register_step_pre_hook(lambda *_: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
+        return optimizer
+
+    monkeypatch.setattr(engine.Trainer, "_optimizer", recording_optimizer)
+    engine.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0), seed=0)
+    engine.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0, batch_size=20, accumulate=2), seed=0)
+    assert len(grads) == 2  # one optimiser step each
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, monkeypatch):
+    task = tiny_task()
+    cfg = config(epochs=9, checkpoint_every=1, resume=True)  # M3Co in epochs 0-2: the mixup generator matters
+    uninterrupted = engine.train_seed(task, cfg, seed=0)
+    path = tmp_path / "seed0.pt"
+    calls = {"n": 0}
+    original = engine.Objective.epoch_end
+
+    def crash_in_epoch_2(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(engine.Objective, "epoch_end", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_seed(task, cfg, seed=0, checkpoint_path=path)
+    monkeypatch.setattr(engine.Objective, "epoch_end", original)
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+    resumed = engine.train_seed(task, cfg, seed=0, checkpoint_path=path)
+    assert resumed["history"] == uninterrupted["history"]
+    assert resumed["protocols"] == uninterrupted["protocols"]
+    with pytest.raises(ValueError, match="another configuration"):
+        engine.train_seed(task, dataclasses.replace(cfg, lr=0.5), seed=0, checkpoint_path=path)
+
+
+def test_atomic_writes_keep_the_previous_file_when_writing_fails(tmp_path):
+    target = tmp_path / "results.json"
+    engine.atomic_write_json(target, {"acc": 0.5})
+    with pytest.raises(TypeError):
+        engine.atomic_write_json(target, {"acc": 0.7, "bad": object()})  # fails mid-stream
+    with pytest.raises(ValueError):
+        engine.atomic_write_json(target, {"acc": float("nan")})
+    assert json.loads(target.read_text()) == {"acc": 0.5}
+    ckpt = tmp_path / "ckpt.pt"
+    engine.atomic_torch_save(ckpt, {"w": torch.ones(3)})
+    with pytest.raises(Exception):
+        engine.atomic_torch_save(ckpt, {"w": torch.zeros(3), "f": lambda: 0})  # a lambda cannot be pickled
+    assert torch.equal(torch.load(ckpt)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "results.json"]  # no temporary files left
+
+
+def test_run_writes_results_and_skips_finished_seeds(tmp_path, monkeypatch):
+    task = tiny_task()
+    results = engine.run(task, config(), [0, 1], tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"dataset", "method", "seeds", "protocols", "per_seed", "seconds"} <= set(saved)
+    assert saved["seeds"] == [0, 1] and saved["optimistic_protocols"] == ["best_on_test"]
+    for name in engine.PROTOCOLS:
+        for metric in ("acc", "mf1"):
+            stat = saved["protocols"][name][metric]
+            assert 0 <= stat["mean"] <= 1 and stat["std"] >= 0
+    md = (tmp_path / "results.md").read_text()
+    assert "optimistic" in md and "| paper | 90.0 ± 1.0 |" in md
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished seed was trained again")
+
+    monkeypatch.setattr(engine, "train_seed", no_training)
+    again = engine.run(task, config(), [0, 1], tmp_path)
+    assert again["protocols"] == results["protocols"]
+
+
+def test_parallel_workers_give_the_same_numbers(tmp_path):
+    task = tiny_task()
+    serial = engine.run(task, config(), [0, 1], tmp_path / "serial", write=False)
+    parallel = engine.run(task, config(), [0, 1], tmp_path / "parallel", workers=2)
+    assert [r["protocols"] for r in parallel["per_seed"]] == [r["protocols"] for r in serial["per_seed"]]
+    assert sorted(os.listdir(tmp_path / "parallel" / "seeds")) == ["seed0.json", "seed1.json"]
+
+
+def test_bad_options_are_named():
+    for field_name, value in (("method", "m3co"), ("epochs", 0), ("convention", "released"), ("holdout", 1.5), ("batch_size", 1), ("gamma", 2.0)):
+        with pytest.raises(ValueError, match=field_name):
+            engine.TrainConfig(**{field_name: value}).validate()
+    with pytest.raises(ValueError, match="plateau"):
+        engine.train_seed(tiny_task(), config(scheduler="plateau", holdout=0), seed=0)
+    with pytest.raises(ValueError, match="seeds"):
+        engine.run(tiny_task(), config(), [0, 0], "unused")
+
+
+def test_epoch_batch_sampler_shuffles_per_epoch_and_shards_over_ranks():
+    sampler = engine.EpochBatchSampler(10, 4, seed=1)
+    first = [i for batch in sampler for i in batch]
+    assert sorted(first) == list(range(10)) and len(sampler) == 3
+    sampler.set_epoch(1)
+    assert [i for batch in sampler for i in batch] != first
+    sampler.set_epoch(0)
+    assert [i for batch in sampler for i in batch] == first
+    shards = [engine.EpochBatchSampler(10, None, shuffle=False, rank=r, world_size=3, pad=False) for r in range(3)]
+    rows = [i for s in shards for batch in s for i in batch]
+    assert sorted(rows) == list(range(10))
+    padded = [engine.EpochBatchSampler(10, 2, rank=r, world_size=3, seed=4) for r in range(3)]
+    assert {len(s) for s in padded} == {2} and len({i for s in padded for b in s for i in b}) == 10

@@ -1,0 +1,230 @@
+"""The MOGONET reader and the ROSMAP / BRCA pipelines (examples/mogonet.py, rosmap.py, brca.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import json
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import engine  # noqa: E402
+import mogonet  # noqa: E402
+from brca import BRCA  # noqa: E402
+from rosmap import ROSMAP  # noqa: E402
+
+
+def real_rosmap_dir():
+    for path in [Path("/work/shared/data/ROSMAP")] + mogonet.default_data_dirs("ROSMAP"):
+        if (path / "labels_tr.csv").is_file():
+            return path
+    return None
+
+
+def write_mogonet(folder: Path, *, features=(7, 6, 5), n_train=40, n_test=20, classes=2, seed=0, fmt="%.5g") -> Path:
+    """Generated data in the MOGONET layout; the views carry a weak class signal."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, n in (("tr", n_train), ("te", n_test)):
+        y = np.arange(n) % classes
+        rng.shuffle(y)
+        np.savetxt(folder / f"labels_{part}.csv", y.astype(float), fmt="%.18e")
+        for v, d in enumerate(features, start=1):
+            x = rng.normal(size=(n, d)) + 1.5 * (y[:, None] == (np.arange(d) % classes))
+            np.savetxt(folder / f"{v}_{part}.csv", x, delimiter=",", fmt=fmt)
+    for v, d in enumerate(features, start=1):
+        (folder / f"{v}_featname.csv").write_text("".join(f"feature{i}\n" for i in range(d)))
+    return folder
+
+
+def load(folder, **kw):
+    return mogonet.load_mogonet(folder, num_classes=kw.pop("num_classes", 2), **kw)
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+def test_reader_reads_the_layout(tmp_path):
+    data = load(write_mogonet(tmp_path), feature_counts=(7, 6, 5))
+    assert [x.shape for x in data.train] == [(40, 7), (40, 6), (40, 5)]
+    assert [x.shape for x in data.test] == [(20, 7), (20, 6), (20, 5)]
+    assert data.train_labels.dtype == np.int64 and set(data.train_labels) == {0, 1}
+    assert data.feature_names[2] == [f"feature{i}" for i in range(5)]
+
+
+def _corrupt(folder: Path, name: str, edit):
+    path = folder / name
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("2_tr.csv", None, r"2_tr\.csv: file not found|missing 2_tr\.csv"),
+        ("3_te.csv", lambda lines: [], r"3_te\.csv: the file is empty"),
+        ("1_tr.csv", lambda lines: lines[:-1], r"1_tr\.csv: 39 rows, expected 40"),
+        ("labels_te.csv", lambda lines: lines + ["0.0"], r"1_te\.csv: 20 rows, expected 21"),
+        ("2_te.csv", lambda lines: [line + ",0.5" for line in lines], r"2_te\.csv: 7 columns, expected 6"),
+        ("1_tr.csv", lambda lines: lines[:3] + [lines[3] + ",1"] + lines[4:], r"1_tr\.csv: line 4 has 8 columns but line 1 has 7"),
+        ("3_tr.csv", lambda lines: lines[:5] + [",".join(["nan"] * 5)] + lines[6:], r"3_tr\.csv: line 6, column 1 is nan"),
+        ("1_te.csv", lambda lines: lines[:2] + [",".join(["inf"] * 7)] + lines[3:], r"1_te\.csv: line 3, column 1 is inf"),
+        ("2_tr.csv", lambda lines: lines[:1] + [",".join(["abc"] * 6)] + lines[2:], r"2_tr\.csv: not a number"),
+        ("labels_tr.csv", lambda lines: lines[:7] + ["2.0"] + lines[8:], r"labels_tr\.csv: line 8 holds label 2, outside \[0, 2\)"),
+        ("labels_tr.csv", lambda lines: lines[:2] + ["-1.0"] + lines[3:], r"labels_tr\.csv: line 3 holds label -1"),
+        ("labels_te.csv", lambda lines: lines[:4] + ["0.5"] + lines[5:], r"labels_te\.csv: line 5 holds 0\.5, not an integer"),
+        ("labels_tr.csv", lambda lines: [line + ",1" for line in lines], r"labels_tr\.csv: 2 columns, expected one label per line"),
+        ("1_featname.csv", lambda lines: lines[:-1], r"1_featname\.csv: 6 feature names but 1_tr\.csv has 7 columns"),
+    ],
+)
+def test_reader_names_the_malformed_file(tmp_path, name, edit, message):
+    folder = write_mogonet(tmp_path)
+    if edit is None:
+        (folder / name).unlink()
+    else:
+        _corrupt(folder, name, edit)
+    with pytest.raises(mogonet.MogonetFormatError, match=message):
+        load(folder)
+
+
+def test_reader_checks_the_expected_feature_counts(tmp_path):
+    with pytest.raises(mogonet.MogonetFormatError, match=r"1_tr\.csv: 7 columns, expected 200"):
+        load(write_mogonet(tmp_path), feature_counts=(200, 200, 200))
+
+
+def test_minmax_scaling_uses_the_training_set():
+    train = np.array([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]])
+    test = np.array([[4.0, 6.0]])
+    tr, te = mogonet.minmax_scale(train, test)
+    np.testing.assert_allclose(tr[:, 0], [0.0, 1.0, 0.5], atol=1e-9)
+    np.testing.assert_allclose(tr[:, 1], 0.0)  # a constant feature stays finite (eps on the max)
+    np.testing.assert_allclose(te, [[1.5, 1e10]], rtol=1e-6)
+
+
+def test_the_released_model_shapes():
+    model = mogonet.build_omics_model((200, 200, 200), 2, 1000, 1000)
+    encoder = model.encoders[0]
+    assert [type(m).__name__ for m in encoder] == ["Linear", "ReLU", "Linear"]  # no final ReLU
+    assert tuple(encoder[0].weight.shape) == (1000, 200) and not encoder[0].bias.detach().any()
+    assert tuple(model.fusion[0].weight.shape) == (1000, 3000) and tuple(model.heads[1][-1].weight.shape) == (2, 1000)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def small(spec, width=32):
+    return dataclasses.replace(spec, emb_dim=width, post_dim=width)
+
+
+def rosmap_task(width=32):
+    folder = real_rosmap_dir()
+    if folder is None:  # no real data: generated data of ROSMAP's shape
+        import tempfile
+
+        folder = write_mogonet(Path(tempfile.mkdtemp()), features=(200, 200, 200), n_train=245, n_test=106)
+    data = mogonet.load_mogonet(folder, num_classes=2, feature_counts=(200, 200, 200))
+    return mogonet.make_task(small(ROSMAP, width), data), data
+
+
+def test_rosmap_short_run_learns_and_is_deterministic():
+    task, data = rosmap_task()
+    cfg = dataclasses.replace(mogonet.default_config(ROSMAP), epochs=40, step_size=20, progress=False, threads=1)
+    first = engine.train_seed(task, cfg, seed=0)
+    again = engine.train_seed(task, cfg, seed=0)
+    assert first["protocols"] == again["protocols"] and first["history"] == again["history"]
+    majority = max(np.mean(data.test_labels), 1 - np.mean(data.test_labels))
+    # above chance: the majority-class rate and a coin's AUC
+    assert first["protocols"]["final"]["acc"] > majority + 0.05
+    assert first["protocols"]["final"]["auc"] > 0.65
+    assert first["train_size"] == 196 and first["val_size"] == 49 and first["test_size"] == 106
+
+
+def test_rosmap_command_line_writes_the_results(tmp_path, capsys):
+    folder = real_rosmap_dir() or write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    out = tmp_path / "out"
+    mogonet.main(ROSMAP, ["--data-dir", str(folder), "--seeds", "0", "1", "--epochs", "3", "--output-dir", str(out), "--workers", "1", "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "ROSMAP" and results["method"] == "m3col" and results["seeds"] == [0, 1]
+    assert set(results["protocols"]) == set(engine.PROTOCOLS)
+    for row in results["protocols"].values():
+        for metric in ("acc", "f1", "auc"):
+            assert 0 <= row[metric]["mean"] <= 1 and row[metric]["std"] >= 0
+    assert [r["seed"] for r in results["per_seed"]] == [0, 1] and results["seconds"] > 0
+    assert results["config"]["step_size"] == 250 and results["config"]["lr"] == 2e-3
+    md = (out / "results.md").read_text()
+    assert "88.7 ± 0.9" in md and "Dynamics" in md and "optimistic" in md
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_missing_data_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3CO_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(mogonet, "REPO_ROOT", tmp_path / "a" / "b")
+    with pytest.raises(SystemExit, match=r"(?s)No ROSMAP data found.*github.com/txWang/MOGONET.*--download"):
+        mogonet.main(ROSMAP, ["--output-dir", str(tmp_path / "out")])
+
+
+def test_brca_shaped_generated_data_runs(tmp_path):
+    folder = write_mogonet(tmp_path / "BRCA", features=(1000, 1000, 503), n_train=612, n_test=263, classes=5, fmt="%.3g")
+    out = tmp_path / "out"
+    results = mogonet.main(
+        BRCA,
+        ["--data-dir", str(folder), "--seeds", "0", "--epochs", "4", "--output-dir", str(out), "--workers", "1", "--no-progress", "--method", "unis-mmc"],
+    )
+    assert set(results["protocols"]["final"]) == {"acc", "wf1", "mf1", "epoch"}
+    assert results["per_seed"][0]["train_size"] == 489 and results["per_seed"][0]["test_size"] == 263
+    assert results["protocols"]["final"]["acc"]["mean"] > 0.3  # 5 balanced classes: chance is 0.2
+    assert "88.4 ± 0.6" in (out / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------- download
+
+
+@pytest.fixture
+def http_folder():
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_verifies_checksums(tmp_path, http_folder):
+    source = real_rosmap_dir()
+    if source is None:
+        pytest.skip("the real ROSMAP files are needed to match the embedded checksums")
+    url = http_folder(source)
+    dest = tmp_path / "ROSMAP"
+    mogonet.main(ROSMAP, ["--download", str(dest), "--base-url", url])
+    assert sorted(p.name for p in dest.iterdir()) == sorted(ROSMAP.sha256)
+    assert all(mogonet.sha256_of(dest / name) == digest for name, digest in ROSMAP.sha256.items())
+    load(dest, feature_counts=(200, 200, 200))
+    # a tampered file on the server is refused and not written
+    tampered = tmp_path / "served"
+    shutil.copytree(source, tampered)
+    with open(tampered / "labels_te.csv", "a") as handle:
+        handle.write("1.0\n")
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit, match=r"labels_te\.csv: SHA-256 .* does not match"):
+        mogonet.download(ROSMAP, fresh, base_url=http_folder(tampered))
+    assert not (fresh / "labels_te.csv").exists() and not list(fresh.glob(".*.part"))
+    with pytest.raises(SystemExit, match="could not download"):
+        mogonet.download(ROSMAP, tmp_path / "empty", base_url=http_folder(tmp_path / "nothing-here"))
