@@ -45,10 +45,15 @@ epoch's weights), ``final`` (the last epoch) and ``best_on_test`` (the best test
 epochs: optimistic, since it selects on the test set; this is how the released code's evaluation
 loop, which scores the test set during training, can be read).
 
-Distributed seam: the rank and world size come from :mod:`m3co_loss.distributed`;
-:class:`EpochBatchSampler` shards each epoch's order over ranks; :meth:`Trainer.gather_rows` and
-:meth:`Trainer.reduce_mean` combine evaluation outputs and training losses over ranks; only
-rank 0 writes files (:func:`is_main_process`).
+Distributed training (``TrainConfig.distributed``, ``--distributed`` under ``torchrun``): every
+global batch (``batch_size``, or the whole training set) is split over the ranks
+(:class:`EpochBatchSampler` with ``split_batches``), the contrastive losses gather it back
+(``gather_distributed=True``), the cross-entropies are scaled so that their average over ranks
+is the global-batch mean, and DistributedDataParallel averages the gradients: a run equals the
+single-process run on the same global batches up to floating-point rounding and the mixing plans
+(each rank draws its own). Evaluation rows are sharded and gathered back
+(:meth:`Trainer.gather_rows`), training losses averaged (:meth:`Trainer.reduce_mean`), and only
+rank 0 writes files (:func:`is_main_process`). See :func:`init_distributed`.
 """
 
 from __future__ import annotations
@@ -101,6 +106,8 @@ __all__ = [
     "add_arguments",
     "config_from_args",
     "is_main_process",
+    "init_distributed",
+    "shutdown_distributed",
 ]
 
 METHODS: Dict[str, str] = {
@@ -130,6 +137,52 @@ UNIS_MMC_WEIGHT = 0.1  # the UniS-MMC paper's weight of its contrastive term
 def is_main_process() -> bool:
     """True on rank 0 (and in a single process): the only process that writes files."""
     return dist_utils.rank() == 0
+
+
+def init_distributed(device: str = "cpu") -> Tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; returns (rank, world size).
+
+    gloo for CPU devices, NCCL for CUDA devices (each rank then uses ``cuda:LOCAL_RANK``).
+    """
+    if dist_utils.is_initialized():
+        return dist_utils.rank(), dist_utils.world_size()
+    if not torch.distributed.is_available():
+        raise RuntimeError("--distributed needs a torch build with torch.distributed")
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"--distributed runs under torchrun, which sets {', '.join(missing)} "
+            "(e.g. torchrun --nproc_per_node 2 examples/rosmap.py --distributed ...)"
+        )
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(rank_device(device))
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+    return dist_utils.rank(), dist_utils.world_size()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if dist_utils.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank_device(device: str) -> torch.device:
+    """This rank's device: ``cuda`` without an index means ``cuda:LOCAL_RANK``."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
+def _gather_objects(obj: Any, world_size: int) -> List[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; every rank must call it."""
+    if world_size == 1:
+        return [obj]
+    out: List[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binary: bool) -> Path:
@@ -233,6 +286,15 @@ class EpochBatchSampler(Sampler):
     order is padded by wrapping around so that every rank gets the same number of batches);
     without ``shuffle`` and with ``pad=False`` the ranks' shards are disjoint and cover the data
     exactly once (for evaluation).
+
+    ``split_batches=True`` (distributed training) instead cuts the epoch's order into global
+    batches of ``batch_size`` (None: one batch of everything) and gives each rank a contiguous
+    share of every global batch (shares differ by at most one row, and may be empty). Nothing is
+    padded or repeated, every rank takes the same number of steps, and the ranks together see
+    exactly the batches of one process: padding would put duplicate samples into the global
+    batch, which changes a contrastive loss. ``nonempty_shares=True`` drops a last global batch
+    with fewer rows than ranks instead (for datasets read through a ``DataLoader``, which cannot
+    collate an empty batch).
     """
 
     def __init__(
@@ -246,6 +308,8 @@ class EpochBatchSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         pad: bool = True,
+        split_batches: bool = False,
+        nonempty_shares: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1; got {size}")
@@ -253,8 +317,13 @@ class EpochBatchSampler(Sampler):
             raise ValueError(f"batch_size must be >= 1 or None (full batch); got {batch_size}")
         self.size, self.shuffle, self.seed, self.drop_last = size, shuffle, seed, drop_last
         self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.split_batches = split_batches
+        self.nonempty_shares = nonempty_shares and split_batches and world_size > 1
         self.epoch = 0
-        per_rank = math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
+        if split_batches:
+            per_rank = size  # batches are cut from the whole order, then split over ranks
+        else:
+            per_rank = math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
         self.batch_size = batch_size or per_rank
         self.per_rank = per_rank
 
@@ -267,20 +336,29 @@ class EpochBatchSampler(Sampler):
             order = torch.randperm(self.size, generator=g)
         else:
             order = torch.arange(self.size)
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.split_batches:
             if self.pad and self.size % self.world_size:
                 order = torch.cat([order, order[: self.world_size - self.size % self.world_size]])
             order = order[self.rank :: self.world_size]
         return order
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def batches(self) -> Iterator[Tensor]:
+        """This rank's index batches of the epoch."""
         for chunk in self.order().split(self.batch_size):
             if self.drop_last and len(chunk) < self.batch_size:
                 return
+            if self.nonempty_shares and len(chunk) < self.world_size:
+                return
+            yield chunk.tensor_split(self.world_size)[self.rank] if self.split_batches else chunk
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for chunk in self.batches():
             yield chunk.tolist()
 
     def __len__(self) -> int:
         full, rest = divmod(self.per_rank, self.batch_size)
+        if self.nonempty_shares and rest < self.world_size:
+            rest = 0
         return full + (0 if self.drop_last or rest == 0 else 1)
 
 
@@ -316,9 +394,7 @@ class _Batches:
         if not s.shuffle and s.world_size == 1 and s.batch_size >= s.size:
             yield self.dataset.batch(None)
             return
-        for chunk in s.order().split(s.batch_size):
-            if s.drop_last and len(chunk) < s.batch_size:
-                return
+        for chunk in s.batches():
             yield self.dataset.batch(chunk.to(self.dataset.labels.device))
 
 
@@ -498,6 +574,11 @@ class Objective:
 
     Call the objective once per (micro-)batch and :meth:`epoch_end` once per epoch (the
     M3Co -> MultiSClip schedule counts epochs, as in the paper and the released code).
+
+    ``distributed=True``: each rank passes its share of the global batch; the contrastive losses
+    gather the global batch (``gather_distributed=True``) and the cross-entropies return
+    ``W / N_global`` times their local sum, so that the average over ranks of the returned loss
+    (and DDP's averaged gradient) is that of the global batch, however the batch is split.
     """
 
     def __init__(
@@ -514,6 +595,7 @@ class Objective:
         temperature: float = 0.1,
         m3co_fraction: Optional[float] = None,
         seed: int = 0,
+        distributed: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
@@ -522,6 +604,7 @@ class Objective:
         self.method, self.convention = method, convention
         self.num_modalities, self.num_classes = num_modalities, num_classes
         self.generator = torch.Generator().manual_seed(seed)
+        self.distributed = distributed
         self.uses_unimodal = method not in ("concat", "m3col-no-unimodal")
         self.m3col = None
         self.multisclip = None
@@ -537,12 +620,13 @@ class Objective:
                 mix_prob=mix_prob,
                 convention=convention,
                 generator=self.generator,
+                gather_distributed=distributed,
             )
         elif method == "only-multisclip":
-            self.multisclip = MultiSClipLoss(convention=convention)
+            self.multisclip = MultiSClipLoss(convention=convention, gather_distributed=distributed)
             self.beta = beta
         elif method == "unis-mmc":
-            self.unis_mmc = UniSMMCLoss()
+            self.unis_mmc = UniSMMCLoss(gather_distributed=distributed)
         elif method == "mixup":
             options = {} if mix_prob is None else {"mix_prob": mix_prob}
             self.mixup_sampler = MixupSampler.for_convention(convention, alpha=alpha, shared_lam=True, generator=self.generator, **options)
@@ -558,6 +642,7 @@ class Objective:
         if self.mixup_sampler is not None:
             return self._vanilla_mixup(model, inputs, y)
         n = y.shape[0]
+        scale = self._row_scale(n, y.device)
         plan = None
         if self.m3col is not None and self.m3col.phase() == "m3co":
             plan = self.m3col.sample(n, self.num_modalities, device=y.device)
@@ -565,9 +650,9 @@ class Objective:
             out = model(inputs, plan=plan, mix="inputs", unimodal=self.uses_unimodal)
         else:
             out = model(inputs, unimodal=self.uses_unimodal)
-        parts = {"fusion_ce": F.cross_entropy(out.fused.float(), y)}
+        parts = {"fusion_ce": _cross_entropy(out.fused, y, scale)}
         if out.unimodal is not None:
-            parts["unimodal_ce"] = sum(F.cross_entropy(logits.float(), y) for logits in out.unimodal)
+            parts["unimodal_ce"] = sum(_cross_entropy(logits, y, scale) for logits in out.unimodal)
         if self.m3col is not None:
             # reference convention: z_mixed is None and the criterion mixes z itself with the plan
             parts[self.m3col.phase()] = self.m3col(out.z, mixed=out.z_mixed, plan=plan)
@@ -580,16 +665,24 @@ class Objective:
 
     def _vanilla_mixup(self, model: MultimodalClassifier, inputs: Sequence[Any], y: Tensor):
         n = y.shape[0]
+        scale = self._row_scale(n, y.device)
         one = self.mixup_sampler.sample(n, 1)
         # one partner and one lam per sample for every modality: the mixed label is then exact
         plan = MixupPlan(one.perms * self.num_modalities, one.lam.expand(self.num_modalities, n).contiguous()).to(y.device)
         out = model(inputs, plan=plan, mix="inputs" if self.convention == "paper" else "embeddings", classify="mixed")
         target = plan.mix(F.one_hot(y, self.num_classes).float(), 0)
         parts = {
-            "fusion_ce": F.cross_entropy(out.fused.float(), target),
-            "unimodal_ce": sum(F.cross_entropy(logits.float(), target) for logits in out.unimodal),
+            "fusion_ce": _cross_entropy(out.fused, target, scale),
+            "unimodal_ce": sum(_cross_entropy(logits, target, scale) for logits in out.unimodal),
         }
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
+    def _row_scale(self, n: int, device: torch.device) -> Optional[float]:
+        """``W / N_global`` on a rank of a process group; None on one process."""
+        world = dist_utils.world_size()
+        if not self.distributed or world == 1:
+            return None
+        return world / sum(dist_utils.all_gather_sizes(n, device))
 
     def epoch_end(self) -> None:
         if self.m3col is not None:
@@ -605,6 +698,26 @@ class Objective:
         self.generator.set_state(state["generator"])
         if self.m3col is not None:
             self.m3col.load_state_dict(state["m3col"])
+
+
+def _cross_entropy(logits: Tensor, target: Tensor, scale: Optional[float]) -> Tensor:
+    """Mean cross-entropy, or ``scale`` times the sum on a rank (its average over ranks is the global mean;
+    a rank with no rows of the batch contributes 0, not NaN)."""
+    if scale is None:
+        return F.cross_entropy(logits.float(), target)
+    return F.cross_entropy(logits.float(), target, reduction="sum") * scale
+
+
+class _TrainStep(nn.Module):
+    """The model and its objective as one module, so that DDP sees one forward per backward."""
+
+    def __init__(self, model: MultimodalClassifier, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective  # not a module: its losses hold no parameters
+
+    def forward(self, inputs: Sequence[Any], y: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return self.objective(self.model, inputs, y)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -623,6 +736,8 @@ class TrainConfig:
     every k epochs (the last epoch always; 0: only the last, and no ``best_on_test``). When the
     validation protocol chooses an epoch whose test score was not taken, that epoch's weights are
     kept and the test set is scored once with them at the end.
+    ``distributed`` trains as one rank of an initialised process group (:func:`init_distributed`):
+    ``batch_size`` is then the global batch, split over the ranks.
     """
 
     method: str = "m3col"
@@ -654,6 +769,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     value_checks: bool = False
+    distributed: bool = False
 
     # options that do not change the numbers a run produces (left out of its fingerprint)
     _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
@@ -763,8 +879,11 @@ class Trainer:
         self.task, self.config, self.seed = task, config.validate(), seed
         self.checkpoint_path = checkpoint_path
         self.progress_position = progress_position
-        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
-        self.device = torch.device(config.device)
+        self.distributed = config.distributed
+        if self.distributed and not dist_utils.is_initialized():
+            raise ValueError("distributed training needs an initialised process group: run under torchrun and call init_distributed() first")
+        self.rank, self.world_size = (dist_utils.rank(), dist_utils.world_size()) if self.distributed else (0, 1)
+        self.device = rank_device(config.device) if self.distributed else torch.device(config.device)
         if config.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 autocast is meant for CUDA devices; got device " + config.device)
 
@@ -859,7 +978,16 @@ class Trainer:
         train_set, test_set = self._prepare_data(train_set), self._prepare_data(task.test)
         val_set = self._prepare_data(val_set) if val_set is not None else None
         loader_options = dict(collate_fn=task.collate_fn, num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
-        sampler = EpochBatchSampler(len(train_set), c.batch_size, shuffle=c.batch_size is not None, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        sampler = EpochBatchSampler(
+            len(train_set),
+            c.batch_size,
+            shuffle=c.batch_size is not None,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            split_batches=True,
+            nonempty_shares=not hasattr(train_set, "batch"),  # a DataLoader cannot collate an empty share
+        )
         train_batches = _Batches(train_set, sampler, **loader_options)
 
         def eval_batches(ds):
@@ -885,8 +1013,19 @@ class Trainer:
             alpha=c.alpha,
             mix_prob=c.mix_prob,
             temperature=c.temperature,
-            seed=self.seed,
+            # each rank draws its own mixing plans; rank 0 draws those of a single process
+            seed=self.seed + 1_000_003 * self.rank,
+            distributed=self.distributed,
         )
+        step: nn.Module = _TrainStep(model, objective)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step = DistributedDataParallel(
+                step,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=not objective.uses_unimodal,  # the unimodal heads sit idle then
+            )
         history: Dict[str, List[float]] = {k: [] for k in ("epoch", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")}
         best_val, best_test = _Best(), _Best()
         final_test: Optional[Evaluation] = None
@@ -899,11 +1038,17 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(state["scheduler"])
-            objective.load_state_dict(state["objective"])
+            rank_state = {"objective": state["objective"], "torch_rng": state["torch_rng"]}
+            if self.distributed:
+                saved_world = len(state.get("rank_states", ()))
+                if saved_world != self.world_size:
+                    raise ValueError(f"checkpoint {self.checkpoint_path} was written by {saved_world} processes; resume it with as many")
+                rank_state = state["rank_states"][self.rank]
+            objective.load_state_dict(rank_state["objective"])
             best_val.load_state_dict(state["best_val"])
             best_test.load_state_dict(state["best_test"])
             history, start_epoch = state["history"], state["epoch"] + 1
-            torch.set_rng_state(state["torch_rng"])
+            torch.set_rng_state(rank_state["torch_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
@@ -934,11 +1079,15 @@ class Trainer:
                     inputs, y = move_to(inputs, self.device), y.to(self.device)
                     group_start = i - i % c.accumulate
                     group_size = min(c.accumulate, steps_per_epoch - group_start)
-                    with self._autocast():
-                        loss, _ = objective(model, inputs, y)
-                    (loss / group_size).backward()
+                    # DDP averages gradients at the last micro-batch of an accumulation group only
+                    last_of_group = i - group_start == group_size - 1
+                    sync = step.no_sync() if self.distributed and not last_of_group else contextlib.nullcontext()
+                    with sync:
+                        with self._autocast():
+                            loss, _ = step(inputs, y)
+                        (loss / group_size).backward()
                     loss_sum += loss.detach()
-                    if i - group_start == group_size - 1:
+                    if last_of_group:
                         if c.grad_clip is not None:
                             nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                         optimizer.step()
@@ -982,7 +1131,11 @@ class Trainer:
                             scheduler.step(val_ev.acc)
                     else:
                         scheduler.step()
-                if self.checkpoint_path is not None and c.checkpoint_every and ((epoch + 1) % c.checkpoint_every == 0 or last) and is_main_process():
+                checkpoint_now = self.checkpoint_path is not None and c.checkpoint_every and ((epoch + 1) % c.checkpoint_every == 0 or last)
+                if checkpoint_now and self.distributed:
+                    # every rank's mixing generator and RNG state, so that a resumed run continues each stream
+                    rank_states = _gather_objects({"objective": objective.state_dict(), "torch_rng": torch.get_rng_state()}, self.world_size)
+                if checkpoint_now and is_main_process():
                     atomic_torch_save(
                         self.checkpoint_path,
                         {
@@ -997,6 +1150,7 @@ class Trainer:
                             "history": history,
                             "torch_rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                            **({"rank_states": rank_states} if self.distributed else {}),
                         },
                     )
         epochs_bar.close()
@@ -1026,6 +1180,7 @@ class Trainer:
             "seconds": time.perf_counter() - start_time,
             "history": history,
             "fingerprint": c.fingerprint(),
+            "processes": self.world_size,
         }
 
 
@@ -1071,6 +1226,8 @@ def run(
         raise ValueError(f"seeds must be distinct; got {list(seeds)}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
+    if config.distributed and workers != 1:
+        raise ValueError(f"workers must be 1 with distributed training (the ranks train one seed at a time); got {workers}")
     output_dir = Path(output_dir)
     seed_dir = output_dir / "seeds"
     ckpt_dir = output_dir / "checkpoints"
@@ -1085,6 +1242,11 @@ def run(
                 records[seed] = record
                 continue
         todo.append(seed)
+    if config.distributed and dist_utils.world_size() > 1:
+        # rank 0's view of the finished seeds decides for every rank (ranks must train the same seeds)
+        shared = [todo, records]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        todo, records = shared
     workers = min(workers, max(1, len(todo)))
     if config.threads is None and torch.device(config.device).type == "cpu":
         # one thread per seed: a seed's numbers then do not depend on how many run in parallel
@@ -1284,6 +1446,12 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the seeds' checkpoints")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one of the processes that torchrun starts (torchrun --nproc_per_node K ... --distributed): "
+        "each global batch (--batch-size) is split over them, DDP averages gradients, only rank 0 writes",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -1318,6 +1486,7 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         progress=not args.no_progress,
+        distributed=args.distributed,
     ).validate()
 
 

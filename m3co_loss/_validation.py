@@ -81,16 +81,20 @@ def check_positive(name: str, value: object) -> float:
     return value
 
 
-def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | None = None) -> Tensor:
-    """A floating (N, D) tensor with N >= 2, optionally of a given N and D."""
+def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2) -> Tensor:
+    """A floating (N, D) tensor with N >= ``min_rows``, optionally of a given N and D.
+
+    ``min_rows`` is 2 for a contrastive loss on one process; a rank of a process group may hold
+    fewer rows (the batch is checked as a whole once the row counts are gathered).
+    """
     if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(z).__name__}")
     if not z.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64); got {z.dtype}")
     if z.dim() != 2:
         raise ValueError(f"{name} must have shape (N, D); got shape {tuple(z.shape)}")
-    if z.shape[0] < 2:
-        raise ValueError(f"{name} must hold at least 2 samples (N >= 2) for a contrastive loss; got N = {z.shape[0]}")
+    if z.shape[0] < min_rows:
+        raise ValueError(f"{name} must hold at least {min_rows} samples (N >= {min_rows}) for a contrastive loss; got N = {z.shape[0]}")
     if z.shape[1] < 1:
         raise ValueError(f"{name} must have at least one feature (D >= 1); got shape {tuple(z.shape)}")
     if n is not None and z.shape[0] != n:

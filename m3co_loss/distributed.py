@@ -2,8 +2,15 @@
 
 The losses gather embeddings over the whole process group so that every rank contrasts its
 own rows against the global batch. Without an initialised group every helper behaves as a
-single process: :func:`rank` is 0, :func:`world_size` is 1 and :func:`all_gather_with_grad`
-returns its input.
+single process: :func:`rank` is 0, :func:`world_size` is 1, :func:`all_gather_sizes` returns
+``[n]`` and :func:`all_gather_with_grad` returns its input.
+
+Collectives used, all supported by NCCL and by gloo (CPU): ``all_gather`` of a list of equally
+sized tensors in the forward pass and ``all_reduce`` in the backward pass of
+:func:`all_gather_with_grad`. The backward could use a reduce-scatter instead (half the traffic),
+but gloo lacks it in older torch releases, and the tensor involved (``world x rows x features``)
+is tiny next to the parameter gradients that DDP all-reduces in the same step; one code path
+that runs everywhere is worth more than that saving.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["is_initialized", "rank", "world_size", "all_gather_with_grad", "all_gather_sizes"]
+__all__ = ["is_initialized", "rank", "world_size", "all_gather_sizes", "all_gather_ints", "all_gather_with_grad"]
 
 
 def is_initialized() -> bool:
@@ -31,37 +38,65 @@ def world_size(group: Optional[object] = None) -> int:
     return torch.distributed.get_world_size(group) if is_initialized() else 1
 
 
-def all_gather_sizes(n: int, device: torch.device, group: Optional[object] = None) -> list[int]:
-    """Every rank's local row count, in rank order."""
+def all_gather_ints(values: Sequence[int], device: torch.device, group: Optional[object] = None) -> list:
+    """Every rank's list of ``len(values)`` integers, in rank order (one small collective).
+
+    ``device`` must be one the backend can communicate from (a CUDA device for NCCL).
+    """
     if not is_initialized():
-        return [n]
-    local = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.empty_like(local) for _ in range(world_size(group))]
-    torch.distributed.all_gather(sizes, local, group=group)
-    return [int(s.item()) for s in sizes]
+        return [list(values)]
+    local = torch.tensor(list(values), dtype=torch.long, device=device)
+    parts = [torch.empty_like(local) for _ in range(world_size(group))]
+    torch.distributed.all_gather(parts, local, group=group)
+    return torch.stack(parts).tolist()
 
 
-def all_gather_with_grad(
-    x: Tensor, group: Optional[object] = None, sizes: Optional[Sequence[int]] = None
-) -> Tensor:
+def all_gather_sizes(n: int, device: torch.device, group: Optional[object] = None) -> list:
+    """Every rank's local row count, in rank order."""
+    return [row[0] for row in all_gather_ints([n], device, group)]
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Concatenate every rank's rows; backward sums every rank's gradient for this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: tuple, group: Optional[object]) -> Tensor:
+        world, largest, n = len(sizes), max(sizes), x.shape[0]
+        me = rank(group)
+        if sizes[me] != n:
+            raise ValueError(f"sizes[{me}] = {sizes[me]} but this rank holds {n} rows")
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, me
+        # all_gather needs equally sized tensors: pad to the largest rank, cut the padding away.
+        padded = x.contiguous() if n == largest else torch.cat([x, x.new_zeros((largest - n,) + tuple(x.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        sizes, largest = ctx.sizes, max(ctx.sizes)
+        # Every rank's loss depends on every rank's rows: the gradient of this rank's rows is
+        # the sum over ranks of the gradient each rank's loss sends them.
+        padded = grad.new_zeros((len(sizes), largest) + tuple(grad.shape[1:]))
+        for r, block in enumerate(torch.split(grad, list(sizes))):
+            padded[r, : sizes[r]] = block
+        torch.distributed.all_reduce(padded, group=ctx.group)
+        return padded[ctx.rank, : sizes[ctx.rank]], None, None
+
+
+def all_gather_with_grad(x: Tensor, group: Optional[object] = None, sizes: Optional[Sequence[int]] = None) -> Tensor:
     """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
 
     The backward pass sums, over ranks, the gradient that each rank's loss sends to this
-    rank's rows (``torch.distributed.nn.functional.all_gather``), so that DDP's gradient
-    averaging yields the gradient of the loss on the concatenated batch.
-    Ranks may hold different numbers of rows: pass ``sizes`` (from :func:`all_gather_sizes`)
-    or it is gathered here; rows are padded to the largest rank for the collective and the
-    padding is cut away again.
+    rank's rows. Hence, when each rank's loss is backpropagated and DDP averages parameter
+    gradients, the result is the gradient of the *average over ranks* of the per-rank losses.
+    Ranks may hold different numbers of rows (zero included): pass ``sizes`` (from
+    :func:`all_gather_sizes`) or they are gathered here. Every rank of ``group`` must call this
+    function, in the same order relative to its other collectives, with tensors of the same
+    trailing shape and dtype.
     """
     if not is_initialized():
         return x
-    from torch.distributed.nn.functional import all_gather
-
     if sizes is None:
         sizes = all_gather_sizes(x.shape[0], x.device, group)
-    largest = max(sizes)
-    padded = x
-    if x.shape[0] < largest:
-        padded = torch.cat([x, x.new_zeros((largest - x.shape[0],) + tuple(x.shape[1:]))])
-    parts = all_gather(padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return _AllGatherRows.apply(x, tuple(int(s) for s in sizes), group)

@@ -25,9 +25,14 @@ Backends: ``"dense"`` builds the N x N similarity matrix (readable reference);
 the backward pass (:mod:`m3co_loss.kernels`); ``"triton"`` is the CUDA kernel of the tiled
 algorithm; ``"auto"`` picks by size (:func:`m3co_loss.kernels.choose_backend`).
 
-With ``gather_distributed=True`` and an initialised process group, each rank passes its local
-rows (local ``perm`` and ``lam``); embeddings are gathered with gradients and each rank returns
-a value whose average over ranks equals the single-process loss on the concatenated batch.
+With ``gather_distributed=True`` and an initialised process group of W > 1 ranks, each rank
+passes its local rows (local ``perm`` and ``lam``: mixing partners live on the same rank); the
+normalised embeddings of every rank are gathered with gradients in one collective, and the
+per-sample values of a rank's rows are exactly those of the single-process loss on the
+concatenated batch (rank 0's rows first). ``"mean"`` returns ``W / N_global`` times the sum of
+the local values, ``"sum"`` returns ``W`` times it and ``"none"`` the local values, so that the
+average over ranks of ``"mean"``/``"sum"`` is the single-process loss and DDP's gradient
+averaging yields the single-process gradient (docs: *Scaling out*).
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ class _Rows(NamedTuple):
 class _Batch(NamedTuple):
     """What every modality of one call shares: process-group layout and reduction scale."""
 
-    sizes: list  # rows per rank
+    sizes: tuple  # rows per rank
     rank: int
 
     @property
@@ -103,17 +108,56 @@ class _Batch(NamedTuple):
         return dist_utils.all_gather_with_grad(x, sizes=self.sizes) if self.distributed else x
 
 
-def _batch_layout(n: int, device: torch.device, gather_distributed: bool) -> _Batch:
+# Floating dtypes of the gathered (normalised) embeddings, coded for the layout check.
+_GATHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _spread(gather_distributed: object) -> bool:
+    """Whether this call spans a process group of more than one rank (no communication)."""
     if not isinstance(gather_distributed, bool):
         raise TypeError(f"gather_distributed must be a bool; got {type(gather_distributed).__name__}")
-    if gather_distributed and dist_utils.is_initialized():
-        return _Batch(dist_utils.all_gather_sizes(n, device), dist_utils.rank())
-    return _Batch([n], 0)
+    return gather_distributed and dist_utils.world_size() > 1
 
 
-def _prepare(z: Tensor, layout: _Batch) -> _Rows:
-    p = normalize(z)
-    return _Rows(p, layout.gather(p), layout.offset)
+def _min_rows(spread: bool) -> int:
+    # One rank may hold fewer than two rows (even none) of a larger global batch.
+    return 0 if spread else 2
+
+
+def _batch_layout(z: Tensor, spread: bool, name: str) -> _Batch:
+    """Every rank's row count, after checking that all ranks agree on D and dtype.
+
+    Every rank receives the same table, so every rank raises the same error (no rank is left
+    waiting in a collective).
+    """
+    if not spread:
+        return _Batch((z.shape[0],), 0)
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
+    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code], z.device)
+    sizes = tuple(row[0] for row in table)
+    for r, (_, d, c) in enumerate(table):
+        if d != table[0][1]:
+            raise ValueError(f"{name} has D = {d} on rank {r} but D = {table[0][1]} on rank 0; every rank must pass the same D")
+        if c != table[0][2]:
+            raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
+    if sum(sizes) < 2:
+        raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
+    return _Batch(sizes, dist_utils.rank())
+
+
+def _dtype_name(code: int) -> str:
+    return str(_GATHER_DTYPES[code]) if 0 <= code < len(_GATHER_DTYPES) else "an unsupported dtype"
+
+
+def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
+    """Normalised rows of each tensor, gathered over the process group in one collective."""
+    ps = [normalize(z) for z in zs]
+    if not layout.distributed:
+        return [_Rows(p, p, 0) for p in ps]
+    widths = [p.shape[1] for p in ps]
+    full = layout.gather(torch.cat(ps, dim=1) if len(ps) > 1 else ps[0])
+    return [_Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
 
 
 def _no_autocast(device: torch.device):
@@ -225,19 +269,19 @@ def _check_common(temperature, reduction, convention) -> float:
     return t
 
 
-def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object) -> tuple[Tensor, Tensor]:
-    z_a = check_embeddings(name_a, z_a)
-    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1])
+def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> tuple[Tensor, Tensor]:
+    z_a = check_embeddings(name_a, z_a, min_rows=min_rows)
+    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows)
     check_same_device((name_a, name_b), (z_a, z_b))
     return z_a, z_b
 
 
-def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None) -> list:
+def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2) -> list:
     zs = check_sequence(name, zs)
-    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d)
+    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows)
     out = [first]
     for m, z in enumerate(zs[1:], start=1):
-        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1]))
+        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1], min_rows=min_rows))
     check_same_device([f"{name}[{m}]" for m in range(len(out))], out)
     return out
 
@@ -308,13 +352,14 @@ def m3co_pair(
             stay local: mixing partners live on the same rank).
     """
     t = _check_common(temperature, reduction, convention)
-    mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b)
+    spread = _spread(gather_distributed)
+    mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b, min_rows=_min_rows(spread))
     n = mixed_a.shape[0]
     perm = check_perm("perm", perm, n, mixed_a.device)
     lam = check_lam("lam", lam, n, mixed_a.device)
-    layout = _batch_layout(n, mixed_a.device, gather_distributed)
+    layout = _batch_layout(mixed_a, spread, "mixed_a")
     with _no_autocast(mixed_a.device):
-        a, b = _prepare(mixed_a, layout), _prepare(clean_b, layout)
+        a, b = _prepare([mixed_a, clean_b], layout)
         v = _m3co_vector(a, b, perm, lam.to(a.local.dtype), t, convention == "reference", layout, backend)
         return _reduce(v, reduction, layout)
 
@@ -347,9 +392,10 @@ def m3co(
         temperature, reduction, convention, backend, gather_distributed: as in :func:`m3co_pair`.
     """
     t = _check_common(temperature, reduction, convention)
-    clean = _check_modalities("clean", clean)
+    spread = _spread(gather_distributed)
+    clean = _check_modalities("clean", clean, min_rows=_min_rows(spread))
     n, d = clean[0].shape
-    mixed = _check_modalities("mixed", mixed, n=n, d=d)
+    mixed = _check_modalities("mixed", mixed, n=n, d=d, min_rows=_min_rows(spread))
     num = len(clean)
     if len(mixed) != num:
         raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {num}")
@@ -360,11 +406,11 @@ def m3co(
         raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
     perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]
     lams = _per_modality_lam(lam, num, n, device)
-    layout = _batch_layout(n, device, gather_distributed)
+    layout = _batch_layout(clean[0], spread, "clean")
     reference = convention == "reference"
     with _no_autocast(device):
-        mixed_rows = [_prepare(z, layout) for z in mixed]
-        clean_rows = [_prepare(z, layout) for z in clean]
+        rows = _prepare(list(mixed) + list(clean), layout)
+        mixed_rows, clean_rows = rows[:num], rows[num:]
         total = None
         for a, b, weight in _directed_pairs(num, convention):
             v = _m3co_vector(mixed_rows[a], clean_rows[b], perms[a], lams[a].to(mixed_rows[a].local.dtype), t, reference, layout, backend)
@@ -393,10 +439,11 @@ def multisoftclip_pair(
     use the rows of W as target distributions).
     """
     t = _check_common(temperature, reduction, convention)
-    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b)
-    layout = _batch_layout(z_a.shape[0], z_a.device, gather_distributed)
+    spread = _spread(gather_distributed)
+    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
+    layout = _batch_layout(z_a, spread, "z_a")
     with _no_autocast(z_a.device):
-        a, b = _prepare(z_a, layout), _prepare(z_b, layout)
+        a, b = _prepare([z_a, z_b], layout)
         v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend)
         return _reduce(v, reduction, layout)
 
@@ -417,11 +464,12 @@ def multisoftclip(
     ``soft_clip_loss(z[m], z[m+1])`` summed cyclically (targets from modality m+1).
     """
     t = _check_common(temperature, reduction, convention)
-    z = _check_modalities("z", z)
-    layout = _batch_layout(z[0].shape[0], z[0].device, gather_distributed)
+    spread = _spread(gather_distributed)
+    z = _check_modalities("z", z, min_rows=_min_rows(spread))
+    layout = _batch_layout(z[0], spread, "z")
     reference = convention == "reference"
     with _no_autocast(z[0].device):
-        rows = [_prepare(x, layout) for x in z]
+        rows = _prepare(z, layout)
         total = None
         for a, b, weight in _directed_pairs(len(z), convention):
             # The directed term "a against b" takes its soft targets from b in the released
@@ -448,10 +496,11 @@ def clip_loss(
     """
     t = check_temperature("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
-    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b)
-    layout = _batch_layout(z_a.shape[0], z_a.device, gather_distributed)
+    spread = _spread(gather_distributed)
+    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
+    layout = _batch_layout(z_a, spread, "z_a")
     with _no_autocast(z_a.device):
-        a, b = _prepare(z_a, layout), _prepare(z_b, layout)
+        a, b = _prepare([z_a, z_b], layout)
         return _reduce(_clip_vector(a, b, t, layout, backend), reduction, layout)
 
 
@@ -461,6 +510,7 @@ def unis_mmc(
     y: Tensor,
     *,
     temperature: float = 0.07,
+    gather_distributed: bool = False,
 ) -> Tensor:
     r"""UniS-MMC loss (Zou et al. 2023, Eq. 1-5), summed over modality pairs a < b.
 
@@ -479,9 +529,15 @@ def unis_mmc(
         logits: M tensors (N, C): each unimodal head's logits.
         y: (N,) integer class labels in [0, C).
         temperature: t > 0 (0.07 in the paper).
+        gather_distributed: with an initialised process group, the sums over the batch run
+            over the rows of every rank: each rank gathers the N per-sample cosines and pair
+            types of every pair (not the representations) and returns the loss of the global
+            batch, the same value on every rank, so that the average over ranks and DDP's
+            averaged gradient are those of one process on the concatenated batch.
     """
     t = check_temperature("temperature", temperature)
-    r = _check_modalities("r", r)
+    spread = _spread(gather_distributed)
+    r = _check_modalities("r", r, min_rows=_min_rows(spread))
     n = r[0].shape[0]
     logits = check_sequence("logits", logits)
     if len(logits) != len(r):
@@ -508,18 +564,26 @@ def unis_mmc(
     if value_checks_enabled() and not bool(((y >= 0) & (y < num_classes)).all()):
         raise ValueError(f"y must hold class indices in [0, {num_classes})")
 
+    layout = _batch_layout(r[0], spread, "r[0]")
+
     with _no_autocast(r[0].device):
         p = [normalize(x) for x in r]
         correct = [lg.argmax(dim=1) == y for lg in logits]
-        total = None
+        cosines, keeps = [], []
         for a in range(len(p)):
             for b in range(a + 1, len(p)):
                 semi = correct[a] ^ correct[b]
                 pa = torch.where((semi & correct[a]).unsqueeze(1), p[a].detach(), p[a])
                 pb = torch.where((semi & correct[b]).unsqueeze(1), p[b].detach(), p[b])
-                cos = (pa * pb).sum(1) / t
-                keep = correct[a] | correct[b]
-                keep = keep | ~keep.any()  # no P or S sample: every pair is positive
-                loss = torch.logsumexp(cos, 0) - torch.logsumexp(cos.masked_fill(~keep, float("-inf")), 0)
-                total = loss if total is None else total + loss
-        return total
+                cosines.append((pa * pb).sum(1) / t)
+                keeps.append(correct[a] | correct[b])
+        cos = torch.stack(cosines, dim=1)  # (n, pairs)
+        keep = torch.stack(keeps, dim=1)
+        if layout.distributed:
+            # The loss is a log-ratio of sums over the whole batch: gather the per-sample
+            # cosines (with gradients) and pair types of every rank in one collective.
+            full = layout.gather(torch.cat([cos, keep.to(cos.dtype)], dim=1))
+            cos, keep = full[:, : cos.shape[1]], full[:, cos.shape[1] :] > 0.5
+        keep = keep | ~keep.any(dim=0, keepdim=True)  # no P or S sample: every pair is positive
+        loss = torch.logsumexp(cos, 0) - torch.logsumexp(cos.masked_fill(~keep, float("-inf")), 0)
+        return loss.sum()

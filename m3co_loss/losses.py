@@ -99,15 +99,16 @@ class MultiSClipLoss(_ContrastiveOptions):
 class UniSMMCLoss(nn.Module):
     """UniS-MMC baseline loss: :func:`m3co_loss.functional.unis_mmc` (weight it by 0.1 as in its paper)."""
 
-    def __init__(self, *, temperature: float = 0.07) -> None:
+    def __init__(self, *, temperature: float = 0.07, gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = check_temperature("temperature", temperature)
+        self.gather_distributed = _check_flag("gather_distributed", gather_distributed)
 
     def forward(self, r: Sequence[Tensor], logits: Sequence[Tensor], y: Tensor) -> Tensor:
-        return F.unis_mmc(r, logits, y, temperature=self.temperature)
+        return F.unis_mmc(r, logits, y, temperature=self.temperature, gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
 
 
 class M3CoLoss(_ContrastiveOptions):
@@ -238,7 +239,7 @@ class M3CoLoss(_ContrastiveOptions):
             plan: the :class:`MixupPlan` used for ``mixed``; drawn here when None.
             step: schedule position; default the counter advanced by :meth:`step`.
         """
-        z = F._check_modalities("z", z)
+        z = F._check_modalities("z", z, min_rows=F._min_rows(F._spread(self.gather_distributed)))
         phase = self.phase(step)
         options = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
         if phase == "multisclip":

@@ -128,8 +128,10 @@ class MixupSampler:
         Sampling runs on the CPU (so that one CPU generator reproduces a run on any device);
         the plan is then moved to ``device``.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-            raise ValueError(f"batch_size must be an int >= 2; got {batch_size!r}")
+        # One or no row is a valid local batch on a rank of a process group (the loss checks
+        # the global batch), so only negative sizes are rejected here.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int >= 0; got {batch_size!r}")
         if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 1:
             raise ValueError(f"num_modalities must be an int >= 1; got {num_modalities!r}")
         gen = _check_generator("generator", generator) or self.generator

@@ -95,11 +95,20 @@ def test_plan_rejects_inconsistent_shapes():
 
 def test_sample_rejects_bad_sizes():
     with pytest.raises(ValueError, match="batch_size"):
-        MixupSampler().sample(1)
+        MixupSampler().sample(-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        MixupSampler().sample(2.0)
     with pytest.raises(ValueError, match="num_modalities"):
         MixupSampler().sample(4, 0)
     with pytest.raises(TypeError, match="generator"):
         MixupSampler().sample(4, generator="seed")
+
+
+def test_sample_draws_plans_for_the_small_local_batches_of_a_process_group():
+    # A rank may hold one row, or none, of a global batch; the loss checks the global size.
+    for n in (0, 1):
+        plan = MixupSampler().sample(n, 2, generator=torch.Generator().manual_seed(0))
+        assert plan.lam.shape == (2, n) and all(p.tolist() == list(range(n)) for p in plan.perms)
 
 
 @pytest.mark.cuda

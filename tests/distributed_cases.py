@@ -1,0 +1,260 @@
+"""Loss cases run by the ranks that tests/test_distributed.py spawns, and on one process for reference.
+
+A *scenario* is a list of row counts, one per rank: rank r holds rows
+``offset_r .. offset_r + sizes[r]`` of one global batch (rank 0's rows first). Each case
+encodes the rows with a small model (one linear encoder and one linear head per modality, in
+float64), applies one loss and backpropagates its objective. On a process group the model is
+wrapped in DistributedDataParallel and the loss gets ``gather_distributed=True``; on one
+process the same case runs on the whole batch. The test compares the two.
+
+Mixing partners are local (raw inputs live on one rank): each rank draws its own plan, and the
+single-process reference uses the concatenation of the ranks' plans with every permutation
+offset by its rank's first row.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import traceback
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+import m3co_loss
+from m3co_loss import functional as F
+from m3co_loss import kernels
+from m3co_loss.mixup import MixupPlan, MixupSampler
+
+MODALITIES, FEATURES, DIM, CLASSES = 3, 6, 5, 3
+SEED = 20240917
+# Tiles smaller than every batch below, so that the tiled backend streams over uneven tiles.
+TILE_ROWS, TILE_COLS = 3, 4
+
+SCENARIOS = {
+    2: [(4, 4), (5, 2)],  # equal ranks; unequal ranks (a last batch)
+    3: [(4, 1, 0)],  # a rank with a single row and a rank with no row at all
+}
+
+
+def use_small_tiles() -> None:
+    kernels.TILE_ROWS, kernels.TILE_COLS = TILE_ROWS, TILE_COLS
+
+
+class Model(nn.Module):
+    """One linear encoder and one linear classification head per modality."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(SEED)
+        self.encoders = nn.ModuleList(nn.Linear(FEATURES, DIM, dtype=torch.float64) for _ in range(MODALITIES))
+        self.heads = nn.ModuleList(nn.Linear(DIM, CLASSES, dtype=torch.float64) for _ in range(MODALITIES))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+    def forward(self, x, mixed=None, heads: bool = False):
+        z = [enc(v) for enc, v in zip(self.encoders, x)]
+        z_mixed = [enc(v) for enc, v in zip(self.encoders, mixed)] if mixed is not None else None
+        logits = [head(v) for head, v in zip(self.heads, z)] if heads else None
+        return z, z_mixed, logits
+
+
+class Batch(NamedTuple):
+    x: list  # MODALITIES tensors (n, FEATURES)
+    y: torch.Tensor  # (n,) labels
+    weights: torch.Tensor  # (n,) weights of the per-sample values for reduction="none"
+
+
+def global_batch(total: int) -> Batch:
+    g = torch.Generator().manual_seed(SEED + total)
+    x = [torch.randn(total, FEATURES, generator=g, dtype=torch.float64) for _ in range(MODALITIES)]
+    y = torch.randint(0, CLASSES, (total,), generator=g)
+    return Batch(x, y, torch.rand(total, generator=g, dtype=torch.float64))
+
+
+def rows(batch: Batch, start: int, stop: int) -> Batch:
+    return Batch([v[start:stop] for v in batch.x], batch.y[start:stop], batch.weights[start:stop])
+
+
+def local_plan(sizes, rank: int, convention: str) -> MixupPlan:
+    sampler = MixupSampler.for_convention(convention)
+    return sampler.sample(sizes[rank], MODALITIES, generator=torch.Generator().manual_seed(SEED + 7919 * rank))
+
+
+def global_plan(sizes, convention: str) -> MixupPlan:
+    """The ranks' plans concatenated, each permutation offset by its rank's first row."""
+    plans = [local_plan(sizes, r, convention) for r in range(len(sizes))]
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    perms = tuple(torch.cat([p.perms[m] + o for p, o in zip(plans, offsets)]) for m in range(MODALITIES))
+    return MixupPlan(perms, torch.cat([p.lam for p in plans], dim=1))
+
+
+class Case(NamedTuple):
+    name: str
+    reductions: tuple  # reductions that apply ("-" for losses without one)
+    backends: tuple
+    heads: bool  # whether the loss needs the classification heads
+    loss: Callable  # (z, z_mixed, logits, y, plan, options) -> loss
+
+
+def _m3co_pair(conv):
+    return lambda z, zm, lg, y, plan, o: F.m3co_pair(zm[0], z[1], plan.perms[0], plan.lam[0], convention=conv, **o)
+
+
+def _m3co(conv):
+    return lambda z, zm, lg, y, plan, o: F.m3co(zm, z, plan.perms, plan.lam, convention=conv, **o)
+
+
+def _msc_pair(conv):
+    return lambda z, zm, lg, y, plan, o: F.multisoftclip_pair(z[0], z[1], convention=conv, **o)
+
+
+def _msc(conv):
+    return lambda z, zm, lg, y, plan, o: F.multisoftclip(z, convention=conv, **o)
+
+
+def _m3co_module(conv):
+    return lambda z, zm, lg, y, plan, o: m3co_loss.M3CoLoss(convention=conv, **o)(z, mixed=zm, plan=plan)
+
+
+def _m3co_module_embeddings(z, zm, lg, y, plan, o):
+    return m3co_loss.M3CoLoss(beta=0.5, **o)(z, plan=plan)  # the released code's choice: mix the embeddings
+
+
+def _m3co_module_multisclip_phase(z, zm, lg, y, plan, o):
+    return m3co_loss.M3CoLoss(total_steps=3, **o)(z, step=2)
+
+
+def _unis(z, zm, lg, y, plan, o):
+    return F.unis_mmc(z, lg, y, gather_distributed=o["gather_distributed"])
+
+
+def _unis_module(z, zm, lg, y, plan, o):
+    return m3co_loss.UniSMMCLoss(temperature=0.5, gather_distributed=o["gather_distributed"])(z, lg, y)
+
+
+ALL = ("mean", "sum", "none")
+BACKENDS = ("dense", "tiled")
+# The reductions are shared by every loss: all three are checked on one loss of each kind.
+CASES = [
+    Case("m3co_pair[paper]", ("mean", "none"), BACKENDS, False, _m3co_pair("paper")),
+    Case("m3co_pair[reference]", ("mean",), BACKENDS, False, _m3co_pair("reference")),
+    Case("m3co[paper]", ALL, BACKENDS, False, _m3co("paper")),
+    Case("m3co[reference]", ("mean",), BACKENDS, False, _m3co("reference")),
+    Case("multisoftclip_pair[paper]", ("mean",), BACKENDS, False, _msc_pair("paper")),
+    Case("multisoftclip_pair[reference]", ("mean",), BACKENDS, False, _msc_pair("reference")),
+    Case("multisoftclip[paper]", ALL, BACKENDS, False, _msc("paper")),
+    Case("multisoftclip[reference]", ("mean", "none"), BACKENDS, False, _msc("reference")),
+    Case("clip_loss", ALL, BACKENDS, False, lambda z, zm, lg, y, plan, o: F.clip_loss(z[0], z[1], **o)),
+    # t = 0.002 < 2/600: the tiled kernels find exact maxima instead of shifting by 1/t.
+    Case("clip_loss[t=0.002]", ("mean",), BACKENDS, False, lambda z, zm, lg, y, plan, o: F.clip_loss(z[0], z[1], temperature=0.002, **o)),
+    Case("M3CoLoss[paper]", ("mean",), BACKENDS, False, _m3co_module("paper")),
+    Case("M3CoLoss[reference]", ("mean",), BACKENDS, False, _m3co_module("reference")),
+    Case("M3CoLoss[mixed embeddings]", ("mean",), BACKENDS, False, _m3co_module_embeddings),
+    Case("M3CoLoss[MultiSClip phase]", ("mean",), BACKENDS, False, _m3co_module_multisclip_phase),
+    Case("MultiSClipLoss", ("sum",), BACKENDS, False, lambda z, zm, lg, y, plan, o: m3co_loss.MultiSClipLoss(**o)(z)),
+    Case("CLIPLoss", ("none",), BACKENDS, False, lambda z, zm, lg, y, plan, o: m3co_loss.CLIPLoss(**o)(z[0], z[1])),
+    Case("unis_mmc", ("-",), ("-",), True, _unis),
+    Case("UniSMMCLoss", ("-",), ("-",), True, _unis_module),
+]
+
+
+def variants():
+    """(case, backend, reduction) for every combination the tests check."""
+    for case in CASES:
+        for backend in case.backends:
+            for reduction in case.reductions:
+                yield case, backend, reduction
+
+
+def variant_id(case: Case, backend: str, reduction: str) -> str:
+    return f"{case.name}-{backend}-{reduction}"
+
+
+def run_variant(model: nn.Module, case: Case, backend: str, reduction: str, batch: Batch, plan: MixupPlan, *, gather: bool, world: int):
+    """Forward, loss and backward of one case; returns (loss value, {parameter name: gradient})."""
+    options = {"gather_distributed": gather}
+    if reduction != "-":
+        options.update(reduction=reduction, backend=backend)
+    mixed = [plan.mix(v, m) for m, v in enumerate(batch.x)]
+    z, z_mixed, logits = model(batch.x, mixed, heads=case.heads)
+    out = case.loss(z, z_mixed, logits, batch.y, plan, options)
+    # reduction="none": weight the per-sample values; world * local sum averages over ranks to
+    # the single-process weighted sum, as a mean or sum reduction does.
+    objective = world * (batch.weights * out).sum() if reduction == "none" else out
+    model.zero_grad(set_to_none=True)
+    objective.backward()
+    module = getattr(model, "module", model)
+    grads = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in module.named_parameters()}
+    return out.detach().clone(), grads
+
+
+def single_process(case: Case, backend: str, reduction: str, sizes, *, gather: bool = False):
+    """The case on one process on the concatenated batch."""
+    use_small_tiles()
+    batch = global_batch(sum(sizes))
+    plan = global_plan(sizes, "reference" if "reference" in case.name else "paper")
+    return run_variant(Model(), case, backend, reduction, batch, plan, gather=gather, world=1)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(case: Case, reduction: str, sizes: tuple):
+    """What the ranks must reproduce: one process, dense backend, no gathering (cached: read only)."""
+    return single_process(case, "dense" if reduction != "-" else "-", reduction, sizes)
+
+
+# ----------------------------------------------------------------------------- spawned ranks
+
+
+def _expect_error(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _error_cases(rank: int, world: int) -> dict:
+    """Inputs that every rank must reject with the same clear error (and no rank left hanging)."""
+    d = torch.float64
+    out = {}
+    n = 1 if rank == 0 else 0
+    out["one row in all"] = _expect_error(lambda: F.clip_loss(torch.randn(n, 4, dtype=d), torch.randn(n, 4, dtype=d), gather_distributed=True))
+    dim = 5 if rank == world - 1 else 4
+    out["D differs"] = _expect_error(lambda: F.multisoftclip([torch.randn(3, dim, dtype=d)] * 2, gather_distributed=True))
+    dtype = torch.float32 if rank == world - 1 else d
+    out["dtype differs"] = _expect_error(lambda: F.clip_loss(torch.randn(3, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype), gather_distributed=True))
+    return out
+
+
+def rank_main(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    """Entry point of one spawned rank: every scenario, case, backend and reduction."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    use_small_tiles()
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results = {"errors": {}, "variants": {}}
+    try:
+        for sizes in SCENARIOS[world]:
+            start = sum(sizes[:rank])
+            batch = rows(global_batch(sum(sizes)), start, start + sizes[rank])
+            plans = {conv: local_plan(sizes, rank, conv) for conv in ("paper", "reference")}
+            model = DistributedDataParallel(Model(), find_unused_parameters=True)
+            for case, backend, reduction in variants():
+                plan = plans["reference" if "reference" in case.name else "paper"]
+                key = (tuple(sizes), variant_id(case, backend, reduction))
+                try:
+                    results["variants"][key] = run_variant(model, case, backend, reduction, batch, plan, gather=True, world=world)
+                except Exception:  # report, then stop: the other ranks' collectives no longer match
+                    results["variants"][key] = traceback.format_exc()
+                    raise
+        results["errors"] = _error_cases(rank, world)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()

@@ -1,0 +1,138 @@
+"""Losses with ``gather_distributed=True`` on gloo process groups equal one process on the global batch.
+
+Process groups of 2 and 3 CPU processes are spawned once (concurrently) for the whole module;
+each rank runs every case of tests/distributed_cases.py in float64 with DistributedDataParallel
+and saves its loss values and averaged parameter gradients. The tests below compare them with
+the same cases run here, on one process, on the concatenated batch, to 1e-9.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed_cases as cases
+from m3co_loss import distributed as dist_utils
+from m3co_loss import functional as F
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+TOLERANCE = dict(rtol=1e-9, atol=1e-9)
+WORLDS = sorted(cases.SCENARIOS)
+
+
+@pytest.fixture(scope="module")
+def ranks_output(tmp_path_factory):
+    """{world size: [what each rank saved]} after one run of every world size."""
+    running = {}
+    for world in WORLDS:
+        folder = tmp_path_factory.mktemp(f"world{world}")
+        context = mp.start_processes(
+            cases.rank_main, args=(world, str(folder / "store"), str(folder)), nprocs=world, join=False, start_method="spawn"
+        )
+        running[world] = (folder, context)
+    saved = {}
+    for world, (folder, context) in running.items():
+        while not context.join(timeout=300):
+            pass
+        saved[world] = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return saved
+
+
+PARAMS = [
+    pytest.param(world, sizes, case, backend, reduction, id=f"{'+'.join(map(str, sizes))}-{cases.variant_id(case, backend, reduction)}")
+    for world in WORLDS
+    for sizes in cases.SCENARIOS[world]
+    for case, backend, reduction in cases.variants()
+]
+
+
+def assert_close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, **TOLERANCE, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("world, sizes, case, backend, reduction", PARAMS)
+def test_loss_and_ddp_gradients_equal_one_process(ranks_output, world, sizes, case, backend, reduction):
+    key = (tuple(sizes), cases.variant_id(case, backend, reduction))
+    per_rank = [saved["variants"][key] for saved in ranks_output[world]]
+    for r, result in enumerate(per_rank):
+        assert not isinstance(result, str), f"rank {r} failed:\n{result}"
+    # The reference always uses the dense backend: the tiled one must agree with it as well.
+    expected_value, expected_grads = cases.reference(case, reduction, tuple(sizes))
+    values = [value for value, _ in per_rank]
+    if reduction == "none":
+        assert [v.shape[0] for v in values] == list(sizes)
+        assert_close(torch.cat(values), expected_value, "per-sample values of the ranks, concatenated")
+    else:
+        # The average over ranks is the loss on the global batch (what DDP's gradient averaging sees).
+        assert_close(torch.stack(values).mean(), expected_value, "average of the ranks' losses")
+        if reduction == "-":  # UniS-MMC returns the global batch's loss on every rank
+            for r, value in enumerate(values):
+                assert_close(value, expected_value, f"rank {r}'s loss")
+    for r, (_, grads) in enumerate(per_rank):
+        for name, grad in expected_grads.items():
+            assert_close(grads[name], grad, f"rank {r}, gradient of {name}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_inconsistent_inputs_raise_the_same_clear_error_on_every_rank(ranks_output, world):
+    for r, saved in enumerate(ranks_output[world]):
+        errors = saved["errors"]
+        assert errors["one row in all"].startswith("ValueError: z_a must hold at least 2 samples over all ranks"), (r, errors)
+        assert errors["D differs"].startswith("ValueError: z has D = 5 on rank"), (r, errors)
+        assert errors["dtype differs"].startswith("TypeError: z_a is promoted to torch.float32 on rank"), (r, errors)
+
+
+# ----------------------------------------------------------------------------- no process group
+
+
+SINGLE_SIZES = (5, 3)
+
+
+@pytest.mark.parametrize("case, backend, reduction", [pytest.param(*v, id=cases.variant_id(*v)) for v in cases.variants()])
+def test_gather_without_a_process_group_is_one_process(case, backend, reduction):
+    assert not dist_utils.is_initialized()
+    value, grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=True)
+    expected_value, expected_grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=False)
+    assert torch.equal(value, expected_value)
+    assert all(torch.equal(grads[name], g) for name, g in expected_grads.items())
+
+
+def test_helpers_without_a_process_group():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert dist_utils.rank() == 0 and dist_utils.world_size() == 1
+    assert dist_utils.all_gather_sizes(3, x.device) == [3]
+    assert dist_utils.all_gather_with_grad(x) is x
+    # One process still needs two samples for a contrastive loss.
+    with pytest.raises(ValueError, match="N >= 2"):
+        F.clip_loss(torch.randn(1, 4), torch.randn(1, 4), gather_distributed=True)
+
+
+def test_group_of_one_process_is_one_process(tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        assert dist_utils.world_size() == 1 and dist_utils.all_gather_sizes(4, torch.device("cpu")) == [4]
+        for case, backend, reduction in cases.variants():
+            value, grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=True)
+            expected_value, expected_grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=False)
+            assert torch.equal(value, expected_value), cases.variant_id(case, backend, reduction)
+            assert all(torch.equal(grads[name], g) for name, g in expected_grads.items())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_unis_mmc_gather_distributed_must_be_a_bool():
+    import m3co_loss
+
+    r = [torch.randn(4, 3), torch.randn(4, 3)]
+    logits = [torch.randn(4, 2), torch.randn(4, 2)]
+    with pytest.raises(TypeError, match="gather_distributed"):
+        F.unis_mmc(r, logits, torch.tensor([0, 1, 0, 1]), gather_distributed=1)
+    with pytest.raises(TypeError, match="gather_distributed"):
+        m3co_loss.UniSMMCLoss(gather_distributed="yes")
