@@ -110,10 +110,12 @@ class ImageEncoder(nn.Module):
     """Image embedding: first token of a Hugging Face ViT, or a timm model's pooled features.
 
     ``transform(horizontal_flip=...)`` gives the preprocessing that matches the model: the
-    size, mean and std of its saved image processor (ViT) or data config (timm).
+    size, mean and std of its saved image processor (ViT) or data config (timm). With timm,
+    ``name_or_path`` is anything ``timm.create_model`` takes (a model name, ``hf-hub:...``,
+    ``local-dir:...``); ``pretrained=False`` (timm only) gives random weights.
     """
 
-    def __init__(self, name_or_path: str, *, backend: str = "transformers") -> None:
+    def __init__(self, name_or_path: str, *, backend: str = "transformers", pretrained: bool = True) -> None:
         super().__init__()
         if backend not in ("transformers", "timm"):
             raise ValueError(f"backend (--image-backend) must be 'transformers' or 'timm'; got {backend!r}")
@@ -122,7 +124,7 @@ class ImageEncoder(nn.Module):
         if backend == "timm":
             timm = require_timm()
             try:
-                self.model = timm.create_model(name_or_path, pretrained=True, num_classes=0)
+                self.model = timm.create_model(name_or_path, pretrained=pretrained, num_classes=0)
             except Exception as err:
                 raise OSError(f"cannot create timm model {name_or_path!r} (--image-encoder): {err}") from err
             self.out_dim = int(self.model.num_features)
