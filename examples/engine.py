@@ -1,0 +1,1278 @@
+"""The training engine shared by the example pipelines (ROSMAP, BRCA, Food-101, N24News, the demo).
+
+A pipeline plugs in by describing its data and model as a :class:`Task` and its training
+options as a :class:`TrainConfig`, then calling :func:`run`::
+
+    import engine  # examples/ is the script's directory, so sibling modules import directly
+
+    task = engine.Task(
+        name="ROSMAP",
+        num_classes=2,
+        build_model=build_model,          # top-level function -> MultimodalClassifier (picklable)
+        train=engine.TensorMultimodalDataset([x1, x2, x3], y),   # or any Dataset of (inputs, label)
+        test=engine.TensorMultimodalDataset(test_xs, test_y),
+        train_labels=y,                   # for the stratified hold-out of the validation protocol
+        metrics=rosmap_metrics,           # (y_true, prob) -> {"acc": ..., "f1": ..., "auc": ...} via sklearn
+        metric_labels={"acc": "ACC", "f1": "F1", "auc": "AUC"},
+        published={"M3CoL (paper)": {"acc": (0.887, 0.0094), ...}},
+    )
+    config = engine.TrainConfig(method="m3col", convention="paper", epochs=500, lr=2e-3, ...)
+    results = engine.run(task, config, seeds=[0, 1, 2, 3, 4], output_dir="runs/rosmap")
+
+:func:`run` trains one model per seed (optionally in parallel worker processes), writes
+``results.json``, ``results.md`` and ``curves.png`` into ``output_dir`` (atomically), keeps each
+finished seed in ``output_dir/seeds/seed<N>.json`` (a rerun skips finished seeds with the same
+configuration) and, with ``checkpoint_every``, a resumable checkpoint per seed.
+:func:`add_arguments` / :func:`config_from_args` give every pipeline the same command-line options.
+
+The model (:class:`MultimodalClassifier`) is one encoder per modality, one classifier head per
+modality and a fusion head on the concatenated embeddings (paper Eq. 14-15); inference uses the
+fusion head only. Subclass it when a modality's input cannot be mixed as a tensor (text: mix the
+token embeddings) by overriding :meth:`MultimodalClassifier.encode_mixed_modality`.
+
+The objective (:class:`Objective`) is built from the package's public API the way a user would
+build it: :class:`m3co_loss.M3CoLoss` with its schedule, :class:`m3co_loss.MultiSClipLoss`,
+:class:`m3co_loss.UniSMMCLoss`, :class:`m3co_loss.MixupSampler` / :meth:`m3co_loss.MixupPlan.mix`
+and cross-entropies. ``method`` picks one of :data:`METHODS`; ``convention`` picks the paper's
+conventions (mix raw inputs, shared lam, every row mixed) or the released code's (mix the final
+embeddings, lam per modality, half the rows mixed); see :class:`Objective`.
+
+Every run is scored under three protocols (:data:`PROTOCOLS`): ``validation`` (a stratified part
+of the training set is held out, the epoch is chosen on it, and the test set is scored with that
+epoch's weights), ``final`` (the last epoch) and ``best_on_test`` (the best test score over the
+epochs: optimistic, since it selects on the test set; this is how the released code's evaluation
+loop, which scores the test set during training, can be read).
+
+Distributed seam: the rank and world size come from :mod:`m3co_loss.distributed`;
+:class:`EpochBatchSampler` shards each epoch's order over ranks; :meth:`Trainer.gather_rows` and
+:meth:`Trainer.reduce_mean` combine evaluation outputs and training losses over ranks; only
+rank 0 writes files (:func:`is_main_process`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import m3co_loss
+from m3co_loss import M3CoLoss, MixupPlan, MixupSampler, MultiSClipLoss, UniSMMCLoss
+from m3co_loss import distributed as dist_utils
+
+__all__ = [
+    "METHODS",
+    "PROTOCOLS",
+    "TensorMultimodalDataset",
+    "EpochBatchSampler",
+    "MultimodalClassifier",
+    "mlp",
+    "Objective",
+    "TrainConfig",
+    "Task",
+    "Trainer",
+    "train_seed",
+    "run",
+    "summarise",
+    "results_markdown",
+    "plot_curves",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "add_arguments",
+    "config_from_args",
+    "is_main_process",
+]
+
+METHODS: Dict[str, str] = {
+    "m3col": "fusion + unimodal cross-entropies + M3CoLoss (M3Co, then MultiSClip)",
+    "concat": "fusion head cross-entropy only",
+    "unimodal-sup": "fusion + unimodal cross-entropies, no contrastive term",
+    "mixup": "vanilla mixup: mixed inputs and mixed one-hot labels, no contrastive term",
+    "m3col-no-unimodal": "fusion cross-entropy + M3CoLoss (no unimodal heads)",
+    "only-m3co": "fusion + unimodal cross-entropies + M3Co for the whole run",
+    "only-multisclip": "fusion + unimodal cross-entropies + MultiSClip for the whole run",
+    "unis-mmc": "fusion + unimodal cross-entropies + 0.1 * UniS-MMC (the seed baseline)",
+}
+PROTOCOLS: Tuple[str, ...] = ("validation", "final", "best_on_test")
+PROTOCOL_LABELS = {
+    "validation": "validation (epoch chosen on held-out train)",
+    "final": "final epoch",
+    "best_on_test": "best on test (optimistic: selects on the test set)",
+}
+CONVENTIONS = ("paper", "reference")
+SCHEDULERS = ("step", "plateau", "none")
+UNIS_MMC_WEIGHT = 0.1  # the UniS-MMC paper's weight of its contrastive term
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the only process that writes files."""
+    return dist_utils.rank() == 0
+
+
+def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binary: bool) -> Path:
+    """Write to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it.
+
+    A crash or an exception during ``write`` leaves any previous file at ``path`` untouched and
+    removes the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    return _atomic_write(path, lambda handle: handle.write(text), binary=False)
+
+
+def atomic_write_json(path: Union[str, Path], obj: Any) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically; NaN and Inf are refused (they are not JSON)."""
+    return _atomic_write(path, lambda handle: json.dump(obj, handle, indent=1, allow_nan=False), binary=False)
+
+
+def atomic_torch_save(path: Union[str, Path], obj: Any) -> Path:
+    """``torch.save`` to ``path`` atomically."""
+    return _atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside (nested) lists, tuples and mappings to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        if hasattr(obj, "to") and not isinstance(obj, dict):  # e.g. a tokenizer's BatchEncoding
+            return obj.to(device)
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(v, device) for v in obj)
+    return obj
+
+
+class TensorMultimodalDataset(Dataset):
+    """In-memory multimodal data: one (N, ...) tensor per modality and N integer labels.
+
+    Besides the ``Dataset`` protocol it offers :meth:`batch`, which the engine uses to slice
+    whole batches without per-sample collation (and without any copy for a full batch).
+    """
+
+    def __init__(self, inputs: Sequence[Tensor], labels: Tensor) -> None:
+        if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
+            raise TypeError("inputs must be a non-empty list of tensors, one per modality")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise TypeError("labels must be a 1-D integer tensor")
+        for m, x in enumerate(inputs):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"inputs[{m}] must be a torch.Tensor; got {type(x).__name__}")
+            if x.shape[0] != labels.shape[0]:
+                raise ValueError(f"inputs[{m}] has {x.shape[0]} rows but there are {labels.shape[0]} labels")
+        self.inputs = list(inputs)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int):
+        return tuple(x[i] for x in self.inputs), self.labels[i]
+
+    def batch(self, indices: Optional[Tensor]) -> Tuple[List[Tensor], Tensor]:
+        """The batch at ``indices`` (None: the whole dataset, without copying)."""
+        if indices is None:
+            return self.inputs, self.labels
+        return [x[indices] for x in self.inputs], self.labels[indices]
+
+    def subset(self, indices: Union[Tensor, np.ndarray, Sequence[int]]) -> "TensorMultimodalDataset":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return TensorMultimodalDataset([x[idx] for x in self.inputs], self.labels[idx])
+
+    def to(self, device: Union[str, torch.device]) -> "TensorMultimodalDataset":
+        return TensorMultimodalDataset([x.to(device) for x in self.inputs], self.labels.to(device))
+
+
+class EpochBatchSampler(Sampler):
+    """Yields the index batches of one epoch; reshuffles deterministically per (seed, epoch).
+
+    Call :meth:`set_epoch` before each epoch (as with ``DistributedSampler``). With
+    ``world_size > 1`` each rank takes every ``world_size``-th index of the epoch's order (the
+    order is padded by wrapping around so that every rank gets the same number of batches);
+    without ``shuffle`` and with ``pad=False`` the ranks' shards are disjoint and cover the data
+    exactly once (for evaluation).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: Optional[int],
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1; got {size}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None (full batch); got {batch_size}")
+        self.size, self.shuffle, self.seed, self.drop_last = size, shuffle, seed, drop_last
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+        per_rank = math.ceil(size / world_size) if pad else len(range(rank, size, world_size))
+        self.batch_size = batch_size or per_rank
+        self.per_rank = per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        if self.world_size > 1:
+            if self.pad and self.size % self.world_size:
+                order = torch.cat([order, order[: self.world_size - self.size % self.world_size]])
+            order = order[self.rank :: self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for chunk in self.order().split(self.batch_size):
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            yield chunk.tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+
+class _Batches:
+    """Iterates ``(inputs, labels)`` batches of a dataset in the sampler's order.
+
+    In-memory datasets (with a ``batch`` method) are sliced directly; a full, unshuffled batch
+    is the dataset's own tensors. Other datasets go through one ``DataLoader`` (worker
+    processes persist across epochs).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, *, collate_fn=None, num_workers: int = 0, pin_memory: bool = False):
+        self.dataset, self.sampler = dataset, sampler
+        self.loader = None
+        if not hasattr(dataset, "batch"):
+            self.loader = DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                collate_fn=collate_fn,
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                persistent_workers=num_workers > 0,
+            )
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self.loader is not None:
+            yield from self.loader
+            return
+        s = self.sampler
+        if not s.shuffle and s.world_size == 1 and s.batch_size >= s.size:
+            yield self.dataset.batch(None)
+            return
+        for chunk in s.order().split(s.batch_size):
+            if s.drop_last and len(chunk) < s.batch_size:
+                return
+            yield self.dataset.batch(chunk.to(self.dataset.labels.device))
+
+
+def stratified_holdout(labels: Union[Tensor, np.ndarray], holdout: Union[int, float], seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, held out) of a stratified split (``holdout``: a fraction or a count)."""
+    from sklearn.model_selection import train_test_split
+
+    y = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    fit, held = train_test_split(np.arange(len(y)), test_size=holdout, stratify=y, random_state=seed)
+    return np.sort(fit), np.sort(held)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, *, dropout: float = 0.0, init: str = "xavier_normal") -> nn.Sequential:
+    """``Linear(in, hidden) - ReLU - [Dropout] - Linear(hidden, out)``.
+
+    ``init="xavier_normal"`` draws the weights with ``xavier_normal_`` and zeroes the biases (the
+    released medical code's initialisation); ``"default"`` keeps PyTorch's.
+    """
+    layers: List[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, out_dim))
+    net = nn.Sequential(*layers)
+    if init == "xavier_normal":
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+    elif init != "default":
+        raise ValueError(f"init must be 'xavier_normal' or 'default'; got {init!r}")
+    return net
+
+
+@dataclass
+class MultimodalOutput:
+    z: List[Tensor]
+    unimodal: Optional[List[Tensor]]
+    fused: Tensor
+
+
+class MultimodalClassifier(nn.Module):
+    """One encoder and one classifier head per modality, and a fusion head on ``cat(z)``.
+
+    Args:
+        encoders: M modules; ``encoders[m](inputs[m])`` is the (N, D_m) embedding ``z[m]``.
+        heads: M modules mapping ``z[m]`` to class logits (used in training only).
+        fusion: maps ``cat(z, dim=1)`` to class logits (training and inference).
+        encode_mixed_jointly: encode the clean and the mixed batch of a modality in one call
+            (``cat`` along the batch), which is faster for small inputs and exact when the
+            encoders treat rows independently (no batch norm).
+    """
+
+    def __init__(self, encoders: Sequence[nn.Module], heads: Sequence[nn.Module], fusion: nn.Module, *, encode_mixed_jointly: bool = False) -> None:
+        super().__init__()
+        if len(encoders) < 2 or len(encoders) != len(heads):
+            raise ValueError(f"need M >= 2 encoders and as many heads; got {len(encoders)} and {len(heads)}")
+        self.encoders = nn.ModuleList(encoders)
+        self.heads = nn.ModuleList(heads)
+        self.fusion = fusion
+        self.encode_mixed_jointly = encode_mixed_jointly
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.encoders)
+
+    def encode(self, inputs: Sequence[Any]) -> List[Tensor]:
+        self._check_inputs(inputs)
+        return [enc(x) for enc, x in zip(self.encoders, inputs)]
+
+    def mix_input(self, m: int, x: Any, plan: MixupPlan) -> Any:
+        """Modality ``m``'s raw input mixed with ``plan`` (override for inputs that are not tensors)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"inputs[{m}] is a {type(x).__name__}, which cannot be mixed as a tensor: override "
+                "MultimodalClassifier.mix_input or encode_mixed_modality (e.g. mix token embeddings)"
+            )
+        return plan.mix(x, m)
+
+    def encode_mixed_modality(self, m: int, x: Any, plan: MixupPlan) -> Tensor:
+        """Embedding of modality ``m``'s mixed input (the paper's mixing of raw inputs)."""
+        return self.encoders[m](self.mix_input(m, x, plan))
+
+    def encode_with_mixed(self, inputs: Sequence[Any], plan: MixupPlan) -> Tuple[List[Tensor], List[Tensor]]:
+        """Embeddings of the clean and of the mixed inputs: ``(z, z_mixed)``."""
+        self._check_inputs(inputs)
+        z, mixed = [], []
+        for m, x in enumerate(inputs):
+            if self.encode_mixed_jointly and isinstance(x, Tensor):
+                both = self.encoders[m](torch.cat([x, self.mix_input(m, x, plan)]))
+                z.append(both[: x.shape[0]])
+                mixed.append(both[x.shape[0] :])
+            else:
+                z.append(self.encoders[m](x))
+                mixed.append(self.encode_mixed_modality(m, x, plan))
+        return z, mixed
+
+    def classify(self, z: Sequence[Tensor], *, unimodal: bool = True) -> Tuple[Optional[List[Tensor]], Tensor]:
+        """(unimodal logits or None, fused logits) for embeddings ``z``."""
+        heads = [head(e) for head, e in zip(self.heads, z)] if unimodal else None
+        return heads, self.fusion(torch.cat(list(z), dim=1))
+
+    def forward(self, inputs: Sequence[Any]) -> MultimodalOutput:
+        z = self.encode(inputs)
+        unimodal, fused = self.classify(z)
+        return MultimodalOutput(z, unimodal, fused)
+
+    def predict(self, inputs: Sequence[Any]) -> Tensor:
+        """Fused logits only (inference uses the fusion head)."""
+        return self.fusion(torch.cat(self.encode(inputs), dim=1))
+
+    def _check_inputs(self, inputs: Sequence[Any]) -> None:
+        if not isinstance(inputs, (list, tuple)) or len(inputs) != self.num_modalities:
+            raise ValueError(f"inputs must be a list of {self.num_modalities} per-modality inputs")
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+class Objective:
+    """The training loss of one method, built from the package's public API.
+
+    Conventions (``convention``), for the contrastive methods and for ``mixup``:
+
+    * ``"paper"``: mix the raw inputs with a :class:`~m3co_loss.MixupPlan` and encode them
+      (the paper's choice for images and omics), lam shared by the modalities, every row mixed,
+      MultiSClip at t = 0.1, M3Co during the first third of the epochs.
+    * ``"reference"``: mix the final embeddings (``criterion(z)``, the released code), lam per
+      modality, rows mixed with probability 0.5, cyclic modality pairs, MultiSClip at t = 0.125,
+      M3Co for the first ``int(0.33 * epochs)`` epochs.
+
+    ``mixup`` (vanilla mixup) mixes every modality with the same partner and lam (so that the
+    mixed one-hot label is well defined) and trains the unimodal and fusion heads on the mixed
+    batch with soft-label cross-entropies; it has no contrastive term.
+
+    Call the objective once per (micro-)batch and :meth:`epoch_end` once per epoch (the
+    M3Co -> MultiSClip schedule counts epochs, as in the paper and the released code).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        num_modalities: int,
+        num_classes: int,
+        epochs: int,
+        convention: str = "paper",
+        beta: float = 0.1,
+        alpha: float = 0.15,
+        mix_prob: Optional[float] = None,
+        temperature: float = 0.1,
+        m3co_fraction: Optional[float] = None,
+        seed: int = 0,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}; got {convention!r}")
+        self.method, self.convention = method, convention
+        self.num_modalities, self.num_classes = num_modalities, num_classes
+        self.generator = torch.Generator().manual_seed(seed)
+        self.uses_unimodal = method not in ("concat", "m3col-no-unimodal")
+        self.m3col = None
+        self.multisclip = None
+        self.unis_mmc = None
+        self.mixup_sampler = None
+        if method in ("m3col", "m3col-no-unimodal", "only-m3co"):
+            self.m3col = M3CoLoss(
+                temperature=temperature,
+                beta=beta,
+                total_steps=None if method == "only-m3co" else epochs,
+                m3co_fraction=m3co_fraction,
+                alpha=alpha,
+                mix_prob=mix_prob,
+                convention=convention,
+                generator=self.generator,
+            )
+        elif method == "only-multisclip":
+            self.multisclip = MultiSClipLoss(convention=convention)
+            self.beta = beta
+        elif method == "unis-mmc":
+            self.unis_mmc = UniSMMCLoss()
+        elif method == "mixup":
+            options = {} if mix_prob is None else {"mix_prob": mix_prob}
+            self.mixup_sampler = MixupSampler.for_convention(convention, alpha=alpha, shared_lam=True, generator=self.generator, **options)
+
+    def phase(self) -> str:
+        """The contrastive term in use this epoch: "m3co", "multisclip" or "none"."""
+        if self.m3col is not None:
+            return self.m3col.phase()
+        return "multisclip" if self.multisclip is not None else "none"
+
+    def __call__(self, model: MultimodalClassifier, inputs: Sequence[Any], y: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The loss on one batch and its detached parts (for logging)."""
+        if self.mixup_sampler is not None:
+            return self._vanilla_mixup(model, inputs, y)
+        n = y.shape[0]
+        plan = mixed = None
+        if self.m3col is not None and self.m3col.phase() == "m3co":
+            plan = self.m3col.sample(n, self.num_modalities, device=y.device)
+        if plan is not None and self.convention == "paper":
+            z, mixed = model.encode_with_mixed(inputs, plan)
+        else:
+            z = model.encode(inputs)
+        unimodal, fused = model.classify(z, unimodal=self.uses_unimodal)
+        parts = {"fusion_ce": F.cross_entropy(fused.float(), y)}
+        if unimodal is not None:
+            parts["unimodal_ce"] = sum(F.cross_entropy(logits.float(), y) for logits in unimodal)
+        if self.m3col is not None:
+            # with the reference convention `mixed` is None and the criterion mixes z itself
+            parts[self.m3col.phase()] = self.m3col(z, mixed=mixed, plan=plan)
+        elif self.multisclip is not None:
+            parts["multisclip"] = self.beta * self.multisclip(z)
+        elif self.unis_mmc is not None:
+            parts["unis_mmc"] = UNIS_MMC_WEIGHT * self.unis_mmc(z, unimodal, y)
+        loss = sum(parts.values())
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def _vanilla_mixup(self, model: MultimodalClassifier, inputs: Sequence[Any], y: Tensor):
+        n = y.shape[0]
+        one = self.mixup_sampler.sample(n, 1)
+        # one partner and one lam per sample for every modality: the mixed label is then exact
+        plan = MixupPlan(one.perms * self.num_modalities, one.lam.expand(self.num_modalities, n).contiguous()).to(y.device)
+        if self.convention == "paper":
+            z = [model.encode_mixed_modality(m, x, plan) for m, x in enumerate(inputs)]
+        else:
+            z = [plan.mix(e, m) for m, e in enumerate(model.encode(inputs))]
+        target = plan.mix(F.one_hot(y, self.num_classes).float(), 0)
+        unimodal, fused = model.classify(z, unimodal=True)
+        parts = {
+            "fusion_ce": F.cross_entropy(fused.float(), target),
+            "unimodal_ce": sum(F.cross_entropy(logits.float(), target) for logits in unimodal),
+        }
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
+    def epoch_end(self) -> None:
+        if self.m3col is not None:
+            self.m3col.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"generator": self.generator.get_state()}
+        if self.m3col is not None:
+            state["m3col"] = self.m3col.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        if self.m3col is not None:
+            self.m3col.load_state_dict(state["m3col"])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Training options of one run (validated by :meth:`validate`).
+
+    ``batch_size=None`` trains full batch; ``accumulate`` micro-batches make one optimiser step.
+    ``holdout`` (a fraction in (0, 1) or a count) is the stratified part of the training set held
+    out for the validation protocol; 0 trains on the whole training set and reports only
+    ``final`` and ``best_on_test`` (unless the task has its own validation split).
+    ``eval_every`` evaluates every k epochs (the last epoch is always evaluated);
+    ``score_test_every_epoch=False`` skips the per-epoch test pass (no ``best_on_test``): the
+    weights of the chosen epoch are then kept and the test set is scored once at the end.
+    """
+
+    method: str = "m3col"
+    convention: str = "paper"
+    epochs: int = 500
+    batch_size: Optional[int] = None
+    accumulate: int = 1
+    eval_batch_size: Optional[int] = None
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "step"
+    step_size: int = 250
+    gamma: float = 0.2
+    plateau_factor: float = 0.2
+    plateau_patience: int = 2
+    beta: float = 0.1
+    alpha: float = 0.15
+    mix_prob: Optional[float] = None
+    temperature: float = 0.1
+    holdout: float = 0.2
+    eval_every: int = 1
+    score_test_every_epoch: bool = True
+    grad_clip: Optional[float] = None
+    bf16: bool = False
+    device: str = "cpu"
+    threads: Optional[int] = None
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    value_checks: bool = False
+
+    # options that do not change the numbers a run produces (left out of its fingerprint)
+    _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
+
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ValueError(f"{name} must be {what}; got {getattr(self, name)!r}")
+
+        need(self.method in METHODS, "method", f"one of {sorted(METHODS)}")
+        need(self.convention in CONVENTIONS, "convention", f"one of {CONVENTIONS}")
+        need(self.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}")
+        for name in ("epochs", "accumulate", "step_size", "eval_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an int >= 1")
+        for name in ("batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and v >= 2), name, "None (full batch) or an int >= 2")
+        for name in ("lr", "alpha", "temperature", "plateau_factor"):
+            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0, name, "> 0")
+        for name in ("weight_decay", "beta"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(0 < self.gamma <= 1, "gamma", "in (0, 1]")
+        need(self.mix_prob is None or 0 <= self.mix_prob <= 1, "mix_prob", "None or in [0, 1]")
+        need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or > 0")
+        need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
+        need(self.num_workers >= 0, "num_workers", ">= 0")
+        need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: no checkpoints)")
+        need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
+        return self
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        data = {k: v for k, v in self.as_dict().items() if k not in self._NOT_IN_FINGERPRINT}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Task:
+    """What a pipeline trains on: data, model, metrics and the published numbers to compare with.
+
+    ``build_model`` and ``metrics`` must be top-level functions (or ``functools.partial`` of
+    them) so that seeds can run in worker processes. ``metrics(y_true, prob)`` takes integer
+    labels and (N, C) class probabilities (numpy) and returns fractions in [0, 1]; it must
+    contain ``"acc"``, the metric that selects epochs. ``published`` maps a row label
+    (e.g. "M3CoL (paper)") to ``{metric: (mean, std or None)}`` as fractions.
+    ``param_groups(model, config)`` returns optimiser parameter groups (default: all
+    parameters with ``config.lr`` and ``config.weight_decay``).
+    """
+
+    name: str
+    num_classes: int
+    build_model: Callable[[], MultimodalClassifier]
+    train: Dataset
+    test: Dataset
+    metrics: Callable[[np.ndarray, np.ndarray], Dict[str, float]]
+    metric_labels: Dict[str, str]
+    train_labels: Optional[Tensor] = None
+    val: Optional[Dataset] = None
+    param_groups: Optional[Callable[[nn.Module, TrainConfig], List[Dict[str, Any]]]] = None
+    collate_fn: Optional[Callable] = None
+    published: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class Evaluation:
+    prob: np.ndarray
+    labels: np.ndarray
+    loss: float
+    acc: float
+
+
+class _Best:
+    """Tracks the best epoch by (accuracy, then lower loss); the earliest epoch wins exact ties."""
+
+    def __init__(self) -> None:
+        self.key: Optional[Tuple[float, float]] = None
+        self.epoch: Optional[int] = None
+        self.payload: Any = None
+
+    def offer(self, epoch: int, ev: Evaluation, payload: Callable[[], Any]) -> bool:
+        key = (ev.acc, -ev.loss)
+        if self.key is None or key > self.key:
+            self.key, self.epoch, self.payload = key, epoch, payload()
+            return True
+        return False
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"key": self.key, "epoch": self.epoch, "payload": self.payload}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.key = tuple(state["key"]) if state["key"] is not None else None
+        self.epoch, self.payload = state["epoch"], state["payload"]
+
+
+class Trainer:
+    """Trains one seed of a :class:`Task` with a :class:`TrainConfig` (see :func:`train_seed`)."""
+
+    def __init__(self, task: Task, config: TrainConfig, seed: int, *, checkpoint_path: Optional[Path] = None, progress_position: int = 0) -> None:
+        self.task, self.config, self.seed = task, config.validate(), seed
+        self.checkpoint_path = checkpoint_path
+        self.progress_position = progress_position
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.device = torch.device(config.device)
+        if config.bf16 and self.device.type != "cuda":
+            raise ValueError("bf16 autocast is meant for CUDA devices; got device " + config.device)
+
+    # -- distributed seam ------------------------------------------------------------------
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """Concatenate evaluation rows over ranks (identity in a single process)."""
+        if self.world_size == 1:
+            return x
+        return dist_utils.all_gather_with_grad(x.contiguous())
+
+    def reduce_mean(self, x: Tensor) -> Tensor:
+        """Average a scalar over ranks (identity in a single process)."""
+        if self.world_size == 1:
+            return x
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x / self.world_size
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.config.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _split(self) -> Tuple[Dataset, Optional[Dataset]]:
+        task, holdout = self.task, self.config.holdout
+        if task.val is not None:
+            return task.train, task.val
+        if holdout == 0:
+            return task.train, None
+        if task.train_labels is None:
+            raise ValueError(f"task {task.name!r} needs train_labels for a stratified hold-out (or holdout=0)")
+        fit, held = stratified_holdout(task.train_labels, int(holdout) if holdout >= 1 else holdout, self.seed)
+        subset = getattr(task.train, "subset", None)
+        if subset is not None:
+            return subset(fit), subset(held)
+        return torch.utils.data.Subset(task.train, fit.tolist()), torch.utils.data.Subset(task.train, held.tolist())
+
+    def _prepare_data(self, dataset: Dataset) -> Dataset:
+        return dataset.to(self.device) if isinstance(dataset, TensorMultimodalDataset) else dataset
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.config
+        groups = self.task.param_groups(model, c) if self.task.param_groups else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay, fused=fused)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer):
+        c = self.config
+        if c.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=c.step_size, gamma=c.gamma)
+        if c.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=c.plateau_factor, patience=c.plateau_patience)
+        return None
+
+    @torch.inference_mode()
+    def evaluate(self, model: MultimodalClassifier, batches: _Batches) -> Evaluation:
+        """Fused-head probabilities, mean cross-entropy and accuracy on one split."""
+        model.eval()
+        probs, labels = [], []
+        for inputs, y in batches:
+            inputs, y = move_to(inputs, self.device), y.to(self.device)
+            with self._autocast():
+                logits = model.predict(inputs)
+            probs.append(logits.float())
+            labels.append(y)
+        logits, y = self.gather_rows(torch.cat(probs)), self.gather_rows(torch.cat(labels))
+        loss = F.cross_entropy(logits, y).item()
+        prob = logits.softmax(dim=1)
+        acc = (prob.argmax(dim=1) == y).double().mean().item()
+        return Evaluation(prob.cpu().numpy(), y.cpu().numpy(), loss, acc)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> Dict[str, Any]:
+        c, task = self.config, self.task
+        start_time = time.perf_counter()
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        torch.manual_seed(self.seed)
+        train_set, val_set = self._split()
+        train_set, test_set = self._prepare_data(train_set), self._prepare_data(task.test)
+        val_set = self._prepare_data(val_set) if val_set is not None else None
+        loader_options = dict(collate_fn=task.collate_fn, num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
+        sampler = EpochBatchSampler(len(train_set), c.batch_size, shuffle=c.batch_size is not None, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        train_batches = _Batches(train_set, sampler, **loader_options)
+
+        def eval_batches(ds):
+            s = EpochBatchSampler(len(ds), c.eval_batch_size, shuffle=False, rank=self.rank, world_size=self.world_size, pad=False)
+            return _Batches(ds, s, **loader_options)
+
+        val_batches = eval_batches(val_set) if val_set is not None else None
+        test_batches = eval_batches(test_set)
+
+        model = task.build_model().to(self.device)
+        num_modalities = model.num_modalities
+        optimizer = self._optimizer(model)
+        scheduler = self._scheduler(optimizer)
+        if c.scheduler == "plateau" and val_set is None:
+            raise ValueError("scheduler='plateau' steps on validation accuracy and needs a validation split (holdout > 0)")
+        objective = Objective(
+            c.method,
+            num_modalities=num_modalities,
+            num_classes=task.num_classes,
+            epochs=c.epochs,
+            convention=c.convention,
+            beta=c.beta,
+            alpha=c.alpha,
+            mix_prob=c.mix_prob,
+            temperature=c.temperature,
+            seed=self.seed,
+        )
+        history: Dict[str, List[float]] = {k: [] for k in ("epoch", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")}
+        best_val, best_test = _Best(), _Best()
+        final_test: Optional[Evaluation] = None
+        start_epoch = 0
+        if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+            if state["fingerprint"] != c.fingerprint():
+                raise ValueError(f"checkpoint {self.checkpoint_path} was written with another configuration; remove it or change --output-dir")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            objective.load_state_dict(state["objective"])
+            best_val.load_state_dict(state["best_val"])
+            best_test.load_state_dict(state["best_test"])
+            history, start_epoch = state["history"], state["epoch"] + 1
+            torch.set_rng_state(state["torch_rng"])
+            if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+        from tqdm.auto import tqdm
+
+        show = c.progress and is_main_process()
+        epochs_bar = tqdm(
+            range(start_epoch, c.epochs),
+            initial=start_epoch,
+            total=c.epochs,
+            desc=f"{task.name} {c.method} seed {self.seed}",
+            disable=not show,
+            position=self.progress_position,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        steps_per_epoch = len(train_batches)
+        with m3co_loss.value_checks(c.value_checks):
+            for epoch in epochs_bar:
+                sampler.set_epoch(epoch)
+                model.train()
+                loss_sum = torch.zeros((), device=self.device)
+                optimizer.zero_grad(set_to_none=True)
+                batch_iter = train_batches
+                if show and steps_per_epoch > 1:
+                    batch_iter = tqdm(train_batches, total=steps_per_epoch, leave=False, desc=f"epoch {epoch}", position=self.progress_position + 1, dynamic_ncols=True)
+                for i, (inputs, y) in enumerate(batch_iter):
+                    inputs, y = move_to(inputs, self.device), y.to(self.device)
+                    group_start = i - i % c.accumulate
+                    group_size = min(c.accumulate, steps_per_epoch - group_start)
+                    with self._autocast():
+                        loss, _ = objective(model, inputs, y)
+                    (loss / group_size).backward()
+                    loss_sum += loss.detach()
+                    if i - group_start == group_size - 1:
+                        if c.grad_clip is not None:
+                            nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                objective.epoch_end()
+                train_loss = self.reduce_mean(loss_sum / steps_per_epoch).item()
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"{task.name} {c.method} seed {self.seed}: the training loss is {train_loss} at epoch {epoch}")
+                last = epoch == c.epochs - 1
+                val_ev = test_ev = None
+                if last or (epoch + 1) % c.eval_every == 0:
+                    if val_batches is not None:
+                        val_ev = self.evaluate(model, val_batches)
+                    if c.score_test_every_epoch or last:
+                        test_ev = self.evaluate(model, test_batches)
+                    if val_ev is not None:
+                        if c.score_test_every_epoch:
+                            # the chosen epoch's test probabilities are those of its weights
+                            best_val.offer(epoch, val_ev, lambda: {"test_prob": test_ev.prob, "val_prob": val_ev.prob})
+                        else:
+                            best_val.offer(epoch, val_ev, lambda: {"state": _cpu_state(model), "val_prob": val_ev.prob})
+                    if test_ev is not None and c.score_test_every_epoch:
+                        best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
+                    if last:
+                        final_test = test_ev
+                    history["epoch"].append(epoch)
+                    history["lr"].append(optimizer.param_groups[0]["lr"])
+                    history["train_loss"].append(train_loss)
+                    history["val_loss"].append(val_ev.loss if val_ev else None)
+                    history["val_acc"].append(val_ev.acc if val_ev else None)
+                    history["test_loss"].append(test_ev.loss if test_ev else None)
+                    history["test_acc"].append(test_ev.acc if test_ev else None)
+                    if show:
+                        epochs_bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_ev.acc:.3f}" if val_ev else "-")
+                if scheduler is not None:
+                    if c.scheduler == "plateau":
+                        if val_ev is not None:
+                            scheduler.step(val_ev.acc)
+                    else:
+                        scheduler.step()
+                if self.checkpoint_path is not None and c.checkpoint_every and ((epoch + 1) % c.checkpoint_every == 0 or last) and is_main_process():
+                    atomic_torch_save(
+                        self.checkpoint_path,
+                        {
+                            "fingerprint": c.fingerprint(),
+                            "epoch": epoch,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "objective": objective.state_dict(),
+                            "best_val": best_val.state_dict(),
+                            "best_test": best_test.state_dict(),
+                            "history": history,
+                            "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                        },
+                    )
+        epochs_bar.close()
+
+        labels = final_test.labels
+        protocols: Dict[str, Dict[str, Any]] = {}
+        val_scores = None
+        if best_val.epoch is not None:
+            payload = best_val.payload
+            if "test_prob" in payload:
+                prob = payload["test_prob"]
+            else:  # score the test set once, with the chosen epoch's weights
+                model.load_state_dict(payload["state"])
+                prob = self.evaluate(model, test_batches).prob
+            protocols["validation"] = dict(task.metrics(labels, prob), epoch=best_val.epoch)
+            val_labels = val_set.labels.cpu().numpy() if isinstance(val_set, TensorMultimodalDataset) else None
+            val_scores = {"acc": best_val.key[0], "loss": -best_val.key[1]}
+            if val_labels is not None:
+                val_scores = dict(task.metrics(val_labels, payload["val_prob"]), loss=-best_val.key[1])
+        protocols["final"] = dict(task.metrics(labels, final_test.prob), epoch=c.epochs - 1)
+        if best_test.epoch is not None:
+            protocols["best_on_test"] = dict(task.metrics(labels, best_test.payload["test_prob"]), epoch=best_test.epoch)
+        return {
+            "seed": self.seed,
+            "protocols": protocols,
+            "val_scores": val_scores,
+            "train_size": len(train_set),
+            "val_size": len(val_set) if val_set is not None else 0,
+            "test_size": len(test_set),
+            "seconds": time.perf_counter() - start_time,
+            "history": history,
+            "fingerprint": c.fingerprint(),
+        }
+
+
+def _cpu_state(model: nn.Module) -> Dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def train_seed(task: Task, config: TrainConfig, seed: int, *, checkpoint_path: Optional[Union[str, Path]] = None, progress_position: int = 0) -> Dict[str, Any]:
+    """Train and score one seed; returns its per-seed record (protocols, history, seconds)."""
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    return Trainer(task, config, seed, checkpoint_path=path, progress_position=progress_position).fit()
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+def _worker_seed(task: Task, config: TrainConfig, seed: int, checkpoint_path, seed_file) -> Dict[str, Any]:
+    record = train_seed(task, config, seed, checkpoint_path=checkpoint_path)
+    atomic_write_json(seed_file, record)
+    return record
+
+
+def run(
+    task: Task,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    output_dir: Union[str, Path],
+    *,
+    workers: int = 1,
+    write: bool = True,
+) -> Dict[str, Any]:
+    """Train every seed, summarise the protocols and write the results (rank 0 only).
+
+    ``workers > 1`` trains seeds in that many spawned processes. On the CPU each seed runs with
+    ``config.threads`` threads (default 1, so that a seed's numbers do not depend on the number
+    of workers; MKL's results change with the thread count). A seed whose record is
+    already in ``output_dir/seeds`` with the same configuration fingerprint is not trained again.
+    """
+    config.validate()
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct; got {list(seeds)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    output_dir = Path(output_dir)
+    seed_dir = output_dir / "seeds"
+    ckpt_dir = output_dir / "checkpoints"
+    start = time.perf_counter()
+    records: Dict[int, Dict[str, Any]] = {}
+    todo = []
+    for seed in seeds:
+        seed_file = seed_dir / f"seed{seed}.json"
+        if seed_file.exists():
+            record = json.loads(seed_file.read_text())
+            if record.get("fingerprint") == config.fingerprint():
+                records[seed] = record
+                continue
+        todo.append(seed)
+    workers = min(workers, max(1, len(todo)))
+    if config.threads is None and torch.device(config.device).type == "cpu":
+        # one thread per seed: a seed's numbers then do not depend on how many run in parallel
+        config = dataclasses.replace(config, threads=1)
+    ckpt = (lambda s: ckpt_dir / f"seed{s}.pt") if config.checkpoint_every else (lambda s: None)
+    if workers == 1:
+        for seed in todo:
+            record = train_seed(task, config, seed, checkpoint_path=ckpt(seed))
+            if write and is_main_process():
+                atomic_write_json(seed_dir / f"seed{seed}.json", record)
+            records[seed] = record
+    else:
+        from tqdm.auto import tqdm
+
+        quiet = dataclasses.replace(config, progress=False)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {
+                seed: pool.submit(_worker_seed, task, quiet, seed, ckpt(seed), seed_dir / f"seed{seed}.json")
+                for seed in todo
+            }
+            bar = tqdm(total=len(todo), desc=f"{task.name} {config.method}: seeds", disable=not config.progress, leave=False)
+            for seed, future in futures.items():
+                records[seed] = future.result()
+                bar.update()
+            bar.close()
+    per_seed = [records[s] for s in seeds]
+    results = summarise(task, config, per_seed, seconds=time.perf_counter() - start)
+    if write and is_main_process():
+        write_results(task, results, per_seed, output_dir)
+    return results
+
+
+def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, Any]], *, seconds: float) -> Dict[str, Any]:
+    """The results.json record: mean and sample std (ddof=1; null for one seed) per protocol and metric."""
+    protocols: Dict[str, Dict[str, Dict[str, Optional[float]]]] = {}
+    for name in PROTOCOLS:
+        rows = [r["protocols"][name] for r in per_seed if name in r["protocols"]]
+        if len(rows) != len(per_seed):
+            continue
+        protocols[name] = {}
+        for metric in task.metric_labels:
+            values = np.array([row[metric] for row in rows], dtype=np.float64)
+            protocols[name][metric] = {
+                "mean": float(values.mean()),
+                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+            }
+        epochs = np.array([row["epoch"] for row in rows], dtype=np.float64)
+        protocols[name]["epoch"] = {"mean": float(epochs.mean()), "std": float(epochs.std(ddof=1)) if len(epochs) > 1 else None}
+    val_scores = None
+    if all(r.get("val_scores") for r in per_seed):
+        keys = [k for k in per_seed[0]["val_scores"] if all(k in r["val_scores"] for r in per_seed)]
+        val_scores = {}
+        for k in keys:
+            values = np.array([r["val_scores"][k] for r in per_seed], dtype=np.float64)
+            val_scores[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+    return {
+        "dataset": task.name,
+        "method": config.method,
+        "convention": config.convention,
+        "seeds": [int(r["seed"]) for r in per_seed],
+        "protocols": protocols,
+        "optimistic_protocols": ["best_on_test"],
+        "val_scores": val_scores,
+        "per_seed": [
+            {k: r[k] for k in ("seed", "protocols", "val_scores", "seconds", "train_size", "val_size", "test_size")} for r in per_seed
+        ],
+        "seconds": seconds,
+        "config": config.as_dict(),
+        "published": {label: {m: list(v) for m, v in row.items()} for label, row in task.published.items()},
+        "notes": list(task.notes),
+    }
+
+
+def _pct(stat: Optional[Mapping[str, Optional[float]]]) -> str:
+    if stat is None:
+        return "-"
+    if stat["std"] is None:
+        return f"{100 * stat['mean']:.1f}"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
+    """A Markdown table of the protocols beside the published numbers (percent)."""
+    metrics = list(task.metric_labels)
+    head = "| protocol | " + " | ".join(task.metric_labels[m] for m in metrics) + " | epoch |"
+    lines = [
+        f"# {task.name}: {results['method']} (convention {results['convention']})",
+        "",
+        f"Seeds {results['seeds']}; mean ± sample std (ddof=1) over seeds, in percent; "
+        f"{results['seconds']:.0f} s in all.",
+        "",
+        head,
+        "|" + " --- |" * (len(metrics) + 2),
+    ]
+    for name in PROTOCOLS:
+        if name not in results["protocols"]:
+            continue
+        row = results["protocols"][name]
+        epoch = row["epoch"]
+        lines.append(f"| {PROTOCOL_LABELS[name]} | " + " | ".join(_pct(row.get(m)) for m in metrics) + f" | {epoch['mean']:.0f} |")
+    for label, row in task.published.items():
+        cells = []
+        for m in metrics:
+            if m not in row:
+                cells.append("-")
+            else:
+                mean, std = row[m]
+                cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " | - |")
+    if results.get("val_scores"):
+        scores = []
+        for k, v in results["val_scores"].items():
+            scores.append(f"CE {v['mean']:.3f}" if k == "loss" else f"{task.metric_labels.get(k, k)} {_pct(v)}")
+        lines += ["", "Held-out validation scores at the chosen epochs: " + ", ".join(scores) + "."]
+    lines += [
+        "",
+        "`best on test` picks the epoch by its test score, so it is an optimistic upper bound, not an estimate;"
+        " `validation` is the honest figure.",
+    ]
+    if task.notes:
+        lines += [""] + [f"- {note}" for note in task.notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(per_seed: Sequence[Mapping[str, Any]], path: Union[str, Path], *, title: str = "") -> Path:
+    """Training loss and validation/test loss and accuracy per epoch, averaged over seeds (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = np.array(per_seed[0]["history"]["epoch"]) + 1
+
+    def mean_curve(key):
+        rows = [r["history"][key] for r in per_seed]
+        if any(v is None for row in rows for v in row):
+            return None
+        return np.mean(np.array(rows, dtype=np.float64), axis=0)
+
+    for key, label, style in (("train_loss", "train (objective)", "-"), ("val_loss", "validation CE", "-"), ("test_loss", "test CE", ":")):
+        curve = mean_curve(key)
+        if curve is not None:
+            ax_loss.plot(epochs, curve, style, label=label)
+    for key, label, style in (("val_acc", "validation", "-"), ("test_acc", "test", ":")):
+        curve = mean_curve(key)
+        if curve is not None:
+            ax_acc.plot(epochs, curve, style, label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (fusion head)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title + f" (mean of {len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
+    fig.tight_layout()
+    path = Path(path)
+    _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110), binary=True)
+    plt.close(fig)
+    return path
+
+
+def write_results(task: Task, results: Mapping[str, Any], per_seed: Sequence[Mapping[str, Any]], output_dir: Union[str, Path]) -> None:
+    output_dir = Path(output_dir)
+    atomic_write_json(output_dir / "results.json", results)
+    atomic_write_text(output_dir / "results.md", results_markdown(task, results))
+    plot_curves(per_seed, output_dir / "curves.png", title=f"{task.name} {results['method']} ({results['convention']})")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser, defaults: TrainConfig) -> None:
+    """The options every pipeline shares, with the pipeline's defaults."""
+    d = defaults
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to train (default: 0 1 2 3 4)")
+    parser.add_argument("--method", choices=sorted(METHODS), default=d.method, help="training objective (default: %(default)s)")
+    parser.add_argument("--convention", choices=CONVENTIONS, default=d.convention, help="paper or released-code conventions (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where results.json, results.md and curves.png go")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s (None = full batch)")
+    parser.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per optimiser step")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+    parser.add_argument("--step-size", type=int, default=None, help="StepLR step in epochs (default: the convention's)")
+    parser.add_argument("--gamma", type=float, default=d.gamma)
+    parser.add_argument("--beta", type=float, default=d.beta, help="weight of the contrastive term (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=d.alpha, help="Beta(alpha, alpha) of mixup (default: %(default)s)")
+    parser.add_argument("--mix-prob", type=float, default=d.mix_prob, help="share of rows mixed (default: the convention's)")
+    parser.add_argument("--holdout", type=float, default=d.holdout, help="stratified share of train held out for validation; 0: none")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument("--workers", type=int, default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue from the seeds' checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mapping[str, int]] = None) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed :func:`add_arguments` options."""
+    step = args.step_size
+    if step is None:
+        step = (step_sizes or {}).get(args.convention, defaults.step_size)
+    holdout = args.holdout
+    holdout = int(holdout) if holdout >= 1 and float(holdout).is_integer() else holdout
+    return dataclasses.replace(
+        defaults,
+        method=args.method,
+        convention=args.convention,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        accumulate=args.accumulate,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        step_size=step,
+        gamma=args.gamma,
+        beta=args.beta,
+        alpha=args.alpha,
+        mix_prob=args.mix_prob,
+        holdout=holdout,
+        eval_every=args.eval_every,
+        device=args.device,
+        bf16=args.bf16,
+        threads=args.threads,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=not args.no_progress,
+    ).validate()
+
+
+def default_workers(num_seeds: int, device: str) -> int:
+    """Seeds in parallel: one process per core on the CPU, one process on an accelerator."""
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(num_seeds, os.cpu_count() or 1))
