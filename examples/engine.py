@@ -584,6 +584,10 @@ class TrainConfig:
     ``eval_every`` evaluates every k epochs (the last epoch is always evaluated);
     ``score_test_every_epoch=False`` skips the per-epoch test pass (no ``best_on_test``): the
     weights of the chosen epoch are then kept and the test set is scored once at the end.
+    ``m3co_fraction`` overrides the share of the epochs spent on M3Co (None: the convention's,
+    1/3 or 0.33). ``extra`` holds a pipeline's own options (encoders, per-group learning rates,
+    ...): they are recorded in ``results.json`` and change the fingerprint, so that a rerun with
+    other options does not reuse finished seeds or checkpoints.
     """
 
     method: str = "m3col"
@@ -603,6 +607,7 @@ class TrainConfig:
     alpha: float = 0.15
     mix_prob: Optional[float] = None
     temperature: float = 0.1
+    m3co_fraction: Optional[float] = None
     holdout: float = 0.2
     eval_every: int = 1
     score_test_every_epoch: bool = True
@@ -615,9 +620,12 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     value_checks: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     # options that do not change the numbers a run produces (left out of its fingerprint)
     _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
+    # options added later: left out of the fingerprint while unset, so that older records still match
+    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}}
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
@@ -638,6 +646,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, name, ">= 0")
         need(0 < self.gamma <= 1, "gamma", "in (0, 1]")
         need(self.mix_prob is None or 0 <= self.mix_prob <= 1, "mix_prob", "None or in [0, 1]")
+        need(self.m3co_fraction is None or 0 <= self.m3co_fraction <= 1, "m3co_fraction", "None (the convention's) or in [0, 1]")
+        need(isinstance(self.extra, dict), "extra", "a dict of task-specific options")
         need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or > 0")
         need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
@@ -650,7 +660,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        data = {k: v for k, v in self.as_dict().items() if k not in self._NOT_IN_FINGERPRINT}
+        data = {
+            k: v
+            for k, v in self.as_dict().items()
+            if k not in self._NOT_IN_FINGERPRINT and not (k in self._FINGERPRINT_IF_SET and v == self._FINGERPRINT_IF_SET[k])
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -665,6 +679,12 @@ class Task:
     (e.g. "M3CoL (paper)") to ``{metric: (mean, std or None)}`` as fractions.
     ``param_groups(model, config)`` returns optimiser parameter groups (default: all
     parameters with ``config.lr`` and ``config.weight_decay``).
+    ``analyse(model, context)`` runs once per seed after training, on the weights of the epoch
+    chosen by the validation protocol (the last epoch without a validation split), and returns
+    ``{name: fraction}`` (e.g. accuracy with a modality replaced by noise); the numbers go to the
+    seed's record and, as mean and std over seeds, to ``results["analyses"]`` (``results.md``
+    shows them in percent, named by ``analysis_labels``). ``context`` is an
+    :class:`AnalysisContext`. Like ``build_model`` it must be picklable.
     """
 
     name: str
@@ -678,11 +698,24 @@ class Task:
     val: Optional[Dataset] = None
     param_groups: Optional[Callable[[nn.Module, TrainConfig], List[Dict[str, Any]]]] = None
     collate_fn: Optional[Callable] = None
+    analyse: Optional[Callable[[nn.Module, "AnalysisContext"], Dict[str, float]]] = None
+    analysis_labels: Dict[str, str] = field(default_factory=dict)
     published: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class AnalysisContext:
+    """What :attr:`Task.analyse` gets besides the model (already in eval mode, on ``device``)."""
+
+    device: torch.device
+    seed: int
+    epoch: int  # the epoch whose weights the model holds
+    autocast: Callable[[], Any]  # a context manager factory: bfloat16 autocast when the run uses it
+    config: "TrainConfig"
 
 
 @dataclass
@@ -837,6 +870,7 @@ class Trainer:
             alpha=c.alpha,
             mix_prob=c.mix_prob,
             temperature=c.temperature,
+            m3co_fraction=c.m3co_fraction,
             seed=self.seed,
         )
         history: Dict[str, List[float]] = {k: [] for k in ("epoch", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")}
@@ -909,7 +943,13 @@ class Trainer:
                     if val_ev is not None:
                         if c.score_test_every_epoch:
                             # the chosen epoch's test probabilities are those of its weights
-                            best_val.offer(epoch, val_ev, lambda: {"test_prob": test_ev.prob, "val_prob": val_ev.prob})
+                            # (and its weights when an analysis will need them)
+                            keep = task.analyse is not None
+                            best_val.offer(
+                                epoch,
+                                val_ev,
+                                lambda: {"test_prob": test_ev.prob, "val_prob": val_ev.prob, **({"state": _cpu_state(model)} if keep else {})},
+                            )
                         else:
                             best_val.offer(epoch, val_ev, lambda: {"state": _cpu_state(model), "val_prob": val_ev.prob})
                     if test_ev is not None and c.score_test_every_epoch:
@@ -949,6 +989,8 @@ class Trainer:
                         },
                     )
         epochs_bar.close()
+        if final_test is None:  # resumed from the checkpoint of the last epoch
+            final_test = self.evaluate(model, test_batches)
 
         labels = final_test.labels
         protocols: Dict[str, Dict[str, Any]] = {}
@@ -968,10 +1010,21 @@ class Trainer:
         protocols["final"] = dict(task.metrics(labels, final_test.prob), epoch=c.epochs - 1)
         if best_test.epoch is not None:
             protocols["best_on_test"] = dict(task.metrics(labels, best_test.payload["test_prob"]), epoch=best_test.epoch)
+        analyses = None
+        if task.analyse is not None:
+            chosen = c.epochs - 1
+            if best_val.epoch is not None and "state" in best_val.payload:
+                model.load_state_dict(best_val.payload["state"])
+                chosen = best_val.epoch
+            model.eval()
+            context = AnalysisContext(device=self.device, seed=self.seed, epoch=chosen, autocast=self._autocast, config=c)
+            analyses = {k: float(v) for k, v in task.analyse(model, context).items()}
+            analyses["epoch"] = chosen
         return {
             "seed": self.seed,
             "protocols": protocols,
             "val_scores": val_scores,
+            "analyses": analyses,
             "train_size": len(train_set),
             "val_size": len(val_set) if val_set is not None else 0,
             "test_size": len(test_set),
@@ -1093,6 +1146,13 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
         for k in keys:
             values = np.array([r["val_scores"][k] for r in per_seed], dtype=np.float64)
             val_scores[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+    analyses = None
+    if per_seed and all(r.get("analyses") for r in per_seed):
+        analyses = {}
+        for k in per_seed[0]["analyses"]:
+            if all(k in r["analyses"] for r in per_seed):
+                values = np.array([r["analyses"][k] for r in per_seed], dtype=np.float64)
+                analyses[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
     return {
         "dataset": task.name,
         "method": config.method,
@@ -1101,8 +1161,10 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
         "protocols": protocols,
         "optimistic_protocols": ["best_on_test"],
         "val_scores": val_scores,
+        **({"analyses": analyses} if analyses is not None else {}),
         "per_seed": [
-            {k: r[k] for k in ("seed", "protocols", "val_scores", "seconds", "train_size", "val_size", "test_size")} for r in per_seed
+            {k: r[k] for k in ("seed", "protocols", "val_scores", "analyses", "seconds", "train_size", "val_size", "test_size") if k in r}
+            for r in per_seed
         ],
         "seconds": seconds,
         "config": config.as_dict(),
@@ -1157,6 +1219,11 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
         "`best on test` picks the epoch by its test score, so it is an optimistic upper bound, not an estimate;"
         " `validation` is the honest figure.",
     ]
+    if results.get("analyses"):
+        lines += ["", "Analyses on the weights of the epoch chosen by the validation protocol (percent):", "", "| analysis | value |", "| --- | --- |"]
+        for key, stat in results["analyses"].items():
+            if key != "epoch":
+                lines.append(f"| {task.analysis_labels.get(key, key)} | {_pct(stat)} |")
     if task.notes:
         lines += [""] + [f"- {note}" for note in task.notes]
     return "\n".join(lines) + "\n"

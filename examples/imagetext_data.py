@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,17 +344,9 @@ class ImageTextCollator:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
 
-    def __call__(self, items) -> Dict[str, torch.Tensor]:
+    def __call__(self, items) -> Tuple[List[object], torch.Tensor]:
+        """``([pixels (N, 3, H, W), tokens {input_ids, attention_mask[, token_type_ids]}], labels)``."""
         pixels, texts, labels = zip(*items)
-        tokens = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        batch = {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels, dtype=torch.long)}
-        batch.update({key: value for key, value in tokens.items() if key in ("input_ids", "attention_mask", "token_type_ids")})
-        return batch
-
-
-def batch_size_of(batch: Dict[str, torch.Tensor]) -> int:
-    return int(batch["labels"].shape[0])
-
-
-def steps_per_epoch(num_samples: int, batch_size: int, *, drop_last: bool) -> int:
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+        encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tokens = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+        return [torch.stack(pixels), tokens], torch.tensor(labels, dtype=torch.long)

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+from typing import Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+import engine
 from imagetext_data import ImageTransform
 
 __all__ = ["TextEncoder", "ImageEncoder", "mlp_head", "load_tokenizer", "require_timm", "TIMM_MISSING"]
@@ -79,22 +80,15 @@ class TextEncoder(nn.Module):
         """Word embeddings (N, L, D) of the ids, before position embeddings and LayerNorm."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(
-        self,
-        input_ids: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        token_type_ids: Optional[Tensor] = None,
-        *,
-        inputs_embeds: Optional[Tensor] = None,
-    ) -> Tensor:
-        kwargs = {"attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        if inputs_embeds is not None:
-            out = self.model(inputs_embeds=inputs_embeds, **kwargs)
+    def forward(self, tokens: Mapping[str, Tensor]) -> Tensor:
+        """First-token embedding (N, D) of a tokenizer's output (``input_ids``, ``attention_mask``,
+        optionally ``token_type_ids``), or of ``inputs_embeds`` (N, L, D) given instead of the ids."""
+        kwargs = {k: tokens[k] for k in ("attention_mask", "token_type_ids") if k in tokens}
+        if "inputs_embeds" in tokens:
+            kwargs["inputs_embeds"] = tokens["inputs_embeds"]
         else:
-            out = self.model(input_ids=input_ids, **kwargs)
-        return out.last_hidden_state[:, 0]
+            kwargs["input_ids"] = tokens["input_ids"]
+        return self.model(**kwargs).last_hidden_state[:, 0]
 
 
 def require_timm():
@@ -201,3 +195,66 @@ def mlp_head(in_dim: int, hidden: int, num_classes: int, *, dropout: float = 0.0
     )
     head.apply(_xavier)
     return head
+
+
+
+
+def mixed_attention_mask(mask: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    """Attention mask of mixed token sequences: a position is real if either source is real there.
+
+    Rows that are not mixed (lam = 1) keep their own mask.
+    """
+    return torch.where((lam < 1).unsqueeze(1), torch.maximum(mask, mask[perm]), mask)
+
+
+class ImageTextClassifier(engine.MultimodalClassifier):
+    """The engine's model (encoder + head per modality, fusion head) for an image and a text.
+
+    Modality 0 is the image (inputs: normalised pixels), modality 1 the text (inputs: the
+    tokenizer's dict). For the paper's M3Co and for vanilla mixup the text is mixed at its word
+    embeddings (see :meth:`mix_input`).
+    """
+
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder, num_classes: int, *, hidden: int = 256, dropout: float = 0.0) -> None:
+        heads = [mlp_head(e.out_dim, hidden, num_classes, dropout=dropout) for e in (image_encoder, text_encoder)]
+        fusion = mlp_head(image_encoder.out_dim + text_encoder.out_dim, hidden, num_classes, dropout=dropout)
+        super().__init__([image_encoder, text_encoder], heads, fusion)
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return self.encoders[0]
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.encoders[1]
+
+    def mix_input(self, m: int, x, plan):
+        """Pixels are mixed as they are; a text is mixed at its word embeddings.
+
+        The word embeddings are the text encoder's input before it adds position and token-type
+        embeddings and applies its embedding LayerNorm. The two texts of a pair share the
+        positions, so the mixture gets the same position signal as a clean text and still goes
+        through the LayerNorm the pretrained weights expect; mixing the embedding layer's
+        normalised output instead would skip that LayerNorm for mixtures only. Where one text
+        is longer, its extra tokens are mixed with the other's padding and attended to.
+        """
+        if m == 0:
+            return plan.mix(x, 0)
+        embeds = plan.mix(self.text_encoder.embed_tokens(x["input_ids"]), 1)
+        mixed = {k: v for k, v in x.items() if k != "input_ids"}
+        mixed["inputs_embeds"] = embeds
+        if "attention_mask" in x:
+            perm, lam = plan.perms[1].to(embeds.device), plan.lam[1].to(embeds.device)
+            mixed["attention_mask"] = mixed_attention_mask(x["attention_mask"], perm, lam)
+        return mixed
+
+    def encode_replaced(self, inputs: Sequence, replace: Mapping[str, Tensor]) -> list:
+        """Embeddings with modality inputs replaced: ``replace["image"]`` pixels (N, 3, H, W),
+        ``replace["text"]`` word embeddings (N, L, D) used with the text's own attention mask."""
+        pixels, tokens = inputs
+        if "image" in replace:
+            pixels = replace["image"]
+        if "text" in replace:
+            tokens = {k: v for k, v in tokens.items() if k != "input_ids"}
+            tokens["inputs_embeds"] = replace["text"]
+        return self.encode([pixels, tokens])
