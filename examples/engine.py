@@ -1178,7 +1178,8 @@ def _pct(stat: Optional[Mapping[str, Optional[float]]]) -> str:
         return "-"
     if stat["std"] is None:
         return f"{100 * stat['mean']:.1f}"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    # a std below 0.05 points would print as 0.0: give it two decimals
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.{2 if 100 * stat['std'] < 0.05 else 1}f}"
 
 
 def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
@@ -1207,7 +1208,7 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
                 cells.append("-")
             else:
                 mean, std = row[m]
-                cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else ""))
+                cells.append(_pct({"mean": mean, "std": std}))
         lines.append(f"| {label} | " + " | ".join(cells) + " | - |")
     if results.get("val_scores"):
         scores = []

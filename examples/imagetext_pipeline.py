@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import engine
-from imagetext_data import DataError, ImageTextCollator, ImageTextDataset, ImageTextSplits, ImageTransform
+from imagetext_data import ImageTextCollator, ImageTextDataset, ImageTextSplits, ImageTransform
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LR_GROUPS = ("image_encoder", "text_encoder", "image_head", "text_head", "fusion_head")
@@ -261,10 +261,13 @@ def image_transform(args) -> ImageTransform:
     """The image encoder's preprocessing, read without loading its weights."""
     import transformers
 
-    from imagetext_models import ImageEncoder, _vit_preprocessing, require_timm
+    from imagetext_models import ImageEncoder, _vit_preprocessing
 
     if args.image_backend == "timm":
-        return ImageEncoder(args.image_encoder, backend="timm", pretrained=False).transform()
+        try:
+            return ImageEncoder(args.image_encoder, backend="timm", pretrained=False).transform()
+        except (ImportError, OSError) as err:
+            raise SystemExit(str(err)) from None
     try:
         config = transformers.AutoConfig.from_pretrained(args.image_encoder)
     except (OSError, ValueError) as err:
@@ -322,7 +325,7 @@ def make_task(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.Task
     )
 
 
-def train_config(spec: ImageTextSpec, args) -> engine.TrainConfig:
+def train_config(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.TrainConfig:
     config = engine.config_from_args(args, default_config(spec))
     lr = {group: getattr(args, f"lr_{group}") for group in LR_GROUPS}
     image_encoder, text_encoder = args.image_encoder, args.text_encoder
@@ -341,6 +344,8 @@ def train_config(spec: ImageTextSpec, args) -> engine.TrainConfig:
         "eval_confidence": args.eval_confidence,
         "noise_samples": args.noise_samples,
         "smoke": args.smoke,
+        "pairs": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "dropped_pairs": splits.dropped,
     }
     bf16 = torch.device(config.device).type == "cuda" and not args.no_bf16
     return dataclasses.replace(
@@ -357,11 +362,11 @@ def _run(spec: ImageTextSpec, args) -> dict:
     data_dir = find_data_dir(spec, args.data_dir)
     try:
         splits = spec.load(args, data_dir)
-    except DataError as err:
+    except ValueError as err:  # DataError (a malformed file) or a split option the data cannot meet
         raise SystemExit(f"{spec.name}: {err}") from None
     print(f"{spec.name} at {data_dir}: {splits.summary()}", flush=True)
     task = make_task(spec, args, splits)
-    config = train_config(spec, args)
+    config = train_config(spec, args, splits)
     workers = args.workers or engine.default_workers(len(args.seeds), config.device)
     results = engine.run(task, config, args.seeds, args.output_dir, workers=workers)
     print(engine.results_markdown(task, results))

@@ -6,13 +6,12 @@ with ``save_pretrained``; nothing touches the network (HF_HUB_OFFLINE=1).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -170,14 +169,16 @@ def test_tiny_encoders_load_with_from_pretrained_and_give_first_token_embeddings
     tokenizer = models.load_tokenizer(str(text_dir))
     splits = data.load_food101(food, validation_size=2)
     dataset = data.ImageTextDataset(splits.train[:3], image_encoder.transform())
-    batch = data.ImageTextCollator(tokenizer, max_tokens=5)([dataset[i] for i in range(3)])
-    assert batch["input_ids"].shape[1] <= 5 and (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    (pixels, tokens), labels = data.ImageTextCollator(tokenizer, max_tokens=5)([dataset[i] for i in range(3)])
+    assert labels.tolist() == [s.label for s in splits.train[:3]] and pixels.shape == (3, 3, 32, 32)
+    assert tokens["input_ids"].shape[1] <= 5 and (tokens["input_ids"][:, 0] == tokenizer.cls_token_id).all()
     image_encoder.eval(), text_encoder.eval()
     with torch.no_grad():
-        z_img = image_encoder(batch["pixel_values"])
-        z_txt = text_encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        full = text_encoder.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        by_embeds = text_encoder(inputs_embeds=text_encoder.embed_tokens(batch["input_ids"]), attention_mask=batch["attention_mask"])
+        z_img = image_encoder(pixels)
+        z_txt = text_encoder(tokens)
+        full = text_encoder.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        embeds = text_encoder.embed_tokens(tokens["input_ids"])
+        by_embeds = text_encoder({"inputs_embeds": embeds, "attention_mask": tokens["attention_mask"]})
     assert z_img.shape == (3, image_encoder.out_dim) and z_txt.shape == (3, text_encoder.out_dim)
     torch.testing.assert_close(z_txt, full[:, 0])
     torch.testing.assert_close(by_embeds, z_txt)
@@ -207,7 +208,8 @@ def test_roberta_loads_as_robertamodel(tmp_path):
     mask = (ids != 1).long()
     encoder.eval()
     with torch.no_grad():
-        torch.testing.assert_close(encoder(inputs_embeds=encoder.embed_tokens(ids), attention_mask=mask), encoder(ids, mask))
+        by_embeds = encoder({"inputs_embeds": encoder.embed_tokens(ids), "attention_mask": mask})
+        torch.testing.assert_close(by_embeds, encoder({"input_ids": ids, "attention_mask": mask}))
 
 
 def test_encoder_load_errors_name_the_path_and_option(tmp_path):
@@ -239,3 +241,211 @@ def test_mlp_head_layout():
     assert (head[0].in_features, head[0].out_features, head[3].out_features, head[5].out_features) == (768, 256, 256, 101)
     with pytest.raises(ValueError, match="dropout"):
         models.mlp_head(4, 4, 2, dropout=1.0)
+
+
+# ----------------------------------------------------------------------------- model, mixing, optimiser
+
+
+def _batch(encoders, food, n=4):
+    image_dir, text_dir = encoders
+    model = models.ImageTextClassifier(models.ImageEncoder(str(image_dir)), models.TextEncoder(str(text_dir)), 4, hidden=16)
+    splits = data.load_food101(food, validation_size=2)
+    dataset = data.ImageTextDataset(splits.train[:n], model.image_encoder.transform())
+    inputs, y = data.ImageTextCollator(models.load_tokenizer(str(text_dir)))([dataset[i] for i in range(n)])
+    return model.eval(), inputs, y
+
+
+def test_text_is_mixed_at_the_word_embeddings_with_merged_masks(encoders, food):
+    from m3co_loss import MixupPlan
+
+    model, (pixels, tokens), y = _batch(encoders, food)
+    tokens["attention_mask"][1] = 1
+    tokens["attention_mask"][0, -2:] = 0  # row 0 is shorter than its partner, row 1
+    perm = torch.tensor([1, 0, 3, 2])
+    plan = MixupPlan((perm, perm), torch.tensor([[0.7, 1.0, 0.3, 0.5]] * 2))
+    mixed = model.mix_input(1, tokens, plan)
+    assert "input_ids" not in mixed
+    embeds = model.text_encoder.embed_tokens(tokens["input_ids"])
+    lam = plan.lam[1].view(-1, 1, 1)
+    torch.testing.assert_close(mixed["inputs_embeds"], lam * embeds + (1 - lam) * embeds[perm])
+    assert mixed["attention_mask"][0, -2:].tolist() == [1, 1]  # the partner's real tokens are attended to
+    torch.testing.assert_close(mixed["attention_mask"][1], tokens["attention_mask"][1])  # lam = 1: own mask
+    torch.testing.assert_close(model.mix_input(0, pixels, plan), plan.mix(pixels, 0))
+    with torch.no_grad():  # a row with lam = 1 encodes exactly like the clean text
+        z_mixed = model.encode_mixed_modality(1, tokens, plan)
+        z_clean = model.encode([pixels, tokens])[1]
+    torch.testing.assert_close(z_mixed[1], z_clean[1])
+    assert not torch.allclose(z_mixed[0], z_clean[0])
+
+
+def test_param_groups_follow_the_released_learning_rates(encoders, food):
+    import engine
+    from imagetext_pipeline import param_groups
+
+    model, _, _ = _batch(encoders, food, n=2)
+    lr = {"image_encoder": 1.0, "text_encoder": 2.0, "image_head": 3.0, "text_head": 4.0, "fusion_head": 5.0}
+    groups = param_groups(model, engine.TrainConfig(weight_decay=0.5, extra={"lr": lr}))
+    ids = lambda module: {id(p) for p in module.parameters()}  # noqa: E731
+    by_lr = {}
+    for g in groups:
+        by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
+    assert by_lr == {1.0: ids(model.image_encoder), 2.0: ids(model.text_encoder), 3.0: ids(model.heads[0]), 4.0: ids(model.heads[1]), 5.0: ids(model.fusion)}
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.text_encoder.named_parameters()}
+    assert no_decay and all(names[i].endswith("bias") or "LayerNorm" in names[i] for i in no_decay)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def test_noise_statistics_and_corrupted_evaluation(encoders, food):
+    from imagetext_robustness import noise_statistics, robustness_report
+
+    model, inputs, y = _batch(encoders, food, n=6)
+    batches = [(inputs, y)]
+    stats = noise_statistics(model, batches, device="cpu", max_samples=5)
+    pixels, tokens = inputs
+    torch.testing.assert_close(stats.image_mean, pixels[:5].mean(dim=(0, 2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.image_std, pixels[:5].permute(1, 0, 2, 3).reshape(3, -1).std(dim=1, unbiased=False), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        real = model.text_encoder.embed_tokens(tokens["input_ids"][:5])[tokens["attention_mask"][:5].bool()]
+    torch.testing.assert_close(stats.text_mean, real.mean(0), atol=1e-5, rtol=0)
+    assert stats.samples == 5
+
+    generator = torch.Generator().manual_seed(0)
+    noise = stats.noise("text", inputs, model, generator)
+    assert noise.shape == (*tokens["input_ids"].shape, model.text_encoder.out_dim)
+    report = robustness_report(model, batches, stats, device="cpu", corrupt=("image", "text"), confidence=True, seed=0)
+    assert set(report) == {"acc_clean", "acc_image_noise", "acc_text_noise", "confidence_clean", "confidence_random"}
+    assert all(0 <= v <= 1 for v in report.values())
+    assert all(v >= 1 / 4 - 1e-6 for k, v in report.items() if k.startswith("confidence"))  # max-softmax over 4 classes
+    with torch.no_grad():
+        clean = torch.softmax(model.predict(inputs), 1)
+    assert report["confidence_clean"] == pytest.approx(clean.max(1).values.mean().item(), abs=1e-6)
+    assert report["acc_clean"] == pytest.approx((clean.argmax(1) == y).float().mean().item())
+    again = robustness_report(model, batches, stats, device="cpu", corrupt=("image",), confidence=True, seed=0)
+    assert again["acc_image_noise"] == report["acc_image_noise"] and again["confidence_random"] == report["confidence_random"]
+    with pytest.raises(ValueError, match="--eval-corrupt"):
+        robustness_report(model, batches, stats, device="cpu", corrupt=("audio",))
+
+
+# ----------------------------------------------------------------------------- pipelines end to end
+
+ANALYSES = {"acc_clean", "acc_image_noise", "acc_text_noise", "confidence_clean", "confidence_random", "epoch"}
+
+
+def _check_results(out: Path, dataset: str, *, method: str = "m3col") -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == dataset and results["method"] == method and results["seeds"] == [0]
+    for protocol in ("validation", "final", "best_on_test"):
+        assert set(results["protocols"][protocol]["acc"]) == {"mean", "std"}
+        assert 0 <= results["protocols"][protocol]["acc"]["mean"] <= 1
+    assert results["protocols"]["validation"]["acc"]["mean"] > 0.5  # 4 classes: chance is 0.25
+    assert set(results["analyses"]) == ANALYSES
+    seed = results["per_seed"][0]
+    assert seed["train_size"] > 0 and seed["test_size"] > 0 and seed["analyses"]["acc_clean"] >= 0
+    assert results["config"]["extra"]["dropped_pairs"]["train"] == {"missing_image": 1, "missing_text": 1}
+    assert "M3CoL (paper" in (out / "results.md").read_text()
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoints" / "seed0.pt").is_file()
+    return results
+
+
+def test_food101_smoke_command_line(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "food101.py"), "--smoke", "--output-dir", str(out), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 without image, 1 without text" in proc.stdout and "smoke run:" in proc.stdout
+    results = _check_results(out, "food101")
+    assert results["config"]["epochs"] == 2 and results["config"]["extra"]["smoke"] is True
+
+
+def test_n24news_smoke_runs_both_phases(tmp_path, monkeypatch):
+    import engine
+    import n24news
+
+    phases = []
+    call = engine.Objective.__call__
+
+    def recording(self, *args, **kwargs):
+        phases.append(self.phase())
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Objective, "__call__", recording)
+    out = tmp_path / "out"
+    n24news.main(n24news.N24NEWS, ["--smoke", "--output-dir", str(out), "--no-progress", "--text-field", "caption"])
+    results = _check_results(out, "N24News")
+    assert "caption" in results["config"]["extra"]["dataset_options"]
+    steps = len(phases) // 2
+    assert phases == ["m3co"] * steps + ["multisclip"] * steps  # M3Co for 1 of 2 epochs, then MultiSClip
+
+
+def _train_args(food, encoders, out):
+    image_dir, text_dir = encoders
+    lrs = [x for g in ("image-encoder", "text-encoder", "image-head", "text-head", "fusion-head") for x in (f"--lr-{g}", "1e-3")]
+    return [
+        "--data-dir", str(food), "--image-encoder", str(image_dir), "--text-encoder", str(text_dir), "--output-dir", str(out),
+        "--seeds", "0", "--epochs", "2", "--batch-size", "8", "--accumulate", "2", "--validation-size", "4",
+        "--num-workers", "0", "--device", "cpu", "--workers", "1", "--head-width", "16", "--max-tokens", "16", "--no-progress", *lrs,
+    ]  # fmt: skip
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_from_a_checkpoint_continues_where_it_stopped(food, encoders, tmp_path, monkeypatch):
+    import engine
+    import food101
+
+    full = tmp_path / "full"
+    food101.main(food101.FOOD101, _train_args(food, encoders, full))
+
+    cut = tmp_path / "cut"
+    save = engine.atomic_torch_save
+
+    def save_then_stop(path, obj):
+        save(path, obj)
+        raise Interrupted  # the process dies right after the first epoch's checkpoint
+
+    monkeypatch.setattr(engine, "atomic_torch_save", save_then_stop)
+    with pytest.raises(Interrupted):
+        food101.main(food101.FOOD101, _train_args(food, encoders, cut))
+    monkeypatch.setattr(engine, "atomic_torch_save", save)
+    assert torch.load(cut / "checkpoints" / "seed0.pt", weights_only=False)["epoch"] == 0
+    assert not (cut / "results.json").exists()
+
+    epochs_run = []
+    end = engine.Objective.epoch_end
+    monkeypatch.setattr(engine.Objective, "epoch_end", lambda self: (epochs_run.append(1), end(self)))
+    food101.main(food101.FOOD101, _train_args(food, encoders, cut) + ["--resume"])
+    assert len(epochs_run) == 1  # only the second epoch was trained again
+    a = json.loads((full / "seeds" / "seed0.json").read_text())
+    b = json.loads((cut / "seeds" / "seed0.json").read_text())
+    assert a["history"] == b["history"] and a["protocols"] == b["protocols"]  # bit for bit the uninterrupted run
+
+
+def test_command_line_errors_are_clear(food, encoders, tmp_path, monkeypatch):
+    import food101
+
+    args = _train_args(food, encoders, tmp_path / "out")
+    with pytest.raises(SystemExit, match="--image-backend timm needs the 'timm' package"):
+        monkeypatch.setitem(sys.modules, "timm", None)
+        food101.main(food101.FOOD101, args + ["--image-backend", "timm"])
+    with pytest.raises(SystemExit):
+        food101.main(food101.FOOD101, args + ["--lr", "0.1"])
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("M3CO_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr("imagetext_pipeline.REPO_ROOT", tmp_path / "nowhere" / "repo")
+    with pytest.raises(SystemExit, match=r"(?s)No food101 data found.*visiir.*--smoke"):
+        food101.main(food101.FOOD101, ["--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"validation_size \(50\) must be smaller than the 20 usable training pairs"):
+        food101.main(food101.FOOD101, args + ["--validation-size", "50"])
+    (food / "texts" / "test_titles.csv").write_text("a.jpg,only two\n")
+    with pytest.raises(SystemExit, match=r"food101: .*test_titles\.csv, line 1: expected 3 fields"):
+        food101.main(food101.FOOD101, args)
