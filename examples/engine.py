@@ -1179,7 +1179,7 @@ def _pct(stat: Optional[Mapping[str, Optional[float]]]) -> str:
     if stat["std"] is None:
         return f"{100 * stat['mean']:.1f}"
     # a std below 0.05 points would print as 0.0: give it two decimals
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.{2 if 100 * stat['std'] < 0.05 else 1}f}"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.{2 if 0 < 100 * stat['std'] < 0.05 else 1}f}"
 
 
 def results_markdown(task: Task, results: Mapping[str, Any]) -> str:

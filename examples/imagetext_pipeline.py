@@ -365,6 +365,8 @@ def _run(spec: ImageTextSpec, args) -> dict:
     except ValueError as err:  # DataError (a malformed file) or a split option the data cannot meet
         raise SystemExit(f"{spec.name}: {err}") from None
     print(f"{spec.name} at {data_dir}: {splits.summary()}", flush=True)
+    if not args.smoke and len(splits.classes) != spec.num_classes:
+        print(f"warning: {spec.name} has {spec.num_classes} classes, but {len(splits.classes)} were read from {data_dir}", flush=True)
     task = make_task(spec, args, splits)
     config = train_config(spec, args, splits)
     workers = args.workers or engine.default_workers(len(args.seeds), config.device)
@@ -376,6 +378,8 @@ def _run(spec: ImageTextSpec, args) -> dict:
 
 def main(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> dict:
     args = parse(spec, argv)
+    # the collate function tokenises in DataLoader workers: keep the tokenizer single-threaded there
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.smoke:
         return _run(spec, args)
     # Smoke: the released layout and tiny encoders in a temporary folder; no network at any point.
