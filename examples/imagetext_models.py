@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Mapping, Sequence, Tuple
 
 import torch
@@ -21,7 +22,16 @@ from torch import Tensor, nn
 import engine
 from imagetext_data import ImageTransform
 
-__all__ = ["TextEncoder", "ImageEncoder", "mlp_head", "load_tokenizer", "require_timm", "TIMM_MISSING"]
+__all__ = [
+    "TextEncoder",
+    "ImageEncoder",
+    "ImageTextClassifier",
+    "mlp_head",
+    "mixed_attention_mask",
+    "load_tokenizer",
+    "require_timm",
+    "TIMM_MISSING",
+]
 
 TIMM_MISSING = (
     "--image-backend timm needs the 'timm' package, which could not be imported ({error}). "
@@ -33,10 +43,22 @@ TIMM_MISSING = (
 def _quiet_transformers():
     import transformers
 
-    # Loading weights without the (unused) pooler logs a long "weights not used" notice.
+    # Loading a checkpoint without its unused pooler logs a long notice; what matters, weights
+    # that the checkpoint lacks, is checked by _from_pretrained instead.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+def _from_pretrained(model_class, name_or_path: str, option: str, **kwargs):
+    """``model_class.from_pretrained`` that warns when weights are missing from the checkpoint
+    (they would start random, which no reproduction wants to happen silently)."""
+    model, info = model_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        warnings.warn(f"{option} {name_or_path}: {len(missing)} weights are not in the checkpoint and start random ({shown})", RuntimeWarning, stacklevel=3)
+    return model
 
 
 def load_tokenizer(name_or_path: str):
@@ -62,9 +84,9 @@ class TextEncoder(nn.Module):
             config = transformers.AutoConfig.from_pretrained(name_or_path)
             classes = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}
             if config.model_type in classes:
-                self.model = classes[config.model_type].from_pretrained(name_or_path, add_pooling_layer=False)
+                self.model = _from_pretrained(classes[config.model_type], name_or_path, "--text-encoder", add_pooling_layer=False)
             else:
-                self.model = transformers.AutoModel.from_pretrained(name_or_path)
+                self.model = _from_pretrained(transformers.AutoModel, name_or_path, "--text-encoder")
         except (OSError, ValueError) as err:
             raise OSError(f"cannot load a text encoder from {name_or_path!r} (--text-encoder): {err}") from err
         self.name = name_or_path
@@ -131,9 +153,9 @@ class ImageEncoder(nn.Module):
         try:
             config = transformers.AutoConfig.from_pretrained(name_or_path)
             if config.model_type == "vit":
-                self.model = transformers.ViTModel.from_pretrained(name_or_path, add_pooling_layer=False)
+                self.model = _from_pretrained(transformers.ViTModel, name_or_path, "--image-encoder", add_pooling_layer=False)
             else:
-                self.model = transformers.AutoModel.from_pretrained(name_or_path)
+                self.model = _from_pretrained(transformers.AutoModel, name_or_path, "--image-encoder")
         except (OSError, ValueError) as err:
             raise OSError(f"cannot load an image encoder from {name_or_path!r} (--image-encoder): {err}") from err
         self.out_dim = int(self.model.config.hidden_size)
@@ -141,7 +163,9 @@ class ImageEncoder(nn.Module):
 
     def transform(self, *, horizontal_flip: bool = False) -> ImageTransform:
         size, mean, std, resample = self._preprocess
-        return ImageTransform(size, mean, std, resample=resample if resample in ("nearest", "bilinear", "bicubic", "lanczos") else "bilinear", horizontal_flip=horizontal_flip)
+        if resample not in _PIL_NAMES.values():  # e.g. timm's "random"
+            resample = "bilinear"
+        return ImageTransform(size, mean, std, resample=resample, horizontal_flip=horizontal_flip)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if self.backend == "timm":

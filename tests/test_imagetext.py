@@ -212,6 +212,18 @@ def test_roberta_loads_as_robertamodel(tmp_path):
         torch.testing.assert_close(by_embeds, encoder({"input_ids": ids, "attention_mask": mask}))
 
 
+def test_weights_missing_from_a_checkpoint_are_reported(encoders, tmp_path):
+    import shutil
+
+    _, text_dir = encoders
+    shutil.copytree(text_dir, tmp_path / "bert")
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    config["num_hidden_layers"] += 1  # the checkpoint lacks the last layer
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(RuntimeWarning, match=r"--text-encoder .*bert: \d+ weights are not in the checkpoint and start random \(encoder\.layer\.2\."):
+        models.TextEncoder(str(tmp_path / "bert"))
+
+
 def test_encoder_load_errors_name_the_path_and_option(tmp_path):
     with pytest.raises(OSError, match=r"--text-encoder"):
         models.TextEncoder(str(tmp_path / "nowhere"))
