@@ -577,6 +577,11 @@ class Objective:
 class TrainConfig:
     """Training options of one run (validated by :meth:`validate`).
 
+    ``m3co_fraction`` overrides the share of the epochs spent on M3Co (None: the convention's,
+    1/3 or 0.33). ``extra`` holds a pipeline's own options (encoders, per-group learning rates,
+    ...): they are recorded in ``results.json`` and change the fingerprint, so that a rerun with
+    other options does not reuse finished seeds or checkpoints.
+
     ``batch_size=None`` trains full batch; ``accumulate`` micro-batches make one optimiser step.
     ``holdout`` (a fraction in (0, 1) or a count) is the stratified part of the training set held
     out for the validation protocol; 0 trains on the whole training set and reports only
@@ -584,10 +589,6 @@ class TrainConfig:
     ``eval_every`` evaluates every k epochs (the last epoch is always evaluated);
     ``score_test_every_epoch=False`` skips the per-epoch test pass (no ``best_on_test``): the
     weights of the chosen epoch are then kept and the test set is scored once at the end.
-    ``m3co_fraction`` overrides the share of the epochs spent on M3Co (None: the convention's,
-    1/3 or 0.33). ``extra`` holds a pipeline's own options (encoders, per-group learning rates,
-    ...): they are recorded in ``results.json`` and change the fingerprint, so that a rerun with
-    other options does not reuse finished seeds or checkpoints.
     """
 
     method: str = "m3col"
@@ -877,6 +878,7 @@ class Trainer:
         best_val, best_test = _Best(), _Best()
         final_test: Optional[Evaluation] = None
         start_epoch = 0
+        analysis_state: Optional[Dict[str, Tensor]] = None  # weights of the chosen epoch, for task.analyse
         if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
             if state["fingerprint"] != c.fingerprint():
@@ -888,6 +890,7 @@ class Trainer:
             objective.load_state_dict(state["objective"])
             best_val.load_state_dict(state["best_val"])
             best_test.load_state_dict(state["best_test"])
+            analysis_state = state.get("analysis_state")
             history, start_epoch = state["history"], state["epoch"] + 1
             torch.set_rng_state(state["torch_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -943,13 +946,7 @@ class Trainer:
                     if val_ev is not None:
                         if c.score_test_every_epoch:
                             # the chosen epoch's test probabilities are those of its weights
-                            # (and its weights when an analysis will need them)
-                            keep = task.analyse is not None
-                            best_val.offer(
-                                epoch,
-                                val_ev,
-                                lambda: {"test_prob": test_ev.prob, "val_prob": val_ev.prob, **({"state": _cpu_state(model)} if keep else {})},
-                            )
+                            best_val.offer(epoch, val_ev, lambda: {"test_prob": test_ev.prob, "val_prob": val_ev.prob})
                         else:
                             best_val.offer(epoch, val_ev, lambda: {"state": _cpu_state(model), "val_prob": val_ev.prob})
                     if test_ev is not None and c.score_test_every_epoch:
@@ -965,6 +962,8 @@ class Trainer:
                     history["test_acc"].append(test_ev.acc if test_ev else None)
                     if show:
                         epochs_bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_ev.acc:.3f}" if val_ev else "-")
+                if task.analyse is not None and val_ev is not None and best_val.epoch == epoch:
+                    analysis_state = _cpu_state(model)  # the analyses run on the chosen epoch's weights
                 if scheduler is not None:
                     if c.scheduler == "plateau":
                         if val_ev is not None:
@@ -983,6 +982,7 @@ class Trainer:
                             "objective": objective.state_dict(),
                             "best_val": best_val.state_dict(),
                             "best_test": best_test.state_dict(),
+                            "analysis_state": analysis_state,
                             "history": history,
                             "torch_rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -1013,8 +1013,8 @@ class Trainer:
         analyses = None
         if task.analyse is not None:
             chosen = c.epochs - 1
-            if best_val.epoch is not None and "state" in best_val.payload:
-                model.load_state_dict(best_val.payload["state"])
+            if best_val.epoch is not None and analysis_state is not None:
+                model.load_state_dict(analysis_state)
                 chosen = best_val.epoch
             model.eval()
             context = AnalysisContext(device=self.device, seed=self.seed, epoch=chosen, autocast=self._autocast, config=c)
