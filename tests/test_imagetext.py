@@ -403,7 +403,8 @@ def _train_args(food, encoders, out):
     return [
         "--data-dir", str(food), "--image-encoder", str(image_dir), "--text-encoder", str(text_dir), "--output-dir", str(out),
         "--seeds", "0", "--epochs", "2", "--batch-size", "8", "--accumulate", "2", "--validation-size", "4",
-        "--num-workers", "0", "--device", "cpu", "--workers", "1", "--head-width", "16", "--max-tokens", "16", "--no-progress", *lrs,
+        "--num-workers", "0", "--device", "cpu", "--workers", "1", "--head-width", "16", "--max-tokens", "16", "--no-progress",
+        "--eval-corrupt", "image", "--noise-samples", "8", *lrs,
     ]  # fmt: skip
 
 
@@ -439,7 +440,9 @@ def test_resume_from_a_checkpoint_continues_where_it_stopped(food, encoders, tmp
     assert len(epochs_run) == 1  # only the second epoch was trained again
     a = json.loads((full / "seeds" / "seed0.json").read_text())
     b = json.loads((cut / "seeds" / "seed0.json").read_text())
-    assert a["history"] == b["history"] and a["protocols"] == b["protocols"]  # bit for bit the uninterrupted run
+    # bit for bit the uninterrupted run, the analyses of the chosen epoch's weights included
+    assert a["history"] == b["history"] and a["protocols"] == b["protocols"] and a["analyses"] == b["analyses"]
+    assert set(a["analyses"]) == {"acc_clean", "acc_image_noise", "epoch"}
 
 
 def test_command_line_errors_are_clear(food, encoders, tmp_path, monkeypatch):
