@@ -727,6 +727,11 @@ class _TrainStep(nn.Module):
 class TrainConfig:
     """Training options of one run (validated by :meth:`validate`).
 
+    ``m3co_fraction`` overrides the share of the epochs spent on M3Co (None: the convention's,
+    1/3 or 0.33). ``extra`` holds a pipeline's own options (encoders, per-group learning rates,
+    ...): they are recorded in ``results.json`` and change the fingerprint, so that a rerun with
+    other options does not reuse finished seeds or checkpoints.
+
     ``batch_size=None`` trains full batch; ``accumulate`` micro-batches make one optimiser step;
     evaluation runs in batches of ``eval_batch_size`` (default: ``batch_size``, else the whole split).
     ``holdout`` (a fraction in (0, 1) or a count) is the stratified part of the training set held
@@ -757,6 +762,7 @@ class TrainConfig:
     alpha: float = 0.15
     mix_prob: Optional[float] = None
     temperature: float = 0.1
+    m3co_fraction: Optional[float] = None
     holdout: float = 0.2
     eval_every: int = 1
     test_every: int = 1
@@ -770,9 +776,12 @@ class TrainConfig:
     progress: bool = True
     value_checks: bool = False
     distributed: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     # options that do not change the numbers a run produces (left out of its fingerprint)
     _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
+    # options added later: left out of the fingerprint while unset, so that older records still match
+    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False}
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
@@ -793,6 +802,8 @@ class TrainConfig:
             need(getattr(self, name) >= 0, name, ">= 0")
         need(0 < self.gamma <= 1, "gamma", "in (0, 1]")
         need(self.mix_prob is None or 0 <= self.mix_prob <= 1, "mix_prob", "None or in [0, 1]")
+        need(self.m3co_fraction is None or 0 <= self.m3co_fraction <= 1, "m3co_fraction", "None (the convention's) or in [0, 1]")
+        need(isinstance(self.extra, dict), "extra", "a dict of task-specific options")
         need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or > 0")
         need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
@@ -806,7 +817,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        data = {k: v for k, v in self.as_dict().items() if k not in self._NOT_IN_FINGERPRINT}
+        data = {
+            k: v
+            for k, v in self.as_dict().items()
+            if k not in self._NOT_IN_FINGERPRINT and not (k in self._FINGERPRINT_IF_SET and v == self._FINGERPRINT_IF_SET[k])
+        }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -821,6 +836,12 @@ class Task:
     (e.g. "M3CoL (paper)") to ``{metric: (mean, std or None)}`` as fractions.
     ``param_groups(model, config)`` returns optimiser parameter groups (default: all
     parameters with ``config.lr`` and ``config.weight_decay``).
+    ``analyse(model, context)`` runs once per seed after training, on the weights of the epoch
+    chosen by the validation protocol (the last epoch without a validation split), and returns
+    ``{name: fraction}`` (e.g. accuracy with a modality replaced by noise); the numbers go to the
+    seed's record and, as mean and std over seeds, to ``results["analyses"]`` (``results.md``
+    shows them in percent, named by ``analysis_labels``). ``context`` is an
+    :class:`AnalysisContext`. Like ``build_model`` it must be picklable.
     """
 
     name: str
@@ -834,11 +855,24 @@ class Task:
     val: Optional[Dataset] = None
     param_groups: Optional[Callable[[nn.Module, TrainConfig], List[Dict[str, Any]]]] = None
     collate_fn: Optional[Callable] = None
+    analyse: Optional[Callable[[nn.Module, "AnalysisContext"], Dict[str, float]]] = None
+    analysis_labels: Dict[str, str] = field(default_factory=dict)
     published: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class AnalysisContext:
+    """What :attr:`Task.analyse` gets besides the model (already in eval mode, on ``device``)."""
+
+    device: torch.device
+    seed: int
+    epoch: int  # the epoch whose weights the model holds
+    autocast: Callable[[], Any]  # a context manager factory: bfloat16 autocast when the run uses it
+    config: "TrainConfig"
 
 
 @dataclass
@@ -1013,6 +1047,7 @@ class Trainer:
             alpha=c.alpha,
             mix_prob=c.mix_prob,
             temperature=c.temperature,
+            m3co_fraction=c.m3co_fraction,
             # each rank draws its own mixing plans; rank 0 draws those of a single process
             seed=self.seed + 1_000_003 * self.rank,
             distributed=self.distributed,
@@ -1030,6 +1065,7 @@ class Trainer:
         best_val, best_test = _Best(), _Best()
         final_test: Optional[Evaluation] = None
         start_epoch = 0
+        analysis_state: Optional[Dict[str, Tensor]] = None  # weights of the chosen epoch, for task.analyse
         if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
             if state["fingerprint"] != c.fingerprint():
@@ -1047,6 +1083,7 @@ class Trainer:
             objective.load_state_dict(rank_state["objective"])
             best_val.load_state_dict(state["best_val"])
             best_test.load_state_dict(state["best_test"])
+            analysis_state = state.get("analysis_state")
             history, start_epoch = state["history"], state["epoch"] + 1
             torch.set_rng_state(rank_state["torch_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -1125,6 +1162,8 @@ class Trainer:
                     history["test_acc"].append(test_ev.acc if test_ev else None)
                     if show:
                         epochs_bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_ev.acc:.3f}" if val_ev else "-")
+                if task.analyse is not None and val_ev is not None and best_val.epoch == epoch:
+                    analysis_state = _cpu_state(model)  # the analyses run on the chosen epoch's weights
                 if scheduler is not None:
                     if c.scheduler == "plateau":
                         if val_ev is not None:
@@ -1147,6 +1186,7 @@ class Trainer:
                             "objective": objective.state_dict(),
                             "best_val": best_val.state_dict(),
                             "best_test": best_test.state_dict(),
+                            "analysis_state": analysis_state,
                             "history": history,
                             "torch_rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -1154,6 +1194,8 @@ class Trainer:
                         },
                     )
         epochs_bar.close()
+        if final_test is None:  # resumed from the checkpoint of the last epoch
+            final_test = self.evaluate(model, test_batches)
 
         labels = final_test.labels
         protocols: Dict[str, Dict[str, Any]] = {}
@@ -1170,10 +1212,21 @@ class Trainer:
         protocols["final"] = dict(task.metrics(labels, final_test.prob), epoch=c.epochs - 1)
         if best_test.epoch is not None:
             protocols["best_on_test"] = dict(task.metrics(labels, best_test.payload["test_prob"]), epoch=best_test.epoch)
+        analyses = None
+        if task.analyse is not None:
+            chosen = c.epochs - 1
+            if best_val.epoch is not None and analysis_state is not None:
+                model.load_state_dict(analysis_state)
+                chosen = best_val.epoch
+            model.eval()
+            context = AnalysisContext(device=self.device, seed=self.seed, epoch=chosen, autocast=self._autocast, config=c)
+            analyses = {k: float(v) for k, v in task.analyse(model, context).items()}
+            analyses["epoch"] = chosen
         return {
             "seed": self.seed,
             "protocols": protocols,
             "val_scores": val_scores,
+            "analyses": analyses,
             "train_size": len(train_set),
             "val_size": len(val_set) if val_set is not None else 0,
             "test_size": len(test_set),
@@ -1303,6 +1356,13 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
         for k in keys:
             values = np.array([r["val_scores"][k] for r in per_seed], dtype=np.float64)
             val_scores[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+    analyses = None
+    if per_seed and all(r.get("analyses") for r in per_seed):
+        analyses = {}
+        for k in per_seed[0]["analyses"]:
+            if all(k in r["analyses"] for r in per_seed):
+                values = np.array([r["analyses"][k] for r in per_seed], dtype=np.float64)
+                analyses[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
     return {
         "dataset": task.name,
         "method": config.method,
@@ -1311,8 +1371,10 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
         "protocols": protocols,
         "optimistic_protocols": ["best_on_test"],
         "val_scores": val_scores,
+        **({"analyses": analyses} if analyses is not None else {}),
         "per_seed": [
-            {k: r[k] for k in ("seed", "protocols", "val_scores", "seconds", "train_size", "val_size", "test_size")} for r in per_seed
+            {k: r[k] for k in ("seed", "protocols", "val_scores", "analyses", "seconds", "train_size", "val_size", "test_size") if k in r}
+            for r in per_seed
         ],
         "seconds": seconds,
         "config": config.as_dict(),
@@ -1326,7 +1388,8 @@ def _pct(stat: Optional[Mapping[str, Optional[float]]]) -> str:
         return "-"
     if stat["std"] is None:
         return f"{100 * stat['mean']:.1f}"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    # a std below 0.05 points would print as 0.0: give it two decimals
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.{2 if 0 < 100 * stat['std'] < 0.05 else 1}f}"
 
 
 def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
@@ -1355,7 +1418,7 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
                 cells.append("-")
             else:
                 mean, std = row[m]
-                cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else ""))
+                cells.append(_pct({"mean": mean, "std": std}))
         lines.append(f"| {label} | " + " | ".join(cells) + " | - |")
     if results.get("val_scores"):
         scores = []
@@ -1367,6 +1430,11 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
         "`best on test` picks the epoch by its test score, so it is an optimistic upper bound, not an estimate;"
         " `validation` is the honest figure.",
     ]
+    if results.get("analyses"):
+        lines += ["", "Analyses on the weights of the epoch chosen by the validation protocol (percent):", "", "| analysis | value |", "| --- | --- |"]
+        for key, stat in results["analyses"].items():
+            if key != "epoch":
+                lines.append(f"| {task.analysis_labels.get(key, key)} | {_pct(stat)} |")
     if task.notes:
         lines += [""] + [f"- {note}" for note in task.notes]
     return "\n".join(lines) + "\n"

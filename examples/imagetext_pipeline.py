@@ -1,0 +1,397 @@
+"""The command line and task shared by ``food101.py`` and ``n24news.py``.
+
+A run fine-tunes an image encoder (ViT-B/16, ImageNet-21k) and a text encoder (BERT-base or
+RoBERTa-base) with one 3-layer MLP head per modality and a fusion head, on the shared engine
+(``engine.py``): the objective and its ablations (``--method``, ``--convention``), the three
+evaluation protocols, results files, checkpoints and ``--resume`` all come from there. This
+module adds the data (readers in ``imagetext_data.py``), the encoders and the text mixing
+(``imagetext_models.py``), the released optimiser settings (Adam with per-group learning rates,
+ReduceLROnPlateau on validation accuracy, batches of 32 accumulated to 128), the robustness
+analyses (``imagetext_robustness.py``) and ``--smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+import engine
+from imagetext_data import ImageTextCollator, ImageTextDataset, ImageTextSplits, ImageTransform
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LR_GROUPS = ("image_encoder", "text_encoder", "image_head", "text_head", "fusion_head")
+ANALYSIS_LABELS = {
+    "acc_clean": "test ACC, clean",
+    "acc_image_noise": "test ACC, image replaced by Gaussian noise",
+    "acc_text_noise": "test ACC, text replaced by Gaussian noise",
+    "confidence_clean": "mean max-softmax confidence, test pairs",
+    "confidence_random": "mean max-softmax confidence, random inputs (both modalities noise)",
+}
+
+
+@dataclass(frozen=True)
+class ImageTextSpec:
+    """One dataset: where its data lives, how to read it, and the released settings."""
+
+    name: str  # also the folder name under $M3CO_DATA_DIR
+    num_classes: int
+    source: str  # where to get the data (shown when none is found)
+    marker: str  # a file that exists in the dataset's root folder
+    epochs: int
+    plateau_patience: int
+    lr: Mapping[str, float]  # per LR_GROUPS
+    load: Callable[[argparse.Namespace, Path], ImageTextSplits]
+    add_options: Callable[[argparse.ArgumentParser], None]
+    published: Callable[[argparse.Namespace, str], Dict[str, Dict[str, tuple]]]  # (args, encoder family) -> rows
+    make_smoke_data: Callable[[Path], Path]
+    smoke_defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    describe: Callable[[argparse.Namespace], str] = lambda args: ""
+
+
+# ----------------------------------------------------------------------------- model and optimiser
+
+
+def build_model(image_encoder: str, image_backend: str, text_encoder: str, num_classes: int, hidden: int, dropout: float) -> nn.Module:
+    """Top-level (picklable) model factory for the engine."""
+    from imagetext_models import ImageEncoder, ImageTextClassifier, TextEncoder
+
+    return ImageTextClassifier(
+        ImageEncoder(image_encoder, backend=image_backend), TextEncoder(text_encoder), num_classes, hidden=hidden, dropout=dropout
+    )
+
+
+def _no_decay_ids(module: nn.Module) -> set:
+    """Biases and LayerNorm parameters: the released code exempts them from weight decay (text encoder)."""
+    ids = {id(p) for name, p in module.named_parameters() if name.endswith("bias")}
+    for sub in module.modules():
+        if isinstance(sub, nn.LayerNorm):
+            ids.update(id(p) for p in sub.parameters())
+    return ids
+
+
+def param_groups(model: nn.Module, config: engine.TrainConfig) -> List[Dict[str, object]]:
+    """Adam parameter groups with the released per-group learning rates (``config.extra["lr"]``).
+
+    Weight decay ``config.weight_decay`` everywhere except the text encoder's biases and
+    LayerNorm weights, as in the released code.
+    """
+    lr, decay = config.extra["lr"], config.weight_decay
+    text = model.text_encoder
+    exempt = _no_decay_ids(text)
+    groups = [
+        {"params": [p for p in text.parameters() if id(p) not in exempt], "lr": lr["text_encoder"], "weight_decay": decay},
+        {"params": [p for p in text.parameters() if id(p) in exempt], "lr": lr["text_encoder"], "weight_decay": 0.0},
+        {"params": list(model.heads[1].parameters()), "lr": lr["text_head"], "weight_decay": decay},
+        {"params": list(model.image_encoder.parameters()), "lr": lr["image_encoder"], "weight_decay": decay},
+        {"params": list(model.heads[0].parameters()), "lr": lr["image_head"], "weight_decay": decay},
+        {"params": list(model.fusion.parameters()), "lr": lr["fusion_head"], "weight_decay": decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def accuracy(y, prob) -> Dict[str, float]:
+    from sklearn.metrics import accuracy_score
+
+    return {"acc": float(accuracy_score(y, prob.argmax(axis=1)))}
+
+
+def robustness_analysis(
+    model,
+    context: engine.AnalysisContext,
+    *,
+    train: ImageTextDataset,
+    test: ImageTextDataset,
+    collate: ImageTextCollator,
+    corrupt: Sequence[str],
+    confidence: bool,
+    noise_samples: int,
+    batch_size: int,
+    num_workers: int,
+) -> Dict[str, float]:
+    """The engine's ``Task.analyse``: the paper's Table 5 and Figure 5 on the chosen epoch's weights."""
+    from torch.utils.data import DataLoader, Subset
+
+    from imagetext_robustness import noise_statistics, robustness_report
+
+    # the training pairs for the noise statistics: a fixed random subset, without augmentation
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:noise_samples].tolist()
+    loader = functools.partial(DataLoader, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    stats = noise_statistics(model, loader(Subset(train, order)), device=context.device, max_samples=noise_samples)
+    return robustness_report(
+        model, loader(test), stats, device=context.device, corrupt=corrupt, confidence=confidence, seed=context.seed, autocast=context.autocast
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_config(spec: ImageTextSpec) -> engine.TrainConfig:
+    """The released settings (SPEC section 10)."""
+    return engine.TrainConfig(
+        epochs=spec.epochs,
+        batch_size=32,
+        accumulate=4,  # 32 x 4 = the released 128
+        lr=spec.lr["fusion_head"],
+        weight_decay=1e-4,
+        scheduler="plateau",
+        plateau_factor=0.2,
+        plateau_patience=spec.plateau_patience,
+        holdout=0,  # the dataset has its own validation split
+        device=default_device(),
+        checkpoint_every=1,
+    )
+
+
+def build_parser(spec: ImageTextSpec) -> argparse.ArgumentParser:
+    d = default_config(spec)
+    parser = argparse.ArgumentParser(
+        prog=f"{spec.name.lower()}.py",
+        description=f"M3CoL and its ablations on {spec.name}: ViT + BERT/RoBERTa fine-tuned on the shared engine.",
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help=f"the dataset's root folder (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
+    spec.add_options(parser)
+    parser.add_argument("--image-encoder", default="google/vit-base-patch16-224-in21k", help="model id or local folder (from_pretrained), or a timm name (default: %(default)s)")
+    parser.add_argument("--image-backend", choices=("transformers", "timm"), default="transformers", help="library of the image encoder (default: %(default)s)")
+    parser.add_argument("--text-encoder", default="bert-base-uncased", help="model id or local folder: BERT or RoBERTa (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="tokens per text after truncation (default: %(default)s)")
+    parser.add_argument("--head-width", type=int, default=256, help="hidden width of the 3-layer MLP heads (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads (released: 0)")
+    for group in LR_GROUPS:
+        parser.add_argument(f"--lr-{group.replace('_', '-')}", type=float, default=spec.lr[group], help=f"learning rate of the {group.replace('_', ' ')} (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes (default: %(default)s)")
+    parser.add_argument("--eval-batch-size", type=int, default=128, help="batch size of the evaluation passes (default: %(default)s)")
+    parser.add_argument("--no-bf16", action="store_true", help="no bfloat16 autocast on CUDA (it is on by default there)")
+    parser.add_argument("--m3co-fraction", type=float, default=None, help="share of the epochs spent on M3Co (default: the convention's, 1/3 or 0.33)")
+    parser.add_argument("--eval-corrupt", nargs="+", choices=("image", "text"), default=[], help="also score the test set with this modality replaced by Gaussian noise (paper Table 5)")
+    parser.add_argument("--eval-confidence", action="store_true", help="also report the mean max-softmax confidence on random inputs (paper Figure 5)")
+    parser.add_argument("--noise-samples", type=int, default=2048, help="training pairs used to estimate the noise's mean and variance (default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true", help="generate a tiny dataset and tiny random encoders in a temporary folder and run 2 epochs on the CPU")
+    engine.add_arguments(parser, d)
+    parser.set_defaults(seeds=[0, 1, 2], scheduler="plateau", checkpoint_every=1)
+    return parser
+
+
+SMOKE_DEFAULTS = dict(
+    seeds=[0],
+    epochs=2,
+    batch_size=8,
+    accumulate=2,
+    eval_batch_size=32,
+    num_workers=0,
+    device="cpu",
+    workers=1,
+    m3co_fraction=0.5,  # 1 of the 2 epochs on M3Co, so that both phases run
+    eval_corrupt=["image", "text"],
+    eval_confidence=True,
+    noise_samples=32,
+    max_tokens=32,
+    head_width=64,
+    # tiny random encoders learn in 2 epochs at a larger rate than pretrained ones are tuned at
+    **{f"lr_{group}": 1e-3 for group in LR_GROUPS},
+)
+
+
+def parse(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser(spec)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--lr" or a.startswith("--lr=") for a in argv):
+        parser.error("--lr is not used here: set --lr-image-encoder, --lr-text-encoder, --lr-image-head, --lr-text-head, --lr-fusion-head")
+    if "--smoke" in argv:
+        # smoke values replace the defaults; options given on the command line still win
+        parser.set_defaults(**SMOKE_DEFAULTS, **spec.smoke_defaults)
+    args = parser.parse_args(argv)
+    for name in ("max_tokens", "head_width", "num_workers", "noise_samples", "eval_batch_size"):
+        value = getattr(args, name)
+        low = 0 if name == "num_workers" else 2 if name in ("max_tokens", "eval_batch_size") else 1
+        if value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}; got {value}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1); got {args.dropout}")
+    for group in LR_GROUPS:
+        if getattr(args, f"lr_{group}") <= 0:
+            parser.error(f"--lr-{group.replace('_', '-')} must be > 0")
+    return args
+
+
+def find_data_dir(spec: ImageTextSpec, data_dir: Optional[Path]) -> Path:
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise SystemExit(f"--data-dir {data_dir} is not a folder")
+        return Path(data_dir)
+    candidates = []
+    if os.environ.get("M3CO_DATA_DIR"):
+        candidates.append(Path(os.environ["M3CO_DATA_DIR"]) / spec.name)
+    candidates += [REPO_ROOT.parent / "shared" / "data" / spec.name, REPO_ROOT.parent.parent / "shared" / "data" / spec.name]
+    for path in candidates:
+        if (path / spec.marker).exists():
+            return path
+    raise SystemExit(
+        f"No {spec.name} data found (looked in {', '.join(str(p) for p in candidates)}).\n"
+        f"Get it from {spec.source}, then pass --data-dir DIR or set M3CO_DATA_DIR to a folder holding {spec.name}/. "
+        f"See docs/reproduction.rst. To try the pipeline without the data: --smoke."
+    )
+
+
+def encoder_family(text_encoder: str) -> str:
+    """``"bert"``, ``"roberta"`` or another ``model_type``, read from the encoder's config."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(text_encoder).model_type
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read the configuration of --text-encoder {text_encoder!r}: {err}") from None
+
+
+def image_transform(args) -> ImageTransform:
+    """The image encoder's preprocessing, read without loading its weights."""
+    import transformers
+
+    from imagetext_models import ImageEncoder, _vit_preprocessing
+
+    if args.image_backend == "timm":
+        try:
+            return ImageEncoder(args.image_encoder, backend="timm", pretrained=False).transform()
+        except (ImportError, OSError) as err:
+            raise SystemExit(str(err)) from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(args.image_encoder)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read the configuration of --image-encoder {args.image_encoder!r}: {err}") from None
+    size, mean, std, resample = _vit_preprocessing(args.image_encoder, config)
+    return ImageTransform(size, mean, std, resample=resample)
+
+
+def make_task(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.Task:
+    from imagetext_models import load_tokenizer
+
+    transform = image_transform(args)
+    tokenizer = load_tokenizer(args.text_encoder)
+    family = encoder_family(args.text_encoder)
+    collate = ImageTextCollator(tokenizer, max_tokens=args.max_tokens)
+    train = ImageTextDataset(splits.train, transform.with_flip(True))  # the released augmentation
+    validation = ImageTextDataset(splits.validation, transform)
+    test = ImageTextDataset(splits.test, transform)
+    analyse = None
+    if args.eval_corrupt or args.eval_confidence:
+        analyse = functools.partial(
+            robustness_analysis,
+            train=ImageTextDataset(splits.train, transform),
+            test=test,
+            collate=collate,
+            corrupt=tuple(args.eval_corrupt),
+            confidence=args.eval_confidence,
+            noise_samples=args.noise_samples,
+            batch_size=args.eval_batch_size,
+            num_workers=args.num_workers,
+        )
+    dropped = "; ".join(
+        f"{split}: {c['missing_image']} without image, {c['missing_text']} without text" for split, c in splits.dropped.items()
+    )
+    return engine.Task(
+        name=spec.name,
+        num_classes=len(splits.classes),
+        build_model=functools.partial(build_model, args.image_encoder, args.image_backend, args.text_encoder, len(splits.classes), args.head_width, args.dropout),
+        train=train,
+        val=validation,
+        test=test,
+        metrics=accuracy,
+        metric_labels={"acc": "ACC"},
+        param_groups=param_groups,
+        collate_fn=collate,
+        analyse=analyse,
+        analysis_labels=dict(ANALYSIS_LABELS),
+        published=spec.published(args, family),
+        notes=[
+            f"{spec.describe(args)}image encoder {args.image_encoder} ({args.image_backend}), text encoder {args.text_encoder} ({family}), "
+            f"first-token embeddings, texts truncated at {args.max_tokens} tokens.",
+            f"Pairs: train {len(splits.train)}, validation {len(splits.validation)}, test {len(splits.test)}; dropped pairs: {dropped}.",
+            "Model selection (validation protocol) and ReduceLROnPlateau use the validation split only.",
+        ],
+    )
+
+
+def train_config(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.TrainConfig:
+    config = engine.config_from_args(args, default_config(spec))
+    lr = {group: getattr(args, f"lr_{group}") for group in LR_GROUPS}
+    image_encoder, text_encoder = args.image_encoder, args.text_encoder
+    if args.smoke:  # temporary folders: record their names only, so that reruns keep the fingerprint
+        image_encoder, text_encoder = f"smoke:{Path(image_encoder).name}", f"smoke:{Path(text_encoder).name}"
+    extra = {
+        "dataset_options": spec.describe(args),
+        "image_encoder": image_encoder,
+        "image_backend": args.image_backend,
+        "text_encoder": text_encoder,
+        "max_tokens": args.max_tokens,
+        "head_width": args.head_width,
+        "dropout": args.dropout,
+        "lr": lr,
+        "eval_corrupt": list(args.eval_corrupt),
+        "eval_confidence": args.eval_confidence,
+        "noise_samples": args.noise_samples,
+        "smoke": args.smoke,
+        "pairs": {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)},
+        "dropped_pairs": splits.dropped,
+    }
+    bf16 = torch.device(config.device).type == "cuda" and not args.no_bf16
+    return dataclasses.replace(
+        config,
+        bf16=config.bf16 or bf16,
+        eval_batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+        m3co_fraction=args.m3co_fraction,
+        extra=extra,
+    ).validate()
+
+
+def _run(spec: ImageTextSpec, args) -> dict:
+    data_dir = find_data_dir(spec, args.data_dir)
+    try:
+        splits = spec.load(args, data_dir)
+    except ValueError as err:  # DataError (a malformed file) or a split option the data cannot meet
+        raise SystemExit(f"{spec.name}: {err}") from None
+    print(f"{spec.name} at {data_dir}: {splits.summary()}", flush=True)
+    if not args.smoke and len(splits.classes) != spec.num_classes:
+        print(f"warning: {spec.name} has {spec.num_classes} classes, but {len(splits.classes)} were read from {data_dir}", flush=True)
+    task = make_task(spec, args, splits)
+    config = train_config(spec, args, splits)
+    workers = args.workers or engine.default_workers(len(args.seeds), config.device)
+    results = engine.run(task, config, args.seeds, args.output_dir, workers=workers)
+    print(engine.results_markdown(task, results))
+    print(f"wrote {args.output_dir / 'results.json'}, results.md and curves.png ({results['seconds']:.1f} s)")
+    return results
+
+
+def main(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse(spec, argv)
+    # the collate function tokenises in DataLoader workers: keep the tokenizer single-threaded there
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.smoke:
+        return _run(spec, args)
+    # Smoke: the released layout and tiny encoders in a temporary folder; no network at any point.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from imagetext_smoke import make_tiny_encoders
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"{spec.name.lower()}-smoke-") as tmp:
+        tmp = Path(tmp)
+        image_dir, text_dir = make_tiny_encoders(tmp / "encoders")
+        args.data_dir = spec.make_smoke_data(tmp / spec.name)
+        args.image_encoder, args.text_encoder, args.image_backend = str(image_dir), str(text_dir), "transformers"
+        results = _run(spec, args)
+    print(f"smoke run: {time.perf_counter() - start:.1f} s")
+    return results
