@@ -1558,6 +1558,33 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
     ).validate()
 
 
+def launch(task: "Task", config: TrainConfig, seeds: Sequence[int], output_dir: Union[str, Path], *, workers: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """What a pipeline's ``main`` runs: :func:`run` with the process group of ``--distributed``.
+
+    With ``config.distributed`` it joins the torchrun process group, trains the seeds one at a
+    time on all ranks and leaves the group; otherwise ``workers`` seeds train in parallel
+    processes (default :func:`default_workers`). Prints the results table on the main process
+    and returns the results there, None on the other ranks.
+    """
+    if config.distributed:
+        if workers not in (None, 1):
+            raise SystemExit("--workers trains seeds in parallel processes and cannot combine with --distributed (the ranks train one seed at a time)")
+        init_distributed(config.device)
+        workers = 1
+    else:
+        workers = workers or default_workers(len(seeds), config.device)
+    try:
+        results = run(task, config, seeds, output_dir, workers=workers)
+        main_process = is_main_process()  # asked before leaving the process group
+    finally:
+        shutdown_distributed()
+    if not main_process:
+        return None
+    print(results_markdown(task, results))
+    print(f"wrote {Path(output_dir) / 'results.json'}, results.md and curves.png ({results['seconds']:.1f} s)", flush=True)
+    return results
+
+
 def default_workers(num_seeds: int, device: str) -> int:
     """Seeds in parallel: one process per core on the CPU, one process on an accelerator."""
     if torch.device(device).type != "cpu":

@@ -358,7 +358,7 @@ def train_config(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.T
     ).validate()
 
 
-def _run(spec: ImageTextSpec, args) -> dict:
+def _run(spec: ImageTextSpec, args) -> Optional[dict]:
     data_dir = find_data_dir(spec, args.data_dir)
     try:
         splits = spec.load(args, data_dir)
@@ -369,14 +369,10 @@ def _run(spec: ImageTextSpec, args) -> dict:
         print(f"warning: {spec.name} has {spec.num_classes} classes, but {len(splits.classes)} were read from {data_dir}", flush=True)
     task = make_task(spec, args, splits)
     config = train_config(spec, args, splits)
-    workers = args.workers or engine.default_workers(len(args.seeds), config.device)
-    results = engine.run(task, config, args.seeds, args.output_dir, workers=workers)
-    print(engine.results_markdown(task, results))
-    print(f"wrote {args.output_dir / 'results.json'}, results.md and curves.png ({results['seconds']:.1f} s)")
-    return results
+    return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
 
 
-def main(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> dict:
+def main(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse(spec, argv)
     # the collate function tokenises in DataLoader workers: keep the tokenizer single-threaded there
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

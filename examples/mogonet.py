@@ -367,19 +367,4 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
         raise SystemExit(f"{spec.name}: {err}") from None
     task = make_task(spec, data, dropout=args.dropout)
     config = engine.config_from_args(args, default_config(spec), step_sizes=STEP_SIZES)
-    if config.distributed:
-        if args.workers not in (None, 1):
-            raise SystemExit("--workers trains seeds in parallel processes and cannot combine with --distributed (the ranks train one seed at a time)")
-        engine.init_distributed(config.device)
-        workers = 1
-    else:
-        workers = args.workers or engine.default_workers(len(args.seeds), config.device)
-    try:
-        results = engine.run(task, config, args.seeds, args.output_dir, workers=workers)
-        reports = engine.is_main_process()  # asked before leaving the process group
-    finally:
-        engine.shutdown_distributed()
-    if reports:
-        print(engine.results_markdown(task, results))
-        print(f"wrote {args.output_dir / 'results.json'}, results.md and curves.png ({results['seconds']:.1f} s)")
-    return results
+    return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
