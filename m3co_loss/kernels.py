@@ -579,13 +579,13 @@ def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int) ->
 # ----------------------------------------------------------------------------- loss vectors
 
 
-def _functions(backend: str):
-    """The (LogSumExp, SoftTargetSum) autograd functions of a backend."""
-    if backend == "triton":
+def _functions(backend: str, dtype: torch.dtype):
+    """The (LogSumExp, SoftTargetSum) autograd functions of a backend (Triton: float32 only)."""
+    if backend == "triton" and dtype == torch.float32:
         from . import triton_kernels
 
         return triton_kernels.LogSumExp, triton_kernels.SoftTargetSum
-    if backend != "tiled":
+    if backend not in ("tiled", "triton"):
         raise ValueError(f"kernels handle backend 'tiled' or 'triton'; got {backend!r}")
     return LogSumExp, SoftTargetSum
 
@@ -601,7 +601,7 @@ def _row_col_lse(lse, a_loc: Tensor, a_full: Tensor, b_loc: Tensor, b_full: Tens
 
 def m3co_vector(a_loc, a_full, b_loc, b_full, offset: int, perm: Tensor, lam: Tensor, t: float, *, backend: str = "tiled") -> Tensor:
     """Per-sample M3Co vector (paper form) of the local rows; see :func:`m3co_loss.functional.m3co_pair`."""
-    lse, _ = _functions(backend)
+    lse, _ = _functions(backend, a_loc.dtype)
     r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
     s_ii = (a_loc * b_loc).sum(1) / t
     s_ij = (a_loc * b_loc[perm]).sum(1) / t
@@ -611,14 +611,15 @@ def m3co_vector(a_loc, a_full, b_loc, b_full, offset: int, perm: Tensor, lam: Te
 
 def clip_vector(a_loc, a_full, b_loc, b_full, offset: int, t: float, *, backend: str = "tiled") -> Tensor:
     """Per-sample symmetric InfoNCE vector of the local rows."""
-    lse, _ = _functions(backend)
+    lse, _ = _functions(backend, a_loc.dtype)
     r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
     return r + c - 2 * (a_loc * b_loc).sum(1) / t
 
 
 def _fused(backend: str, a_loc: Tensor, a_full: Tensor, t: float) -> bool:
-    """Whether the fused single-process MultiSClip kernel applies."""
-    return backend == "tiled" and a_full.shape[0] == a_loc.shape[0] and _static_shift_ok(t, a_loc.dtype)
+    """Whether the fused single-process MultiSClip kernel applies (Triton runs float64 as tiled)."""
+    tiled = backend == "tiled" or (backend == "triton" and a_loc.dtype != torch.float32)
+    return tiled and a_full.shape[0] == a_loc.shape[0] and _static_shift_ok(t, a_loc.dtype)
 
 
 def multisoftclip_vector(
@@ -636,7 +637,7 @@ def multisoftclip_vector(
     """Per-sample MultiSClip vector Ls(a; a, b) of the local rows (targets from a)."""
     if _fused(backend, a_loc, a_full, t):
         return SoftClip.apply(a_loc, b_loc, t, SoftClipCoefficients.for_directions(1.0, 0.0, reference))
-    lse, soft_target_sum = _functions(backend)
+    lse, soft_target_sum = _functions(backend, a_loc.dtype)
     r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
     if reference:
         # sum_l W_il (S_li + S_il) = sum_l W_il [b_i, a_i] . [a_l, b_l] / t
