@@ -6,7 +6,8 @@ library buffers are not counted as the loss's memory), takes a memory baseline, 
 ``repeats`` forward+backward passes and reports their median and the extra peak memory
 (CPU: ``ru_maxrss`` minus the baseline; CUDA: ``torch.cuda.max_memory_allocated`` minus the
 memory held after the inputs). Results are written after every figure (atomically) to
-``<out-dir>/<tag>.json``, from which ``<tag>.md`` (table) and ``<tag>.png`` (plot) are made;
+``<out-dir>/<tag>.json``, from which ``<tag>.md`` and ``<tag>.rst`` (tables) and ``<tag>.png``
+(plot) are made;
 a rerun resumes, skipping the figures already recorded.
 
 Implementations:
@@ -173,6 +174,11 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from m3co_loss import kernels
+
+    for name, value in (("TILE_ROWS", args.tile_rows), ("TILE_COLS", args.tile_cols), ("TILE_SQUARE", args.tile_square)):
+        if value:
+            setattr(kernels, name, value)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     loss, impl, n, d = args.loss[0], args.impl[0], args.n[0], args.d[0]
@@ -253,12 +259,22 @@ def _mem_available() -> int:
     return 0
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _meta(args) -> dict:
     import torch
 
     meta = dict(
         machine=platform.platform(),
-        processor=platform.processor() or platform.machine(),
+        processor=_cpu_name(),
         cpu_count=os.cpu_count(),
         torch=torch.__version__,
         threads=args.threads,
@@ -291,6 +307,9 @@ def _run_one(args, loss, impl, n, d) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--loss", loss, "--impl", impl,
            "--n", str(n), "--d", str(d), "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--device", args.device, "--strip", str(args.strip)]
+    for flag, value in (("--tile-rows", args.tile_rows), ("--tile-cols", args.tile_cols), ("--tile-square", args.tile_square)):
+        if value:
+            cmd += [flag, str(value)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     load_before = os.getloadavg()
     start = time.time()
@@ -400,11 +419,46 @@ def report(path: Path) -> None:
     if skipped:
         lines += ["", "Not measured:", ""]
         lines += [f"- {r['loss']} {r['impl']} N={r['n']} D={r['d']}: {r['status']} ({r.get('reason', '')})" for r in skipped]
-    md = path.with_suffix(".md")
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
+    _write(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    _write(path.with_suffix(".rst"), _rst(path, data, index, configs))
     _plot(path, results)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
+    """The table as reStructuredText for the docs (docs/kernels.rst includes it)."""
+    meta = data.get("meta", {})
+    loads = [r["load_before"][0] for r in data["results"] if r.get("load_before")]
+    head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",
+            "textbook MiB", "tiled MiB", "memory tiled / textbook"]
+    rows = []
+    for device, loss, n, d in configs:
+        get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
+        tb, de, ti, fl = get("textbook"), get("dense"), get("tiled"), get("floor")
+        rows.append([loss, str(n), str(d), _fmt_time(tb), _fmt_time(de), _fmt_time(ti), _fmt_time(fl), _ratio(ti, tb), _ratio(ti, fl),
+                     _fmt_mem(tb), _fmt_mem(ti), _mem_ratio(ti, tb)])
+    out = [
+        f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch threads, "
+        f"torch {meta.get('torch', '?')}, float32, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
+        f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs), "
+        "so ratios of neighbouring rows are more reliable than absolute times. Times in seconds (forward + backward, "
+        "median of 3), memory in MiB above the baseline; empty cells were not measured, ``skip`` cells did not fit "
+        f"(see ``{path.with_suffix('.md').name}``).",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+    ]
+    for row in [head] + rows:
+        out.append("   * - " + (row[0] or " "))
+        out += [f"     - {cell or ' '}" for cell in row[1:]]
+    out += ["", f".. image:: ../benchmarks/results/{path.with_suffix('.png').name}", "   :width: 100%", ""]
+    return "\n".join(out)
 
 
 def _plot(path: Path, results) -> None:
@@ -463,6 +517,9 @@ def _parse(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--strip", type=int, default=1024, help="rows per strip of the floor's products")
+    p.add_argument("--tile-rows", type=int, default=0, help="override kernels.TILE_ROWS (tile sweeps; use with --tag)")
+    p.add_argument("--tile-cols", type=int, default=0, help="override kernels.TILE_COLS")
+    p.add_argument("--tile-square", type=int, default=0, help="override kernels.TILE_SQUARE")
     p.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip textbook/dense figures that need more")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per figure")
     p.add_argument("--out-dir", default=str(HERE / "results"))

@@ -59,6 +59,7 @@ an extra pass finds exact row and column maxima and the general (unfused) path r
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -170,6 +171,45 @@ def _size(x: slice) -> int:
     return x.stop - x.start
 
 
+# On CPU the tiles are spread over torch.get_num_threads() Python threads running one torch
+# thread each, instead of every small operation being split over OpenMP threads: there is no
+# barrier per operation (each costs a scheduler time slice when other processes share the
+# cores), and each core works on its own tile in its own cache. The assignment of tiles to
+# workers is static (round robin), so results do not depend on timing.
+PARALLEL_WORKERS = True
+
+
+def _num_workers(x: Tensor, tasks: int) -> int:
+    if not PARALLEL_WORKERS or x.device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), tasks))
+
+
+def _run(tasks: list, work: Callable[[list], list], workers: int) -> list:
+    """``work(tasks[j::workers])`` for every worker j; returns the element-wise sums of their result lists."""
+    if workers <= 1:
+        with torch.no_grad():
+            return work(tasks)
+    previous = torch.get_num_threads()
+
+    def run(j: int) -> list:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            return work(tasks[j::workers])
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3co-tiles") as pool:
+            parts = list(pool.map(run, range(workers)))
+    finally:
+        torch.set_num_threads(previous)
+    total = parts[0]
+    for part in parts[1:]:
+        for acc, x in zip(total, part):
+            if acc is not None:
+                acc += x
+    return total
+
+
 # ----------------------------------------------------------------------------- log-sum-exp
 
 
@@ -186,20 +226,29 @@ class LogSumExp(torch.autograd.Function):
         q, k = q.contiguous(), k.contiguous()
         n, N = q.shape[0], k.shape[0]
         rows, cols = min(TILE_ROWS, n), min(TILE_COLS, N)
-        scratch = _Scratch(q, 1, rows, cols)
-        row_sum = q.new_zeros(n)
-        col_sum = q.new_zeros(N) if with_cols else q.new_zeros(0)
         if _static_shift_ok(t, q.dtype):
             ones = q.new_ones(max(rows, cols))
             q_aug, k_aug = _scaled(q, t), _shifter(k, t)
-            for i0, i1 in _blocks(n, TILE_ROWS):
-                for k0, k1 in _blocks(N, TILE_COLS):
+            tasks = [(i0, i1, k0, k1) for i0, i1 in _blocks(n, TILE_ROWS) for k0, k1 in _blocks(N, TILE_COLS)]
+
+            def work(my_tasks):
+                scratch = _Scratch(q, 1, rows, cols)
+                row_sum = q.new_zeros(n)
+                col_sum = q.new_zeros(N) if with_cols else None
+                for i0, i1, k0, k1 in my_tasks:
                     e = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
                     row_sum[i0:i1].addmv_(e, ones[: k1 - k0])
                     if with_cols:
                         col_sum[k0:k1].addmv_(e.T, ones[: i1 - i0])
+                return [row_sum, col_sum]
+
+            row_sum, col_sum = _run(tasks, work, _num_workers(q, len(tasks)))
+            col_sum = col_sum if with_cols else q.new_zeros(0)
             row_shift = col_shift = 1.0 / t
         else:
+            scratch = _Scratch(q, 1, rows, cols)
+            row_sum = q.new_zeros(n)
+            col_sum = q.new_zeros(N) if with_cols else q.new_zeros(0)
             qs = q / t
             row_shift, col_shift = _maxima(qs, k, with_cols)
             for i0, i1 in _blocks(n, TILE_ROWS):
@@ -225,16 +274,17 @@ class LogSumExp(torch.autograd.Function):
             return None, None, None, None
         n, N = q.shape[0], k.shape[0]
         rows, cols = min(TILE_ROWS, n), min(TILE_COLS, N)
-        scratch = _Scratch(q, 2, rows, cols)
-        dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
         if _static_shift_ok(t, q.dtype):
             # A_ik = exp(S_ik - 1/t) (alpha_i + beta_k); 1/t - r_i <= 2/t keeps both factors finite.
             alpha = g_r * torch.exp(1.0 / t - r) if g_r is not None else None
             beta = g_c * torch.exp(1.0 / t - c) if with_cols else None
             q_aug, k_aug = _scaled(q, t), _shifter(k, t)
-            for i0, i1 in _blocks(n, TILE_ROWS):
-                for k0, k1 in _blocks(N, TILE_COLS):
+            tasks = [(i0, i1, k0, k1) for i0, i1 in _blocks(n, TILE_ROWS) for k0, k1 in _blocks(N, TILE_COLS)]
+
+            def work(my_tasks):
+                scratch = _Scratch(q, 2, rows, cols)
+                dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+                for i0, i1, k0, k1 in my_tasks:
                     a = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
                     if alpha is not None and beta is not None:
                         a.mul_(torch.add(alpha[i0:i1, None], beta[None, k0:k1], out=scratch(1, i1 - i0, k1 - k0)))
@@ -244,7 +294,13 @@ class LogSumExp(torch.autograd.Function):
                         a.mul_(beta[None, k0:k1])
                     dq[i0:i1].addmm_(a, k[k0:k1])
                     dk[k0:k1].addmm_(a.T, q[i0:i1])
+                return [dq, dk]
+
+            dq, dk = _run(tasks, work, _num_workers(q, len(tasks)))
         else:
+            scratch = _Scratch(q, 2, rows, cols)
+            dq = torch.zeros_like(q)
+            dk = torch.zeros_like(k)
             qs = q / t
             for i0, i1 in _blocks(n, TILE_ROWS):
                 for k0, k1 in _blocks(N, TILE_COLS):
@@ -388,69 +444,84 @@ class SoftClip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, t: float, coef: SoftClipCoefficients):
         """Pass 1: r, c, normalisers and weighted sums of S; pass 2 (paper): W r and the column sums of W."""
-        a, b = a.contiguous(), b.contiguous()
+        a, b = a.detach().contiguous(), b.detach().contiguous()
         n = a.shape[0]
         size = min(TILE_SQUARE, n)
         use_a, use_b = coef.uses_a, coef.uses_b
-        scratch = _Scratch(a, 5, size, size)
         ones = a.new_ones(size)
         a_s, a_h, b_s, b_h = _scaled(a, t), _shifter(a, t), _scaled(b, t), _shifter(b, t)
-        rho, kappa = a.new_zeros(n), a.new_zeros(n)  # sum_k e^{S_ik - 1/t}, sum_i e^{S_ik - 1/t}
-        n_a, n_b = a.new_zeros(n), a.new_zeros(n)  # softmax normalisers of the targets
-        t_a_u, t_a_s, t_b_s, t_b_u = (a.new_zeros(n) for _ in range(4))  # sum_l E_il (S - 1/t)
-        for rows, cols, diag in _block_pairs(n, size):
-            h, w = _size(rows), _size(cols)
-            s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
-            u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
-            tmp = scratch(4, h, w)
-            if use_a:
-                p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
-                n_a[rows].addmv_(p, ones[:w])
+        tasks = list(_block_pairs(n, size))
+        workers = _num_workers(a, len(tasks))
+
+        def pass_one(my_tasks):
+            scratch = _Scratch(a, 5, size, size)
+            # sum_k e^{S_ik - 1/t}, sum_i e^{S_ik - 1/t}, softmax normalisers of the targets, and
+            # sum_l E_il (S_li - 1/t), sum_l E_il (S_il - 1/t) for each target matrix
+            rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = a.new_zeros(8, n)
+            for rows, cols, diag in my_tasks:
+                h, w = _size(rows), _size(cols)
+                s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
+                u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+                tmp = scratch(4, h, w)
+                if use_a:
+                    p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
+                    n_a[rows].addmv_(p, ones[:w])
+                    if not diag:
+                        n_a[cols].addmv_(p.T, ones[:h])
+                    if coef.xa:
+                        _accumulate_products(t_a_u, rows, cols, diag, p, u, s, tmp, ones)
+                    if coef.za:
+                        _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
+                if use_b:
+                    q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
+                    n_b[rows].addmv_(q, ones[:w])
+                    if not diag:
+                        n_b[cols].addmv_(q.T, ones[:h])
+                    if coef.xb:
+                        _accumulate_products(t_b_s, rows, cols, diag, q, s, u, tmp, ones)
+                    if coef.zb:
+                        _accumulate_products(t_b_u, rows, cols, diag, q, u, s, tmp, ones)
+                e = s.exp_()
+                rho[rows].addmv_(e, ones[:w])
+                kappa[cols].addmv_(e.T, ones[:h])
                 if not diag:
-                    n_a[cols].addmv_(p.T, ones[:h])
-                if coef.xa:
-                    _accumulate_products(t_a_u, rows, cols, diag, p, u, s, tmp, ones)
-                if coef.za:
-                    _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
-            if use_b:
-                q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
-                n_b[rows].addmv_(q, ones[:w])
-                if not diag:
-                    n_b[cols].addmv_(q.T, ones[:h])
-                if coef.xb:
-                    _accumulate_products(t_b_s, rows, cols, diag, q, s, u, tmp, ones)
-                if coef.zb:
-                    _accumulate_products(t_b_u, rows, cols, diag, q, u, s, tmp, ones)
-            e = s.exp_()
-            rho[rows].addmv_(e, ones[:w])
-            kappa[cols].addmv_(e.T, ones[:h])
-            if not diag:
-                e = u.exp_()
-                kappa[rows].addmv_(e, ones[:w])
-                rho[cols].addmv_(e.T, ones[:h])
+                    e = u.exp_()
+                    kappa[rows].addmv_(e, ones[:w])
+                    rho[cols].addmv_(e.T, ones[:h])
+            return [torch.stack([rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u])]
+
+        rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = _run(tasks, pass_one, workers)[0]
         r = rho.log_().add_(1.0 / t)
         c = kappa.log_().add_(1.0 / t)
         # Pass 2: W r needs the final r; the same products give the column sums of W.
         omega_a = omega_b = a.new_zeros(0)
         y_a, y_b = a.new_zeros(n), a.new_zeros(n)
         if coef.ka or coef.kb:
-            pr_a = a.new_zeros(n, 2) if coef.ka else None
-            pr_b = a.new_zeros(n, 2) if coef.kb else None
-            values_a = torch.stack([r, n_a.reciprocal()], 1) if coef.ka else None
-            values_b = torch.stack([c, n_b.reciprocal()], 1) if coef.kb else None
-            for rows, cols, diag in _block_pairs(n, size):
-                h, w = _size(rows), _size(cols)
-                for acc, values, x_s, x_h in ((pr_a, values_a, a_s, a_h), (pr_b, values_b, b_s, b_h)):
-                    if acc is None:
-                        continue
-                    p = torch.mm(x_s[rows], x_h[cols].T, out=scratch(2, h, w)).exp_()
-                    acc[rows].addmm_(p, values[cols])
-                    if not diag:
-                        acc[cols].addmm_(p.T, values[rows])
+            targets = []
             if coef.ka:
+                targets.append((torch.stack([r, n_a.reciprocal()], 1), a_s, a_h))
+            if coef.kb:
+                targets.append((torch.stack([c, n_b.reciprocal()], 1), b_s, b_h))
+
+            def pass_two(my_tasks):
+                buf = a.new_empty(size * size)
+                out = [a.new_zeros(n, 2) for _ in targets]
+                for rows, cols, diag in my_tasks:
+                    h, w = _size(rows), _size(cols)
+                    for acc, (values, x_s, x_h) in zip(out, targets):
+                        p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: h * w].view(h, w)).exp_()
+                        acc[rows].addmm_(p, values[cols])
+                        if not diag:
+                            acc[cols].addmm_(p.T, values[rows])
+                return out
+
+            sums = iter(_run(tasks, pass_two, workers))
+            if coef.ka:
+                pr_a = next(sums)
                 y_a += coef.ka * pr_a[:, 0] / n_a
                 omega_a = pr_a[:, 1]
             if coef.kb:
+                pr_b = next(sums)
                 y_b += coef.kb * pr_b[:, 0] / n_b
                 omega_b = pr_b[:, 1]
         # sum_l W_il S_.. = (sum_l E_il (S_.. - 1/t)) / n_i + 1/t
@@ -478,14 +549,16 @@ class SoftClip(torch.autograd.Function):
         size = min(TILE_SQUARE, n)
         use_a, use_b = coef.uses_a, coef.uses_b
         a_s, a_h, b_s, b_h = _scaled(a, t), _shifter(a, t), _scaled(b, t), _shifter(b, t)
+        tasks = list(_block_pairs(n, size))
+        workers = _num_workers(a, len(tasks))
         g = g.contiguous()
         uniform = bool((g == g[0]).all())
         gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
         g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
         if coef.ka:  # sum_i g_i W^a_il
-            g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(a_s, a_h, gamma_a, size))
+            g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(a_s, a_h, gamma_a, size, tasks, workers))
         if coef.kb:
-            g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(b_s, b_h, gamma_b, size))
+            g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(b_s, b_h, gamma_b, size, tasks, workers))
         alpha = g_row * torch.exp(1.0 / t - r)
         beta = g_col * torch.exp(1.0 / t - c)
         ones = torch.ones_like(g)
@@ -501,79 +574,88 @@ class SoftClip(torch.autograd.Function):
             left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1)
             right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
             xgb, zgb = coef.xb * gamma_b, coef.zb * gamma_b
-        scratch = _Scratch(a, 7, size, size)
-        da, db = torch.zeros_like(a), torch.zeros_like(b)
-        for rows, cols, diag in _block_pairs(n, size):
-            h, w = _size(rows), _size(cols)
-            s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
-            u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
-            if use_a:
-                p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
-                ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
-                if coef.xa:
-                    ha.addcmul_(u, xga[rows, None], value=-1).addcmul_(s, xga[None, cols], value=-1)
-                if coef.za:
-                    ha.addcmul_(u, zga[None, cols], value=-1).addcmul_(s, zga[rows, None], value=-1)
-                ha.mul_(p)
-            if use_b:
-                q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
-                hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
-                if coef.xb:
-                    hb.addcmul_(s, xgb[rows, None], value=-1).addcmul_(u, xgb[None, cols], value=-1)
-                if coef.zb:
-                    hb.addcmul_(s, zgb[None, cols], value=-1).addcmul_(u, zgb[rows, None], value=-1)
-                hb.mul_(q)
-            # dS on block (I, K)
-            ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
-            if use_a:
-                if coef.xa:
-                    ds.addcmul_(p, xga[None, cols], value=-1)
-                if coef.za:
-                    ds.addcmul_(p, zga[rows, None], value=-1)
-            if use_b:
-                if coef.zb:
-                    ds.addcmul_(q, zgb[None, cols], value=-1)
-                if coef.xb:
-                    ds.addcmul_(q, xgb[rows, None], value=-1)
-            da[rows].addmm_(ds, b[cols])
-            db[cols].addmm_(ds.T, a[rows])
-            if use_a:
-                da[rows].addmm_(ha, a[cols])
-            if use_b:
-                db[rows].addmm_(hb, b[cols])
-            if diag:
-                continue
-            # dS on block (K, I), held transposed like U
-            du = u.exp_().mul_(torch.add(beta[rows, None], alpha[None, cols], out=scratch(6, h, w)))
-            if use_a:
-                if coef.xa:
-                    du.addcmul_(p, xga[rows, None], value=-1)
-                if coef.za:
-                    du.addcmul_(p, zga[None, cols], value=-1)
-            if use_b:
-                if coef.zb:
-                    du.addcmul_(q, zgb[rows, None], value=-1)
-                if coef.xb:
-                    du.addcmul_(q, xgb[None, cols], value=-1)
-            da[cols].addmm_(du.T, b[rows])
-            db[rows].addmm_(du, a[cols])
-            if use_a:
-                da[cols].addmm_(ha.T, a[rows])
-            if use_b:
-                db[cols].addmm_(hb.T, b[rows])
+
+        def work(my_tasks):
+            scratch = _Scratch(a, 7, size, size)
+            da, db = torch.zeros_like(a), torch.zeros_like(b)
+            for rows, cols, diag in my_tasks:
+                h, w = _size(rows), _size(cols)
+                s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
+                u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+                if use_a:
+                    p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
+                    ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
+                    if coef.xa:
+                        ha.addcmul_(u, xga[rows, None], value=-1).addcmul_(s, xga[None, cols], value=-1)
+                    if coef.za:
+                        ha.addcmul_(u, zga[None, cols], value=-1).addcmul_(s, zga[rows, None], value=-1)
+                    ha.mul_(p)
+                if use_b:
+                    q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
+                    hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
+                    if coef.xb:
+                        hb.addcmul_(s, xgb[rows, None], value=-1).addcmul_(u, xgb[None, cols], value=-1)
+                    if coef.zb:
+                        hb.addcmul_(s, zgb[None, cols], value=-1).addcmul_(u, zgb[rows, None], value=-1)
+                    hb.mul_(q)
+                # dS on block (I, K)
+                ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
+                if use_a:
+                    if coef.xa:
+                        ds.addcmul_(p, xga[None, cols], value=-1)
+                    if coef.za:
+                        ds.addcmul_(p, zga[rows, None], value=-1)
+                if use_b:
+                    if coef.zb:
+                        ds.addcmul_(q, zgb[None, cols], value=-1)
+                    if coef.xb:
+                        ds.addcmul_(q, xgb[rows, None], value=-1)
+                da[rows].addmm_(ds, b[cols])
+                db[cols].addmm_(ds.T, a[rows])
+                if use_a:
+                    da[rows].addmm_(ha, a[cols])
+                if use_b:
+                    db[rows].addmm_(hb, b[cols])
+                if diag:
+                    continue
+                # dS on block (K, I), held transposed like U
+                du = u.exp_().mul_(torch.add(beta[rows, None], alpha[None, cols], out=scratch(6, h, w)))
+                if use_a:
+                    if coef.xa:
+                        du.addcmul_(p, xga[rows, None], value=-1)
+                    if coef.za:
+                        du.addcmul_(p, zga[None, cols], value=-1)
+                if use_b:
+                    if coef.zb:
+                        du.addcmul_(q, zgb[rows, None], value=-1)
+                    if coef.xb:
+                        du.addcmul_(q, xgb[None, cols], value=-1)
+                da[cols].addmm_(du.T, b[rows])
+                db[rows].addmm_(du, a[cols])
+                if use_a:
+                    da[cols].addmm_(ha.T, a[rows])
+                if use_b:
+                    db[cols].addmm_(hb.T, b[rows])
+            return [da, db]
+
+        da, db = _run(tasks, work, workers)
         return da.div_(t), db.div_(t), None, None
 
 
-def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int) -> Tensor:
+def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: list, workers: int) -> Tensor:
     """``sum_i gamma_i E_il`` for the symmetric ``E = exp(X X^T / t - 1/t)``: one pass over half the blocks."""
-    out = torch.zeros_like(gamma)
-    buf = x_s.new_empty(size * size)
-    for rows, cols, diag in _block_pairs(x_s.shape[0], size):
-        p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: _size(rows) * _size(cols)].view(_size(rows), _size(cols))).exp_()
-        out[rows].addmv_(p, gamma[cols])
-        if not diag:
-            out[cols].addmv_(p.T, gamma[rows])
-    return out
+
+    def work(my_tasks):
+        out = torch.zeros_like(gamma)
+        buf = x_s.new_empty(size * size)
+        for rows, cols, diag in my_tasks:
+            p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: _size(rows) * _size(cols)].view(_size(rows), _size(cols))).exp_()
+            out[rows].addmv_(p, gamma[cols])
+            if not diag:
+                out[cols].addmv_(p.T, gamma[rows])
+        return [out]
+
+    return _run(tasks, work, workers)[0]
 
 
 # ----------------------------------------------------------------------------- loss vectors
