@@ -54,6 +54,13 @@ exponent range (t >= 0.025 in float32, t >= 1/300 in float64; the paper's t = 0.
 the constant ``1/t`` replaces the running maximum of online softmax, and it is folded into
 the matrix product by one extra column: ``[q / t | 1] . [k | -1/t] = S - 1/t``. Below that,
 an extra pass finds exact row and column maxima and the general (unfused) path runs.
+
+**CPU threads.** On CPU the tiles are split round robin over ``torch.get_num_threads()``
+worker threads that run one torch thread each (and private accumulators, summed at the end),
+rather than splitting every small operation over OpenMP threads. This removes one barrier per
+operation, which matters when other processes share the cores. ``torch.set_num_threads`` is
+set to 1 inside the workers and restored afterwards; set :data:`PARALLEL_WORKERS` to False to
+use torch's own threading instead.
 """
 
 from __future__ import annotations
@@ -207,6 +214,7 @@ def _run(tasks: list, work: Callable[[list], list], workers: int) -> list:
         for acc, x in zip(total, part):
             if acc is not None:
                 acc += x
+        del part[:]  # free each worker's accumulators as soon as they are added
     return total
 
 
@@ -279,12 +287,21 @@ class LogSumExp(torch.autograd.Function):
             alpha = g_r * torch.exp(1.0 / t - r) if g_r is not None else None
             beta = g_c * torch.exp(1.0 / t - c) if with_cols else None
             q_aug, k_aug = _scaled(q, t), _shifter(k, t)
-            tasks = [(i0, i1, k0, k1) for i0, i1 in _blocks(n, TILE_ROWS) for k0, k1 in _blocks(N, TILE_COLS)]
+            row_blocks = list(_blocks(n, TILE_ROWS))
+            # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
+            # few row blocks the tiles are split instead and every worker keeps its own dq.
+            by_rows = len(row_blocks) >= torch.get_num_threads()
+            if by_rows:
+                tasks = [[(i0, i1, k0, k1) for k0, k1 in _blocks(N, TILE_COLS)] for i0, i1 in row_blocks]
+                shared_dq = torch.zeros_like(q)
+            else:
+                tasks = [[(i0, i1, k0, k1)] for i0, i1 in row_blocks for k0, k1 in _blocks(N, TILE_COLS)]
 
             def work(my_tasks):
                 scratch = _Scratch(q, 2, rows, cols)
-                dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-                for i0, i1, k0, k1 in my_tasks:
+                dq = shared_dq if by_rows else torch.zeros_like(q)
+                dk = torch.zeros_like(k)
+                for i0, i1, k0, k1 in (tile for group in my_tasks for tile in group):
                     a = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
                     if alpha is not None and beta is not None:
                         a.mul_(torch.add(alpha[i0:i1, None], beta[None, k0:k1], out=scratch(1, i1 - i0, k1 - k0)))
@@ -294,9 +311,10 @@ class LogSumExp(torch.autograd.Function):
                         a.mul_(beta[None, k0:k1])
                     dq[i0:i1].addmm_(a, k[k0:k1])
                     dk[k0:k1].addmm_(a.T, q[i0:i1])
-                return [dq, dk]
+                return [None if by_rows else dq, dk]
 
             dq, dk = _run(tasks, work, _num_workers(q, len(tasks)))
+            dq = shared_dq if by_rows else dq
         else:
             scratch = _Scratch(q, 2, rows, cols)
             dq = torch.zeros_like(q)
