@@ -15,7 +15,7 @@ each tile in the backward pass. Every identity used here is written out on the d
 
 **Fused MultiSClip** (single process; :class:`SoftClip`). With ``S = A B^T / t``,
 ``W^a = softmax_row(A A^T / t)``, ``W^b = softmax_row(B B^T / t)``, one call computes, for
-coefficients fixed by the convention and the weights of the two directions,
+coefficients fixed by the convention and the weights of the two directions::
 
     v_i = k_c c_i + k_r r_i + k_a (W^a r)_i + k_b (W^b c)_i
           - x_a sum_l W^a_il S_li - z_a sum_l W^a_il S_il - x_b sum_l W^b_il S_il - z_b sum_l W^b_il S_li
@@ -30,7 +30,7 @@ weighted sums ``sum_l W_il S_li`` are row sums of ``E^a * U`` and column sums of
 ``(W r)`` needs the final ``r``, so a second forward pass over the ``G`` tiles computes
 ``E^a [r | 1/n]``, which also gives the column sums of ``W`` (``omega_l = sum_i W_il``,
 again by symmetry). For a uniform upstream gradient ``g`` (reduction mean or sum) the
-backward pass needs ``sum_i g_i W_il = g_0 omega_l`` and so no extra pass. Its gradients are
+backward pass needs ``sum_i g_i W_il = g_0 omega_l`` and so no extra pass. Its gradients are::
 
     dS_lk = (k_r g_l + k_a omega^g_l) e^{S_lk - r_l} + (k_c g_k + k_b omega'^g_k) e^{S_lk - c_k}
             - x_a g_k W^a_kl - z_a g_l W^a_lk - x_b g_l W^b_lk - z_b g_k W^b_kl,
