@@ -326,30 +326,50 @@ def _run_one(args, loss, impl, n, d) -> dict:
 
 
 def drive(args) -> None:
+    """Measure every (loss, N, D) configuration; implementations alternate within each round."""
     path = Path(args.out_dir) / f"{args.tag}.json"
     data = _load(path)
     data["meta"] = _meta(args)
     done = {_key(r): r for r in data["results"]}
     configs = [(loss, n, d) for n in args.n for d in args.d for loss in args.loss]
     for loss, n, d in configs:
+        entries = {}
         for impl in args.impl:
             entry = dict(device=args.device, loss=loss, impl=impl, n=n, d=d)
-            key = _key(entry)
-            old = done.get(key)
+            old = done.get(_key(entry))
             if old is not None and not args.redo and old["status"] in ("ok", "skipped"):
                 continue
             reason = _skip_reason(args, loss, impl, n)
             if reason:
-                entry.update(status="skipped", reason=reason)
+                done[_key(entry)] = dict(entry, status="skipped", reason=reason)
             else:
+                entries[impl] = dict(entry, status="ok", times_s=[], extra_peak_bytes=0, loads=[], rounds=args.rounds)
+        # Rounds interleave the implementations, so that a burst of load from other jobs falls on
+        # all of them rather than on one figure.
+        for _ in range(args.rounds):
+            for impl, entry in entries.items():
+                if entry["status"] != "ok":
+                    continue
                 print(f"{loss:18s} {impl:8s} N={n:6d} D={d:4d} ...", end=" ", flush=True)
-                entry.update(_run_one(args, loss, impl, n, d))
+                result = _run_one(args, loss, impl, n, d)
+                entry["loads"].append(result["load_before"][0])
+                entry.setdefault("load_before", result["load_before"])
+                entry["load_after"] = result["load_after"]
                 entry["uptime"] = _uptime()
-                summary = f"{entry['median_s']:.3f} s, +{entry['extra_peak_bytes'] / 2**20:.0f} MiB" if entry["status"] == "ok" else entry["reason"]
-                print(f"{summary}  (load {entry['load_before'][0]:.1f} -> {entry['load_after'][0]:.1f})", flush=True)
-            done[key] = entry
-            data["results"] = list(done.values())
-            _save(path, data)
+                if result["status"] != "ok":
+                    entry.update(status=result["status"], reason=result["reason"])
+                    print(result["reason"], flush=True)
+                    continue
+                entry["times_s"] += result["times_s"]
+                entry["extra_peak_bytes"] = max(entry["extra_peak_bytes"], result["extra_peak_bytes"])
+                times = sorted(entry["times_s"])
+                entry["median_s"] = times[len(times) // 2]
+                print(f"{min(result['times_s']):.3f}..{max(result['times_s']):.3f} s, +{result['extra_peak_bytes'] / 2**20:.0f} MiB"
+                      f"  (load {result['load_before'][0]:.1f})", flush=True)
+        for entry in entries.values():
+            done[_key(entry)] = entry
+        data["results"] = list(done.values())
+        _save(path, data)
     report(path)
 
 
@@ -398,22 +418,24 @@ def report(path: Path) -> None:
     lines = [
         f"# Kernel benchmarks ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')})",
         "",
-        f"Forward + backward wall time (median of {meta.get('repeats', 3)}, seconds) and extra peak memory (MiB),"
-        " each figure in a fresh process. `floor` is the bare matrix products the loss needs.",
+        "Forward + backward wall time (seconds; median over `passes` timed passes: 3 per fresh process, in one or more"
+        " processes that alternate with the other implementations) and extra peak memory (MiB, the largest over those"
+        " processes). `floor` is the bare matrix products the loss needs.",
         "Ratios: tiled time / textbook time, tiled time / floor time, tiled memory / textbook memory."
-        " `load` is the 1-minute load average before the tiled run (the machine has "
+        " `load` is the mean 1-minute load average before the tiled processes (the machine has "
         f"{meta.get('cpu_count', '?')} cores).",
         "",
-        "| loss | N | D | textbook s | dense s | tiled s | triton s | floor s | tiled/textbook | tiled/floor | textbook MiB | dense MiB | tiled MiB | mem tiled/textbook | load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| loss | N | D | textbook s | dense s | tiled s | triton s | floor s | tiled/textbook | tiled/floor | textbook MiB | dense MiB | tiled MiB | mem tiled/textbook | passes | load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for device, loss, n, d in configs:
         get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
         tb, de, ti, tr, fl = (get(i) for i in IMPLS)
-        load = f"{ti['load_before'][0]:.1f}" if ti is not None and ti.get("load_before") else ""
+        load = f"{sum(ti['loads']) / len(ti['loads']):.1f}" if ti is not None and ti.get("loads") else ""
         lines.append(
             f"| {loss} | {n} | {d} | {_fmt_time(tb)} | {_fmt_time(de)} | {_fmt_time(ti)} | {_fmt_time(tr)} | {_fmt_time(fl)} "
-            f"| {_ratio(ti, tb)} | {_ratio(ti, fl)} | {_fmt_mem(tb)} | {_fmt_mem(de)} | {_fmt_mem(ti)} | {_mem_ratio(ti, tb)} | {load} |"
+            f"| {_ratio(ti, tb)} | {_ratio(ti, fl)} | {_fmt_mem(tb)} | {_fmt_mem(de)} | {_fmt_mem(ti)} | {_mem_ratio(ti, tb)} "
+            f"| {len(ti.get('times_s', [])) if ti else ''} | {load} |"
         )
     skipped = [r for r in results if r["status"] != "ok"]
     if skipped:
@@ -433,7 +455,7 @@ def _write(path: Path, text: str) -> None:
 def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
     """The table as reStructuredText for the docs (docs/kernels.rst includes it)."""
     meta = data.get("meta", {})
-    loads = [r["load_before"][0] for r in data["results"] if r.get("load_before")]
+    loads = [x for r in data["results"] for x in r.get("loads", [])]
     head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",
             "textbook MiB", "tiled MiB", "memory tiled / textbook"]
     rows = []
@@ -446,8 +468,9 @@ def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
         f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch threads, "
         f"torch {meta.get('torch', '?')}, float32, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
         f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs), "
-        "so ratios of neighbouring rows are more reliable than absolute times. Times in seconds (forward + backward, "
-        "median of 3), memory in MiB above the baseline; empty cells were not measured, ``skip`` cells did not fit "
+        "so ratios within a row are more reliable than absolute times. Times in seconds (forward + backward, median over "
+        "3 passes per fresh process, in one or more processes alternating with the other implementations), memory in MiB "
+        "above the baseline; empty cells were not measured, ``skip`` cells did not fit "
         f"(see ``{path.with_suffix('.md').name}``).",
         "",
         ".. list-table::",
@@ -513,7 +536,9 @@ def _parse(argv=None):
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--target", action="store_true", help=f"N={TARGET[0]}, D={TARGET[1]}, all four losses")
     p.add_argument("--grid", action="store_true", help=f"N in {GRID_N}, D in {GRID_D}, both pair losses")
-    p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per figure (median)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh processes per figure, alternating with the other implementations; the median is over all passes")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--strip", type=int, default=1024, help="rows per strip of the floor's products")
@@ -530,6 +555,8 @@ def _parse(argv=None):
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.threads < 1:
         p.error("--threads must be >= 1")
     args.tag = args.tag or f"kernels_{args.device}"

@@ -287,3 +287,24 @@ def test_modules_pass_the_backend_through():
     with tiles(2, 3, 4):
         tiled = MultiSClipLoss(backend="tiled")(z)
     torch.testing.assert_close(tiled, MultiSClipLoss(backend="dense")(z), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("workers", [True, False])
+def test_tiled_results_are_deterministic_and_independent_of_threading(workers, monkeypatch):
+    monkeypatch.setattr(kernels, "PARALLEL_WORKERS", workers)
+    g = torch.Generator().manual_seed(11)
+    z = [torch.randn(37, 8, generator=g) for _ in range(2)]
+    perm, lam = torch.randperm(37, generator=g), torch.rand(37, generator=g)
+
+    def run():
+        with tiles(5, 7, 6):
+            return value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="tiled") + F.m3co_pair(a, b, perm, lam, backend="tiled"), z)
+
+    first, second = run(), run()
+    for x, y in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(x, y)  # the same tiles go to the same workers, summed in the same order
+    previous = torch.get_num_threads()
+    dense = value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="dense") + F.m3co_pair(a, b, perm, lam, backend="dense"), z)
+    for x, y in zip([first[0], *first[1]], [dense[0], *dense[1]]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert torch.get_num_threads() == previous  # the workers restore torch's thread count
