@@ -156,12 +156,18 @@ def _block_pairs(n: int, size: int) -> Iterator[tuple[slice, slice, bool]]:
 
 def _scaled(x: Tensor, t: float) -> Tensor:
     """``[x / t | 1]``: with :func:`_shifter`, one matrix product gives ``x y^T / t - 1/t``."""
-    return torch.cat([x / t, x.new_ones(x.shape[0], 1)], dim=1)
+    out = x.new_empty(x.shape[0], x.shape[1] + 1)
+    torch.div(x, t, out=out[:, :-1])
+    out[:, -1] = 1.0
+    return out
 
 
 def _shifter(x: Tensor, t: float) -> Tensor:
     """``[x | -1/t]``."""
-    return torch.cat([x, x.new_full((x.shape[0], 1), -1.0 / t)], dim=1)
+    out = x.new_empty(x.shape[0], x.shape[1] + 1)
+    out[:, :-1] = x
+    out[:, -1] = -1.0 / t
+    return out
 
 
 class _Scratch:
@@ -192,17 +198,22 @@ def _num_workers(x: Tensor, tasks: int) -> int:
     return max(1, min(torch.get_num_threads(), tasks))
 
 
-def _run(tasks: list, work: Callable[[list], list], workers: int) -> list:
-    """``work(tasks[j::workers])`` for every worker j; returns the element-wise sums of their result lists."""
+def _run(tasks: list, work: Callable[[list, object], list], workers: int, setup: Callable[[], object]) -> list:
+    """``work(tasks[j::workers], setup())`` for every worker j; the element-wise sums of their result lists.
+
+    ``setup`` allocates a worker's buffers and accumulators; it runs in the calling thread, so
+    that they come from its allocator arena and the memory held does not grow with the threads.
+    """
     if workers <= 1:
         with torch.no_grad():
-            return work(tasks)
+            return work(tasks, setup())
     previous = torch.get_num_threads()
+    states = [setup() for _ in range(workers)]
 
     def run(j: int) -> list:
         torch.set_num_threads(1)
         with torch.no_grad():
-            return work(tasks[j::workers])
+            return work(tasks[j::workers], states[j])
 
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3co-tiles") as pool:
@@ -239,10 +250,11 @@ class LogSumExp(torch.autograd.Function):
             q_aug, k_aug = _scaled(q, t), _shifter(k, t)
             tasks = [(i0, i1, k0, k1) for i0, i1 in _blocks(n, TILE_ROWS) for k0, k1 in _blocks(N, TILE_COLS)]
 
-            def work(my_tasks):
-                scratch = _Scratch(q, 1, rows, cols)
-                row_sum = q.new_zeros(n)
-                col_sum = q.new_zeros(N) if with_cols else None
+            def setup():
+                return _Scratch(q, 1, rows, cols), q.new_zeros(n), q.new_zeros(N) if with_cols else None
+
+            def work(my_tasks, state):
+                scratch, row_sum, col_sum = state
                 for i0, i1, k0, k1 in my_tasks:
                     e = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
                     row_sum[i0:i1].addmv_(e, ones[: k1 - k0])
@@ -250,7 +262,7 @@ class LogSumExp(torch.autograd.Function):
                         col_sum[k0:k1].addmv_(e.T, ones[: i1 - i0])
                 return [row_sum, col_sum]
 
-            row_sum, col_sum = _run(tasks, work, _num_workers(q, len(tasks)))
+            row_sum, col_sum = _run(tasks, work, _num_workers(q, len(tasks)), setup)
             col_sum = col_sum if with_cols else q.new_zeros(0)
             row_shift = col_shift = 1.0 / t
         else:
@@ -297,10 +309,11 @@ class LogSumExp(torch.autograd.Function):
             else:
                 tasks = [[(i0, i1, k0, k1)] for i0, i1 in row_blocks for k0, k1 in _blocks(N, TILE_COLS)]
 
-            def work(my_tasks):
-                scratch = _Scratch(q, 2, rows, cols)
-                dq = shared_dq if by_rows else torch.zeros_like(q)
-                dk = torch.zeros_like(k)
+            def setup():
+                return _Scratch(q, 2, rows, cols), shared_dq if by_rows else torch.zeros_like(q), torch.zeros_like(k)
+
+            def work(my_tasks, state):
+                scratch, dq, dk = state
                 for i0, i1, k0, k1 in (tile for group in my_tasks for tile in group):
                     a = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
                     if alpha is not None and beta is not None:
@@ -313,7 +326,7 @@ class LogSumExp(torch.autograd.Function):
                     dk[k0:k1].addmm_(a.T, q[i0:i1])
                 return [None if by_rows else dq, dk]
 
-            dq, dk = _run(tasks, work, _num_workers(q, len(tasks)))
+            dq, dk = _run(tasks, work, _num_workers(q, len(tasks)), setup)
             dq = shared_dq if by_rows else dq
         else:
             scratch = _Scratch(q, 2, rows, cols)
@@ -471,11 +484,14 @@ class SoftClip(torch.autograd.Function):
         tasks = list(_block_pairs(n, size))
         workers = _num_workers(a, len(tasks))
 
-        def pass_one(my_tasks):
-            scratch = _Scratch(a, 5, size, size)
+        def setup_one():
+            return _Scratch(a, 5, size, size), a.new_zeros(8, n)
+
+        def pass_one(my_tasks, state):
+            scratch, sums = state
             # sum_k e^{S_ik - 1/t}, sum_i e^{S_ik - 1/t}, softmax normalisers of the targets, and
             # sum_l E_il (S_li - 1/t), sum_l E_il (S_il - 1/t) for each target matrix
-            rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = a.new_zeros(8, n)
+            rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = sums
             for rows, cols, diag in my_tasks:
                 h, w = _size(rows), _size(cols)
                 s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
@@ -506,9 +522,9 @@ class SoftClip(torch.autograd.Function):
                     e = u.exp_()
                     kappa[rows].addmv_(e, ones[:w])
                     rho[cols].addmv_(e.T, ones[:h])
-            return [torch.stack([rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u])]
+            return [sums]
 
-        rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = _run(tasks, pass_one, workers)[0]
+        rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = _run(tasks, pass_one, workers, setup_one)[0]
         r = rho.log_().add_(1.0 / t)
         c = kappa.log_().add_(1.0 / t)
         # Pass 2: W r needs the final r; the same products give the column sums of W.
@@ -521,9 +537,11 @@ class SoftClip(torch.autograd.Function):
             if coef.kb:
                 targets.append((torch.stack([c, n_b.reciprocal()], 1), b_s, b_h))
 
-            def pass_two(my_tasks):
-                buf = a.new_empty(size * size)
-                out = [a.new_zeros(n, 2) for _ in targets]
+            def setup_two():
+                return a.new_empty(size * size), [a.new_zeros(n, 2) for _ in targets]
+
+            def pass_two(my_tasks, state):
+                buf, out = state
                 for rows, cols, diag in my_tasks:
                     h, w = _size(rows), _size(cols)
                     for acc, (values, x_s, x_h) in zip(out, targets):
@@ -533,7 +551,7 @@ class SoftClip(torch.autograd.Function):
                             acc[cols].addmm_(p.T, values[rows])
                 return out
 
-            sums = iter(_run(tasks, pass_two, workers))
+            sums = iter(_run(tasks, pass_two, workers, setup_two))
             if coef.ka:
                 pr_a = next(sums)
                 y_a += coef.ka * pr_a[:, 0] / n_a
@@ -593,9 +611,11 @@ class SoftClip(torch.autograd.Function):
             right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
             xgb, zgb = coef.xb * gamma_b, coef.zb * gamma_b
 
-        def work(my_tasks):
-            scratch = _Scratch(a, 7, size, size)
-            da, db = torch.zeros_like(a), torch.zeros_like(b)
+        def setup():
+            return _Scratch(a, 7, size, size), torch.zeros_like(a), torch.zeros_like(b)
+
+        def work(my_tasks, state):
+            scratch, da, db = state
             for rows, cols, diag in my_tasks:
                 h, w = _size(rows), _size(cols)
                 s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
@@ -656,16 +676,18 @@ class SoftClip(torch.autograd.Function):
                     db[cols].addmm_(hb.T, b[rows])
             return [da, db]
 
-        da, db = _run(tasks, work, workers)
+        da, db = _run(tasks, work, workers, setup)
         return da.div_(t), db.div_(t), None, None
 
 
 def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: list, workers: int) -> Tensor:
     """``sum_i gamma_i E_il`` for the symmetric ``E = exp(X X^T / t - 1/t)``: one pass over half the blocks."""
 
-    def work(my_tasks):
-        out = torch.zeros_like(gamma)
-        buf = x_s.new_empty(size * size)
+    def setup():
+        return torch.zeros_like(gamma), x_s.new_empty(size * size)
+
+    def work(my_tasks, state):
+        out, buf = state
         for rows, cols, diag in my_tasks:
             p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: _size(rows) * _size(cols)].view(_size(rows), _size(cols))).exp_()
             out[rows].addmv_(p, gamma[cols])
@@ -673,7 +695,7 @@ def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, ta
                 out[cols].addmv_(p.T, gamma[rows])
         return [out]
 
-    return _run(tasks, work, workers)[0]
+    return _run(tasks, work, workers, setup)[0]
 
 
 # ----------------------------------------------------------------------------- loss vectors
