@@ -295,9 +295,10 @@ class LogSumExp(torch.autograd.Function):
         n, N = q.shape[0], k.shape[0]
         rows, cols = min(TILE_ROWS, n), min(TILE_COLS, N)
         if _static_shift_ok(t, q.dtype):
-            # A_ik = exp(S_ik - 1/t) (alpha_i + beta_k); 1/t - r_i <= 2/t keeps both factors finite.
-            alpha = g_r * torch.exp(1.0 / t - r) if g_r is not None else None
-            beta = g_c * torch.exp(1.0 / t - c) if with_cols else None
+            # A_ik / t = exp(S_ik - 1/t) (alpha_i + beta_k); 1/t - r_i <= 2/t keeps both factors
+            # finite. The 1/t of dq = A k / t rides on alpha and beta.
+            alpha = (g_r / t) * torch.exp(1.0 / t - r) if g_r is not None else None
+            beta = (g_c / t) * torch.exp(1.0 / t - c) if with_cols else None
             q_aug, k_aug = _scaled(q, t), _shifter(k, t)
             row_blocks = list(_blocks(n, TILE_ROWS))
             # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
@@ -327,7 +328,7 @@ class LogSumExp(torch.autograd.Function):
                 return [None if by_rows else dq, dk]
 
             dq, dk = _run(tasks, work, _num_workers(q, len(tasks)), setup)
-            dq = shared_dq if by_rows else dq
+            return (shared_dq if by_rows else dq), dk, None, None
         else:
             scratch = _Scratch(q, 2, rows, cols)
             dq = torch.zeros_like(q)
@@ -595,21 +596,23 @@ class SoftClip(torch.autograd.Function):
             g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(a_s, a_h, gamma_a, size, tasks, workers))
         if coef.kb:
             g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(b_s, b_h, gamma_b, size, tasks, workers))
-        alpha = g_row * torch.exp(1.0 / t - r)
-        beta = g_col * torch.exp(1.0 / t - c)
+        # Every tile below is a derivative with respect to S or G, and dA = (dS B + H A) / t: the
+        # 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
+        alpha = (g_row / t) * torch.exp(1.0 / t - r)
+        beta = (g_col / t) * torch.exp(1.0 / t - c)
         ones = torch.ones_like(g)
         # (dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)], R of rank 4:
         # R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l, y~ = y + (x + z) / t.
         if use_a:
             ya = y_a + (coef.xa + coef.za) / t
-            left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1)
+            left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(t)
             right_a = torch.stack([r, gamma_a, ones, -gamma_a * ya], 1)
-            xga, zga = coef.xa * gamma_a, coef.za * gamma_a
+            xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a
         if use_b:
             yb = y_b + (coef.xb + coef.zb) / t
-            left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1)
+            left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(t)
             right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
-            xgb, zgb = coef.xb * gamma_b, coef.zb * gamma_b
+            xgb, zgb = (coef.xb / t) * gamma_b, (coef.zb / t) * gamma_b
 
         def setup():
             return _Scratch(a, 7, size, size), torch.zeros_like(a), torch.zeros_like(b)
@@ -677,7 +680,7 @@ class SoftClip(torch.autograd.Function):
             return [da, db]
 
         da, db = _run(tasks, work, workers, setup)
-        return da.div_(t), db.div_(t), None, None
+        return da, db, None, None
 
 
 def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: list, workers: int) -> Tensor:
@@ -725,10 +728,9 @@ def m3co_vector(a_loc, a_full, b_loc, b_full, offset: int, perm: Tensor, lam: Te
     """Per-sample M3Co vector (paper form) of the local rows; see :func:`m3co_loss.functional.m3co_pair`."""
     lse, _ = _functions(backend, a_loc.dtype)
     r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
-    s_ii = (a_loc * b_loc).sum(1) / t
-    s_ij = (a_loc * b_loc[perm]).sum(1) / t
-    target = lam * s_ii + (1 - lam) * s_ij
-    return (r - target) + (lam * c + (1 - lam) * c[perm] - target)
+    # lam_i S_ii + (1 - lam_i) S_ij = a_i . (lam_i b_i + (1 - lam_i) b_j) / t: one gathered dot product
+    target = (a_loc * torch.lerp(b_loc[perm], b_loc, lam[:, None])).sum(1) / t
+    return r + torch.lerp(c[perm], c, lam) - 2 * target
 
 
 def clip_vector(a_loc, a_full, b_loc, b_full, offset: int, t: float, *, backend: str = "tiled") -> Tensor:
