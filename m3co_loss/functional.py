@@ -259,6 +259,19 @@ def _multisoftclip_vector(a, b, t, reference, layout, backend) -> Tensor:
     )
 
 
+def _multisoftclip_both(a, b, weight_a, weight_b, t, reference, layout, backend) -> Tensor:
+    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` (one or both directions of a pair)."""
+    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
+    if chosen != "dense" and not layout.distributed:
+        return kernels.multisoftclip_pair_vector(a.local, b.local, t, weight_a, weight_b, reference=reference, backend=chosen)
+    total = None
+    for weight, targets, other in ((weight_a, a, b), (weight_b, b, a)):
+        if weight:
+            v = weight * _multisoftclip_vector(targets, other, t, reference, layout, chosen)
+            total = v if total is None else total + v
+    return total
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 
@@ -470,12 +483,19 @@ def multisoftclip(
     reference = convention == "reference"
     with _no_autocast(z[0].device):
         rows = _prepare(z, layout)
-        total = None
+        # The directed term "a against b" takes its soft targets from b in the released code
+        # (soft_clip_loss(preds=a, targs=b)); in the paper both orders are summed. Group the
+        # directed terms by unordered pair: both directions share S = p_a p_b^T / t, which the
+        # fused kernel then computes once.
+        weights: dict = {}
         for a, b, weight in _directed_pairs(len(z), convention):
-            # The directed term "a against b" takes its soft targets from b in the released
-            # code (soft_clip_loss(preds=a, targs=b)); in the paper both orders are summed.
             targets, other = (b, a) if reference else (a, b)
-            v = weight * _multisoftclip_vector(rows[targets], rows[other], t, reference, layout, backend)
+            key = (min(targets, other), max(targets, other))
+            w = weights.setdefault(key, [0.0, 0.0])
+            w[0 if targets == key[0] else 1] += weight
+        total = None
+        for (a, b), (weight_a, weight_b) in weights.items():
+            v = _multisoftclip_both(rows[a], rows[b], weight_a, weight_b, t, reference, layout, backend)
             total = v if total is None else total + v
         return _reduce(total, reduction, layout)
 

@@ -31,6 +31,7 @@ def small_tiles(monkeypatch):
 
     monkeypatch.setattr(kernels, "TILE_ROWS", 3)
     monkeypatch.setattr(kernels, "TILE_COLS", 5)
+    monkeypatch.setattr(kernels, "TILE_SQUARE", 3)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,588 @@
+"""Time and memory of the M3CoL losses: textbook dense form, each backend, and the bare-GEMM floor.
+
+Every figure (one loss, one implementation, one N, one D) is measured in a fresh Python process:
+it builds the inputs, runs a tiny warm-up of the same implementation (so that thread pools and
+library buffers are not counted as the loss's memory), takes a memory baseline, then times
+``repeats`` forward+backward passes and reports their median and the extra peak memory
+(CPU: ``ru_maxrss`` minus the baseline; CUDA: ``torch.cuda.max_memory_allocated`` minus the
+memory held after the inputs). Results are written after every figure (atomically) to
+``<out-dir>/<tag>.json``, from which ``<tag>.md`` and ``<tag>.rst`` (tables) and ``<tag>.png``
+(plot) are made;
+a rerun resumes, skipping the figures already recorded.
+
+Implementations:
+
+* ``textbook``: normalise, full S, row and column ``log_softmax`` times a dense target matrix
+  (for MultiSClip the soft targets ``W = softmax(p_a p_a^T / t)`` too), autograd backward.
+* ``dense``, ``tiled``, ``triton``: :mod:`m3co_loss.functional` with that ``backend``.
+* ``floor``: only the matrix products the loss needs, into preallocated buffers, in strips of
+  rows (same flop count, no N x N allocation). M3Co: ``S = A B^T``, ``dS B``, ``dS^T A``.
+  MultiSClip: ``S``, ``G = A A^T``, ``dS B``, ``dS^T A``, ``(dG + dG^T) A``. Aggregates over two
+  modalities: twice the M3Co products; ``S, G_a, G_b`` and four products for MultiSClip.
+
+Losses: ``m3co_pair`` (:func:`~m3co_loss.functional.m3co_pair`), ``multisoftclip_pair``,
+and the two-modality aggregates ``m3co`` and ``multisoftclip``.
+
+Examples::
+
+    python benchmarks/bench_kernels.py --target                  # N=8192, D=512, both pair losses
+    python benchmarks/bench_kernels.py --grid                    # the full grid (hours on 2 cores)
+    python benchmarks/bench_kernels.py --n 1024 4096 --d 256 --loss m3co_pair --impl dense tiled
+    python benchmarks/bench_kernels.py --report                  # rebuild the table and plot only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LOSSES = ("m3co_pair", "multisoftclip_pair", "m3co", "multisoftclip")
+IMPLS = ("textbook", "dense", "tiled", "triton", "floor")
+GRID_N = (1024, 4096, 8192, 16384, 32768, 65536)
+GRID_D = (256, 768)
+TARGET = (8192, 512)
+TEMPERATURE = 0.1
+# Bytes per N^2 element that the textbook and dense forms hold at their peak (measured at
+# N = 8192 on CPU, float32, rounded up); used to skip sizes that cannot fit.
+DENSE_BYTES_PER_ENTRY = {"m3co_pair": 24, "multisoftclip_pair": 28, "m3co": 44, "multisoftclip": 40}
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _inputs(loss: str, n: int, d: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(n, d, generator=g) for _ in range(2)]
+    perms = [torch.randperm(n, generator=g) for _ in range(2)]
+    lam = torch.distributions.Beta(0.15, 0.15).sample((n,))
+    mixed = [lam[:, None] * x + (1 - lam[:, None]) * x[p] for x, p in zip(z, perms)]
+    move = lambda xs: [x.to(device) for x in xs]  # noqa: E731
+    return dict(z=move(z), mixed=move(mixed), perms=move(perms), lam=lam.to(device))
+
+
+def _textbook(loss: str, inp, leaves):
+    import torch
+    import torch.nn.functional as F
+
+    t = TEMPERATURE
+
+    def m3co_term(mixed_a, clean_b, perm, lam):
+        n = mixed_a.shape[0]
+        pa, pb = F.normalize(mixed_a, dim=1), F.normalize(clean_b, dim=1)
+        s = pa @ pb.T / t
+        target = torch.zeros(n, n, device=s.device)
+        idx = torch.arange(n, device=s.device)
+        target.index_put_((idx, idx), lam, accumulate=True)
+        target.index_put_((idx, perm), 1 - lam, accumulate=True)
+        return (-(target * F.log_softmax(s, 1)).sum(1) - (target * F.log_softmax(s, 0)).sum(1)).mean()
+
+    def soft_terms(z_a, z_b, both):
+        n = z_a.shape[0]
+        pa, pb = F.normalize(z_a, dim=1), F.normalize(z_b, dim=1)
+        s = pa @ pb.T / t
+        logp = F.log_softmax(s, 1) + F.log_softmax(s, 0)
+        w_a = torch.softmax(pa @ pa.T / t, 1)
+        value = -(w_a * logp.T).sum() / n  # Ls(a; a, b)
+        if both:
+            w_b = torch.softmax(pb @ pb.T / t, 1)
+            value = 0.5 * (value - (w_b * logp).sum() / n)
+        return value
+
+    perms, lam = inp["perms"], inp["lam"]
+    if loss == "m3co_pair":
+        return m3co_term(leaves[0], leaves[1], perms[0], lam)
+    if loss == "m3co":
+        mixed, clean = leaves[:2], leaves[2:]
+        return 0.5 * (m3co_term(mixed[0], clean[1], perms[0], lam) + m3co_term(mixed[1], clean[0], perms[1], lam))
+    return soft_terms(leaves[0], leaves[1], both=loss == "multisoftclip")
+
+
+def _library(loss: str, inp, leaves, backend: str):
+    from m3co_loss import functional as MF
+
+    perms, lam, kw = inp["perms"], inp["lam"], dict(temperature=TEMPERATURE, backend=backend)
+    if loss == "m3co_pair":
+        return MF.m3co_pair(leaves[0], leaves[1], perms[0], lam, **kw)
+    if loss == "m3co":
+        return MF.m3co(leaves[:2], leaves[2:], perms, lam, **kw)
+    if loss == "multisoftclip_pair":
+        return MF.multisoftclip_pair(leaves[0], leaves[1], **kw)
+    return MF.multisoftclip(leaves, **kw)
+
+
+def _leaves(loss: str, inp):
+    xs = inp["mixed"] + inp["z"] if loss == "m3co" else (
+        [inp["mixed"][0], inp["z"][1]] if loss == "m3co_pair" else inp["z"])
+    return [x.detach().clone().requires_grad_(True) for x in xs]
+
+
+def _floor_products(loss: str, inp, strip: int):
+    """The loss's matrix products, strip by strip, into preallocated buffers."""
+    import torch
+
+    a, b = inp["z"]
+    n, d = a.shape
+    rows = min(n, strip)
+    s = a.new_empty(rows, n)
+    g = a.new_empty(rows, n)
+    da, db = torch.empty_like(a), torch.empty_like(b)
+
+    def m3co_products(x, y):
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            si = torch.mm(x[i:j], y.T, out=s[: j - i])
+            torch.mm(si, y, out=da[i:j])
+            db.addmm_(si.T, x[i:j])
+
+    def soft_products(both):
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            si = torch.mm(a[i:j], b.T, out=s[: j - i])
+            torch.mm(si, b, out=da[i:j])
+            db.addmm_(si.T, a[i:j])
+            for x, out in ((a, da), (b, db)) if both else ((a, da),):
+                gi = torch.mm(x[i:j], x.T, out=g[: j - i])
+                out[i:j].addmm_(gi, x)
+
+    def run():
+        if loss == "m3co_pair":
+            m3co_products(a, b)
+        elif loss == "m3co":
+            m3co_products(a, b)
+            m3co_products(b, a)
+        else:
+            soft_products(both=loss == "multisoftclip")
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from m3co_loss import kernels
+
+    for name, value in (("TILE_ROWS", args.tile_rows), ("TILE_COLS", args.tile_cols), ("TILE_SQUARE", args.tile_square)):
+        if value:
+            setattr(kernels, name, value)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    loss, impl, n, d = args.loss[0], args.impl[0], args.n[0], args.d[0]
+
+    def make_step(inp):
+        if impl == "floor":
+            return _floor_products(loss, inp, args.strip)
+
+        def step():
+            leaves = _leaves(loss, inp)
+            value = _textbook(loss, inp, leaves) if impl == "textbook" else _library(loss, inp, leaves, impl)
+            value.backward()
+            if cuda:
+                torch.cuda.synchronize()
+
+        return step
+
+    with torch.no_grad() if impl == "floor" else _null():
+        make_step(_inputs(loss, 64, d, device))()  # warm-up: thread pools, kernels, library buffers
+    inp = _inputs(loss, n, d, device)
+    step = make_step(inp)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    with torch.no_grad() if impl == "floor" else _null():
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    if cuda:
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times_sorted = sorted(times)
+    return dict(times_s=times, median_s=times_sorted[len(times) // 2], extra_peak_bytes=int(extra))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _key(r) -> str:
+    return f"{r['device']}|{r['loss']}|{r['impl']}|{r['n']}|{r['d']}"
+
+
+def _load(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"meta": {}, "results": []}
+
+
+def _save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meta(args) -> dict:
+    import torch
+
+    meta = dict(
+        machine=platform.platform(),
+        processor=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        threads=args.threads,
+        device=args.device,
+        repeats=args.repeats,
+        temperature=TEMPERATURE,
+        memory_total_bytes=_mem_available(),
+    )
+    if args.device == "cuda" and torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+    return meta
+
+
+def _skip_reason(args, loss: str, impl: str, n: int) -> str | None:
+    if impl == "triton":
+        from m3co_loss.kernels import triton_available
+
+        import torch
+
+        if not triton_available(torch.device(args.device)) or args.device != "cuda":
+            return "triton needs a CUDA device"
+    if impl in ("textbook", "dense"):
+        need = DENSE_BYTES_PER_ENTRY[loss] * n * n
+        if need > args.mem_budget_gb * 2**30:
+            return f"needs about {need / 2**30:.0f} GiB (budget {args.mem_budget_gb:g} GiB)"
+    return None
+
+
+def _run_one(args, loss, impl, n, d) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--loss", loss, "--impl", impl,
+           "--n", str(n), "--d", str(d), "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--device", args.device, "--strip", str(args.strip)]
+    for flag, value in (("--tile-rows", args.tile_rows), ("--tile-cols", args.tile_cols), ("--tile-square", args.tile_square)):
+        if value:
+            cmd += [flag, str(value)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    load_before = os.getloadavg()
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(status="timeout", reason=f"over {args.timeout} s", load_before=load_before, load_after=os.getloadavg())
+    out = dict(load_before=load_before, load_after=os.getloadavg(), wall_s=round(time.time() - start, 1))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return dict(out, status="error", reason=" | ".join(tail) or f"exit code {proc.returncode}")
+    return dict(out, status="ok", **json.loads(lines[-1]))
+
+
+def drive(args) -> None:
+    """Measure every (loss, N, D) configuration; implementations alternate within each round."""
+    path = Path(args.out_dir) / f"{args.tag}.json"
+    data = _load(path)
+    data["meta"] = _meta(args)
+    done = {_key(r): r for r in data["results"]}
+    configs = [(loss, n, d) for n in args.n for d in args.d for loss in args.loss]
+    for loss, n, d in configs:
+        entries = {}
+        for impl in args.impl:
+            entry = dict(device=args.device, loss=loss, impl=impl, n=n, d=d)
+            old = done.get(_key(entry))
+            if old is not None and not args.redo and old["status"] in ("ok", "skipped"):
+                continue
+            reason = _skip_reason(args, loss, impl, n)
+            if reason:
+                done[_key(entry)] = dict(entry, status="skipped", reason=reason)
+            else:
+                entries[impl] = dict(entry, status="ok", times_s=[], extra_peak_bytes=0, loads=[], rounds=args.rounds)
+        # Rounds interleave the implementations, so that a burst of load from other jobs falls on
+        # all of them rather than on one figure.
+        for _ in range(args.rounds):
+            for impl, entry in entries.items():
+                if entry["status"] != "ok":
+                    continue
+                print(f"{loss:18s} {impl:8s} N={n:6d} D={d:4d} ...", end=" ", flush=True)
+                result = _run_one(args, loss, impl, n, d)
+                entry["loads"].append(result["load_before"][0])
+                entry.setdefault("load_before", result["load_before"])
+                entry["load_after"] = result["load_after"]
+                entry["uptime"] = _uptime()
+                if result["status"] != "ok":
+                    entry.update(status=result["status"], reason=result["reason"])
+                    print(result["reason"], flush=True)
+                    continue
+                entry["times_s"] += result["times_s"]
+                entry["extra_peak_bytes"] = max(entry["extra_peak_bytes"], result["extra_peak_bytes"])
+                times = sorted(entry["times_s"])
+                entry["median_s"] = times[len(times) // 2]
+                print(f"{min(result['times_s']):.3f}..{max(result['times_s']):.3f} s, +{result['extra_peak_bytes'] / 2**20:.0f} MiB"
+                      f"  (load {result['load_before'][0]:.1f})", flush=True)
+        for entry in entries.values():
+            done[_key(entry)] = entry
+        data["results"] = list(done.values())
+        _save(path, data)
+    report(path)
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt_time(r) -> str:
+    if r is None:
+        return ""
+    if r["status"] == "ok":
+        return f"{r['median_s']:.3f}"
+    return "skip" if r["status"] == "skipped" else r["status"]
+
+
+def _fmt_mem(r) -> str:
+    if r is None or r["status"] != "ok":
+        return ""
+    return f"{r['extra_peak_bytes'] / 2**20:.0f}"
+
+
+def _ratio(x, y) -> str:
+    if x is None or y is None or x["status"] != "ok" or y["status"] != "ok" or y["median_s"] <= 0:
+        return ""
+    return f"{x['median_s'] / y['median_s']:.2f}"
+
+
+def _mem_ratio(x, y) -> str:
+    if x is None or y is None or x["status"] != "ok" or y["status"] != "ok" or y["extra_peak_bytes"] <= 0:
+        return ""
+    return f"{x['extra_peak_bytes'] / y['extra_peak_bytes']:.2f}"
+
+
+def report(path: Path) -> None:
+    data = _load(path)
+    results = data["results"]
+    index = {(r["device"], r["loss"], r["impl"], r["n"], r["d"]): r for r in results}
+    configs = sorted({(r["device"], r["loss"], r["n"], r["d"]) for r in results}, key=lambda c: (c[0], LOSSES.index(c[1]), c[3], c[2]))
+    meta = data.get("meta", {})
+    lines = [
+        f"# Kernel benchmarks ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')})",
+        "",
+        "Forward + backward wall time (seconds; median over `passes` timed passes: 3 per fresh process, in one or more"
+        " processes that alternate with the other implementations) and extra peak memory (MiB, the largest over those"
+        " processes). `floor` is the bare matrix products the loss needs.",
+        "Ratios: tiled time / textbook time, tiled time / floor time, tiled memory / textbook memory."
+        " `load` is the mean 1-minute load average before the tiled processes (the machine has "
+        f"{meta.get('cpu_count', '?')} cores).",
+        "",
+        "| loss | N | D | textbook s | dense s | tiled s | triton s | floor s | tiled/textbook | tiled/floor | textbook MiB | dense MiB | tiled MiB | mem tiled/textbook | passes | load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for device, loss, n, d in configs:
+        get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
+        tb, de, ti, tr, fl = (get(i) for i in IMPLS)
+        load = f"{sum(ti['loads']) / len(ti['loads']):.1f}" if ti is not None and ti.get("loads") else ""
+        lines.append(
+            f"| {loss} | {n} | {d} | {_fmt_time(tb)} | {_fmt_time(de)} | {_fmt_time(ti)} | {_fmt_time(tr)} | {_fmt_time(fl)} "
+            f"| {_ratio(ti, tb)} | {_ratio(ti, fl)} | {_fmt_mem(tb)} | {_fmt_mem(de)} | {_fmt_mem(ti)} | {_mem_ratio(ti, tb)} "
+            f"| {len(ti.get('times_s', [])) if ti else ''} | {load} |"
+        )
+    skipped = [r for r in results if r["status"] != "ok"]
+    if skipped:
+        lines += ["", "Not measured:", ""]
+        lines += [f"- {r['loss']} {r['impl']} N={r['n']} D={r['d']}: {r['status']} ({r.get('reason', '')})" for r in skipped]
+    _write(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    _write(path.with_suffix(".rst"), _rst(path, data, index, configs))
+    _plot(path, results)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
+    """The table as reStructuredText for the docs (docs/kernels.rst includes it)."""
+    meta = data.get("meta", {})
+    loads = [x for r in data["results"] for x in r.get("loads", [])]
+    head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",
+            "textbook MiB", "tiled MiB", "memory tiled / textbook"]
+    rows = []
+    for device, loss, n, d in configs:
+        get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
+        tb, de, ti, fl = get("textbook"), get("dense"), get("tiled"), get("floor")
+        rows.append([loss, str(n), str(d), _fmt_time(tb), _fmt_time(de), _fmt_time(ti), _fmt_time(fl), _ratio(ti, tb), _ratio(ti, fl),
+                     _fmt_mem(tb), _fmt_mem(ti), _mem_ratio(ti, tb)])
+    out = [
+        f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch threads, "
+        f"torch {meta.get('torch', '?')}, float32, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
+        f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs), "
+        "so ratios within a row are more reliable than absolute times. Times in seconds (forward + backward, median over "
+        "3 passes per fresh process, in one or more processes alternating with the other implementations), memory in MiB "
+        "above the baseline; empty cells were not measured, ``skip`` cells did not fit "
+        f"(see ``{path.with_suffix('.md').name}``).",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+    ]
+    for row in [head] + rows:
+        out.append("   * - " + (row[0] or " "))
+        out += [f"     - {cell or ' '}" for cell in row[1:]]
+    out += ["", f".. image:: ../benchmarks/results/{path.with_suffix('.png').name}", "   :width: 100%", ""]
+    return "\n".join(out)
+
+
+def _plot(path: Path, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [loss for loss in LOSSES if any(r["loss"] == loss and r["status"] == "ok" for r in results)]
+    if not losses:
+        return
+    fig, axes = plt.subplots(len(losses), 2, figsize=(11, 3.6 * len(losses)), squeeze=False)
+    styles = {256: "-", 512: ":", 768: "--"}
+    colors = dict(textbook="tab:red", dense="tab:orange", tiled="tab:blue", triton="tab:purple", floor="tab:gray")
+    for row, loss in enumerate(losses):
+        for impl in IMPLS:
+            for d in sorted({r["d"] for r in results}):
+                pts = sorted((r["n"], r["median_s"], r["extra_peak_bytes"]) for r in results
+                             if r["loss"] == loss and r["impl"] == impl and r["d"] == d and r["status"] == "ok")
+                if not pts:
+                    continue
+                ns = [p[0] for p in pts]
+                label = f"{impl} D={d}"
+                axes[row][0].plot(ns, [p[1] for p in pts], styles.get(d, "-."), marker="o", color=colors[impl], label=label)
+                if impl != "floor":
+                    axes[row][1].plot(ns, [max(p[2], 1) / 2**20 for p in pts], styles.get(d, "-."), marker="o", color=colors[impl], label=label)
+        for col, ylabel in enumerate(("fwd+bwd time (s)", "extra peak memory (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size N")
+            ax.set_ylabel(ylabel)
+            ax.set_title(loss)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[row][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=None, help="batch sizes")
+    p.add_argument("--d", type=int, nargs="+", default=None, help="embedding dims")
+    p.add_argument("--loss", nargs="+", choices=LOSSES, default=None)
+    p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--target", action="store_true", help=f"N={TARGET[0]}, D={TARGET[1]}, all four losses")
+    p.add_argument("--grid", action="store_true", help=f"N in {GRID_N}, D in {GRID_D}, both pair losses")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh processes per figure, alternating with the other implementations; the median is over all passes")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--strip", type=int, default=1024, help="rows per strip of the floor's products")
+    p.add_argument("--tile-rows", type=int, default=0, help="override kernels.TILE_ROWS (tile sweeps; use with --tag)")
+    p.add_argument("--tile-cols", type=int, default=0, help="override kernels.TILE_COLS")
+    p.add_argument("--tile-square", type=int, default=0, help="override kernels.TILE_SQUARE")
+    p.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip textbook/dense figures that need more")
+    p.add_argument("--timeout", type=float, default=7200.0, help="seconds per figure")
+    p.add_argument("--out-dir", default=str(HERE / "results"))
+    p.add_argument("--tag", default=None, help="results file stem (default: kernels_<device>)")
+    p.add_argument("--redo", action="store_true", help="measure again figures already recorded")
+    p.add_argument("--report", action="store_true", help="only rebuild the table and the plot")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    args.tag = args.tag or f"kernels_{args.device}"
+    if args.worker:
+        return args
+    if args.target:
+        args.n, args.d = args.n or [TARGET[0]], args.d or [TARGET[1]]
+        args.loss = args.loss or list(LOSSES)
+    if args.grid:
+        args.n, args.d = args.n or list(GRID_N), args.d or list(GRID_D)
+    args.n = args.n or list(GRID_N)
+    args.d = args.d or list(GRID_D)
+    args.loss = args.loss or ["m3co_pair", "multisoftclip_pair"]
+    return args
+
+
+def main(argv=None) -> None:
+    args = _parse(argv)
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return
+    if args.report:
+        report(Path(args.out_dir) / f"{args.tag}.json")
+        return
+    drive(args)
+
+
+if __name__ == "__main__":
+    main()

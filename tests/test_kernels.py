@@ -1,0 +1,310 @@
+"""Parity of the tiled backend (m3co_loss.kernels) with the dense reference, in value and gradient.
+
+Tile sizes are drawn by hypothesis (smaller than, equal to, larger than N, not dividing N),
+so the block loops, the diagonal blocks of the symmetric kernel and the ragged last tiles are
+all exercised. Float64 must agree to 1e-10, float32 to 1e-5, relative to the values or, for
+entries near zero, to the scale of the logits ``max(1, 1/t)``: gradients of a similarity
+``p_a . p_b / t`` are of that size, and the normalisation's projection ``(I - p p^T)`` turns
+their rounding error into an absolute one (with D = 1 the exact gradient is 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from m3co_loss import functional as F
+from m3co_loss import kernels
+from strategies import mixing_weights, permutation
+
+CONVENTIONS = ["paper", "reference"]
+EPS = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def tol(dtype, t=1.0, inputs=()) -> dict:
+    # gradients with respect to z are the projected gradients with respect to p, divided by |z|
+    smallest_norm = min([1.0] + [float(x.double().norm(dim=-1).min()) for x in inputs])
+    return dict(rtol=EPS[dtype], atol=EPS[dtype] * max(1.0, 1.0 / t) / max(smallest_norm, 1e-3))
+
+# 0.1 and 0.125: the static shift; 0.02 (float32) and 0.002: the exact-maximum path.
+temperatures = st.sampled_from([0.02, 0.1, 0.125, 0.5, 0.002])
+
+
+@contextlib.contextmanager
+def tiles(rows: int, cols: int, square: int):
+    old = kernels.TILE_ROWS, kernels.TILE_COLS, kernels.TILE_SQUARE
+    kernels.TILE_ROWS, kernels.TILE_COLS, kernels.TILE_SQUARE = rows, cols, square
+    try:
+        yield
+    finally:
+        kernels.TILE_ROWS, kernels.TILE_COLS, kernels.TILE_SQUARE = old
+
+
+tile_sizes = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)) | st.just((512, 2048, 1024))
+
+
+@st.composite
+def batches(draw, *, modalities=2, min_n=2, max_n=24, max_d=7):
+    n = draw(st.integers(min_n, max_n))
+    d = draw(st.integers(1, max_d))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    z = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(modalities)]
+    if draw(st.booleans()):  # near-duplicate rows: soft targets far from the identity
+        z = [x[torch.randint(0, max(1, n // 2), (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64) for x in z]
+    perms = [permutation(n, draw(st.sampled_from(["identity", "random", "fixed_points"])), g) for _ in range(modalities)]
+    lam = mixing_weights(n, draw(st.sampled_from(["zeros", "ones", "uniform", "edges"])), g, torch.float64)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+    return dict(z=[x.to(dtype) for x in z], perms=perms, lam=lam.to(dtype), weights=weights.to(dtype), dtype=dtype)
+
+
+def value_and_grads(fn, inputs):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    value = fn(*leaves)
+    return value.detach(), torch.autograd.grad(value.sum(), leaves)
+
+
+def assert_backends_agree(fn, inputs, dtype, sizes, t=1.0):
+    dense = value_and_grads(lambda *x: fn(*x, backend="dense"), inputs)
+    with tiles(*sizes):
+        tiled = value_and_grads(lambda *x: fn(*x, backend="tiled"), inputs)
+    torch.testing.assert_close(tiled[0], dense[0], **tol(dtype, t))
+    for got, expected in zip(tiled[1], dense[1]):
+        torch.testing.assert_close(got, expected, **tol(dtype, t, inputs))
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+@given(batch=batches(), t=temperatures, convention=st.sampled_from(CONVENTIONS), sizes=tile_sizes, weighted=st.booleans())
+def test_m3co_pair_tiled_equals_dense(batch, t, convention, sizes, weighted):
+    perm, lam, w = batch["perms"][0], batch["lam"], batch["weights"]
+
+    def fn(a, b, backend):
+        v = F.m3co_pair(a, b, perm, lam, temperature=t, convention=convention, backend=backend, reduction="none" if weighted else "mean")
+        return (v * w).sum() if weighted else v
+
+    assert_backends_agree(fn, batch["z"], batch["dtype"], sizes, t)
+
+
+@given(batch=batches(), t=temperatures, convention=st.sampled_from(CONVENTIONS), sizes=tile_sizes, weighted=st.booleans())
+def test_multisoftclip_pair_tiled_equals_dense(batch, t, convention, sizes, weighted):
+    w = batch["weights"]
+
+    def fn(a, b, backend):
+        v = F.multisoftclip_pair(a, b, temperature=t, convention=convention, backend=backend, reduction="none" if weighted else "sum")
+        return (v * w).sum() if weighted else v
+
+    assert_backends_agree(fn, batch["z"], batch["dtype"], sizes, t)
+
+
+@given(batch=batches(modalities=3, max_n=12), t=temperatures, convention=st.sampled_from(CONVENTIONS), sizes=tile_sizes, m=st.sampled_from([2, 3]), weighted=st.booleans())
+def test_multisoftclip_tiled_equals_dense(batch, t, convention, sizes, m, weighted):
+    # both directions of a pair share one fused call (targets from a and from b)
+    w = batch["weights"]
+
+    def fn(*z, backend):
+        v = F.multisoftclip(list(z), temperature=t, convention=convention, backend=backend, reduction="none" if weighted else "mean")
+        return (v * w).sum() if weighted else v
+
+    assert_backends_agree(fn, batch["z"][:m], batch["dtype"], sizes, t)
+
+
+@given(batch=batches(modalities=3, max_n=12), t=temperatures, convention=st.sampled_from(CONVENTIONS), sizes=tile_sizes)
+def test_m3co_and_clip_tiled_equal_dense(batch, t, convention, sizes):
+    perms, lam = batch["perms"], batch["lam"]
+    assert_backends_agree(
+        lambda *z, backend: F.m3co(list(z[:3]), list(z[3:]), perms, lam, temperature=t, convention=convention, backend=backend),
+        batch["z"] + [x.flip(0) for x in batch["z"]],
+        batch["dtype"],
+        sizes,
+        t,
+    )
+    assert_backends_agree(lambda a, b, backend: F.clip_loss(a, b, temperature=t, backend=backend), batch["z"][:2], batch["dtype"], sizes, t)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_smallest_batches(n, convention):
+    g = torch.Generator().manual_seed(n)
+    z = [torch.randn(n, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    perm, lam = torch.arange(n).flip(0), torch.tensor([0.0, 1.0, 0.5][:n], dtype=torch.float64)
+    for sizes in ((1, 1, 1), (2, 3, 2), (512, 2048, 1024)):
+        assert_backends_agree(lambda a, b, backend: F.m3co_pair(a, b, perm, lam, convention=convention, backend=backend), z, torch.float64, sizes)
+        assert_backends_agree(lambda a, b, backend: F.multisoftclip(
+            [a, b], convention=convention, backend=backend), z, torch.float64, sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_half_inputs_accumulate_in_float32(dtype, convention):
+    g = torch.Generator().manual_seed(5)
+    n, d = 40, 16
+    z = [torch.randn(n, d, generator=g).to(dtype) for _ in range(2)]
+    perm, lam = torch.randperm(n, generator=g), torch.rand(n, generator=g)
+    for fn in (
+        lambda a, b, backend: F.m3co_pair(a, b, perm, lam, convention=convention, backend=backend),
+        lambda a, b, backend: F.multisoftclip([a, b], convention=convention, backend=backend),
+        lambda a, b, backend: F.multisoftclip_pair(a, b, convention=convention, backend=backend),
+    ):
+        with tiles(7, 9, 6):
+            value, grads = value_and_grads(lambda a, b: fn(a, b, "tiled"), z)
+        # the same rounded inputs in float32, dense: only the accumulation could differ
+        expected, expected_grads = value_and_grads(lambda a, b: fn(a, b, "dense"), [x.float() for x in z])
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, expected_grads):
+            assert got.dtype == dtype  # autograd returns gradients in the input dtype
+            torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=1e-2, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- kernels' own entry points
+
+
+def _lse_dense(q, k, t):
+    s = q @ k.T / t
+    return torch.logsumexp(s, 1), torch.logsumexp(s, 0)
+
+
+@given(batch=batches(), t=temperatures, sizes=tile_sizes, with_cols=st.booleans(), rows=st.integers(1, 24))
+def test_logsumexp_equals_torch(batch, t, sizes, with_cols, rows):
+    dtype = batch["dtype"]
+    q, k = (F.normalize(x) for x in batch["z"])
+    q = q[: min(rows, q.shape[0])]  # n != N
+    g = torch.Generator().manual_seed(1)
+    g_r = torch.randn(q.shape[0], generator=g, dtype=torch.float64).to(dtype)
+    g_c = torch.randn(k.shape[0], generator=g, dtype=torch.float64).to(dtype)
+
+    def objective(fn, q, k):
+        r, c = fn(q, k)
+        return (r * g_r).sum() + ((c * g_c).sum() if with_cols else 0)
+
+    with tiles(*sizes):
+        got = value_and_grads(lambda a, b: objective(lambda x, y: kernels.LogSumExp.apply(x, y, t, with_cols), a, b), [q, k])
+    want = value_and_grads(lambda a, b: objective(lambda x, y: _lse_dense(x, y, t), a, b), [q, k])
+    torch.testing.assert_close(got[0], want[0], **tol(dtype, t))
+    for x, y in zip(got[1], want[1]):
+        torch.testing.assert_close(x, y, **tol(dtype, t))
+
+
+def _split(n: int, ranks: int, g: torch.Generator) -> list:
+    """Uneven contiguous row ranges, one per simulated rank (some may be a single row)."""
+    cuts = sorted(torch.randperm(n - 1, generator=g)[: ranks - 1].add(1).tolist())
+    bounds = [0] + cuts + [n]
+    return [(bounds[i], bounds[i + 1]) for i in range(ranks)]
+
+
+@given(batch=batches(min_n=3), t=temperatures, sizes=tile_sizes, convention=st.sampled_from(CONVENTIONS), ranks=st.integers(2, 3), seed=st.integers(0, 1000))
+def test_distributed_entry_points_equal_single_process(batch, t, sizes, convention, ranks, seed):
+    """kernels.*_vector with local rows != gathered rows, summed over simulated ranks, is the dense loss."""
+    dtype = batch["dtype"]
+    n = batch["z"][0].shape[0]
+    perm, lam = batch["perms"][0], batch["lam"]
+    bounds = _split(n, ranks, torch.Generator().manual_seed(seed))
+    reference = convention == "reference"
+
+    def per_rank(a, b, which):
+        a_full, b_full = F.normalize(a), F.normalize(b)
+        out = []
+        rs = [kernels.LogSumExp.apply(a_full[lo:hi], b_full, t, False)[0] for lo, hi in bounds]
+        for rank, (lo, hi) in enumerate(bounds):
+            a_loc, b_loc = a_full[lo:hi], b_full[lo:hi]
+            if which == "m3co":
+                # mixing partners live on the same rank: a local permutation of the local rows
+                local_perm = torch.arange(hi - lo).roll(1) if hi - lo > 1 else torch.zeros(1, dtype=torch.long)
+                v = kernels.m3co_vector(a_loc, a_full, b_loc, b_full, lo, local_perm, lam[lo:hi], t)
+            elif which == "clip":
+                v = kernels.clip_vector(a_loc, a_full, b_loc, b_full, lo, t)
+            else:
+                gather = lambda r, rank=rank: torch.cat(rs[:rank] + [r] + rs[rank + 1:])  # noqa: E731
+                v = kernels.multisoftclip_vector(a_loc, a_full, b_loc, b_full, lo, t, reference=reference, gather=gather)
+            out.append(v)
+        return torch.cat(out)
+
+    def single(a, b, which):
+        if which == "m3co":
+            local_perm = torch.cat([torch.arange(hi - lo).roll(1) + lo if hi - lo > 1 else torch.tensor([lo]) for lo, hi in bounds])
+            return F.m3co_pair(a, b, local_perm, lam, temperature=t, reduction="none", backend="dense")
+        if which == "clip":
+            return F.clip_loss(a, b, temperature=t, reduction="none", backend="dense")
+        return F.multisoftclip_pair(a, b, temperature=t, convention=convention, reduction="none", backend="dense")
+
+    w = batch["weights"]
+    for which in ("m3co", "clip", "multisoftclip"):
+        with tiles(*sizes):
+            got = value_and_grads(lambda a, b: per_rank(a, b, which) * w, batch["z"])
+        want = value_and_grads(lambda a, b: single(a, b, which) * w, batch["z"])
+        torch.testing.assert_close(got[0], want[0], **tol(dtype, t))
+        for x, y in zip(got[1], want[1]):
+            torch.testing.assert_close(x, y, **tol(dtype, t, batch["z"]))
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.3, 1.7)])
+def test_soft_clip_coefficients_match_the_two_directions(reference, weights):
+    g = torch.Generator().manual_seed(3)
+    a, b = (F.normalize(torch.randn(13, 6, generator=g, dtype=torch.float64)) for _ in range(2))
+    convention = "reference" if reference else "paper"
+    w_a, w_b = weights
+    expected = w_a * F.multisoftclip_pair(a, b, convention=convention, reduction="none", backend="dense") + w_b * F.multisoftclip_pair(
+        b, a, convention=convention, reduction="none", backend="dense"
+    )
+    with tiles(4, 4, 4):
+        got = kernels.multisoftclip_pair_vector(a, b, 0.1, w_a, w_b, reference=reference)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_auto_picks_dense_for_small_and_tiled_for_large_batches_on_cpu():
+    cpu = torch.device("cpu")
+    small, large = kernels.AUTO_TILED_MIN_N - 1, kernels.AUTO_TILED_MIN_N
+    assert kernels.choose_backend("auto", small, small, cpu) == "dense"
+    assert kernels.choose_backend("auto", large, large, cpu) == "tiled"
+    # several processes: the gathered batch decides
+    assert kernels.choose_backend("auto", small, large, cpu) == "tiled"
+    for explicit in ("dense", "tiled"):
+        assert kernels.choose_backend(explicit, 4, 4, cpu) == explicit
+
+
+def test_triton_on_cpu_is_refused_with_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        F.clip_loss(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
+    assert not kernels.triton_available(torch.device("cpu"))
+
+
+def test_modules_pass_the_backend_through():
+    from m3co_loss import MultiSClipLoss
+
+    g = torch.Generator().manual_seed(2)
+    z = [torch.randn(9, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    with tiles(2, 3, 4):
+        tiled = MultiSClipLoss(backend="tiled")(z)
+    torch.testing.assert_close(tiled, MultiSClipLoss(backend="dense")(z), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("workers", [True, False])
+def test_tiled_results_are_deterministic_and_independent_of_threading(workers, monkeypatch):
+    monkeypatch.setattr(kernels, "PARALLEL_WORKERS", workers)
+    g = torch.Generator().manual_seed(11)
+    z = [torch.randn(37, 8, generator=g) for _ in range(2)]
+    perm, lam = torch.randperm(37, generator=g), torch.rand(37, generator=g)
+
+    def run():
+        with tiles(5, 7, 6):
+            return value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="tiled") + F.m3co_pair(a, b, perm, lam, backend="tiled"), z)
+
+    first, second = run(), run()
+    for x, y in zip([first[0], *first[1]], [second[0], *second[1]]):
+        assert torch.equal(x, y)  # the same tiles go to the same workers, summed in the same order
+    previous = torch.get_num_threads()
+    dense = value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="dense") + F.m3co_pair(a, b, perm, lam, backend="dense"), z)
+    for x, y in zip([first[0], *first[1]], [dense[0], *dense[1]]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert torch.get_num_threads() == previous  # the workers restore torch's thread count
