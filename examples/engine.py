@@ -59,20 +59,18 @@ rank 0 writes files (:func:`is_main_process`). See :func:`init_distributed`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
 import math
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -1383,7 +1381,8 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
     }
 
 
-def _pct(stat: Optional[Mapping[str, Optional[float]]]) -> str:
+def format_percent(stat: Optional[Mapping[str, Optional[float]]]) -> str:
+    """A ``{"mean", "std"}`` fraction as ``"mean ± std"`` in percent (``"-"`` when missing)."""
     if stat is None:
         return "-"
     if stat["std"] is None:
@@ -1410,7 +1409,7 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
             continue
         row = results["protocols"][name]
         epoch = row["epoch"]
-        lines.append(f"| {PROTOCOL_LABELS[name]} | " + " | ".join(_pct(row.get(m)) for m in metrics) + f" | {epoch['mean']:.0f} |")
+        lines.append(f"| {PROTOCOL_LABELS[name]} | " + " | ".join(format_percent(row.get(m)) for m in metrics) + f" | {epoch['mean']:.0f} |")
     for label, row in task.published.items():
         cells = []
         for m in metrics:
@@ -1418,12 +1417,12 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
                 cells.append("-")
             else:
                 mean, std = row[m]
-                cells.append(_pct({"mean": mean, "std": std}))
+                cells.append(format_percent({"mean": mean, "std": std}))
         lines.append(f"| {label} | " + " | ".join(cells) + " | - |")
     if results.get("val_scores"):
         scores = []
         for k, v in results["val_scores"].items():
-            scores.append(f"CE {v['mean']:.3f}" if k == "loss" else f"{task.metric_labels.get(k, k)} {_pct(v)}")
+            scores.append(f"CE {v['mean']:.3f}" if k == "loss" else f"{task.metric_labels.get(k, k)} {format_percent(v)}")
         lines += ["", "Held-out validation scores at the chosen epochs: " + ", ".join(scores) + "."]
     lines += [
         "",
@@ -1434,7 +1433,7 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
         lines += ["", "Analyses on the weights of the epoch chosen by the validation protocol (percent):", "", "| analysis | value |", "| --- | --- |"]
         for key, stat in results["analyses"].items():
             if key != "epoch":
-                lines.append(f"| {task.analysis_labels.get(key, key)} | {_pct(stat)} |")
+                lines.append(f"| {task.analysis_labels.get(key, key)} | {format_percent(stat)} |")
     if task.notes:
         lines += [""] + [f"- {note}" for note in task.notes]
     return "\n".join(lines) + "\n"

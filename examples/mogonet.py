@@ -16,7 +16,6 @@ pipeline does. :func:`main` is the command line shared by ``rosmap.py`` and ``br
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import os
@@ -146,8 +145,8 @@ def load_mogonet(data_dir: Path, *, num_classes: int, feature_counts: Optional[S
     train, test, names = [], [], []
     for v in range(1, NUM_VIEWS + 1):
         cols = feature_counts[v - 1] if feature_counts is not None else None
-        x_tr = read_matrix(data_dir / f"{v}_tr.csv", rows=len(train_labels), cols=cols, what=f"one per line of labels_tr.csv")
-        x_te = read_matrix(data_dir / f"{v}_te.csv", rows=len(test_labels), cols=x_tr.shape[1], what=f"one per line of labels_te.csv")
+        x_tr = read_matrix(data_dir / f"{v}_tr.csv", rows=len(train_labels), cols=cols, what="one per line of labels_tr.csv")
+        x_te = read_matrix(data_dir / f"{v}_te.csv", rows=len(test_labels), cols=x_tr.shape[1], what="one per line of labels_te.csv")
         featname = data_dir / f"{v}_featname.csv"
         feature_names = None
         if featname.exists():

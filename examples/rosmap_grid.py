@@ -11,24 +11,14 @@ combined table. Options other than ``--methods`` and ``--output-dir`` (``--seeds
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import engine
 import mogonet
 from rosmap import ROSMAP
 
 METRICS = ("acc", "f1", "auc")
-
-
-def cell(stat: Optional[Mapping[str, Optional[float]]]) -> str:
-    if stat is None:
-        return "-"
-    if stat["std"] is None:
-        return f"{100 * stat['mean']:.1f}"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
 
 
 def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
@@ -38,9 +28,9 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
         cells = [f"`{method}`"]
         for protocol in engine.PROTOCOLS:
             row = results["protocols"].get(protocol, {})
-            cells += [cell(row.get(m)) for m in METRICS]
+            cells += [engine.format_percent(row.get(m)) for m in METRICS]
         val = results.get("val_scores") or {}
-        cells.append(cell(val.get("acc")))
+        cells.append(engine.format_percent(val.get("acc")))
         per_seed = [r["seconds"] for r in results["per_seed"]]
         cells.append(f"{sum(per_seed) / len(per_seed):.0f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -90,7 +90,7 @@ __all__ = [
 AUTO_TILED_MIN_N = 2048
 # Tiles of LogSumExp / SoftTargetSum (rows x columns) and the square blocks of SoftClip,
 # sized so that one tile (4 MiB in float32) and its operands stay in the last-level cache
-# (benchmarks/bench_kernels.py --tiles sweeps them).
+# (sweep them with benchmarks/bench_kernels.py --tile-rows/--tile-cols/--tile-square).
 TILE_ROWS = 512
 TILE_COLS = 2048
 TILE_SQUARE = 1024

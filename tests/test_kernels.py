@@ -203,7 +203,7 @@ def test_distributed_entry_points_equal_single_process(batch, t, sizes, conventi
     """kernels.*_vector with local rows != gathered rows, summed over simulated ranks, is the dense loss."""
     dtype = batch["dtype"]
     n = batch["z"][0].shape[0]
-    perm, lam = batch["perms"][0], batch["lam"]
+    lam = batch["lam"]
     bounds = _split(n, ranks, torch.Generator().manual_seed(seed))
     reference = convention == "reference"
 
