@@ -27,16 +27,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from m3co_loss import M3CoLoss
 
+import demo
 
-def make_data(n: int, generator: torch.Generator, *, classes: int = 6, latent: int = 8):
-    """Two noisy views of one latent class signal (the second much noisier), as in examples/demo.py."""
-    centers = torch.randn(classes, latent, generator=torch.Generator().manual_seed(1234)) * 1.2
-    project = [torch.randn(latent, dim, generator=torch.Generator().manual_seed(seed)) for dim, seed in ((40, 1), (60, 2))]
-    y = torch.randint(0, classes, (n,), generator=generator)
-    signal = centers[y] + torch.randn(n, latent, generator=generator)
-    x_clear = signal @ project[0] + 2.0 * torch.randn(n, 40, generator=generator)
-    x_noisy = signal @ project[1] + 8.0 * torch.randn(n, 60, generator=generator)
-    return TensorDataset(x_clear, x_noisy, y)
+
+def make_data(n: int, generator: torch.Generator) -> TensorDataset:
+    views, y = demo.make_views(n, generator)  # the single-process demo's data
+    return TensorDataset(*views, y)
 
 
 class TwoModalityModel(nn.Module):

@@ -22,14 +22,20 @@ from torch import nn
 import engine
 
 
-def make_data(n: int, generator: torch.Generator, *, classes: int = 6, latent: int = 8) -> engine.TensorMultimodalDataset:
+def make_views(n: int, generator: torch.Generator, *, classes: int = 6, latent: int = 8):
+    """Two noisy views of one latent class signal (the second much noisier) and the labels."""
     centers = torch.randn(classes, latent, generator=torch.Generator().manual_seed(1234)) * 1.2
     project = [torch.randn(latent, dim, generator=torch.Generator().manual_seed(seed)) for dim, seed in ((40, 1), (60, 2))]
     y = torch.randint(0, classes, (n,), generator=generator)
     signal = centers[y] + torch.randn(n, latent, generator=generator)
     x_clear = signal @ project[0] + 2.0 * torch.randn(n, 40, generator=generator)
     x_noisy = signal @ project[1] + 8.0 * torch.randn(n, 60, generator=generator)
-    return engine.TensorMultimodalDataset([x_clear, x_noisy], y)
+    return [x_clear, x_noisy], y
+
+
+def make_data(n: int, generator: torch.Generator) -> engine.TensorMultimodalDataset:
+    views, y = make_views(n, generator)
+    return engine.TensorMultimodalDataset(views, y)
 
 
 def build_model(width: int = 64, classes: int = 6) -> engine.MultimodalClassifier:
