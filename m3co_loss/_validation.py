@@ -101,9 +101,21 @@ def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | Non
         raise ValueError(f"{name} has {z.shape[0]} rows but the batch has N = {n}")
     if d is not None and z.shape[1] != d:
         raise ValueError(f"{name} has dimension {z.shape[1]} but the other embeddings have D = {d}")
-    if _VALUE_CHECKS and not bool(torch.isfinite(z).all()):
+    if _VALUE_CHECKS and not all_finite(z):
         raise ValueError(f"{name} contains NaN or Inf")
     return z
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite.
+
+    A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves the
+    tensor finite in one reduction (``isfinite(x).all()`` writes and reads an N x D mask). A
+    non-finite sum may also be an overflow of finite entries; only then is every entry tested.
+    """
+    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def check_same_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:

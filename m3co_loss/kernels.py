@@ -279,7 +279,10 @@ class LogSumExp(torch.autograd.Function):
                         col_sum[k0:k1] += (s - col_shift[None, k0:k1]).exp_().sum(0)
         r = row_sum.log_().add_(row_shift)
         c = col_sum.log_().add_(col_shift) if with_cols else col_sum
-        ctx.save_for_backward(q, k, r, c)
+        # the augmented operands are kept for the backward pass: rebuilding them costs two
+        # O(N D) allocations whose page faults are a visible share of a step
+        augmented = (q_aug, k_aug) if _static_shift_ok(t, q.dtype) else ()
+        ctx.save_for_backward(q, k, r, c, *augmented)
         ctx.t, ctx.with_cols = t, with_cols
         ctx.set_materialize_grads(False)
         return r, c
@@ -287,7 +290,7 @@ class LogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_r: Optional[Tensor], g_c: Optional[Tensor]):
         """Recompute each tile and accumulate ``dq = A k / t`` and ``dk = A^T q / t``."""
-        q, k, r, c = ctx.saved_tensors
+        q, k, r, c, *augmented = ctx.saved_tensors
         t = ctx.t
         with_cols = ctx.with_cols and g_c is not None
         if g_r is None and not with_cols:
@@ -299,7 +302,7 @@ class LogSumExp(torch.autograd.Function):
             # finite. The 1/t of dq = A k / t rides on alpha and beta.
             alpha = (g_r / t) * torch.exp(1.0 / t - r) if g_r is not None else None
             beta = (g_c / t) * torch.exp(1.0 / t - c) if with_cols else None
-            q_aug, k_aug = _scaled(q, t), _shifter(k, t)
+            q_aug, k_aug = augmented
             row_blocks = list(_blocks(n, TILE_ROWS))
             # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
             # few row blocks the tiles are split instead and every worker keeps its own dq.
@@ -571,7 +574,7 @@ class SoftClip(torch.autograd.Function):
             if weight:
                 y -= weight * (acc / norm + 1.0 / t)
         v = coef.col * c + coef.row * r + y_a + y_b
-        ctx.save_for_backward(a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b)
+        ctx.save_for_backward(a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h)
         ctx.t, ctx.coef = t, coef
         return v
 
@@ -580,12 +583,11 @@ class SoftClip(torch.autograd.Function):
         """Recompute S, S^T and the target tiles per block pair; see the module docstring."""
         if g is None:
             return None, None, None, None
-        a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b = ctx.saved_tensors
+        a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h = ctx.saved_tensors
         t, coef = ctx.t, ctx.coef
         n = a.shape[0]
         size = min(TILE_SQUARE, n)
         use_a, use_b = coef.uses_a, coef.uses_b
-        a_s, a_h, b_s, b_h = _scaled(a, t), _shifter(a, t), _scaled(b, t), _shifter(b, t)
         tasks = list(_block_pairs(n, size))
         workers = _num_workers(a, len(tasks))
         g = g.contiguous()

@@ -188,3 +188,21 @@ def test_tensors_on_different_devices_meta():
         expect(ValueError, "move them to one device", lambda: F.clip_loss(d["a"], torch.randn(N, D, device="meta")))
         expect(ValueError, "lam is on", lambda: F.m3co_pair(d["a"], d["b"], d["perm"], torch.rand(N, device="meta")))
         expect(ValueError, "perm is on", lambda: F.m3co_pair(d["a"], d["b"], torch.arange(N, device="meta"), d["lam"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    from m3co_loss._validation import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.zeros(3, 2, dtype=dtype),
+        torch.full((4, 3), big, dtype=dtype),  # finite entries whose sum overflows: the exact test decides
+        torch.tensor([[big, -big], [big, big]], dtype=dtype),
+        torch.tensor([[1.0, float("nan")], [0.0, 0.0]], dtype=dtype),
+        torch.tensor([[float("inf"), 0.0]], dtype=dtype),
+        torch.tensor([[float("inf"), float("-inf")]], dtype=dtype),  # the sum is NaN, not inf
+        torch.empty(0, 4, dtype=dtype),
+    ]
+    for x in cases:
+        assert all_finite(x) == bool(torch.isfinite(x).all()), x
