@@ -20,6 +20,13 @@ Implementations:
   MultiSClip: ``S``, ``G = A A^T``, ``dS B``, ``dS^T A``, ``(dG + dG^T) A``. Aggregates over two
   modalities: twice the M3Co products; ``S, G_a, G_b`` and four products for MultiSClip.
 
+``--paired`` (times only): one fresh process per (loss, N, D) builds the inputs once and runs
+the implementations in rotation, one pass each per round (the order reversed every other round),
+so that every ratio ``tiled / other`` is taken between passes seconds apart. On a shared machine
+whose speed drifts by tens of percent over minutes (measured here: one core's float32 GEMM rate
+moves between about 75 and 120 GFLOP/s) this is the side-by-side figure; it is written to
+``<out-dir>/<tag>_paired.{json,md}`` with the median and quartiles of the per-round ratios.
+
 Losses: ``m3co_pair`` (:func:`~m3co_loss.functional.m3co_pair`), ``multisoftclip_pair``,
 and the two-modality aggregates ``m3co`` and ``multisoftclip``.
 
@@ -28,6 +35,7 @@ Examples::
     python benchmarks/bench_kernels.py --target                  # N=8192, D=512, both pair losses
     python benchmarks/bench_kernels.py --grid                    # the full grid (hours on 2 cores)
     python benchmarks/bench_kernels.py --n 1024 4096 --d 256 --loss m3co_pair --impl dense tiled
+    python benchmarks/bench_kernels.py --target --paired --impl textbook tiled floor --repeats 15
     python benchmarks/bench_kernels.py --report                  # rebuild the table and plot only
 """
 
@@ -183,7 +191,7 @@ def worker(args) -> dict:
     cuda = device.type == "cuda"
     loss, impl, n, d = args.loss[0], args.impl[0], args.n[0], args.d[0]
 
-    def make_step(inp):
+    def make_step(inp, impl=impl):
         if impl == "floor":
             return _floor_products(loss, inp, args.strip)
 
@@ -196,6 +204,8 @@ def worker(args) -> dict:
 
         return step
 
+    if args.paired:
+        return _paired_worker(args, make_step, _inputs(loss, n, d, device))
     with torch.no_grad() if impl == "floor" else _null():
         make_step(_inputs(loss, 64, d, device))()  # warm-up: thread pools, kernels, library buffers
     inp = _inputs(loss, n, d, device)
@@ -218,6 +228,124 @@ def worker(args) -> dict:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times_sorted = sorted(times)
     return dict(times_s=times, median_s=times_sorted[len(times) // 2], extra_peak_bytes=int(extra))
+
+
+def _paired_worker(args, make_step, inp) -> dict:
+    """Every implementation of ``args.impl`` on the same inputs, one timed pass each per round."""
+    import torch
+
+    impls = list(args.impl)
+    steps = {impl: make_step(inp, impl) for impl in impls}
+    grad = {impl: torch.no_grad() if impl == "floor" else _null() for impl in impls}
+    for impl in impls:  # warm-up at full size: every buffer and code path touched once
+        with grad[impl]:
+            steps[impl]()
+    times = {impl: [] for impl in impls}
+    for round_ in range(args.repeats):
+        for impl in impls if round_ % 2 == 0 else impls[::-1]:
+            with grad[impl]:
+                start = time.perf_counter()
+                steps[impl]()
+                times[impl].append(time.perf_counter() - start)
+    return dict(paired_times_s=times)
+
+
+def _quartiles(xs: list) -> tuple:
+    """(first quartile, median, third quartile), interpolated between the sorted values."""
+    import statistics
+
+    if len(xs) < 2:
+        return (xs[0],) * 3
+    return tuple(statistics.quantiles(xs, n=4, method="inclusive"))
+
+
+def drive_paired(args) -> None:
+    """One process per (loss, N, D) running the implementations in rotation; per-round ratios."""
+    path = Path(args.out_dir) / f"{args.tag}_paired.json"
+    data = _load(path)
+    data["meta"] = dict(_meta(args), mode="paired")
+    done = {f"{r['device']}|{r['loss']}|{r['n']}|{r['d']}": r for r in data["results"]}
+    for loss in args.loss:
+        for n in args.n:
+            for d in args.d:
+                impls = [i for i in args.impl if _skip_reason(args, loss, i, n) is None]
+                if "tiled" not in impls or len(impls) < 2:
+                    continue
+                print(f"{loss:18s} paired {'/'.join(impls)} N={n:6d} D={d:4d} ...", end=" ", flush=True)
+                result = _run_one(args, loss, ",".join(impls), n, d)
+                entry = dict(device=args.device, loss=loss, n=n, d=d, impls=impls, status=result["status"],
+                             load_before=result["load_before"], load_after=result["load_after"], uptime=_uptime())
+                if result["status"] != "ok":
+                    entry["reason"] = result["reason"]
+                    print(result["reason"], flush=True)
+                else:
+                    times = result["paired_times_s"]
+                    entry["times_s"] = times
+                    entry["median_s"] = {i: _quartiles(times[i])[1] for i in impls}
+                    entry["ratios"] = {
+                        other: [x / y for x, y in zip(times["tiled"], times[other])] for other in impls if other != "tiled"
+                    }
+                    entry["ratio_quartiles"] = {other: _quartiles(r) for other, r in entry["ratios"].items()}
+                    print("  ".join(f"tiled/{o} {q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]" for o, q in entry["ratio_quartiles"].items()),
+                          flush=True)
+                done[f"{args.device}|{loss}|{n}|{d}"] = entry
+                data["results"] = list(done.values())
+                _save(path, data)
+    report_paired(path)
+
+
+def report_paired(path: Path) -> None:
+    data = _load(path)
+    meta = data.get("meta", {})
+    lines = [
+        f"# Paired kernel timings ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')})",
+        "",
+        "One process per row runs the implementations in rotation on the same inputs (one forward + backward pass each per"
+        " round, the order reversed every other round). Ratios are per round, `tiled time / other time`: median"
+        " [first quartile, third quartile]. Times: median seconds per pass.",
+        "",
+        "| loss | N | D | rounds | textbook s | tiled s | floor s | tiled/textbook | tiled/floor | load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    fmt_q = lambda q: f"{q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]" if q else ""  # noqa: E731
+    for r in sorted(data["results"], key=lambda r: (r["device"], LOSSES.index(r["loss"]), r["d"], r["n"])):
+        if r["status"] != "ok":
+            lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {r['status']}: {r.get('reason', '')} | | | | | | |")
+            continue
+        med, q = r["median_s"], r["ratio_quartiles"]
+        cell = lambda i: f"{med[i]:.3f}" if i in med else ""  # noqa: E731
+        lines.append(
+            f"| {r['loss']} | {r['n']} | {r['d']} | {len(r['times_s']['tiled'])} | {cell('textbook')} | {cell('tiled')} | {cell('floor')} "
+            f"| {fmt_q(q.get('textbook'))} | {fmt_q(q.get('floor'))} | {r['load_before'][0]:.1f} |"
+        )
+    _write(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    _write(path.with_suffix(".rst"), _paired_rst(data, fmt_q))
+
+
+def _paired_rst(data: dict, fmt_q) -> str:
+    """The paired table as reStructuredText for the docs."""
+    meta = data.get("meta", {})
+    head = ["loss", "N", "D", "rounds", "tiled / textbook", "tiled / floor", "tiled s", "floor s"]
+    rows = []
+    for r in sorted(data["results"], key=lambda r: (r["device"], LOSSES.index(r["loss"]), r["d"], r["n"])):
+        if r["status"] != "ok":
+            continue
+        q, med = r["ratio_quartiles"], r["median_s"]
+        rows.append([r["loss"], str(r["n"]), str(r["d"]), str(len(r["times_s"]["tiled"])), fmt_q(q.get("textbook")),
+                     fmt_q(q.get("floor")), f"{med['tiled']:.3f}", f"{med['floor']:.3f}" if "floor" in med else ""])
+    out = [
+        f"Paired timings on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch"
+        f" threads, torch {meta.get('torch', '?')}: one process per row, the implementations in rotation on the same inputs;"
+        " per-round ratios, median [first quartile, third quartile].",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+    ]
+    for row in [head] + rows:
+        out.append("   * - " + row[0])
+        out += [f"     - {cell or ' '}" for cell in row[1:]]
+    return "\n".join(out) + "\n"
 
 
 class _null:
@@ -306,7 +434,7 @@ def _skip_reason(args, loss: str, impl: str, n: int) -> str | None:
 def _run_one(args, loss, impl, n, d) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--loss", loss, "--impl", impl,
            "--n", str(n), "--d", str(d), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--device", args.device, "--strip", str(args.strip)]
+           "--device", args.device, "--strip", str(args.strip)] + (["--paired"] if args.paired else [])
     for flag, value in (("--tile-rows", args.tile_rows), ("--tile-cols", args.tile_cols), ("--tile-square", args.tile_square)):
         if value:
             cmd += [flag, str(value)]
@@ -533,7 +661,7 @@ def _parse(argv=None):
     p.add_argument("--n", type=int, nargs="+", default=None, help="batch sizes")
     p.add_argument("--d", type=int, nargs="+", default=None, help="embedding dims")
     p.add_argument("--loss", nargs="+", choices=LOSSES, default=None)
-    p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--impl", nargs="+", default=list(IMPLS), help=f"implementations, from {', '.join(IMPLS)}")
     p.add_argument("--target", action="store_true", help=f"N={TARGET[0]}, D={TARGET[1]}, all four losses")
     p.add_argument("--grid", action="store_true", help=f"N in {GRID_N}, D in {GRID_D}, both pair losses")
     p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per process")
@@ -550,6 +678,8 @@ def _parse(argv=None):
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--tag", default=None, help="results file stem (default: kernels_<device>)")
     p.add_argument("--redo", action="store_true", help="measure again figures already recorded")
+    p.add_argument("--paired", action="store_true",
+                   help="times only: the implementations in rotation within one process per configuration; per-round ratios")
     p.add_argument("--report", action="store_true", help="only rebuild the table and the plot")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -561,7 +691,11 @@ def _parse(argv=None):
         p.error("--threads must be >= 1")
     args.tag = args.tag or f"kernels_{args.device}"
     if args.worker:
+        args.impl = args.impl[0].split(",")
         return args
+    unknown = [i for i in args.impl if i not in IMPLS]
+    if unknown:
+        p.error(f"--impl: unknown {', '.join(unknown)}; choose from {', '.join(IMPLS)}")
     if args.target:
         args.n, args.d = args.n or [TARGET[0]], args.d or [TARGET[1]]
         args.loss = args.loss or list(LOSSES)
@@ -580,6 +714,12 @@ def main(argv=None) -> None:
         return
     if args.report:
         report(Path(args.out_dir) / f"{args.tag}.json")
+        paired = Path(args.out_dir) / f"{args.tag}_paired.json"
+        if paired.exists():
+            report_paired(paired)
+        return
+    if args.paired:
+        drive_paired(args)
         return
     drive(args)
 
