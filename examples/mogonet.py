@@ -16,6 +16,7 @@ pipeline does. :func:`main` is the command line shared by ``rosmap.py`` and ``br
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import os
@@ -353,6 +354,15 @@ def parse(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> argparse.N
     return parser.parse_args(argv)
 
 
+def config_from_args(spec: MogonetSpec, args: argparse.Namespace) -> engine.TrainConfig:
+    """The run's configuration; a head dropout other than the released 0 is recorded in ``extra``
+    (so that it is in results.json and in the fingerprint that decides which seeds are reused)."""
+    config = engine.config_from_args(args, default_config(spec), step_sizes=STEP_SIZES)
+    if args.dropout:
+        config = dataclasses.replace(config, extra={**config.extra, "dropout": args.dropout})
+    return config
+
+
 def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = parse(spec, argv)
     if args.download is not None:
@@ -365,5 +375,5 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
     except MogonetFormatError as err:
         raise SystemExit(f"{spec.name}: {err}") from None
     task = make_task(spec, data, dropout=args.dropout)
-    config = engine.config_from_args(args, default_config(spec), step_sizes=STEP_SIZES)
+    config = config_from_args(spec, args)
     return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)

@@ -7,6 +7,14 @@ Runs ``rosmap.py`` in this process (seeds in worker processes) and writes
 average before and after (the machine may be shared: compare runs taken at a similar load),
 the core count, and seconds per seed-epoch. The target for the pipeline is 5 seeds of
 ``m3col`` in at most 180 s on 2 cores.
+
+``--floor`` adds what the work costs at best on this machine, measured in the same run:
+the floating-point operations of the whole run (counted with
+``torch.utils.flop_counter.FlopCounterMode`` on one full-batch step of each phase of the
+schedule and on one evaluation of each split, times how often each happens) and the best
+float32 matrix-product rate of the machine (all cores, a 2048 x 2048 x 2048 product, and one
+core on the model's own 196 x 1000 x 1000 shape). ``floor_seconds`` = operations / best rate is
+a lower bound on the run's wall time; no execution strategy beats it without cutting work.
 """
 
 from __future__ import annotations
@@ -29,16 +37,120 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int) -> dict:
+    """Floating-point operations of ``num_seeds`` full-batch runs of ``config`` (see the module docstring)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if config.batch_size is not None:
+        raise ValueError("--floor counts full-batch runs (batch_size None)")
+    fit, held = engine.stratified_holdout(task.train_labels, config.holdout, seed=0) if config.holdout else (None, None)
+    train_inputs, train_y = task.train.batch(torch.from_numpy(fit) if fit is not None else None)
+    val_inputs = task.train.batch(torch.from_numpy(held))[0] if held is not None else None
+    test_inputs = task.test.batch(None)[0]
+    torch.manual_seed(0)
+    model = task.build_model()
+    objective = engine.Objective(
+        config.method, num_modalities=model.num_modalities, num_classes=task.num_classes, epochs=config.epochs,
+        convention=config.convention, beta=config.beta, alpha=config.alpha, mix_prob=config.mix_prob,
+        temperature=config.temperature, m3co_fraction=config.m3co_fraction,
+    )
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def train_step():
+        loss, _ = objective(model, train_inputs, train_y)
+        loss.backward()
+
+    per_phase: dict = {}
+    step_flops: dict = {}
+    for _ in range(config.epochs):
+        phase = objective.phase()
+        per_phase[phase] = per_phase.get(phase, 0) + 1
+        if phase not in step_flops:
+            step_flops[phase] = count(train_step)
+            model.zero_grad(set_to_none=True)
+        objective.epoch_end()
+    with torch.no_grad():
+        val_flops = count(lambda: model(val_inputs, unimodal=False)) if val_inputs is not None else 0
+        test_flops = count(lambda: model(test_inputs, unimodal=False))
+    epochs = range(1, config.epochs + 1)
+    val_evals = sum(1 for e in epochs if e % config.eval_every == 0 or e == config.epochs) if val_inputs is not None else 0
+    test_evals = sum(1 for e in epochs if (config.test_every and e % config.test_every == 0) or e == config.epochs)
+    per_seed = sum(step_flops[p] * k for p, k in per_phase.items()) + val_evals * val_flops + test_evals * test_flops
+    return {
+        "step_flops": step_flops,
+        "epochs_per_phase": per_phase,
+        "eval_flops": {"validation": val_flops, "test": test_flops},
+        "evaluations": {"validation": val_evals, "test": test_evals},
+        "flops_per_seed": per_seed,
+        "flops_total": per_seed * num_seeds,
+    }
+
+
+def gemm_rates(repeats: int = 7) -> dict:
+    """Best float32 matrix-product rates (GFLOP/s, median of ``repeats``): all cores and one core."""
+    import torch
+
+    def rate(m: int, k: int, n: int, threads: int) -> float:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            out = torch.empty(m, n)
+            torch.mm(a, b, out=out)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.mm(a, b, out=out)
+                times.append(time.perf_counter() - start)
+            return 2 * m * k * n / sorted(times)[len(times) // 2] / 1e9
+        finally:
+            torch.set_num_threads(previous)
+
+    cores = os.cpu_count() or 1
+    return {
+        "all_cores_2048_cube": rate(2048, 2048, 2048, cores),
+        "one_core_2048_cube": rate(2048, 2048, 2048, 1),
+        "one_core_196x1000x1000": rate(196, 1000, 1000, 1),
+        "cores": cores,
+    }
+
+
+def floor_record(task, config, num_seeds: int) -> dict:
+    flops = run_flops(task, config, num_seeds)
+    rates = gemm_rates()
+    best = max(rates["all_cores_2048_cube"], rates["cores"] * rates["one_core_2048_cube"], rates["cores"] * rates["one_core_196x1000x1000"])
+    return dict(flops, gemm_gflops=rates, best_gflops=best, floor_seconds=flops["flops_total"] / (best * 1e9))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--floor", action="store_true", help="also count the run's operations and measure the machine's best GEMM rate")
+    parser.add_argument("--floor-only", action="store_true", help="only the floor (no training)")
     args, passthrough = parser.parse_known_args(argv)
     run_dir = args.output_dir / "run"
-    if (run_dir / "seeds").exists():
-        raise SystemExit(f"{run_dir / 'seeds'} holds finished seeds, which would not be timed again; use a fresh --output-dir")
     passthrough = list(passthrough)
     if "--seeds" not in passthrough:
         passthrough += ["--seeds", "0", "1", "2", "3", "4"]
+    floor = None
+    if args.floor or args.floor_only:
+        options = mogonet.parse(ROSMAP, passthrough + ["--output-dir", str(run_dir)])
+        data = mogonet.load_mogonet(mogonet.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
+        task = mogonet.make_task(ROSMAP, data, dropout=options.dropout)
+        config = mogonet.config_from_args(ROSMAP, options)
+        floor = floor_record(task, config, len(options.seeds))
+        print(f"floor: {floor['flops_total'] / 1e12:.2f} TFLOP at best {floor['best_gflops']:.0f} GFLOP/s = {floor['floor_seconds']:.0f} s", flush=True)
+        if args.floor_only:
+            record = {"command": " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])), "floor": floor, "target_wall_seconds": 180}
+            engine.atomic_write_json(args.output_dir / "floor.json", record)
+            return record
+    if (run_dir / "seeds").exists():
+        raise SystemExit(f"{run_dir / 'seeds'} holds finished seeds, which would not be timed again; use a fresh --output-dir")
     load_before = os.getloadavg()[0]
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     results = mogonet.main(ROSMAP, passthrough + ["--output-dir", str(run_dir), "--no-progress"])
@@ -60,6 +172,7 @@ def main(argv=None) -> dict:
         "load_1min_after": os.getloadavg()[0],
         "target_wall_seconds": 180,
         "validation_acc": results["protocols"]["validation"]["acc"] if "validation" in results["protocols"] else None,
+        "floor": floor,
     }
     engine.atomic_write_json(args.output_dir / "bench.json", record)
     print(json.dumps(record, indent=1))

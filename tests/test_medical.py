@@ -228,3 +228,56 @@ def test_download_verifies_checksums(tmp_path, http_folder):
     assert not (fresh / "labels_te.csv").exists() and not list(fresh.glob(".*.part"))
     with pytest.raises(SystemExit, match="could not download"):
         mogonet.download(ROSMAP, tmp_path / "empty", base_url=http_folder(tmp_path / "nothing-here"))
+
+
+# ----------------------------------------------------------------------------- tuning and the time floor
+
+
+def test_tuning_chooses_on_the_held_out_split_only(tmp_path):
+    import rosmap_tune
+
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    out = tmp_path / "tune"
+    record = rosmap_tune.main(
+        ["--output-dir", str(out), "--settings", "released", "dropout-0.5", "--data-dir", str(folder),
+         "--seeds", "0", "1", "--epochs", "3", "--workers", "1", "--no-progress"]
+    )
+    results = record["results"]
+    assert set(results) == {"released", "dropout-0.5"}
+    # the choice is the best held-out accuracy (then loss), whatever the test scores say
+    def key(name):
+        val = results[name]["val_scores"]
+        return (val["acc"]["mean"], -val["loss"]["mean"])
+    assert record["chosen"] == max(results, key=key)
+    swapped = {name: dict(r, protocols={"validation": {m: {"mean": 1.0 - v["mean"], "std": v["std"]} for m, v in r["protocols"]["validation"].items()}})
+               for name, r in results.items()}
+    assert rosmap_tune.choose(swapped) == record["chosen"]
+    table = (out / "tune.md").read_text()
+    assert f"`{record['chosen']}` (chosen)" in table and "--dropout 0.5" in table
+    assert json.loads((out / "tune.json").read_text())["chosen"] == record["chosen"]
+
+
+def test_time_floor_counts_the_schedule(tmp_path):
+    import rosmap_bench
+
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    record = rosmap_bench.main(["--output-dir", str(tmp_path / "bench"), "--floor-only", "--data-dir", str(folder), "--epochs", "9", "--seeds", "0", "1"])
+    floor = record["floor"]
+    assert floor["epochs_per_phase"] == {"m3co": 3, "multisclip": 6}
+    steps = floor["step_flops"]
+    # M3Co also encodes the mixed inputs: more work per step than MultiSClip
+    assert steps["m3co"] > steps["multisclip"] > 0
+    evals = floor["evaluations"]
+    assert evals == {"validation": 9, "test": 1}  # test every 10 epochs, and the last
+    per_seed = 3 * steps["m3co"] + 6 * steps["multisclip"] + 9 * floor["eval_flops"]["validation"] + floor["eval_flops"]["test"]
+    assert floor["flops_per_seed"] == per_seed and floor["flops_total"] == 2 * per_seed
+    assert floor["floor_seconds"] == pytest.approx(floor["flops_total"] / (floor["best_gflops"] * 1e9))
+    assert json.loads((tmp_path / "bench" / "floor.json").read_text())["floor"]["flops_total"] == floor["flops_total"]
+
+
+def test_head_dropout_is_recorded_in_the_configuration():
+    args = mogonet.parse(ROSMAP, ["--output-dir", "x", "--dropout", "0.5"])
+    config = mogonet.config_from_args(ROSMAP, args)
+    released = mogonet.config_from_args(ROSMAP, mogonet.parse(ROSMAP, ["--output-dir", "x"]))
+    assert config.extra == {"dropout": 0.5} and released.extra == {}
+    assert config.fingerprint() != released.fingerprint()
