@@ -629,6 +629,24 @@ class Objective:
             options = {} if mix_prob is None else {"mix_prob": mix_prob}
             self.mixup_sampler = MixupSampler.for_convention(convention, alpha=alpha, shared_lam=True, generator=self.generator, **options)
 
+    @classmethod
+    def from_config(cls, config: "TrainConfig", *, num_modalities: int, num_classes: int, seed: int = 0, distributed: bool = False) -> "Objective":
+        """The objective of a run's configuration (method, convention, loss options, epochs)."""
+        return cls(
+            config.method,
+            num_modalities=num_modalities,
+            num_classes=num_classes,
+            epochs=config.epochs,
+            convention=config.convention,
+            beta=config.beta,
+            alpha=config.alpha,
+            mix_prob=config.mix_prob,
+            temperature=config.temperature,
+            m3co_fraction=config.m3co_fraction,
+            seed=seed,
+            distributed=distributed,
+        )
+
     def phase(self) -> str:
         """The contrastive term in use this epoch: "m3co", "multisclip" or "none"."""
         if self.m3col is not None:
@@ -1035,17 +1053,10 @@ class Trainer:
         scheduler = self._scheduler(optimizer)
         if c.scheduler == "plateau" and val_set is None:
             raise ValueError("scheduler='plateau' steps on validation accuracy and needs a validation split (holdout > 0)")
-        objective = Objective(
-            c.method,
+        objective = Objective.from_config(
+            c,
             num_modalities=num_modalities,
             num_classes=task.num_classes,
-            epochs=c.epochs,
-            convention=c.convention,
-            beta=c.beta,
-            alpha=c.alpha,
-            mix_prob=c.mix_prob,
-            temperature=c.temperature,
-            m3co_fraction=c.m3co_fraction,
             # each rank draws its own mixing plans; rank 0 draws those of a single process
             seed=self.seed + 1_000_003 * self.rank,
             distributed=self.distributed,

@@ -50,11 +50,7 @@ def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int)
     test_inputs = task.test.batch(None)[0]
     torch.manual_seed(0)
     model = task.build_model()
-    objective = engine.Objective(
-        config.method, num_modalities=model.num_modalities, num_classes=task.num_classes, epochs=config.epochs,
-        convention=config.convention, beta=config.beta, alpha=config.alpha, mix_prob=config.mix_prob,
-        temperature=config.temperature, m3co_fraction=config.m3co_fraction,
-    )
+    objective = engine.Objective.from_config(config, num_modalities=model.num_modalities, num_classes=task.num_classes)
 
     def count(fn) -> int:
         with FlopCounterMode(display=False) as counter:

@@ -50,7 +50,7 @@ def tune_markdown(rows: Mapping[str, Mapping], chosen: str, *, title: str) -> st
         loss = val["loss"]
         mark = " (chosen)" if name == chosen else ""
         lines.append(
-            f"| `{name}`{mark} | {' '.join(SETTINGS.get(name, [])) or 'released'} | {pct(val['acc'])} "
+            f"| `{name}`{mark} | {' '.join(SETTINGS[name]) or 'released'} | {pct(val['acc'])} "
             f"| {loss['mean']:.3f} | {pct(test['acc'])} | {pct(test['f1'])} | {pct(test['auc'])} |"
         )
     lines += [
