@@ -358,3 +358,18 @@ def test_unis_mmc_without_positive_pairs_is_zero():
     y = torch.zeros(4, dtype=torch.long)
     wrong = torch.tensor([[0.0, 1.0]]).expand(4, 2)
     assert F.unis_mmc(r, [wrong, wrong], y).item() == 0.0
+
+
+@pytest.mark.parametrize("convention", ["paper", "reference"])
+@pytest.mark.parametrize("num", [2, 3, 4])
+def test_dense_multisoftclip_forms_each_matrix_once(convention, num):
+    """One S per modality pair and one target matrix per modality (see _multisoftclip_dense)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d = 12, 5
+    z = [torch.randn(n, d, dtype=torch.float64) for _ in range(num)]
+    with FlopCounterMode(display=False) as counter:
+        F.multisoftclip(z, convention=convention, backend="dense")
+    pairs = len({tuple(sorted(p[:2])) for p in F._directed_pairs(num, convention)})
+    targets = len({p[1] if convention == "reference" else p[0] for p in F._directed_pairs(num, convention)})
+    assert counter.get_total_flops() == (pairs + targets) * 2 * n * n * d
