@@ -829,6 +829,14 @@ class TrainConfig:
         need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
         return self
 
+    def validation_due(self, epoch: int) -> bool:
+        """Whether the validation split is scored after ``epoch`` (0-based): every ``eval_every``-th and the last."""
+        return epoch == self.epochs - 1 or (epoch + 1) % self.eval_every == 0
+
+    def test_due(self, epoch: int) -> bool:
+        """Whether the test set is scored after ``epoch`` (0-based): every ``test_every``-th (if > 0) and the last."""
+        return epoch == self.epochs - 1 or (self.test_every > 0 and (epoch + 1) % self.test_every == 0)
+
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -1143,8 +1151,8 @@ class Trainer:
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"{task.name} {c.method} seed {self.seed}: the training loss is {train_loss} at epoch {epoch}")
                 last = epoch == c.epochs - 1
-                val_due = val_batches is not None and (last or (epoch + 1) % c.eval_every == 0)
-                test_due = last or (c.test_every > 0 and (epoch + 1) % c.test_every == 0)
+                val_due = val_batches is not None and c.validation_due(epoch)
+                test_due = c.test_due(epoch)
                 val_ev = self.evaluate(model, val_batches) if val_due else None
                 test_ev = self.evaluate(model, test_batches) if test_due else None
                 if val_ev is not None:
@@ -1435,11 +1443,12 @@ def results_markdown(task: Task, results: Mapping[str, Any]) -> str:
         for k, v in results["val_scores"].items():
             scores.append(f"CE {v['mean']:.3f}" if k == "loss" else f"{task.metric_labels.get(k, k)} {format_percent(v)}")
         lines += ["", "Held-out validation scores at the chosen epochs: " + ", ".join(scores) + "."]
-    lines += [
-        "",
-        "`best on test` picks the epoch by its test score, so it is an optimistic upper bound, not an estimate;"
-        " `validation` is the honest figure.",
-    ]
+    honest = (
+        " `validation` is the honest figure."
+        if "validation" in results["protocols"]
+        else " this run held no validation split out (`--holdout 0`), so it has no honest figure."
+    )
+    lines += ["", "`best on test` picks the epoch by its test score, so it is an optimistic upper bound, not an estimate;" + honest]
     if results.get("analyses"):
         lines += ["", "Analyses on the weights of the epoch chosen by the validation protocol (percent):", "", "| analysis | value |", "| --- | --- |"]
         for key, stat in results["analyses"].items():

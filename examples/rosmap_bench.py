@@ -73,9 +73,8 @@ def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int)
     with torch.no_grad():
         val_flops = count(lambda: model(val_inputs, unimodal=False)) if val_inputs is not None else 0
         test_flops = count(lambda: model(test_inputs, unimodal=False))
-    epochs = range(1, config.epochs + 1)
-    val_evals = sum(1 for e in epochs if e % config.eval_every == 0 or e == config.epochs) if val_inputs is not None else 0
-    test_evals = sum(1 for e in epochs if (config.test_every and e % config.test_every == 0) or e == config.epochs)
+    val_evals = sum(map(config.validation_due, range(config.epochs))) if val_inputs is not None else 0
+    test_evals = sum(map(config.test_due, range(config.epochs)))
     per_seed = sum(step_flops[p] * k for p, k in per_phase.items()) + val_evals * val_flops + test_evals * test_flops
     return {
         "step_flops": step_flops,

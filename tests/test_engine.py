@@ -106,6 +106,13 @@ def test_scoring_test_once_with_kept_weights_matches_scoring_every_epoch():
     assert sparse["protocols"]["validation"] == every["protocols"]["validation"]
 
 
+def test_evaluation_schedule():
+    c = engine.TrainConfig(epochs=8, eval_every=3, test_every=5)
+    assert [e for e in range(8) if c.validation_due(e)] == [2, 5, 7]
+    assert [e for e in range(8) if c.test_due(e)] == [4, 7]
+    assert [e for e in range(8) if engine.TrainConfig(epochs=8, test_every=0).test_due(e)] == [7]
+
+
 def test_a_seed_is_deterministic_and_seeds_differ():
     task = tiny_task()
     a = engine.train_seed(task, config(), seed=0)
