@@ -28,6 +28,7 @@ SETTINGS: Dict[str, List[str]] = {
     "weight-decay-1e-2": ["--weight-decay", "1e-2"],
     "lr-5e-4": ["--lr", "5e-4"],
     "beta-0.5": ["--beta", "0.5"],
+    "convention-reference": ["--convention", "reference"],
 }
 
 
@@ -79,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         rows[name] = results
     chosen = choose(rows)
     first = next(iter(rows.values()))
-    title = f"# ROSMAP validation-only tuning ({first['method']}, convention {first['convention']}, seeds {first['seeds']})"
+    title = f"# ROSMAP validation-only tuning ({first['method']}, convention {first['convention']} unless a setting changes it, seeds {first['seeds']})"
     table = tune_markdown(rows, chosen, title=title)
     record = {
         "chosen": chosen,

@@ -257,6 +257,30 @@ def test_tuning_chooses_on_the_held_out_split_only(tmp_path):
     assert json.loads((out / "tune.json").read_text())["chosen"] == record["chosen"]
 
 
+@pytest.mark.parametrize("holdout", ["0.2", "0"])
+def test_grid_combines_the_methods_in_one_table(tmp_path, holdout):
+    import rosmap_grid
+
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    out = tmp_path / "grid"
+    rosmap_grid.main(
+        ["--output-dir", str(out), "--methods", "m3col", "concat", "--data-dir", str(folder), "--holdout", holdout,
+         "--seeds", "0", "1", "--epochs", "3", "--workers", "1", "--no-progress"]
+    )
+    grid = json.loads((out / "grid.json").read_text())
+    assert set(grid) == {"m3col", "concat"}
+    assert ("validation" in grid["m3col"]["protocols"]) == (holdout != "0")
+    table = (out / "grid.md").read_text()
+    assert "| `m3col` |" in table and "| `concat` |" in table
+    per_method = (out / "m3col" / "results.md").read_text()
+    if holdout == "0":
+        assert "no validation protocol" in table and "no honest figure" in per_method
+        assert "val. ACC" not in table and "val. split ACC" not in table
+    else:
+        assert "stratified 20 % of the training set" in table and "`validation` is the honest figure" in per_method
+        assert "| val. ACC |" in table and "val. split ACC" in table
+
+
 def test_time_floor_counts_the_schedule(tmp_path):
     import rosmap_bench
 
