@@ -15,6 +15,12 @@ schedule and on one evaluation of each split, times how often each happens) and 
 float32 matrix-product rate of the machine (all cores, a 2048 x 2048 x 2048 product, and one
 core on the model's own 196 x 1000 x 1000 shape). ``floor_seconds`` = operations / best rate is
 a lower bound on the run's wall time; no execution strategy beats it without cutting work.
+
+``--allocator-rounds K`` (no training) times one single-threaded full-batch step of each phase
+with glibc's default allocator settings and with :func:`engine.keep_freed_memory` (what the
+trainer applies on the CPU), each in a fresh process, K rounds in alternating order, and writes
+``OUT/allocator.json``: the step times, the minor page faults per step, and the per-round ratios
+tuned / default with quartiles.
 """
 
 from __future__ import annotations
@@ -37,13 +43,12 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int) -> dict:
-    """Floating-point operations of ``num_seeds`` full-batch runs of ``config`` (see the module docstring)."""
+def full_batch_setup(task: "engine.Task", config: "engine.TrainConfig"):
+    """Seed 0's full-batch training inputs and labels, validation and test inputs, model and objective."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     if config.batch_size is not None:
-        raise ValueError("--floor counts full-batch runs (batch_size None)")
+        raise ValueError("the floor and the step timings are for full-batch runs (batch_size None)")
     fit, held = engine.stratified_holdout(task.train_labels, config.holdout, seed=0) if config.holdout else (None, None)
     train_inputs, train_y = task.train.batch(torch.from_numpy(fit) if fit is not None else None)
     val_inputs = task.train.batch(torch.from_numpy(held))[0] if held is not None else None
@@ -51,6 +56,74 @@ def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int)
     torch.manual_seed(0)
     model = task.build_model()
     objective = engine.Objective.from_config(config, num_modalities=model.num_modalities, num_classes=task.num_classes)
+    return train_inputs, train_y, val_inputs, test_inputs, model, objective
+
+
+def time_steps(task: "engine.Task", config: "engine.TrainConfig", steps: int) -> dict:
+    """Median seconds of one single-threaded training step (forward, backward, fused Adam) in each
+    phase, in this process, after :func:`engine.keep_freed_memory` (which ``M3CO_CPU_ALLOCATOR`` governs)."""
+    import torch
+
+    applied = engine.keep_freed_memory()
+    torch.set_num_threads(1)
+    train_inputs, train_y, _, _, model, objective = full_batch_setup(task, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    seconds, faults = {}, {}
+    for _ in range(config.epochs):
+        phase = objective.phase()
+        if phase not in seconds:
+            times = []
+            for i in range(steps + 2):  # two warm-up steps
+                if i == 2:
+                    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.perf_counter()
+                loss, _ = objective(model, train_inputs, train_y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+            faults[phase] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
+            times = sorted(times[2:])
+            seconds[phase] = times[len(times) // 2]
+        objective.epoch_end()
+    return {"allocator_tuned": applied, "step_seconds": seconds, "page_faults_per_step": faults}
+
+
+def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
+    """Step times with glibc's default allocator settings and with :func:`engine.keep_freed_memory`,
+    each in a fresh process, alternating (order reversed every other round), ``rounds`` times."""
+    import subprocess
+
+    import numpy as np
+
+    runs: dict = {"default": [], "tuned": []}
+    for r in range(rounds):
+        for mode in ("default", "tuned") if r % 2 == 0 else ("tuned", "default"):
+            env = dict(os.environ, **{engine.ALLOCATOR_ENV: mode})
+            command = [sys.executable, __file__, "--output-dir", os.devnull, "--time-steps", str(steps), *argv]
+            child = subprocess.run(command, env=env, capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"{' '.join(command)} failed:\n{child.stderr}")
+            runs[mode].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    if not all(run["allocator_tuned"] for run in runs["tuned"]):
+        raise SystemExit("the allocator settings could not be applied here (no glibc mallopt)")
+    phases = list(runs["default"][0]["step_seconds"])
+    ratios = {p: [t["step_seconds"][p] / d["step_seconds"][p] for t, d in zip(runs["tuned"], runs["default"])] for p in phases}
+    return {
+        "rounds": rounds,
+        "steps": steps,
+        "step_seconds": {mode: [run["step_seconds"] for run in r] for mode, r in runs.items()},
+        "page_faults_per_step": {mode: [run["page_faults_per_step"] for run in r] for mode, r in runs.items()},
+        "tuned_over_default": {p: {"per_round": v, "quartiles": [float(x) for x in np.quantile(v, [0.25, 0.5, 0.75])]} for p, v in ratios.items()},
+    }
+
+
+def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int) -> dict:
+    """Floating-point operations of ``num_seeds`` full-batch runs of ``config`` (see the module docstring)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    train_inputs, train_y, val_inputs, test_inputs, model, objective = full_batch_setup(task, config)
 
     def count(fn) -> int:
         with FlopCounterMode(display=False) as counter:
@@ -127,7 +200,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--floor", action="store_true", help="also count the run's operations and measure the machine's best GEMM rate")
     parser.add_argument("--floor-only", action="store_true", help="only the floor (no training)")
+    parser.add_argument(
+        "--allocator-rounds", type=int, default=0, metavar="K",
+        help="only compare one training step with glibc's default allocator settings and with engine.keep_freed_memory, K alternating rounds of fresh processes (OUT/allocator.json)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="steps timed per phase with --allocator-rounds (default: %(default)s)")
+    parser.add_argument("--time-steps", type=int, default=0, help=argparse.SUPPRESS)  # the child process of --allocator-rounds
     args, passthrough = parser.parse_known_args(argv)
+    if args.time_steps or args.allocator_rounds:
+        options = mogonet.parse(ROSMAP, list(passthrough) + ["--output-dir", os.devnull])
+        data = mogonet.load_mogonet(mogonet.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
+        task = mogonet.make_task(ROSMAP, data, dropout=options.dropout)
+        config = mogonet.config_from_args(ROSMAP, options)
+        if args.time_steps:
+            record = time_steps(task, config, args.time_steps)
+            print(json.dumps(record), flush=True)
+            return record
+        record = allocator_rounds(list(passthrough), args.allocator_rounds, args.steps)
+        record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
+        engine.atomic_write_json(args.output_dir / "allocator.json", record)
+        print(json.dumps(record["tuned_over_default"], indent=1))
+        return record
     run_dir = args.output_dir / "run"
     passthrough = list(passthrough)
     if "--seeds" not in passthrough:
@@ -163,6 +256,7 @@ def main(argv=None) -> dict:
         "per_seed_seconds": [r["seconds"] for r in results["per_seed"]],
         "seconds_per_seed_epoch_cpu": cpu / seed_epochs,
         "cores": os.cpu_count(),
+        "allocator": os.environ.get(engine.ALLOCATOR_ENV, "tuned"),
         "load_1min_before": load_before,
         "load_1min_after": os.getloadavg()[0],
         "target_wall_seconds": 180,

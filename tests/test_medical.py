@@ -305,3 +305,42 @@ def test_head_dropout_is_recorded_in_the_configuration():
     released = mogonet.config_from_args(ROSMAP, mogonet.parse(ROSMAP, ["--output-dir", "x"]))
     assert config.extra == {"dropout": 0.5} and released.extra == {}
     assert config.fingerprint() != released.fingerprint()
+
+
+def test_allocator_comparison_times_both_settings(tmp_path, monkeypatch):
+    import engine
+    import rosmap_bench
+
+    monkeypatch.setenv(engine.ALLOCATOR_ENV, "default")
+    assert engine.keep_freed_memory() is False  # switched off: nothing applied
+    monkeypatch.delenv(engine.ALLOCATOR_ENV)
+    if not engine.keep_freed_memory():
+        pytest.skip("needs glibc's mallopt")
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    record = rosmap_bench.main(["--output-dir", str(tmp_path / "bench"), "--allocator-rounds", "1", "--steps", "1", "--data-dir", str(folder), "--epochs", "3"])
+    assert set(record["step_seconds"]) == {"default", "tuned"}
+    assert set(record["tuned_over_default"]) == {"m3co", "multisclip"}
+    for mode in ("default", "tuned"):
+        (run,) = record["step_seconds"][mode]
+        assert set(run) == {"m3co", "multisclip"} and all(v > 0 for v in run.values())
+    assert json.loads((tmp_path / "bench" / "allocator.json").read_text())["rounds"] == 1
+
+
+def test_the_allocator_setting_does_not_change_the_numbers(tmp_path):
+    import os
+    import subprocess
+
+    import engine
+
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    script = Path(engine.__file__).with_name("rosmap.py")
+    histories = {}
+    for mode in ("default", "tuned"):
+        out = tmp_path / mode
+        subprocess.run(
+            [sys.executable, str(script), "--data-dir", str(folder), "--seeds", "0", "--epochs", "4", "--workers", "1", "--no-progress", "--output-dir", str(out)],
+            env=dict(os.environ, **{engine.ALLOCATOR_ENV: mode}), check=True, capture_output=True,
+        )
+        record = json.loads((out / "seeds" / "seed0.json").read_text())
+        histories[mode] = (record["history"]["train_loss"], record["protocols"])
+    assert histories["default"] == histories["tuned"]
