@@ -986,7 +986,8 @@ class Trainer:
     def _prepare_data(self, dataset: Dataset) -> Dataset:
         return dataset.to(self.device) if isinstance(dataset, TensorMultimodalDataset) else dataset
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Adam over the task's parameter groups (fused on CPU and CUDA)."""
         c = self.config
         groups = self.task.param_groups(model, c) if self.task.param_groups else [{"params": [p for p in model.parameters() if p.requires_grad]}]
         fused = self.device.type in ("cpu", "cuda")
@@ -1060,7 +1061,7 @@ class Trainer:
 
         model = task.build_model().to(self.device)
         num_modalities = model.num_modalities
-        optimizer = self._optimizer(model)
+        optimizer = self.build_optimizer(model)
         scheduler = self._scheduler(optimizer)
         if c.scheduler == "plateau" and val_set is None:
             raise ValueError("scheduler='plateau' steps on validation accuracy and needs a validation split (holdout > 0)")

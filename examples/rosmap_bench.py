@@ -60,14 +60,14 @@ def full_batch_setup(task: "engine.Task", config: "engine.TrainConfig"):
 
 
 def time_steps(task: "engine.Task", config: "engine.TrainConfig", steps: int) -> dict:
-    """Median seconds of one single-threaded training step (forward, backward, fused Adam) in each
+    """Median seconds of one single-threaded training step (forward, backward, the trainer's optimiser step) in each
     phase, in this process, after :func:`engine.keep_freed_memory` (which ``M3CO_CPU_ALLOCATOR`` governs)."""
     import torch
 
     applied = engine.keep_freed_memory()
     torch.set_num_threads(1)
     train_inputs, train_y, _, _, model, objective = full_batch_setup(task, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    optimizer = engine.Trainer(task, config, seed=0).build_optimizer(model)
     seconds, faults = {}, {}
     for _ in range(config.epochs):
         phase = objective.phase()
@@ -116,6 +116,13 @@ def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
         "page_faults_per_step": {mode: [run["page_faults_per_step"] for run in r] for mode, r in runs.items()},
         "tuned_over_default": {p: {"per_round": v, "quartiles": [float(x) for x in np.quantile(v, [0.25, 0.5, 0.75])]} for p, v in ratios.items()},
     }
+
+
+def load_task(rosmap_argv: list, output_dir: str):
+    """The ROSMAP task and run configuration that ``rosmap.py rosmap_argv --output-dir output_dir`` would train."""
+    options = mogonet.parse(ROSMAP, list(rosmap_argv) + ["--output-dir", output_dir])
+    data = mogonet.load_mogonet(mogonet.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
+    return options, mogonet.make_task(ROSMAP, data, dropout=options.dropout), mogonet.config_from_args(ROSMAP, options)
 
 
 def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int) -> dict:
@@ -208,10 +215,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--time-steps", type=int, default=0, help=argparse.SUPPRESS)  # the child process of --allocator-rounds
     args, passthrough = parser.parse_known_args(argv)
     if args.time_steps or args.allocator_rounds:
-        options = mogonet.parse(ROSMAP, list(passthrough) + ["--output-dir", os.devnull])
-        data = mogonet.load_mogonet(mogonet.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
-        task = mogonet.make_task(ROSMAP, data, dropout=options.dropout)
-        config = mogonet.config_from_args(ROSMAP, options)
+        _, task, config = load_task(passthrough, os.devnull)
         if args.time_steps:
             record = time_steps(task, config, args.time_steps)
             print(json.dumps(record), flush=True)
@@ -227,10 +231,7 @@ def main(argv=None) -> dict:
         passthrough += ["--seeds", "0", "1", "2", "3", "4"]
     floor = None
     if args.floor or args.floor_only:
-        options = mogonet.parse(ROSMAP, passthrough + ["--output-dir", str(run_dir)])
-        data = mogonet.load_mogonet(mogonet.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
-        task = mogonet.make_task(ROSMAP, data, dropout=options.dropout)
-        config = mogonet.config_from_args(ROSMAP, options)
+        options, task, config = load_task(passthrough, str(run_dir))
         floor = floor_record(task, config, len(options.seeds))
         print(f"floor: {floor['flops_total'] / 1e12:.2f} TFLOP at best {floor['best_gflops']:.0f} GFLOP/s = {floor['floor_seconds']:.0f} s", flush=True)
         if args.floor_only:

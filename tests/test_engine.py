@@ -208,14 +208,14 @@ def test_forward_modes_and_their_errors():
 def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
     task = tiny_task(n_train=40)
     grads = []
-    make_optimizer = engine.Trainer._optimizer
+    make_optimizer = engine.Trainer.build_optimizer
 
     def recording_optimizer(self, model):
         optimizer = make_optimizer(self, model)
         optimizer.register_step_pre_hook(lambda *_: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
         return optimizer
 
-    monkeypatch.setattr(engine.Trainer, "_optimizer", recording_optimizer)
+    monkeypatch.setattr(engine.Trainer, "build_optimizer", recording_optimizer)
     engine.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0), seed=0)
     engine.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0, batch_size=20, accumulate=2), seed=0)
     assert len(grads) == 2  # one optimiser step each
