@@ -68,7 +68,7 @@ import multiprocessing
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -1020,21 +1020,33 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def fit(self) -> Dict[str, Any]:
-        """Train, score the protocols and return the seed's record."""
+    def fit(self, *, stop_epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Train, score the protocols and return the seed's record.
+
+        ``stop_epoch`` (needs ``checkpoint_path``): train epochs up to ``stop_epoch - 1``, write a
+        checkpoint there and return None; a later ``fit`` with ``resume=True`` continues the seed
+        exactly where it stopped (:func:`run` hands seeds between workers this way).
+        """
+        if stop_epoch is not None:
+            if self.checkpoint_path is None:
+                raise ValueError("stop_epoch needs a checkpoint_path to write the stopped run to")
+            if not 0 < stop_epoch <= self.config.epochs:
+                raise ValueError(f"stop_epoch must be in [1, epochs={self.config.epochs}]; got {stop_epoch}")
         threads = torch.get_num_threads()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         if self.device.type == "cpu":
             keep_freed_memory()
         try:
-            return self._fit()
+            return self._fit(self.config.epochs if stop_epoch is None else stop_epoch)
         finally:
             torch.set_num_threads(threads)
 
-    def _fit(self) -> Dict[str, Any]:
+    def _fit(self, stop_epoch: int) -> Optional[Dict[str, Any]]:
         c, task = self.config, self.task
         start_time = time.perf_counter()
+        seconds_before = 0.0  # training time of the run before the checkpoint it resumed from
+        resumed_at: Optional[int] = None
         torch.manual_seed(self.seed)
         train_set, val_set = self._split()
         train_set, test_set = self._prepare_data(train_set), self._prepare_data(task.test)
@@ -1106,6 +1118,7 @@ class Trainer:
             best_test.load_state_dict(state["best_test"])
             analysis_state = state.get("analysis_state")
             history, start_epoch = state["history"], state["epoch"] + 1
+            seconds_before, resumed_at = state.get("seconds", 0.0), start_epoch
             torch.set_rng_state(rank_state["torch_rng"])
             if self.device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -1114,7 +1127,7 @@ class Trainer:
 
         show = c.progress and is_main_process()
         epochs_bar = tqdm(
-            range(start_epoch, c.epochs),
+            range(start_epoch, stop_epoch),
             initial=start_epoch,
             total=c.epochs,
             desc=f"{task.name} {c.method} seed {self.seed}",
@@ -1191,7 +1204,10 @@ class Trainer:
                             scheduler.step(val_ev.acc)
                     else:
                         scheduler.step()
-                checkpoint_now = self.checkpoint_path is not None and c.checkpoint_every and ((epoch + 1) % c.checkpoint_every == 0 or last)
+                stopping = epoch == stop_epoch - 1 and not last
+                checkpoint_now = self.checkpoint_path is not None and (
+                    stopping or (c.checkpoint_every and ((epoch + 1) % c.checkpoint_every == 0 or last))
+                )
                 if checkpoint_now and self.distributed:
                     # every rank's mixing generator and RNG state, so that a resumed run continues each stream
                     rank_states = _gather_objects({"objective": objective.state_dict(), "torch_rng": torch.get_rng_state()}, self.world_size)
@@ -1211,10 +1227,13 @@ class Trainer:
                             "history": history,
                             "torch_rng": torch.get_rng_state(),
                             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                            "seconds": seconds_before + time.perf_counter() - start_time,
                             **({"rank_states": rank_states} if self.distributed else {}),
                         },
                     )
         epochs_bar.close()
+        if stop_epoch < c.epochs:
+            return None
         if final_test is None:  # resumed from the checkpoint of the last epoch
             final_test = self.evaluate(model, test_batches)
 
@@ -1251,7 +1270,8 @@ class Trainer:
             "train_size": len(train_set),
             "val_size": len(val_set) if val_set is not None else 0,
             "test_size": len(test_set),
-            "seconds": time.perf_counter() - start_time,
+            "seconds": seconds_before + time.perf_counter() - start_time,
+            "resumed_at_epoch": resumed_at,  # None: trained in one go
             "history": history,
             "fingerprint": c.fingerprint(),
             "processes": self.world_size,
@@ -1297,9 +1317,55 @@ def train_seed(task: Task, config: TrainConfig, seed: int, *, checkpoint_path: O
 # ----------------------------------------------------------------------------- several seeds
 
 
-def _worker_seed(task: Task, config: TrainConfig, seed: int, checkpoint_path, seed_file) -> Dict[str, Any]:
-    record = train_seed(task, config, seed, checkpoint_path=checkpoint_path)
-    atomic_write_json(seed_file, record)
+@dataclass(frozen=True)
+class SeedPiece:
+    """Epochs ``[start, stop)`` of the ``index``-th seed, planned on ``worker`` from time ``begin`` (in epochs)."""
+
+    index: int
+    start: int
+    stop: int
+    worker: int
+    begin: int
+
+
+def plan_seed_pieces(num_seeds: int, epochs: int, workers: int) -> List[SeedPiece]:
+    """Share ``num_seeds`` runs of ``epochs`` epochs between ``workers`` so that all finish together.
+
+    McNaughton's wrap-around rule: lay the seeds end to end on a line of ``num_seeds * epochs``
+    epochs and cut it into ``workers`` equal lengths (rounded to whole epochs), one per worker.
+    A seed cut in two runs its first epochs at the start of the next worker's share and its
+    last epochs at the end of this worker's share; as no seed is longer than a share, the two
+    pieces never overlap in time. Five seeds on two workers thus take 2.5 seed-times instead of
+    the three of whole seeds. Pieces are returned in planned starting order.
+    """
+    if num_seeds < 1 or epochs < 1 or workers < 1:
+        raise ValueError(f"num_seeds, epochs and workers must be >= 1; got {num_seeds}, {epochs}, {workers}")
+    workers = min(workers, num_seeds)  # a share is then at least one seed long
+    total = num_seeds * epochs
+    cuts = [round(w * total / workers) for w in range(workers + 1)]
+    pieces = []
+    for index in range(num_seeds):
+        lo, hi = index * epochs, (index + 1) * epochs
+        for w in range(workers):
+            a, b = max(lo, cuts[w]), min(hi, cuts[w + 1])
+            if a >= b:
+                continue
+            if lo < cuts[w]:  # the seed's tail, cut at the start of this share: it runs first, as the seed's head
+                pieces.append(SeedPiece(index, 0, b - a, w, 0))
+            elif hi > cuts[w + 1]:  # cut at the end of this share: the rest of the seed, after its head has run
+                pieces.append(SeedPiece(index, epochs - (b - a), epochs, w, a - cuts[w]))
+            else:
+                pieces.append(SeedPiece(index, 0, epochs, w, a - cuts[w]))
+    return sorted(pieces, key=lambda p: (p.begin, p.worker))
+
+
+def _worker_piece(task: Task, config: TrainConfig, seed: int, start: int, stop: int, checkpoint_path, seed_file) -> Optional[Dict[str, Any]]:
+    if start > 0:  # the seed's head ran in a piece before this one and left its checkpoint
+        config = dataclasses.replace(config, resume=True)
+    trainer = Trainer(task, config, seed, checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None)
+    record = trainer.fit(stop_epoch=stop if stop < config.epochs else None)
+    if record is not None:
+        atomic_write_json(seed_file, record)
     return record
 
 
@@ -1316,8 +1382,11 @@ def run(
 
     ``workers > 1`` trains seeds in that many spawned processes. On the CPU each seed runs with
     ``config.threads`` threads (default 1, so that a seed's numbers do not depend on the number
-    of workers; MKL's results change with the thread count). A seed whose record is
-    already in ``output_dir/seeds`` with the same configuration fingerprint is not trained again.
+    of workers; MKL's results change with the thread count). When the seeds do not divide
+    evenly between the workers, some seeds are cut in two (:func:`plan_seed_pieces`): one worker
+    trains the first epochs and writes a checkpoint, another resumes from it, which gives the
+    numbers of the uninterrupted run. A seed whose record is already in ``output_dir/seeds``
+    with the same configuration fingerprint is not trained again.
     """
     config.validate()
     if not seeds:
@@ -1362,17 +1431,41 @@ def run(
         from tqdm.auto import tqdm
 
         quiet = dataclasses.replace(config, progress=False)
+        pieces = plan_seed_pieces(len(todo), config.epochs, workers)
+        # a seed that is cut in two hands over through a checkpoint, written even without checkpoint_every
+        handoff = {todo[p.index] for p in pieces if p.stop < config.epochs}
+
+        def path(seed: int) -> Optional[Path]:
+            return ckpt_dir / f"seed{seed}.pt" if seed in handoff else ckpt(seed)
+
         context = multiprocessing.get_context("spawn")
+        bar = tqdm(total=len(todo), desc=f"{task.name} {config.method}: seeds", disable=not config.progress, leave=False)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {
-                seed: pool.submit(_worker_seed, task, quiet, seed, ckpt(seed), seed_dir / f"seed{seed}.json")
-                for seed in todo
-            }
-            bar = tqdm(total=len(todo), desc=f"{task.name} {config.method}: seeds", disable=not config.progress, leave=False)
-            for seed, future in futures.items():
-                records[seed] = future.result()
-                bar.update()
-            bar.close()
+
+            def submit(piece: SeedPiece):
+                seed = todo[piece.index]
+                seed_file = seed_dir / f"seed{seed}.json"
+                return pool.submit(_worker_piece, task, quiet, seed, piece.start, piece.stop, path(seed), seed_file)
+
+            # the pool starts pieces in the order they are submitted: the planned order, each seed's
+            # second piece once its first has finished (it is planned last on its worker)
+            running = {submit(p): p for p in pieces if p.start == 0}
+            waiting = {p.index: p for p in pieces if p.start > 0}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    piece = running.pop(future)
+                    record = future.result()
+                    if record is None:  # a seed's first piece: its checkpoint is written
+                        rest = waiting.pop(piece.index)
+                        running[submit(rest)] = rest
+                        continue
+                    records[todo[piece.index]] = record
+                    bar.update()
+        bar.close()
+        if config.checkpoint_every == 0:
+            for seed in handoff:
+                (ckpt_dir / f"seed{seed}.pt").unlink(missing_ok=True)
     per_seed = [records[s] for s in seeds]
     results = summarise(task, config, per_seed, seconds=time.perf_counter() - start)
     if write and is_main_process():

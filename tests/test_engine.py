@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,11 +313,54 @@ def test_run_writes_results_and_skips_finished_seeds(tmp_path, monkeypatch):
 
 
 def test_parallel_workers_give_the_same_numbers(tmp_path):
-    task = tiny_task()
-    serial = engine.run(task, config(), [0, 1], tmp_path / "serial", write=False)
-    parallel = engine.run(task, config(), [0, 1], tmp_path / "parallel", workers=2)
-    assert [r["protocols"] for r in parallel["per_seed"]] == [r["protocols"] for r in serial["per_seed"]]
-    assert sorted(os.listdir(tmp_path / "parallel" / "seeds")) == ["seed0.json", "seed1.json"]
+    # three seeds on two workers: seed 1 is cut in two and handed over through a checkpoint
+    task, cfg = tiny_task(), config(epochs=8)
+    assert [(p.index, p.start, p.stop) for p in engine.plan_seed_pieces(3, 8, 2) if p.stop - p.start < 8] == [(1, 0, 4), (1, 4, 8)]
+    serial = engine.run(task, cfg, [0, 1, 2], tmp_path / "serial")
+    parallel = engine.run(task, cfg, [0, 1, 2], tmp_path / "parallel", workers=2)
+    assert parallel["protocols"] == serial["protocols"]
+    assert sorted(os.listdir(tmp_path / "parallel" / "seeds")) == ["seed0.json", "seed1.json", "seed2.json"]
+    for seed in (0, 1, 2):
+        a, b = (json.loads((tmp_path / run / "seeds" / f"seed{seed}.json").read_text()) for run in ("parallel", "serial"))
+        assert (a["protocols"], a["history"]) == (b["protocols"], b["history"])
+        assert (a["resumed_at_epoch"], b["resumed_at_epoch"]) == (4 if seed == 1 else None, None)
+    assert not list((tmp_path / "parallel" / "checkpoints").iterdir())  # the hand-over checkpoint is not kept
+
+
+def test_a_stopped_seed_resumes_to_the_uninterrupted_run(tmp_path):
+    task, cfg = tiny_task(), config(epochs=8)
+    uninterrupted = engine.train_seed(task, cfg, seed=3)
+    path = tmp_path / "seed3.pt"
+    assert engine.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=2) is None  # inside the M3Co phase
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+    resumed = engine.Trainer(task, dataclasses.replace(cfg, resume=True), 3, checkpoint_path=path).fit()
+    assert (resumed["protocols"], resumed["history"]) == (uninterrupted["protocols"], uninterrupted["history"])
+    assert resumed["resumed_at_epoch"] == 2 and resumed["seconds"] > torch.load(path, weights_only=False)["seconds"] > 0
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        engine.Trainer(task, cfg, 3).fit(stop_epoch=2)
+    with pytest.raises(ValueError, match="stop_epoch"):
+        engine.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 6))
+def test_seed_pieces_share_the_work_evenly_and_never_overlap_a_seed(num_seeds, epochs, workers):
+    pieces = engine.plan_seed_pieces(num_seeds, epochs, workers)
+    used = min(workers, num_seeds)
+    loads = [sum(p.stop - p.start for p in pieces if p.worker == w) for w in range(used)]
+    assert sum(loads) == num_seeds * epochs and max(loads) - min(loads) <= 1
+    for w in range(used):
+        mine = sorted((p.begin, p.begin + p.stop - p.start) for p in pieces if p.worker == w)
+        assert mine[0][0] == 0 and all(end == nxt for (_, end), (nxt, _) in zip(mine, mine[1:]))  # back to back
+    for index in range(num_seeds):
+        mine = sorted((p for p in pieces if p.index == index), key=lambda p: p.start)
+        assert mine[0].start == 0 and mine[-1].stop == epochs and len(mine) <= 2
+        if len(mine) == 2:
+            head, tail = mine
+            assert head.stop == tail.start and head.worker != tail.worker
+            assert head.begin + head.stop <= tail.begin  # the head has finished when the tail is due
+    assert sum(p.stop - p.start < epochs for p in pieces) <= 2 * (used - 1)
+    assert [p.begin for p in pieces] == sorted(p.begin for p in pieces)
 
 
 def test_bad_options_are_named():
