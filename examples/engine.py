@@ -1350,9 +1350,9 @@ def plan_seed_pieces(num_seeds: int, epochs: int, workers: int) -> List[SeedPiec
             a, b = max(lo, cuts[w]), min(hi, cuts[w + 1])
             if a >= b:
                 continue
-            if lo < cuts[w]:  # the seed's tail, cut at the start of this share: it runs first, as the seed's head
+            if lo < cuts[w]:  # across the cut at this share's start: this part runs at time 0, so it trains the first epochs
                 pieces.append(SeedPiece(index, 0, b - a, w, 0))
-            elif hi > cuts[w + 1]:  # cut at the end of this share: the rest of the seed, after its head has run
+            elif hi > cuts[w + 1]:  # across the cut at this share's end: this part runs last, so it trains the last epochs
                 pieces.append(SeedPiece(index, epochs - (b - a), epochs, w, a - cuts[w]))
             else:
                 pieces.append(SeedPiece(index, 0, epochs, w, a - cuts[w]))
