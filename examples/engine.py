@@ -758,6 +758,9 @@ class TrainConfig:
     every k epochs (the last epoch always; 0: only the last, and no ``best_on_test``). When the
     validation protocol chooses an epoch whose test score was not taken, that epoch's weights are
     kept and the test set is scored once with them at the end.
+    ``ema_decay`` scores (and keeps, for every protocol) an exponential moving average of the
+    weights, updated after each optimiser step (``torch.optim.swa_utils.AveragedModel``),
+    instead of the weights themselves; training itself is unchanged.
     ``distributed`` trains as one rank of an initialised process group (:func:`init_distributed`):
     ``batch_size`` is then the global batch, split over the ranks.
     """
@@ -784,6 +787,7 @@ class TrainConfig:
     eval_every: int = 1
     test_every: int = 1
     grad_clip: Optional[float] = None
+    ema_decay: Optional[float] = None
     bf16: bool = False
     device: str = "cpu"
     threads: Optional[int] = None
@@ -798,7 +802,7 @@ class TrainConfig:
     # options that do not change the numbers a run produces (left out of its fingerprint)
     _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
     # options added later: left out of the fingerprint while unset, so that older records still match
-    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False}
+    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None}
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
@@ -823,6 +827,7 @@ class TrainConfig:
         need(isinstance(self.extra, dict), "extra", "a dict of task-specific options")
         need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or > 0")
+        need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)")
         need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
         need(isinstance(self.test_every, int) and self.test_every >= 0, "test_every", "an int >= 0 (0: the last epoch only)")
         need(self.num_workers >= 0, "num_workers", ">= 0")
@@ -1075,6 +1080,12 @@ class Trainer:
         num_modalities = model.num_modalities
         optimizer = self.build_optimizer(model)
         scheduler = self._scheduler(optimizer)
+        averaged = None
+        if c.ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay), use_buffers=True)
+        scored = averaged.module if averaged is not None else model  # the weights every protocol scores
         if c.scheduler == "plateau" and val_set is None:
             raise ValueError("scheduler='plateau' steps on validation accuracy and needs a validation split (holdout > 0)")
         objective = Objective.from_config(
@@ -1104,6 +1115,8 @@ class Trainer:
             if state["fingerprint"] != c.fingerprint():
                 raise ValueError(f"checkpoint {self.checkpoint_path} was written with another configuration; remove it or change --output-dir")
             model.load_state_dict(state["model"])
+            if averaged is not None:
+                averaged.load_state_dict(state["averaged"])
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(state["scheduler"])
@@ -1163,6 +1176,8 @@ class Trainer:
                             nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                        if averaged is not None:
+                            averaged.update_parameters(model)
                 objective.epoch_end()
                 train_loss = self.reduce_mean(loss_sum / steps_per_epoch).item()
                 if not math.isfinite(train_loss):
@@ -1170,8 +1185,8 @@ class Trainer:
                 last = epoch == c.epochs - 1
                 val_due = val_batches is not None and c.validation_due(epoch)
                 test_due = c.test_due(epoch)
-                val_ev = self.evaluate(model, val_batches) if val_due else None
-                test_ev = self.evaluate(model, test_batches) if test_due else None
+                val_ev = self.evaluate(scored, val_batches) if val_due else None
+                test_ev = self.evaluate(scored, test_batches) if test_due else None
                 if val_ev is not None:
                     # the test probabilities of the chosen epoch's weights: at hand when the test set
                     # was scored this epoch; otherwise keep the weights and score the test set at the end
@@ -1180,7 +1195,7 @@ class Trainer:
                         val_ev,
                         lambda: {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "test_prob": test_ev.prob}
                         if test_ev is not None
-                        else {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "state": _cpu_state(model)},
+                        else {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "state": _cpu_state(scored)},
                     )
                 if test_ev is not None and c.test_every > 0:
                     best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
@@ -1197,7 +1212,7 @@ class Trainer:
                     if show:
                         epochs_bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_ev.acc:.3f}" if val_ev else "-")
                 if task.analyse is not None and val_ev is not None and best_val.epoch == epoch:
-                    analysis_state = _cpu_state(model)  # the analyses run on the chosen epoch's weights
+                    analysis_state = _cpu_state(scored)  # the analyses run on the chosen epoch's weights
                 if scheduler is not None:
                     if c.scheduler == "plateau":
                         if val_ev is not None:
@@ -1218,6 +1233,7 @@ class Trainer:
                             "fingerprint": c.fingerprint(),
                             "epoch": epoch,
                             "model": model.state_dict(),
+                            "averaged": averaged.state_dict() if averaged is not None else None,
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "objective": objective.state_dict(),
@@ -1235,7 +1251,7 @@ class Trainer:
         if stop_epoch < c.epochs:
             return None
         if final_test is None:  # resumed from the checkpoint of the last epoch
-            final_test = self.evaluate(model, test_batches)
+            final_test = self.evaluate(scored, test_batches)
 
         labels = final_test.labels
         protocols: Dict[str, Dict[str, Any]] = {}
@@ -1245,8 +1261,8 @@ class Trainer:
             if "test_prob" in payload:
                 prob = payload["test_prob"]
             else:  # score the test set once, with the chosen epoch's weights
-                model.load_state_dict(payload["state"])
-                prob = self.evaluate(model, test_batches).prob
+                scored.load_state_dict(payload["state"])
+                prob = self.evaluate(scored, test_batches).prob
             protocols["validation"] = dict(task.metrics(labels, prob), epoch=best_val.epoch)
             val_scores = dict(task.metrics(payload["val_labels"], payload["val_prob"]), loss=-best_val.key[1])
         protocols["final"] = dict(task.metrics(labels, final_test.prob), epoch=c.epochs - 1)
@@ -1256,11 +1272,11 @@ class Trainer:
         if task.analyse is not None:
             chosen = c.epochs - 1
             if best_val.epoch is not None and analysis_state is not None:
-                model.load_state_dict(analysis_state)
+                scored.load_state_dict(analysis_state)
                 chosen = best_val.epoch
-            model.eval()
+            scored.eval()
             context = AnalysisContext(device=self.device, seed=self.seed, epoch=chosen, autocast=self._autocast, config=c)
-            analyses = {k: float(v) for k, v in task.analyse(model, context).items()}
+            analyses = {k: float(v) for k, v in task.analyse(scored, context).items()}
             analyses["epoch"] = chosen
         return {
             "seed": self.seed,
@@ -1651,6 +1667,7 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between validation scores (default: %(default)s)")
     parser.add_argument("--test-every", type=int, default=d.test_every, help="epochs between test scores, for best_on_test and the curves (default: %(default)s; 0: last epoch only)")
     parser.add_argument("--device", default=d.device, help="default: %(default)s")
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="score an exponential moving average of the weights with this decay per step (default: none)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
     parser.add_argument("--workers", type=int, default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
@@ -1691,6 +1708,7 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
         eval_every=args.eval_every,
         test_every=args.test_every,
         device=args.device,
+        ema_decay=args.ema_decay,
         bf16=args.bf16,
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,

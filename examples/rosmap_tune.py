@@ -20,7 +20,7 @@ import engine
 import mogonet
 from rosmap import ROSMAP
 
-# Released settings: lr 2e-3, weight decay 1e-4, no dropout, beta 0.1, t 0.1.
+# Released settings: lr 2e-3, weight decay 1e-4, no dropout, beta 0.1, t 0.1, no weight averaging.
 SETTINGS: Dict[str, List[str]] = {
     "released": [],
     "dropout-0.5": ["--dropout", "0.5"],
@@ -29,6 +29,8 @@ SETTINGS: Dict[str, List[str]] = {
     "lr-5e-4": ["--lr", "5e-4"],
     "beta-0.5": ["--beta", "0.5"],
     "convention-reference": ["--convention", "reference"],
+    "ema-0.95": ["--ema-decay", "0.95"],
+    "ema-0.99": ["--ema-decay", "0.99"],
 }
 
 

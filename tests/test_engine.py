@@ -342,6 +342,24 @@ def test_a_stopped_seed_resumes_to_the_uninterrupted_run(tmp_path):
         engine.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=9)
 
 
+def test_weight_averaging_is_scored_and_survives_a_resume(tmp_path):
+    task = tiny_task()
+    plain = engine.train_seed(task, config(), seed=1)
+    # a decay near 0 keeps the average at the last weights: the same scores as without averaging
+    nearly_plain = engine.train_seed(task, config(ema_decay=1e-9), seed=1)
+    assert nearly_plain["history"]["val_loss"] == pytest.approx(plain["history"]["val_loss"], rel=1e-5)
+    assert nearly_plain["history"]["train_loss"] == plain["history"]["train_loss"]  # training is unchanged
+    cfg = config(ema_decay=0.9, epochs=8)
+    averaged = engine.train_seed(task, cfg, seed=1)
+    assert averaged["history"]["val_loss"] != pytest.approx(engine.train_seed(task, config(epochs=8), seed=1)["history"]["val_loss"], rel=1e-3)
+    path = tmp_path / "seed1.pt"
+    assert engine.Trainer(task, cfg, 1, checkpoint_path=path).fit(stop_epoch=5) is None
+    resumed = engine.Trainer(task, dataclasses.replace(cfg, resume=True), 1, checkpoint_path=path).fit()
+    assert (resumed["protocols"], resumed["history"]) == (averaged["protocols"], averaged["history"])
+    with pytest.raises(ValueError, match="ema_decay"):
+        config(ema_decay=1.0).validate()
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 6))
 def test_seed_pieces_share_the_work_evenly_and_never_overlap_a_seed(num_seeds, epochs, workers):

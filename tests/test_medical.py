@@ -239,11 +239,12 @@ def test_tuning_chooses_on_the_held_out_split_only(tmp_path):
     folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
     out = tmp_path / "tune"
     record = rosmap_tune.main(
-        ["--output-dir", str(out), "--settings", "released", "dropout-0.5", "--data-dir", str(folder),
+        ["--output-dir", str(out), "--settings", "released", "dropout-0.5", "ema-0.95", "--data-dir", str(folder),
          "--seeds", "0", "1", "--epochs", "3", "--workers", "1", "--no-progress"]
     )
     results = record["results"]
-    assert set(results) == {"released", "dropout-0.5"}
+    assert set(results) == {"released", "dropout-0.5", "ema-0.95"}
+    assert results["ema-0.95"]["config"]["ema_decay"] == 0.95 and results["released"]["config"]["ema_decay"] is None
     # the choice is the best held-out accuracy (then loss), whatever the test scores say
     def key(name):
         val = results[name]["val_scores"]
