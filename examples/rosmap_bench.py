@@ -5,7 +5,8 @@
 Runs ``rosmap.py`` in this process (seeds in worker processes) and writes
 ``OUT/bench.json``: wall seconds, CPU seconds (this process and its workers), the 1-minute load
 average before and after (the machine may be shared: compare runs taken at a similar load),
-the core count, and seconds per seed-epoch. The target for the pipeline is 5 seeds of
+the core count, seconds per seed-epoch, and the wall time over the seeds' own seconds per
+worker (how well the seeds were packed onto the workers). The target for the pipeline is 5 seeds of
 ``m3col`` in at most 180 s on 2 cores.
 
 ``--floor`` adds what the work costs at best on this machine, measured in the same run:
@@ -240,12 +241,15 @@ def main(argv=None) -> dict:
             return record
     if (run_dir / "seeds").exists():
         raise SystemExit(f"{run_dir / 'seeds'} holds finished seeds, which would not be timed again; use a fresh --output-dir")
+    options = mogonet.parse(ROSMAP, passthrough + ["--output-dir", str(run_dir)])
+    workers = options.workers or engine.default_workers(len(options.seeds), options.device)
     load_before = os.getloadavg()[0]
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     results = mogonet.main(ROSMAP, passthrough + ["--output-dir", str(run_dir), "--no-progress"])
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     config = results["config"]
     seed_epochs = len(results["seeds"]) * config["epochs"]
+    seed_seconds = [r["seconds"] for r in results["per_seed"]]
     record = {
         "command": " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])),
         "method": results["method"],
@@ -254,7 +258,10 @@ def main(argv=None) -> dict:
         "epochs": config["epochs"],
         "wall_seconds": wall,
         "cpu_seconds": cpu,
-        "per_seed_seconds": [r["seconds"] for r in results["per_seed"]],
+        "per_seed_seconds": seed_seconds,
+        "workers": workers,
+        # 1.0: the workers were busy with seeds all the time; the machine's drift does not move it
+        "wall_over_seed_seconds_per_worker": wall / (sum(seed_seconds) / workers),
         "seconds_per_seed_epoch_cpu": cpu / seed_epochs,
         "cores": os.cpu_count(),
         "allocator": os.environ.get(engine.ALLOCATOR_ENV, "tuned"),

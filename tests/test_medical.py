@@ -300,6 +300,21 @@ def test_time_floor_counts_the_schedule(tmp_path):
     assert json.loads((tmp_path / "bench" / "floor.json").read_text())["floor"]["flops_total"] == floor["flops_total"]
 
 
+def test_benchmark_times_the_seeds_and_how_well_they_fill_the_workers(tmp_path):
+    import rosmap_bench
+
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
+    argv = ["--output-dir", str(tmp_path / "bench"), "--data-dir", str(folder), "--epochs", "4", "--seeds", "0", "1", "2", "--workers", "2"]
+    record = rosmap_bench.main(argv)
+    assert record["workers"] == 2 and len(record["per_seed_seconds"]) == 3 and record["epochs"] == 4
+    # three seeds on two workers: one seed is cut in two and resumed by the other worker
+    seeds = [json.loads((tmp_path / "bench" / "run" / "seeds" / f"seed{s}.json").read_text()) for s in (0, 1, 2)]
+    assert [r["resumed_at_epoch"] for r in seeds] == [None, 2, None]
+    ideal = sum(record["per_seed_seconds"]) / 2
+    assert record["wall_over_seed_seconds_per_worker"] == pytest.approx(record["wall_seconds"] / ideal)
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["workers"] == 2
+
+
 def test_head_dropout_is_recorded_in_the_configuration():
     args = mogonet.parse(ROSMAP, ["--output-dir", "x", "--dropout", "0.5"])
     config = mogonet.config_from_args(ROSMAP, args)
