@@ -1484,6 +1484,7 @@ def run(
                 (ckpt_dir / f"seed{seed}.pt").unlink(missing_ok=True)
     per_seed = [records[s] for s in seeds]
     results = summarise(task, config, per_seed, seconds=time.perf_counter() - start)
+    results["workers"] = workers  # the processes that trained this call's seeds
     if write and is_main_process():
         write_results(task, results, per_seed, output_dir)
     return results

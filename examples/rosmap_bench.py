@@ -241,15 +241,13 @@ def main(argv=None) -> dict:
             return record
     if (run_dir / "seeds").exists():
         raise SystemExit(f"{run_dir / 'seeds'} holds finished seeds, which would not be timed again; use a fresh --output-dir")
-    options = mogonet.parse(ROSMAP, passthrough + ["--output-dir", str(run_dir)])
-    workers = options.workers or engine.default_workers(len(options.seeds), options.device)
     load_before = os.getloadavg()[0]
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
     results = mogonet.main(ROSMAP, passthrough + ["--output-dir", str(run_dir), "--no-progress"])
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     config = results["config"]
     seed_epochs = len(results["seeds"]) * config["epochs"]
-    seed_seconds = [r["seconds"] for r in results["per_seed"]]
+    seed_seconds, workers = [r["seconds"] for r in results["per_seed"]], results["workers"]
     record = {
         "command": " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])),
         "method": results["method"],

@@ -318,7 +318,7 @@ def test_parallel_workers_give_the_same_numbers(tmp_path):
     assert [(p.index, p.start, p.stop) for p in engine.plan_seed_pieces(3, 8, 2) if p.stop - p.start < 8] == [(1, 0, 4), (1, 4, 8)]
     serial = engine.run(task, cfg, [0, 1, 2], tmp_path / "serial")
     parallel = engine.run(task, cfg, [0, 1, 2], tmp_path / "parallel", workers=2)
-    assert parallel["protocols"] == serial["protocols"]
+    assert parallel["protocols"] == serial["protocols"] and (parallel["workers"], serial["workers"]) == (2, 1)
     assert sorted(os.listdir(tmp_path / "parallel" / "seeds")) == ["seed0.json", "seed1.json", "seed2.json"]
     for seed in (0, 1, 2):
         a, b = (json.loads((tmp_path / run / "seeds" / f"seed{seed}.json").read_text()) for run in ("parallel", "serial"))
