@@ -614,7 +614,7 @@ class Objective:
                 temperature=temperature,
                 beta=beta,
                 total_steps=None if method == "only-m3co" else epochs,
-                m3co_fraction=m3co_fraction,
+                m3co_fraction=None if method == "only-m3co" else m3co_fraction,
                 alpha=alpha,
                 mix_prob=mix_prob,
                 convention=convention,

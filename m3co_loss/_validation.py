@@ -89,6 +89,8 @@ def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | Non
     """
     if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(z).__name__}")
+    if z.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {z.layout} (call .to_dense())")
     if not z.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64); got {z.dtype}")
     if z.dim() != 2:
@@ -106,13 +108,21 @@ def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | Non
     return z
 
 
+def _has_data(x: Tensor) -> bool:
+    # meta tensors (shape-only tracing) hold no values to check
+    return x.device.type != "meta"
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether every entry of ``x`` is finite.
 
     A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves the
     tensor finite in one reduction (``isfinite(x).all()`` writes and reads an N x D mask). A
     non-finite sum may also be an overflow of finite entries; only then is every entry tested.
+    A meta tensor (shape-only tracing) has no values and passes.
     """
+    if not _has_data(x):
+        return True
     if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         return True
     return bool(torch.isfinite(x).all())
@@ -136,7 +146,7 @@ def check_perm(name: str, perm: object, n: int, device: torch.device) -> Tensor:
     if perm.device != device:
         raise ValueError(f"{name} is on {perm.device} but the embeddings are on {device}")
     perm = perm.long()
-    if _VALUE_CHECKS:
+    if _VALUE_CHECKS and _has_data(perm):
         in_range = bool(((perm >= 0) & (perm < n)).all())
         if not in_range or not bool((torch.bincount(perm, minlength=n) == 1).all()):
             raise ValueError(f"{name} must be a permutation of 0..{n - 1}")
@@ -153,7 +163,7 @@ def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
         raise ValueError(f"{name} must have shape ({n},), one mixing weight per sample; got {tuple(lam.shape)}")
     if lam.device != device:
         raise ValueError(f"{name} is on {lam.device} but the embeddings are on {device}")
-    if _VALUE_CHECKS and not bool(((lam >= 0) & (lam <= 1)).all()):
+    if _VALUE_CHECKS and _has_data(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] (NaN is not allowed)")
     return lam
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["is_initialized", "rank", "world_size", "all_gather_sizes", "all_gather_ints", "all_gather_with_grad"]
 
@@ -73,6 +74,7 @@ class _AllGatherRows(torch.autograd.Function):
         return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         sizes, largest = ctx.sizes, max(ctx.sizes)
         # Every rank's loss depends on every rank's rows: the gradient of this rank's rows is

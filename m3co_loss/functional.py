@@ -50,6 +50,7 @@ from ._validation import (
     BACKENDS,
     CONVENTIONS,
     REDUCTIONS,
+    all_finite,
     check_choice,
     check_embeddings,
     check_lam,
@@ -57,6 +58,7 @@ from ._validation import (
     check_same_device,
     check_sequence,
     check_temperature,
+    value_checks_enabled,
 )
 
 __all__ = [
@@ -72,10 +74,31 @@ __all__ = [
 LamArg = Union[Tensor, Sequence[Tensor]]
 
 
-def normalize(z: Tensor) -> Tensor:
-    """``z / max(||z||, eps)`` along the last dim, in float32 at least (zero rows stay zero)."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    return F.normalize(z.to(dtype), dim=-1, eps=1e-12)
+def normalize(z: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``z / ||z||`` along the last dim, in ``dtype`` (default: float32 at least); zero rows stay zero.
+
+    A row whose largest magnitude lies outside [2^-40, 2^40] is first divided by it, so that its
+    squared norm neither overflows (entries above ~1e19 in float32) nor underflows (subnormal
+    rows): every finite row gets the value of exact arithmetic. Other rows are divided by 1,
+    which leaves them, their value and their gradient bit for bit unchanged. The divisor is
+    detached, which keeps the gradient exact: ``normalize(c z) = normalize(z)`` for c > 0.
+    """
+    z = z.to(_compute_dtype([z]) if dtype is None else dtype)
+    peak = z.detach().abs().amax(dim=-1, keepdim=True)
+    extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
+    return F.normalize(z / torch.where(extreme, peak, torch.ones_like(peak)), dim=-1, eps=1e-12)
+
+
+# Row peaks within which the squared norm of a float32 row of up to 2^40 entries is a normal number.
+_NORM_SAFE_MIN, _NORM_SAFE_MAX = 2.0**-40, 2.0**40
+
+
+def _compute_dtype(zs: Sequence[Tensor]) -> torch.dtype:
+    """The one dtype the embeddings of a call are normalised to: their promotion, float32 at least."""
+    dtype = torch.float32
+    for z in zs:
+        dtype = torch.promote_types(dtype, z.dtype)
+    return dtype
 
 
 class _Rows(NamedTuple):
@@ -91,6 +114,7 @@ class _Batch(NamedTuple):
 
     sizes: tuple  # rows per rank
     rank: int
+    dtype: torch.dtype  # of the normalised embeddings (every input of the call is promoted to it)
 
     @property
     def distributed(self) -> bool:
@@ -124,15 +148,16 @@ def _min_rows(spread: bool) -> int:
     return 0 if spread else 2
 
 
-def _batch_layout(z: Tensor, spread: bool, name: str) -> _Batch:
+def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str) -> _Batch:
     """Every rank's row count, after checking that all ranks agree on D and dtype.
 
-    Every rank receives the same table, so every rank raises the same error (no rank is left
-    waiting in a collective).
+    ``zs`` are the embeddings of the call (all of one shape). Every rank receives the same
+    table, so every rank raises the same error (no rank is left waiting in a collective).
     """
+    z = zs[0]
     if not spread:
-        return _Batch((z.shape[0],), 0)
-    dtype = torch.promote_types(z.dtype, torch.float32)
+        return _Batch((z.shape[0],), 0, _compute_dtype(zs))
+    dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
     table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code], z.device)
     sizes = tuple(row[0] for row in table)
@@ -143,7 +168,7 @@ def _batch_layout(z: Tensor, spread: bool, name: str) -> _Batch:
             raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
     if sum(sizes) < 2:
         raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
-    return _Batch(sizes, dist_utils.rank())
+    return _Batch(sizes, dist_utils.rank(), dtype)
 
 
 def _dtype_name(code: int) -> str:
@@ -152,7 +177,7 @@ def _dtype_name(code: int) -> str:
 
 def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
     """Normalised rows of each tensor, gathered over the process group in one collective."""
-    ps = [normalize(z) for z in zs]
+    ps = [normalize(z, layout.dtype) for z in zs]
     if not layout.distributed:
         return [_Rows(p, p, 0) for p in ps]
     widths = [p.shape[1] for p in ps]
@@ -274,7 +299,7 @@ def _m3co_vector(a, b, perm, lam, t, reference, layout, backend) -> Tensor:
     chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
     if chosen == "dense":
         return _m3co_vector_dense(a, b, perm, lam, t, reference, layout)
-    v = kernels.m3co_vector(a.local, a.full, b.local, b.full, a.offset, perm, lam, t, backend=chosen)
+    v = kernels.m3co_vector(a.local, a.full, b.local, b.full, perm, lam, t, distributed=layout.distributed, backend=chosen)
     return 0.5 * v if reference else v
 
 
@@ -282,7 +307,7 @@ def _clip_vector(a, b, t, layout, backend) -> Tensor:
     chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
     if chosen == "dense":
         return _clip_vector_dense(a, b, t, layout)
-    return kernels.clip_vector(a.local, a.full, b.local, b.full, a.offset, t, backend=chosen)
+    return kernels.clip_vector(a.local, a.full, b.local, b.full, t, distributed=layout.distributed, backend=chosen)
 
 
 def _multisoftclip_vector(a, b, t, reference, layout, backend) -> Tensor:
@@ -290,7 +315,7 @@ def _multisoftclip_vector(a, b, t, reference, layout, backend) -> Tensor:
     if chosen == "dense":
         return _multisoftclip_vector_dense(a, b, t, reference, layout)
     return kernels.multisoftclip_vector(
-        a.local, a.full, b.local, b.full, a.offset, t, reference=reference, gather=layout.gather, backend=chosen
+        a.local, a.full, b.local, b.full, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=chosen
     )
 
 
@@ -405,7 +430,7 @@ def m3co_pair(
     n = mixed_a.shape[0]
     perm = check_perm("perm", perm, n, mixed_a.device)
     lam = check_lam("lam", lam, n, mixed_a.device)
-    layout = _batch_layout(mixed_a, spread, "mixed_a")
+    layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a")
     with _no_autocast(mixed_a.device):
         a, b = _prepare([mixed_a, clean_b], layout)
         v = _m3co_vector(a, b, perm, lam.to(a.local.dtype), t, convention == "reference", layout, backend)
@@ -454,7 +479,7 @@ def m3co(
         raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
     perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]
     lams = _per_modality_lam(lam, num, n, device)
-    layout = _batch_layout(clean[0], spread, "clean")
+    layout = _batch_layout(list(mixed) + list(clean), spread, "clean")
     reference = convention == "reference"
     with _no_autocast(device):
         rows = _prepare(list(mixed) + list(clean), layout)
@@ -489,7 +514,7 @@ def multisoftclip_pair(
     t = _check_common(temperature, reduction, convention)
     spread = _spread(gather_distributed)
     z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
-    layout = _batch_layout(z_a, spread, "z_a")
+    layout = _batch_layout([z_a, z_b], spread, "z_a")
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
         v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend)
@@ -514,7 +539,7 @@ def multisoftclip(
     t = _check_common(temperature, reduction, convention)
     spread = _spread(gather_distributed)
     z = _check_modalities("z", z, min_rows=_min_rows(spread))
-    layout = _batch_layout(z[0], spread, "z")
+    layout = _batch_layout(z, spread, "z")
     reference = convention == "reference"
     with _no_autocast(z[0].device):
         rows = _prepare(z, layout)
@@ -556,7 +581,7 @@ def clip_loss(
     check_choice("reduction", reduction, REDUCTIONS)
     spread = _spread(gather_distributed)
     z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
-    layout = _batch_layout(z_a, spread, "z_a")
+    layout = _batch_layout([z_a, z_b], spread, "z_a")
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
         return _reduce(_clip_vector(a, b, t, layout, backend), reduction, layout)
@@ -609,6 +634,8 @@ def unis_mmc(
         num_classes = num_classes or lg.shape[1]
         if lg.shape[1] != num_classes:
             raise ValueError(f"logits[{m}] has {lg.shape[1]} classes but logits[0] has {num_classes}")
+        if value_checks_enabled() and not all_finite(lg):
+            raise ValueError(f"logits[{m}] contains NaN or Inf")
     check_same_device(["r[0]"] + [f"logits[{m}]" for m in range(len(logits))], [r[0]] + list(logits))
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be an integer torch.Tensor of shape ({n},); got {type(y).__name__}")
@@ -617,15 +644,13 @@ def unis_mmc(
     if y.shape != (n,):
         raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}")
     check_same_device(("r[0]", "y"), (r[0], y))
-    from ._validation import value_checks_enabled
-
-    if value_checks_enabled() and not bool(((y >= 0) & (y < num_classes)).all()):
+    if value_checks_enabled() and y.device.type != "meta" and not bool(((y >= 0) & (y < num_classes)).all()):
         raise ValueError(f"y must hold class indices in [0, {num_classes})")
 
-    layout = _batch_layout(r[0], spread, "r[0]")
+    layout = _batch_layout(r, spread, "r[0]")
 
     with _no_autocast(r[0].device):
-        p = [normalize(x) for x in r]
+        p = [normalize(x, layout.dtype) for x in r]
         correct = [lg.argmax(dim=1) == y for lg in logits]
         cosines, keeps = [], []
         for a in range(len(p)):

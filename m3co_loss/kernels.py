@@ -65,6 +65,7 @@ use torch's own threading instead.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple, Optional
@@ -229,6 +230,27 @@ def _run(tasks: list, work: Callable[[list, object], list], workers: int, setup:
     return total
 
 
+def first_order_only(backward: Callable) -> Callable:
+    """Mark the backward of a kernel whose gradient formulas are not themselves differentiable.
+
+    Under ``create_graph=True`` autograd would record the returned gradients as constants of
+    the saved inputs and so give a wrong second derivative without a word (``once_differentiable``
+    only catches gradients that flow into the backward, not the dependence on what it saved).
+    Autograd enables grad mode in a backward pass exactly when ``create_graph=True``.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the tiled and Triton loss kernels compute first derivatives only; "
+                "pass backend='dense' to differentiate the loss twice (create_graph=True)"
+            )
+        return backward(ctx, *grads)
+
+    return checked
+
+
 # ----------------------------------------------------------------------------- log-sum-exp
 
 
@@ -288,6 +310,7 @@ class LogSumExp(torch.autograd.Function):
         return r, c
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_r: Optional[Tensor], g_c: Optional[Tensor]):
         """Recompute each tile and accumulate ``dq = A k / t`` and ``dk = A^T q / t``."""
         q, k, r, c, *augmented = ctx.saved_tensors
@@ -398,6 +421,7 @@ class SoftTargetSum(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g: Tensor):
         """Recompute each tile of ``P``; see the module docstring for the gradient formulas."""
         q, k, u, vq, vk, shift, norm, mean_vk, y = ctx.saved_tensors
@@ -579,6 +603,7 @@ class SoftClip(torch.autograd.Function):
         return v
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g: Optional[Tensor]):
         """Recompute S, S^T and the target tiles per block pair; see the module docstring."""
         if g is None:
@@ -717,35 +742,40 @@ def _functions(backend: str, dtype: torch.dtype):
     return LogSumExp, SoftTargetSum
 
 
-def _row_col_lse(lse, a_loc: Tensor, a_full: Tensor, b_loc: Tensor, b_full: Tensor, t: float) -> tuple[Tensor, Tensor]:
+def _row_col_lse(lse, a_loc: Tensor, a_full: Tensor, b_loc: Tensor, b_full: Tensor, t: float, distributed: bool) -> tuple[Tensor, Tensor]:
     """r_i = lse_k S[i, k] for local rows i, c_i = lse_l S[l, i] for local columns i."""
-    if a_full.shape[0] == a_loc.shape[0]:  # one process: one pass gives both
+    # Decided by the process group, not by row counts: a rank that holds the whole batch must
+    # still route its gradient through the gather, or the ranks holding no row wait for it.
+    if not distributed:  # one process: one pass gives both
         return lse.apply(a_loc, b_loc, t, True)
     r, _ = lse.apply(a_loc, b_full, t, False)
     c, _ = lse.apply(b_loc, a_full, t, False)
     return r, c
 
 
-def m3co_vector(a_loc, a_full, b_loc, b_full, offset: int, perm: Tensor, lam: Tensor, t: float, *, backend: str = "tiled") -> Tensor:
-    """Per-sample M3Co vector (paper form) of the local rows; see :func:`m3co_loss.functional.m3co_pair`."""
+def m3co_vector(a_loc, a_full, b_loc, b_full, perm: Tensor, lam: Tensor, t: float, *, distributed: bool = False, backend: str = "tiled") -> Tensor:
+    """Per-sample M3Co vector (paper form) of the local rows; see :func:`m3co_loss.functional.m3co_pair`.
+
+    ``a_full``/``b_full`` are the batches gathered over the process group (``distributed``), else
+    ``a_loc``/``b_loc`` themselves."""
     lse, _ = _functions(backend, a_loc.dtype)
-    r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
+    r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t, distributed)
     # lam_i S_ii + (1 - lam_i) S_ij = a_i . (lam_i b_i + (1 - lam_i) b_j) / t: one gathered dot product
     target = (a_loc * torch.lerp(b_loc[perm], b_loc, lam[:, None])).sum(1) / t
     return r + torch.lerp(c[perm], c, lam) - 2 * target
 
 
-def clip_vector(a_loc, a_full, b_loc, b_full, offset: int, t: float, *, backend: str = "tiled") -> Tensor:
+def clip_vector(a_loc, a_full, b_loc, b_full, t: float, *, distributed: bool = False, backend: str = "tiled") -> Tensor:
     """Per-sample symmetric InfoNCE vector of the local rows."""
     lse, _ = _functions(backend, a_loc.dtype)
-    r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
+    r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t, distributed)
     return r + c - 2 * (a_loc * b_loc).sum(1) / t
 
 
-def _fused(backend: str, a_loc: Tensor, a_full: Tensor, t: float) -> bool:
+def _fused(backend: str, a_loc: Tensor, t: float, distributed: bool) -> bool:
     """Whether the fused single-process MultiSClip kernel applies (Triton runs float64 as tiled)."""
     tiled = backend == "tiled" or (backend == "triton" and a_loc.dtype != torch.float32)
-    return tiled and a_full.shape[0] == a_loc.shape[0] and _static_shift_ok(t, a_loc.dtype)
+    return tiled and not distributed and _static_shift_ok(t, a_loc.dtype)
 
 
 def multisoftclip_vector(
@@ -753,18 +783,18 @@ def multisoftclip_vector(
     a_full,
     b_loc,
     b_full,
-    offset: int,
     t: float,
     *,
     reference: bool,
     gather: Callable[[Tensor], Tensor],
+    distributed: bool = False,
     backend: str = "tiled",
 ) -> Tensor:
     """Per-sample MultiSClip vector Ls(a; a, b) of the local rows (targets from a)."""
-    if _fused(backend, a_loc, a_full, t):
+    if _fused(backend, a_loc, t, distributed):
         return SoftClip.apply(a_loc, b_loc, t, SoftClipCoefficients.for_directions(1.0, 0.0, reference))
     lse, soft_target_sum = _functions(backend, a_loc.dtype)
-    r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t)
+    r, c = _row_col_lse(lse, a_loc, a_full, b_loc, b_full, t, distributed)
     if reference:
         # sum_l W_il (S_li + S_il) = sum_l W_il [b_i, a_i] . [a_l, b_l] / t
         y = soft_target_sum.apply(
@@ -778,11 +808,11 @@ def multisoftclip_vector(
 
 def multisoftclip_pair_vector(a: Tensor, b: Tensor, t: float, weight_a: float, weight_b: float, *, reference: bool, backend: str = "tiled") -> Tensor:
     """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` for one process, sharing S between the directions."""
-    if _fused(backend, a, a, t):
+    if _fused(backend, a, t, False):
         return SoftClip.apply(a, b, t, SoftClipCoefficients.for_directions(weight_a, weight_b, reference))
     total = None
     for weight, targets, other in ((weight_a, a, b), (weight_b, b, a)):
         if weight:
-            v = weight * multisoftclip_vector(targets, targets, other, other, 0, t, reference=reference, gather=lambda x: x, backend=backend)
+            v = weight * multisoftclip_vector(targets, targets, other, other, t, reference=reference, gather=lambda x: x, backend=backend)
             total = v if total is None else total + v
     return total

@@ -7,6 +7,8 @@ mixup sampler, the weight beta and the M3Co -> MultiSClip schedule of the paper 
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -177,12 +179,14 @@ class M3CoLoss(_ContrastiveOptions):
         if multisclip_temperature is None:
             multisclip_temperature = REFERENCE_MULTISCLIP_TEMPERATURE if reference else 0.1
         self.multisclip_temperature = check_temperature("multisclip_temperature", multisclip_temperature)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise ValueError(f"beta must be a number >= 0; got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+            raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")
         self.beta = float(beta)
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"total_steps must be a positive int or None; got {total_steps!r}")
         self.total_steps = total_steps
+        if m3co_fraction is not None and total_steps is None:
+            raise ValueError("m3co_fraction needs total_steps (without it the loss is M3Co throughout)")
         if m3co_fraction is None:
             m3co_fraction = REFERENCE_M3CO_FRACTION if reference else 1.0 / 3.0
         self.m3co_fraction = check_probability("m3co_fraction", m3co_fraction)
@@ -253,6 +257,8 @@ class M3CoLoss(_ContrastiveOptions):
                 raise TypeError(f"plan must be a MixupPlan; got {type(plan).__name__}")
             if plan.num_modalities != len(z):
                 raise ValueError(f"plan was drawn for {plan.num_modalities} modalities but z holds {len(z)}")
+            if plan.batch_size != z[0].shape[0]:
+                raise ValueError(f"plan was drawn for a batch of {plan.batch_size} but z holds N = {z[0].shape[0]} rows")
             if mixed is None:
                 mixed = [plan.mix(x, m) for m, x in enumerate(z)]
             loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, **options)

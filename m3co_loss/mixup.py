@@ -21,7 +21,7 @@ from ._validation import check_choice, check_positive, check_probability
 __all__ = ["MixupPlan", "MixupSampler"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: tensors have no single truth value
 class MixupPlan:
     """Permutations and mixing weights for one batch.
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import first_order_only
+
 try:  # optional dependency: the module imports without it and the backend reports it missing
     import triton
     import triton.language as tl
@@ -229,6 +231,7 @@ class LogSumExp(torch.autograd.Function):
         return r, c
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_r, g_c):
         """``dq = A k / t`` (rows of S) and ``dk = A^T q / t`` (rows of S^T)."""
         q, k, r, c = ctx.saved_tensors
@@ -263,6 +266,7 @@ class SoftTargetSum(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g: Tensor):
         """Row kernel for ``dq, dvq``; column kernel for ``dk, dvk, du``."""
         q, k, u, vq, vk, shift, norm, y = ctx.saved_tensors

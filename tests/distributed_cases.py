@@ -34,7 +34,7 @@ SEED = 20240917
 TILE_ROWS, TILE_COLS = 3, 4
 
 SCENARIOS = {
-    2: [(4, 4), (5, 2)],  # equal ranks; unequal ranks (a last batch)
+    2: [(4, 4), (5, 2), (0, 5)],  # equal ranks; unequal ranks (a last batch); one rank holds the whole batch
     3: [(4, 1, 0)],  # a rank with a single row and a rank with no row at all
 }
 

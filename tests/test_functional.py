@@ -297,6 +297,57 @@ def test_zero_vectors_give_finite_values_and_gradients(backend):
         assert torch.isfinite(value) and torch.isfinite(ga).all() and torch.isfinite(gb).all()
 
 
+@pytest.mark.parametrize("scale", [1e-40, 1e20, 1e30])  # a subnormal batch; norms that overflow float32
+def test_extreme_but_finite_scales_keep_the_value(backend, scale):
+    g = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randn(7, 5, generator=g) for _ in range(3))
+    perm, lam = torch.randperm(7, generator=g), torch.rand(7, generator=g)
+    calls = {
+        "m3co_pair": lambda x: F.m3co_pair(x, b, perm, lam, backend=backend),
+        "m3co": lambda x: F.m3co([x, b, c], [b, c, a], [perm] * 3, lam, backend=backend),
+        "multisoftclip": lambda x: F.multisoftclip([x, b, c], backend=backend),
+        "clip_loss": lambda x: F.clip_loss(x, b, backend=backend),
+    }
+    for name, fn in calls.items():
+        torch.testing.assert_close(fn(a * scale), fn(a), rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    if scale > 1:  # the gradient scales by 1 / scale (below 1 it overflows float32 itself)
+        x = (a * scale).requires_grad_(True)
+        y = a.clone().requires_grad_(True)
+        (gx,), (gy,) = torch.autograd.grad(F.clip_loss(x, b, backend=backend), x), torch.autograd.grad(F.clip_loss(y, b, backend=backend), y)
+        torch.testing.assert_close(gx * scale, gy, rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_of_different_dtypes_are_promoted_together(backend):
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g)
+    perm, lam = torch.randperm(6, generator=g), torch.rand(6, generator=g)
+    for low in (torch.float32, torch.float16, torch.bfloat16):
+        x, y = a.clone().requires_grad_(True), b.to(low).requires_grad_(True)
+        value = F.m3co_pair(x, y, perm, lam, backend=backend)
+        assert value.dtype == torch.float64
+        torch.testing.assert_close(value, F.m3co_pair(a, y.detach().double(), perm, lam, backend=backend))
+        gx, gy = torch.autograd.grad(value, (x, y))
+        assert gx.dtype == torch.float64 and gy.dtype == low
+        assert F.multisoftclip([x, y], backend=backend).dtype == torch.float64
+        assert F.clip_loss(y, x, backend=backend).dtype == torch.float64
+
+
+def test_second_derivatives_dense_exact_and_kernels_refuse(backend):
+    a, b, c, perm, lam = _gradcheck_inputs()
+    calls = {
+        "m3co_pair": (lambda x, y: F.m3co_pair(x, y, perm, lam, backend=backend), (a, b)),
+        "multisoftclip": (lambda x, y: F.multisoftclip([x, y], backend=backend), (a, b)),
+        "clip_loss": (lambda x, y: F.clip_loss(x, y, backend=backend), (a, b)),
+    }
+    for name, (fn, inputs) in calls.items():
+        if backend == "dense":
+            assert torch.autograd.gradgradcheck(fn, inputs), name
+        else:
+            # a silently wrong Hessian is worse than none: the tiled backward is first-order only
+            with pytest.raises(RuntimeError, match="first derivatives only"):
+                torch.autograd.grad(fn(*inputs), inputs[0], create_graph=True)
+
+
 # ----------------------------------------------------------------------------- gradcheck
 
 

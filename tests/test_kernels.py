@@ -216,12 +216,12 @@ def test_distributed_entry_points_equal_single_process(batch, t, sizes, conventi
             if which == "m3co":
                 # mixing partners live on the same rank: a local permutation of the local rows
                 local_perm = torch.arange(hi - lo).roll(1) if hi - lo > 1 else torch.zeros(1, dtype=torch.long)
-                v = kernels.m3co_vector(a_loc, a_full, b_loc, b_full, lo, local_perm, lam[lo:hi], t)
+                v = kernels.m3co_vector(a_loc, a_full, b_loc, b_full, local_perm, lam[lo:hi], t, distributed=True)
             elif which == "clip":
-                v = kernels.clip_vector(a_loc, a_full, b_loc, b_full, lo, t)
+                v = kernels.clip_vector(a_loc, a_full, b_loc, b_full, t, distributed=True)
             else:
                 gather = lambda r, rank=rank: torch.cat(rs[:rank] + [r] + rs[rank + 1:])  # noqa: E731
-                v = kernels.multisoftclip_vector(a_loc, a_full, b_loc, b_full, lo, t, reference=reference, gather=gather)
+                v = kernels.multisoftclip_vector(a_loc, a_full, b_loc, b_full, t, reference=reference, gather=gather, distributed=True)
             out.append(v)
         return torch.cat(out)
 

@@ -117,3 +117,10 @@ def test_plan_on_cuda():
     assert plan.lam.is_cuda and plan.perms[0].is_cuda
     x = torch.randn(8, 3, device="cuda")
     assert plan.mix(x, 0).is_cuda
+
+
+def test_plans_compare_by_identity():
+    sampler = MixupSampler(generator=torch.Generator().manual_seed(0))
+    plan = sampler.sample(6, 2)
+    assert plan == plan and plan != sampler.sample(6, 2)
+    assert len({plan, plan}) == 1  # hashable, so usable as a dict key

@@ -131,6 +131,30 @@ def test_unis_mmc_bad_inputs():
     expect(ValueError, "y must have shape", lambda: F.unis_mmc([d["a"], d["b"]], logits, y[:-1]))
     expect(ValueError, "class indices", lambda: F.unis_mmc([d["a"], d["b"]], logits, y + 3))
     expect(ValueError, "temperature", lambda: F.unis_mmc([d["a"], d["b"]], logits, y, temperature=0))
+    for bad in (float("nan"), float("inf")):
+        expect(ValueError, r"logits\[1\] contains NaN or Inf", lambda: F.unis_mmc([d["a"], d["b"]], [logits[0], logits[1] * bad], y))
+
+
+def test_sparse_embeddings_are_refused():
+    d = good()
+    for name, call in pair_calls(d["a"].to_sparse(), d["b"], d["perm"], d["lam"]).items():
+        expect(TypeError, "dense \\(strided\\) tensor", call)
+
+
+def test_meta_tensors_pass_the_value_checks():
+    # shape-only tracing: no values to check, and a device mismatch still names the arguments
+    d = good()
+    a, b = d["a"].to("meta"), d["b"].to("meta")
+    for name, call in pair_calls(a, b, d["perm"].to("meta"), d["lam"].to("meta")).items():
+        value = call()
+        assert value.device.type == "meta" and value.shape == (), name
+    expect(ValueError, "move them to one device", lambda: F.clip_loss(d["a"], b))
+
+
+def test_m3coloss_rejects_a_plan_of_another_batch():
+    d = good()
+    plan = m3co_loss.MixupSampler().sample(N - 1, 2)
+    expect(ValueError, f"plan was drawn for a batch of {N - 1}", lambda: m3co_loss.M3CoLoss()([d["a"], d["b"]], plan=plan))
 
 
 def test_value_checks_can_be_switched_off():
@@ -147,7 +171,9 @@ def test_value_checks_can_be_switched_off():
         (m3co_loss.M3CoLoss, dict(temperature=0), "temperature"),
         (m3co_loss.M3CoLoss, dict(beta=-1), "beta"),
         (m3co_loss.M3CoLoss, dict(total_steps=0), "total_steps"),
-        (m3co_loss.M3CoLoss, dict(m3co_fraction=1.5), "m3co_fraction"),
+        (m3co_loss.M3CoLoss, dict(total_steps=10, m3co_fraction=1.5), "m3co_fraction"),
+        (m3co_loss.M3CoLoss, dict(m3co_fraction=0.5), "m3co_fraction needs total_steps"),
+        (m3co_loss.M3CoLoss, dict(beta=float("inf")), "beta"),
         (m3co_loss.M3CoLoss, dict(alpha=0), "alpha"),
         (m3co_loss.M3CoLoss, dict(mix_prob=2.0), "mix_prob"),
         (m3co_loss.M3CoLoss, dict(convention="released"), "convention"),

@@ -54,7 +54,7 @@ def main() -> None:
     lo, hi = 5, 12
     r_full = kernels.LogSumExp.apply(a_full, b_full, 0.1, False)[0]
     for backend in ("tiled", "triton"):
-        v = kernels.multisoftclip_vector(a_full[lo:hi], a_full, b_full[lo:hi], b_full, lo, 0.1, reference=False,
+        v = kernels.multisoftclip_vector(a_full[lo:hi], a_full, b_full[lo:hi], b_full, 0.1, reference=False, distributed=True,
                                          gather=lambda r: torch.cat([r_full[:lo], r, r_full[hi:]]), backend=backend)
         errors.setdefault("distributed_shape", []).append(v)
     tiled, triton = errors.pop("distributed_shape")
