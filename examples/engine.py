@@ -92,6 +92,7 @@ __all__ = [
     "mlp",
     "Objective",
     "TrainConfig",
+    "ConfigError",
     "Task",
     "Trainer",
     "train_seed",
@@ -128,6 +129,10 @@ PROTOCOL_LABELS = {
 CONVENTIONS = ("paper", "reference")
 SCHEDULERS = ("step", "plateau", "none")
 UNIS_MMC_WEIGHT = 0.1  # the UniS-MMC paper's weight of its contrastive term
+
+
+class ConfigError(ValueError):
+    """An option a run cannot use (a pipeline's ``main`` reports it in one line, without a traceback)."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -192,8 +197,9 @@ def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binar
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; results are not
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
             write(handle)
             handle.flush()
@@ -206,14 +212,48 @@ def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binar
     return path
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Union[str, Path]) -> List[Path]:
+    """Delete the temporary files an interrupted :func:`_atomic_write` left in ``folder``
+    (``.NAME.XXXXXXXX.tmp`` beside ``NAME``); call it only while nothing writes there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX) and p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers: an
+    undefined metric, e.g. the AUC of a split with one class, is written as null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
     return _atomic_write(path, lambda handle: handle.write(text), binary=False)
 
 
 def atomic_write_json(path: Union[str, Path], obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically; NaN and Inf are refused (they are not JSON)."""
-    return _atomic_write(path, lambda handle: json.dump(obj, handle, indent=1, allow_nan=False), binary=False)
+    """Write ``obj`` as JSON to ``path`` atomically; NaN and Inf become null (:func:`json_safe`)."""
+    return _atomic_write(path, lambda handle: json.dump(json_safe(obj), handle, indent=1, allow_nan=False), binary=False)
 
 
 def atomic_torch_save(path: Union[str, Path], obj: Any) -> Path:
@@ -397,10 +437,28 @@ class _Batches:
             yield self.dataset.batch(chunk.to(self.dataset.labels.device))
 
 
+def check_holdout(labels: Union[Tensor, np.ndarray], holdout: Union[int, float]) -> None:
+    """Raise :class:`ConfigError` unless a stratified hold-out of ``holdout`` can be drawn from
+    ``labels``: every class needs two samples, and both parts at least one sample per class."""
+    y = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    n = len(y)
+    classes, counts = np.unique(y, return_counts=True)
+    held = int(holdout) if holdout >= 1 else math.ceil(holdout * n)
+    if counts.min(initial=n) < 2:
+        rare = classes[counts < 2].tolist()
+        raise ConfigError(f"holdout={holdout}: class(es) {rare} of the training labels have a single sample, so the hold-out cannot be stratified; use --holdout 0")
+    if not len(classes) <= held <= n - len(classes):
+        raise ConfigError(
+            f"holdout={holdout} holds out {held} of the {n} training samples; with {len(classes)} classes both parts need "
+            f"one sample per class, so hold out between {len(classes)} and {n - len(classes)} (a fraction or a count), or 0 for none"
+        )
+
+
 def stratified_holdout(labels: Union[Tensor, np.ndarray], holdout: Union[int, float], seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Indices (fit, held out) of a stratified split (``holdout``: a fraction or a count)."""
     from sklearn.model_selection import train_test_split
 
+    check_holdout(labels, holdout)
     y = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     fit, held = train_test_split(np.arange(len(y)), test_size=holdout, stratify=y, random_state=seed)
     return np.sort(fit), np.sort(held)
@@ -807,7 +865,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
             if not cond:
-                raise ValueError(f"{name} must be {what}; got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be {what}; got {getattr(self, name)!r}")
 
         need(self.method in METHODS, "method", f"one of {sorted(METHODS)}")
         need(self.convention in CONVENTIONS, "convention", f"one of {CONVENTIONS}")
@@ -833,6 +891,12 @@ class TrainConfig:
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: no checkpoints)")
         need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        need(device is not None, "device", "a torch device such as 'cpu' or 'cuda:0'")
+        need(device.type != "cuda" or torch.cuda.is_available(), "device", "available (this torch has no usable CUDA device)")
         return self
 
     def validation_due(self, epoch: int) -> bool:
@@ -872,6 +936,9 @@ class Task:
     seed's record and, as mean and std over seeds, to ``results["analyses"]`` (``results.md``
     shows them in percent, named by ``analysis_labels``). ``context`` is an
     :class:`AnalysisContext`. Like ``build_model`` it must be picklable.
+    ``data_id`` names the data's content (e.g. a digest of the arrays): it joins the fingerprint
+    that decides whether a finished seed or a checkpoint is reused, so that changed data is
+    trained again, and is recorded in ``results.json``.
     """
 
     name: str
@@ -889,6 +956,14 @@ class Task:
     analysis_labels: Dict[str, str] = field(default_factory=dict)
     published: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    data_id: Optional[str] = None
+
+
+def run_fingerprint(task: Task, config: TrainConfig) -> str:
+    """The fingerprint of a seed's record and checkpoint: the configuration's, and the data's when known."""
+    if task.data_id is None:
+        return config.fingerprint()
+    return hashlib.sha256(f"{config.fingerprint()}:{task.data_id}".encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- training
@@ -1112,8 +1187,8 @@ class Trainer:
         analysis_state: Optional[Dict[str, Tensor]] = None  # weights of the chosen epoch, for task.analyse
         if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-            if state["fingerprint"] != c.fingerprint():
-                raise ValueError(f"checkpoint {self.checkpoint_path} was written with another configuration; remove it or change --output-dir")
+            if state["fingerprint"] != run_fingerprint(task, c):
+                raise ConfigError(f"checkpoint {self.checkpoint_path} was written with another configuration or data; remove it or change --output-dir")
             model.load_state_dict(state["model"])
             if averaged is not None:
                 averaged.load_state_dict(state["averaged"])
@@ -1124,7 +1199,7 @@ class Trainer:
             if self.distributed:
                 saved_world = len(state.get("rank_states", ()))
                 if saved_world != self.world_size:
-                    raise ValueError(f"checkpoint {self.checkpoint_path} was written by {saved_world} processes; resume it with as many")
+                    raise ConfigError(f"checkpoint {self.checkpoint_path} was written by {saved_world} processes; resume it with as many")
                 rank_state = state["rank_states"][self.rank]
             objective.load_state_dict(rank_state["objective"])
             best_val.load_state_dict(state["best_val"])
@@ -1230,7 +1305,7 @@ class Trainer:
                     atomic_torch_save(
                         self.checkpoint_path,
                         {
-                            "fingerprint": c.fingerprint(),
+                            "fingerprint": run_fingerprint(task, c),
                             "epoch": epoch,
                             "model": model.state_dict(),
                             "averaged": averaged.state_dict() if averaged is not None else None,
@@ -1289,7 +1364,7 @@ class Trainer:
             "seconds": seconds_before + time.perf_counter() - start_time,
             "resumed_at_epoch": resumed_at,  # None: trained in one go
             "history": history,
-            "fingerprint": c.fingerprint(),
+            "fingerprint": run_fingerprint(task, c),
             "processes": self.world_size,
         }
 
@@ -1406,16 +1481,28 @@ def run(
     """
     config.validate()
     if not seeds:
-        raise ValueError("seeds must name at least one seed")
+        raise ConfigError("seeds must name at least one seed")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct; got {list(seeds)}")
+        raise ConfigError(f"seeds must be distinct; got {list(seeds)}")
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be integers >= 0; got {list(seeds)}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1; got {workers}")
+        raise ConfigError(f"workers must be >= 1; got {workers}")
     if config.distributed and workers != 1:
-        raise ValueError(f"workers must be 1 with distributed training (the ranks train one seed at a time); got {workers}")
+        raise ConfigError(f"workers must be 1 with distributed training (the ranks train one seed at a time); got {workers}")
+    if config.holdout and task.val is None and task.train_labels is not None:
+        check_holdout(task.train_labels, config.holdout)  # before any training, not deep inside the first seed
     output_dir = Path(output_dir)
     seed_dir = output_dir / "seeds"
     ckpt_dir = output_dir / "checkpoints"
+    if write and is_main_process():
+        try:  # a path that cannot be a folder fails now, not after the training
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"output_dir {output_dir} is a file (or lies under one), not a folder") from None
+        for folder in (output_dir, seed_dir, ckpt_dir):
+            remove_stale_temporaries(folder)  # left by a run that was killed while writing
+    fingerprint = run_fingerprint(task, config)
     start = time.perf_counter()
     records: Dict[int, Dict[str, Any]] = {}
     todo = []
@@ -1423,7 +1510,7 @@ def run(
         seed_file = seed_dir / f"seed{seed}.json"
         if seed_file.exists():
             record = json.loads(seed_file.read_text())
-            if record.get("fingerprint") == config.fingerprint():
+            if record.get("fingerprint") == fingerprint:
                 records[seed] = record
                 continue
         todo.append(seed)
@@ -1436,7 +1523,11 @@ def run(
     if config.threads is None and torch.device(config.device).type == "cpu":
         # one thread per seed: a seed's numbers then do not depend on how many run in parallel
         config = dataclasses.replace(config, threads=1)
-    ckpt = (lambda s: ckpt_dir / f"seed{s}.pt") if config.checkpoint_every else (lambda s: None)
+    def ckpt(seed: int) -> Optional[Path]:
+        # --resume continues from a checkpoint that is there even when no new ones are asked for
+        path = ckpt_dir / f"seed{seed}.pt"
+        return path if config.checkpoint_every or (config.resume and path.exists()) else None
+
     if workers == 1:
         for seed in todo:
             record = train_seed(task, config, seed, checkpoint_path=ckpt(seed))
@@ -1485,6 +1576,7 @@ def run(
     per_seed = [records[s] for s in seeds]
     results = summarise(task, config, per_seed, seconds=time.perf_counter() - start)
     results["workers"] = workers  # the processes that trained this call's seeds
+    results["data_id"] = task.data_id
     if write and is_main_process():
         write_results(task, results, per_seed, output_dir)
     return results
@@ -1607,7 +1699,7 @@ def plot_curves(per_seed: Sequence[Mapping[str, Any]], path: Union[str, Path], *
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = np.array(per_seed[0]["history"]["epoch"]) + 1
+    epochs = np.array(per_seed[0]["history"]["epoch"])  # 0-based, as the chosen epochs in results.json
 
     def mean_curve(key):
         # the epochs at which every seed has a value (the test set may be scored less often)
@@ -1623,8 +1715,8 @@ def plot_curves(per_seed: Sequence[Mapping[str, Any]], path: Union[str, Path], *
         x, curve = mean_curve(key)
         if len(x):
             ax_acc.plot(x, curve, style, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy (fusion head)")
+    ax_loss.set(xlabel="epoch (from 0)", ylabel="loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="epoch (from 0)", ylabel="accuracy", title="accuracy (fusion head)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -1646,10 +1738,21 @@ def write_results(task: Task, results: Mapping[str, Any], per_seed: Sequence[Map
 # ----------------------------------------------------------------------------- command line
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # argparse names the type in its message
+    return parse
+
+
 def add_arguments(parser, defaults: TrainConfig) -> None:
     """The options every pipeline shares, with the pipeline's defaults."""
     d = defaults
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to train (default: 0 1 2 3 4)")
+    parser.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2, 3, 4], help="seeds to train (default: 0 1 2 3 4)")
     parser.add_argument("--method", choices=sorted(METHODS), default=d.method, help="training objective (default: %(default)s)")
     parser.add_argument("--convention", choices=CONVENTIONS, default=d.convention, help="paper or released-code conventions (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, required=True, help="where results.json, results.md and curves.png go")
@@ -1670,7 +1773,7 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--device", default=d.device, help="default: %(default)s")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="score an exponential moving average of the weights with this decay per step (default: none)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
-    parser.add_argument("--workers", type=int, default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
+    parser.add_argument("--workers", type=_int_at_least(1), default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the seeds' checkpoints")
@@ -1737,6 +1840,8 @@ def launch(task: "Task", config: TrainConfig, seeds: Sequence[int], output_dir: 
     try:
         results = run(task, config, seeds, output_dir, workers=workers)
         main_process = is_main_process()  # asked before leaving the process group
+    except ConfigError as err:
+        raise SystemExit(f"{task.name}: {err}") from None
     finally:
         shutdown_distributed()
     if not main_process:

@@ -117,7 +117,7 @@ def read_food101_split(root, split: str) -> Tuple[List[Tuple[Path, str, str]], D
     rows: List[Tuple[Path, str, str]] = []
     dropped = {"missing_image": 0, "missing_text": 0}
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not data
             for line_no, row in enumerate(csv.reader(handle), start=1):
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
@@ -201,7 +201,7 @@ def read_n24news_split(root, split: str, *, text_field: str = "headline") -> Tup
     if not image_root.is_dir():
         raise DataError(f"N24News images folder not found: {image_root}")
     try:
-        with open(json_path, encoding="utf-8") as handle:
+        with open(json_path, encoding="utf-8-sig") as handle:
             records = json.load(handle)
     except UnicodeDecodeError as err:
         raise DataError(f"{json_path} is not valid UTF-8 text: {err}") from err

@@ -40,6 +40,10 @@ TIMM_MISSING = (
 )
 
 
+class EncoderLoadError(OSError):
+    """A pretrained encoder or tokenizer that cannot be loaded; the message names the option."""
+
+
 def _quiet_transformers():
     import transformers
 
@@ -67,7 +71,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        raise OSError(f"cannot load a tokenizer from {name_or_path!r} (--text-encoder): {err}") from err
+        raise EncoderLoadError(f"cannot load a tokenizer from {name_or_path!r} (--text-encoder): {err}") from err
 
 
 class TextEncoder(nn.Module):
@@ -88,7 +92,7 @@ class TextEncoder(nn.Module):
             else:
                 self.model = _from_pretrained(transformers.AutoModel, name_or_path, "--text-encoder")
         except (OSError, ValueError) as err:
-            raise OSError(f"cannot load a text encoder from {name_or_path!r} (--text-encoder): {err}") from err
+            raise EncoderLoadError(f"cannot load a text encoder from {name_or_path!r} (--text-encoder): {err}") from err
         self.name = name_or_path
         self.out_dim = int(self.model.config.hidden_size)
 
@@ -142,7 +146,7 @@ class ImageEncoder(nn.Module):
             try:
                 self.model = timm.create_model(name_or_path, pretrained=pretrained, num_classes=0)
             except Exception as err:
-                raise OSError(f"cannot create timm model {name_or_path!r} (--image-encoder): {err}") from err
+                raise EncoderLoadError(f"cannot create timm model {name_or_path!r} (--image-encoder): {err}") from err
             self.out_dim = int(self.model.num_features)
             data_config = timm.data.resolve_data_config({}, model=self.model)
             _, height, width = data_config["input_size"]
@@ -157,7 +161,7 @@ class ImageEncoder(nn.Module):
             else:
                 self.model = _from_pretrained(transformers.AutoModel, name_or_path, "--image-encoder")
         except (OSError, ValueError) as err:
-            raise OSError(f"cannot load an image encoder from {name_or_path!r} (--image-encoder): {err}") from err
+            raise EncoderLoadError(f"cannot load an image encoder from {name_or_path!r} (--image-encoder): {err}") from err
         self.out_dim = int(self.model.config.hidden_size)
         self._preprocess = _vit_preprocessing(name_or_path, self.model.config)
 

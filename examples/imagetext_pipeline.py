@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -280,8 +282,8 @@ def make_task(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.Task
     from imagetext_models import load_tokenizer
 
     transform = image_transform(args)
-    tokenizer = load_tokenizer(args.text_encoder)
     family = encoder_family(args.text_encoder)
+    tokenizer = load_tokenizer(args.text_encoder)
     collate = ImageTextCollator(tokenizer, max_tokens=args.max_tokens)
     train = ImageTextDataset(splits.train, transform.with_flip(True))  # the released augmentation
     validation = ImageTextDataset(splits.validation, transform)
@@ -322,7 +324,17 @@ def make_task(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.Task
             f"Pairs: train {len(splits.train)}, validation {len(splits.validation)}, test {len(splits.test)}; dropped pairs: {dropped}.",
             "Model selection (validation protocol) and ReduceLROnPlateau use the validation split only.",
         ],
+        data_id=splits_digest(splits),
     )
+
+
+def splits_digest(splits: ImageTextSplits) -> str:
+    """A digest of the pairs (image file name, text, label) of every split and of the class names:
+    a changed split is trained again instead of reusing finished seeds (the pixels are not read)."""
+    digest = hashlib.sha256(json.dumps(list(splits.classes)).encode())
+    for name, samples in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)):
+        digest.update(json.dumps([name, [[Path(s.image).name, s.text, int(s.label)] for s in samples]]).encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def train_config(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.TrainConfig:
@@ -367,9 +379,15 @@ def _run(spec: ImageTextSpec, args) -> Optional[dict]:
     print(f"{spec.name} at {data_dir}: {splits.summary()}", flush=True)
     if not args.smoke and len(splits.classes) != spec.num_classes:
         print(f"warning: {spec.name} has {spec.num_classes} classes, but {len(splits.classes)} were read from {data_dir}", flush=True)
-    task = make_task(spec, args, splits)
-    config = train_config(spec, args, splits)
-    return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
+    from imagetext_models import EncoderLoadError
+
+    try:
+        config = train_config(spec, args, splits)
+        task = make_task(spec, args, splits)
+        # the encoders' weights are loaded where each seed builds its model
+        return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
+    except (engine.ConfigError, EncoderLoadError) as err:
+        raise SystemExit(f"{spec.name}: {err}") from None
 
 
 def main(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> Optional[dict]:

@@ -77,7 +77,7 @@ class MogonetData:
 def _read_lines(path: Path) -> List[str]:
     if not path.is_file():
         raise MogonetFormatError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a byte-order mark is not data
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -104,8 +104,14 @@ def read_matrix(path: Path, *, rows: Optional[int] = None, cols: Optional[int] =
         raise MogonetFormatError(f"{path}: {width} columns, expected {cols}")
     try:
         values = np.array([line.split(",") for line in lines], dtype=np.float64)
-    except ValueError as err:
-        raise MogonetFormatError(f"{path}: not a number ({err})") from None
+    except ValueError:
+        for r, line in enumerate(lines):
+            for c, cell in enumerate(line.split(",")):
+                try:
+                    float(cell)
+                except ValueError:
+                    raise MogonetFormatError(f"{path}: line {r + 1}, column {c + 1}: {cell.strip()[:40]!r} is not a number") from None
+        raise
     bad = ~np.isfinite(values)
     if bad.any():
         r, c = np.argwhere(bad)[0]
@@ -143,6 +149,10 @@ def load_mogonet(data_dir: Path, *, num_classes: int, feature_counts: Optional[S
         raise MogonetFormatError(f"{data_dir}: missing {', '.join(missing)}")
     train_labels = read_labels(data_dir / "labels_tr.csv", num_classes=num_classes)
     test_labels = read_labels(data_dir / "labels_te.csv", num_classes=num_classes)
+    for name, labels in (("labels_tr.csv", train_labels), ("labels_te.csv", test_labels)):
+        absent = sorted(set(range(num_classes)) - set(labels.tolist()))
+        if absent:  # a classifier cannot learn, nor AUC or macro F1 score, a class with no sample
+            raise MogonetFormatError(f"{data_dir / name}: no sample of class {', '.join(map(str, absent))} (labels must cover 0..{num_classes - 1})")
     train, test, names = [], [], []
     for v in range(1, NUM_VIEWS + 1):
         cols = feature_counts[v - 1] if feature_counts is not None else None
@@ -219,6 +229,9 @@ def make_task(spec: MogonetSpec, data: MogonetData, *, dropout: float = 0.0) -> 
     test = engine.TensorMultimodalDataset([as_tensor(te) for _, te in scaled], torch.from_numpy(data.test_labels))
     metrics, labels = METRICS[spec.metrics]
     counts = tuple(x.shape[1] for x in data.train)
+    digest = hashlib.sha256()
+    for array in (*data.train, data.train_labels, *data.test, data.test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
     return engine.Task(
         name=spec.name,
         num_classes=spec.num_classes,
@@ -233,6 +246,7 @@ def make_task(spec: MogonetSpec, data: MogonetData, *, dropout: float = 0.0) -> 
             "Features are min-max scaled with the whole training set (held-out rows included: feature ranges, no labels).",
             "Full-batch Adam; the validation protocol trains on the training set minus the stratified hold-out.",
         ],
+        data_id=f"sha256:{digest.hexdigest()[:16]}",
     )
 
 
@@ -332,6 +346,13 @@ def default_config(spec: MogonetSpec) -> engine.TrainConfig:
 STEP_SIZES = {"paper": 250, "reference": 500}
 
 
+def _dropout(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1); got {text}")
+    return value
+
+
 def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{spec.name.lower()}.py",
@@ -340,7 +361,7 @@ def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None, help=f"folder with the {spec.name} CSVs (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
     parser.add_argument("--download", type=Path, metavar="DIR", default=None, help="download the CSVs into DIR, verify their SHA-256, and exit")
     parser.add_argument("--base-url", default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="head dropout (the released code never applies its 0.5)")
+    parser.add_argument("--dropout", type=_dropout, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
     engine.add_arguments(parser, default_config(spec))
     return parser
 
@@ -369,11 +390,14 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
         files = download(spec, args.download, base_url=args.base_url)
         print(f"{len(files)} {spec.name} files in {args.download}, SHA-256 verified. Train with --data-dir {args.download}")
         return None
+    try:
+        config = config_from_args(spec, args)  # options first: a bad one fails before the data is read
+    except engine.ConfigError as err:
+        raise SystemExit(f"{spec.name}: {err}") from None
     data_dir = find_data_dir(spec, args.data_dir)
     try:
         data = load_mogonet(data_dir, num_classes=spec.num_classes, feature_counts=spec.feature_counts)
     except MogonetFormatError as err:
         raise SystemExit(f"{spec.name}: {err}") from None
     task = make_task(spec, data, dropout=args.dropout)
-    config = config_from_args(spec, args)
     return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)

@@ -278,8 +278,6 @@ def test_atomic_writes_keep_the_previous_file_when_writing_fails(tmp_path):
     engine.atomic_write_json(target, {"acc": 0.5})
     with pytest.raises(TypeError):
         engine.atomic_write_json(target, {"acc": 0.7, "bad": object()})  # fails mid-stream
-    with pytest.raises(ValueError):
-        engine.atomic_write_json(target, {"acc": float("nan")})
     assert json.loads(target.read_text()) == {"acc": 0.5}
     ckpt = tmp_path / "ckpt.pt"
     engine.atomic_torch_save(ckpt, {"w": torch.ones(3)})
@@ -287,6 +285,79 @@ def test_atomic_writes_keep_the_previous_file_when_writing_fails(tmp_path):
         engine.atomic_torch_save(ckpt, {"w": torch.zeros(3), "f": lambda: 0})  # a lambda cannot be pickled
     assert torch.equal(torch.load(ckpt)["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "results.json"]  # no temporary files left
+
+
+def test_atomic_json_writes_undefined_numbers_as_null_and_files_follow_the_umask(tmp_path):
+    target = tmp_path / "results.json"
+    engine.atomic_write_json(target, {"auc": float("nan"), "rows": [1.0, float("inf")], "n": 3})
+    assert json.loads(target.read_text()) == {"auc": None, "rows": [1.0, None], "n": 3}
+    mask = os.umask(0o022)
+    try:
+        engine.atomic_write_text(tmp_path / "results.md", "x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "results.md").stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0o600
+
+
+def test_run_refuses_unusable_options_before_any_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the options were checked")
+
+    monkeypatch.setattr(engine, "train_seed", no_training)
+    task = tiny_task()  # 60 training samples, 3 classes
+    cases = [
+        (dict(cfg=config(holdout=58)), "between 3 and 57"),
+        (dict(cfg=config(holdout=0.99)), "holdout=0.99"),
+        (dict(seeds=[-1]), "seeds must be integers >= 0"),
+        (dict(output_dir=tmp_path / "afile"), "is a file"),
+    ]
+    (tmp_path / "afile").write_text("")
+    for case, message in cases:
+        with pytest.raises(engine.ConfigError, match=message):
+            engine.run(task, case.get("cfg", config()), case.get("seeds", [0]), case.get("output_dir", tmp_path / "out"))
+    one_member = dataclasses.replace(task, train_labels=torch.cat([torch.zeros(59, dtype=torch.long), torch.ones(1, dtype=torch.long)]))
+    with pytest.raises(engine.ConfigError, match=r"class\(es\) \[1\].*single sample"):
+        engine.run(one_member, config(), [0], tmp_path / "out")
+
+
+def test_changed_data_is_trained_again_and_recorded(tmp_path, monkeypatch):
+    task = dataclasses.replace(tiny_task(), data_id="sha256:aaaa")
+    first = engine.run(task, config(epochs=2), [0], tmp_path)
+    assert first["data_id"] == "sha256:aaaa"
+    trained = []
+    original = engine.train_seed
+    monkeypatch.setattr(engine, "train_seed", lambda *a, **k: trained.append(1) or original(*a, **k))
+    engine.run(task, config(epochs=2), [0], tmp_path)
+    assert trained == []  # same data: the finished seed is reused
+    again = engine.run(dataclasses.replace(task, data_id="sha256:bbbb"), config(epochs=2), [0], tmp_path)
+    assert trained == [1] and again["data_id"] == "sha256:bbbb"
+
+
+def test_resume_uses_an_existing_checkpoint_without_checkpoint_every(tmp_path):
+    task, cfg = tiny_task(), config(epochs=6)
+    uninterrupted = engine.train_seed(task, cfg, seed=0)
+    path = tmp_path / "checkpoints" / "seed0.pt"
+    path.parent.mkdir(parents=True)
+    assert engine.Trainer(task, dataclasses.replace(cfg, checkpoint_every=1), 0, checkpoint_path=path).fit(stop_epoch=3) is None
+    stale = tmp_path / "seeds" / ".seed0.json.k3j9x2.tmp"  # what a run killed while writing leaves
+    stale.parent.mkdir()
+    stale.write_text("{")
+    engine.run(task, dataclasses.replace(cfg, resume=True), [0], tmp_path)
+    record = json.loads((tmp_path / "seeds" / "seed0.json").read_text())
+    assert record["resumed_at_epoch"] == 3
+    assert record["history"] == uninterrupted["history"] and record["protocols"] == uninterrupted["protocols"]
+    assert not stale.exists()
+
+
+def test_an_undefined_metric_is_reported_as_null_not_lost(tmp_path):
+    def metrics_with_an_undefined_one(y, prob):
+        return {**accuracy_metrics(y, prob), "mf1": float("nan")}
+
+    task = dataclasses.replace(tiny_task(), metrics=metrics_with_an_undefined_one)
+    engine.run(task, config(epochs=2), [0, 1], tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["protocols"]["final"]["mf1"] == {"mean": None, "std": None}
+    assert 0 <= saved["protocols"]["final"]["acc"]["mean"] <= 1
 
 
 def test_run_writes_results_and_skips_finished_seeds(tmp_path, monkeypatch):

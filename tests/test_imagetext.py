@@ -69,6 +69,21 @@ def test_food101_reader_skips_a_header_row(food):
     assert len(data.load_food101(food, validation_size=2).test) == 12
 
 
+def test_food101_reader_ignores_a_byte_order_mark(food):
+    plain = data.load_food101(food, validation_size=2)
+    path = food / "texts" / "test_titles.csv"
+    path.write_text(path.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    assert data.load_food101(food, validation_size=2).test == plain.test  # the first pair is kept
+
+
+def test_the_data_digest_follows_the_pairs(food):
+    from imagetext_pipeline import splits_digest
+
+    splits = data.load_food101(food, validation_size=4, split_seed=0)
+    assert splits_digest(splits) == splits_digest(data.load_food101(food, validation_size=4, split_seed=0))
+    assert splits_digest(splits) != splits_digest(data.load_food101(food, validation_size=4, split_seed=1))
+
+
 @pytest.mark.parametrize("field", data.N24NEWS_TEXT_FIELDS)
 def test_n24news_reader_uses_the_text_field_and_drops_missing_pairs(news, field):
     splits = data.load_n24news(news, text_field=field)
@@ -454,6 +469,17 @@ def test_command_line_errors_are_clear(food, encoders, tmp_path, monkeypatch):
         food101.main(food101.FOOD101, args + ["--image-backend", "timm"])
     with pytest.raises(SystemExit):
         food101.main(food101.FOOD101, args + ["--lr", "0.1"])
+    with pytest.raises(SystemExit, match="cannot read the configuration of --text-encoder"):
+        food101.main(food101.FOOD101, args + ["--text-encoder", str(tmp_path / "no_such_bert")])
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((Path(encoders[1]) / "config.json").read_text())
+    # a folder without weights: named, in one line, before or while the first seed builds its model
+    with pytest.raises(SystemExit, match="cannot load a (tokenizer|text encoder) from .* \\(--text-encoder\\)"):
+        food101.main(food101.FOOD101, args + ["--text-encoder", str(config_only)])
+    with pytest.raises(SystemExit, match="output_dir .* is a file"):
+        (tmp_path / "afile").write_text("")
+        food101.main(food101.FOOD101, args[: args.index("--output-dir")] + ["--output-dir", str(tmp_path / "afile")] + args[args.index("--output-dir") + 2 :])
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("M3CO_DATA_DIR", str(tmp_path / "empty"))
     monkeypatch.setattr("imagetext_pipeline.REPO_ROOT", tmp_path / "nowhere" / "repo")

@@ -78,7 +78,9 @@ def _corrupt(folder: Path, name: str, edit):
         ("1_tr.csv", lambda lines: lines[:3] + [lines[3] + ",1"] + lines[4:], r"1_tr\.csv: line 4 has 8 columns but line 1 has 7"),
         ("3_tr.csv", lambda lines: lines[:5] + [",".join(["nan"] * 5)] + lines[6:], r"3_tr\.csv: line 6, column 1 is nan"),
         ("1_te.csv", lambda lines: lines[:2] + [",".join(["inf"] * 7)] + lines[3:], r"1_te\.csv: line 3, column 1 is inf"),
-        ("2_tr.csv", lambda lines: lines[:1] + [",".join(["abc"] * 6)] + lines[2:], r"2_tr\.csv: not a number"),
+        ("2_tr.csv", lambda lines: lines[:1] + [",".join(["abc"] * 6)] + lines[2:], r"2_tr\.csv: line 2, column 1: 'abc' is not a number"),
+        ("1_te.csv", lambda lines: lines[:4] + [lines[4].rsplit(",", 1)[0] + ","] + lines[5:], r"1_te\.csv: line 5, column 7: '' is not a number"),
+        ("labels_te.csv", lambda lines: ["0.0"] * len(lines), r"labels_te\.csv: no sample of class 1"),
         ("labels_tr.csv", lambda lines: lines[:7] + ["2.0"] + lines[8:], r"labels_tr\.csv: line 8 holds label 2, outside \[0, 2\)"),
         ("labels_tr.csv", lambda lines: lines[:2] + ["-1.0"] + lines[3:], r"labels_tr\.csv: line 3 holds label -1"),
         ("labels_te.csv", lambda lines: lines[:4] + ["0.5"] + lines[5:], r"labels_te\.csv: line 5 holds 0\.5, not an integer"),
@@ -94,6 +96,16 @@ def test_reader_names_the_malformed_file(tmp_path, name, edit, message):
         _corrupt(folder, name, edit)
     with pytest.raises(mogonet.MogonetFormatError, match=message):
         load(folder)
+
+
+def test_reader_ignores_a_byte_order_mark(tmp_path):
+    folder = write_mogonet(tmp_path)
+    plain = load(folder)
+    for name in ("1_tr.csv", "labels_tr.csv"):
+        (folder / name).write_text((folder / name).read_text(), encoding="utf-8-sig")
+    marked = load(folder)
+    np.testing.assert_array_equal(marked.train[0], plain.train[0])
+    np.testing.assert_array_equal(marked.train_labels, plain.train_labels)
 
 
 def test_reader_checks_the_expected_feature_counts(tmp_path):
