@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -226,8 +227,7 @@ def worker(args) -> dict:
         extra = torch.cuda.max_memory_allocated() - base
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times_sorted = sorted(times)
-    return dict(times_s=times, median_s=times_sorted[len(times) // 2], extra_peak_bytes=int(extra))
+    return dict(times_s=times, median_s=statistics.median(times), extra_peak_bytes=int(extra))
 
 
 def _paired_worker(args, make_step, inp) -> dict:
@@ -490,8 +490,7 @@ def drive(args) -> None:
                     continue
                 entry["times_s"] += result["times_s"]
                 entry["extra_peak_bytes"] = max(entry["extra_peak_bytes"], result["extra_peak_bytes"])
-                times = sorted(entry["times_s"])
-                entry["median_s"] = times[len(times) // 2]
+                entry["median_s"] = statistics.median(entry["times_s"])
                 print(f"{min(result['times_s']):.3f}..{max(result['times_s']):.3f} s, +{result['extra_peak_bytes'] / 2**20:.0f} MiB"
                       f"  (load {result['load_before'][0]:.1f})", flush=True)
         for entry in entries.values():
@@ -540,6 +539,12 @@ def _mem_ratio(x, y) -> str:
 def report(path: Path) -> None:
     data = _load(path)
     results = data["results"]
+    stale = False
+    for r in results:  # medians are a function of the recorded passes (older files took the upper middle one)
+        if r.get("times_s") and r.get("median_s") != statistics.median(r["times_s"]):
+            r["median_s"], stale = statistics.median(r["times_s"]), True
+    if stale:
+        _save(path, data)
     index = {(r["device"], r["loss"], r["impl"], r["n"], r["d"]): r for r in results}
     configs = sorted({(r["device"], r["loss"], r["n"], r["d"]) for r in results}, key=lambda c: (c[0], LOSSES.index(c[1]), c[3], c[2]))
     meta = data.get("meta", {})
