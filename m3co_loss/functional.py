@@ -78,15 +78,21 @@ def normalize(z: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """``z / ||z||`` along the last dim, in ``dtype`` (default: float32 at least); zero rows stay zero.
 
     A row whose largest magnitude lies outside [2^-40, 2^40] is first divided by it, so that its
-    squared norm neither overflows (entries above ~1e19 in float32) nor underflows (subnormal
-    rows): every finite row gets the value of exact arithmetic. Other rows are divided by 1,
-    which leaves them, their value and their gradient bit for bit unchanged. The divisor is
-    detached, which keeps the gradient exact: ``normalize(c z) = normalize(z)`` for c > 0.
+    squared norm neither overflows (entries above ~1e19 in float32) nor underflows (tiny rows):
+    every finite row gets the value of exact arithmetic. The divisor is detached, which keeps the
+    gradient exact: ``normalize(c z) = normalize(z)`` for c > 0. With value checks on (they read
+    the data anyway) the division runs only when some row needs it, so ordinary batches take
+    ``F.normalize`` alone, bit for bit and without an extra N x D buffer; with value checks off it
+    runs always (a division by 1 for ordinary rows), which keeps the call free of host syncs.
     """
     z = z.to(_compute_dtype([z]) if dtype is None else dtype)
-    peak = z.detach().abs().amax(dim=-1, keepdim=True)
-    extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
-    return F.normalize(z / torch.where(extreme, peak, torch.ones_like(peak)), dim=-1, eps=1e-12)
+    if z.shape[0] and z.device.type != "meta":
+        low, high = torch.aminmax(z.detach(), dim=-1, keepdim=True)
+        peak = torch.maximum(high, -low)
+        extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
+        if not value_checks_enabled() or bool(extreme.any()):
+            z = z / torch.where(extreme, peak, torch.ones_like(peak))
+    return F.normalize(z, dim=-1, eps=1e-12)
 
 
 # Row peaks within which the squared norm of a float32 row of up to 2^40 entries is a normal number.
