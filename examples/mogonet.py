@@ -244,7 +244,7 @@ def make_task(spec: MogonetSpec, data: MogonetData, *, dropout: float = 0.0) -> 
         published={k: dict(v) for k, v in spec.published.items()},
         notes=[
             "Features are min-max scaled with the whole training set (held-out rows included: feature ranges, no labels).",
-            "Full-batch Adam; the validation protocol trains on the training set minus the stratified hold-out.",
+            "Adam, full batch unless --batch-size is given; with a hold-out, the validation protocol trains on the training set minus the stratified hold-out.",
         ],
         data_id=f"sha256:{digest.hexdigest()[:16]}",
     )
