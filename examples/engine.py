@@ -58,6 +58,7 @@ rank 0 writes files (:func:`is_main_process`). See :func:`init_distributed`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -1124,6 +1125,7 @@ class Trainer:
 
     def _fit(self, stop_epoch: int) -> Optional[Dict[str, Any]]:
         c, task = self.config, self.task
+        fingerprint = run_fingerprint(task, c)  # of this seed's checkpoint and record
         start_time = time.perf_counter()
         seconds_before = 0.0  # training time of the run before the checkpoint it resumed from
         resumed_at: Optional[int] = None
@@ -1187,7 +1189,7 @@ class Trainer:
         analysis_state: Optional[Dict[str, Tensor]] = None  # weights of the chosen epoch, for task.analyse
         if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-            if state["fingerprint"] != run_fingerprint(task, c):
+            if state["fingerprint"] != fingerprint:
                 raise ConfigError(f"checkpoint {self.checkpoint_path} was written with another configuration or data; remove it or change --output-dir")
             model.load_state_dict(state["model"])
             if averaged is not None:
@@ -1305,7 +1307,7 @@ class Trainer:
                     atomic_torch_save(
                         self.checkpoint_path,
                         {
-                            "fingerprint": run_fingerprint(task, c),
+                            "fingerprint": fingerprint,
                             "epoch": epoch,
                             "model": model.state_dict(),
                             "averaged": averaged.state_dict() if averaged is not None else None,
@@ -1364,7 +1366,7 @@ class Trainer:
             "seconds": seconds_before + time.perf_counter() - start_time,
             "resumed_at_epoch": resumed_at,  # None: trained in one go
             "history": history,
-            "fingerprint": run_fingerprint(task, c),
+            "fingerprint": fingerprint,
             "processes": self.world_size,
         }
 
@@ -1747,6 +1749,17 @@ def _int_at_least(low: int):
 
     parse.__name__ = f"integer >= {low}"  # argparse names the type in its message
     return parse
+
+
+def dropout_rate(text: str) -> float:
+    """An argparse type: a dropout probability in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1); got {text}")
+    return value
+
+
+PASSTHROUGH_EPILOG = "Every other option (--seeds, --epochs, --convention, --holdout, --workers, ...) is passed to each run of {script}; see its --help."
 
 
 def add_arguments(parser, defaults: TrainConfig) -> None:

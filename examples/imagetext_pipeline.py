@@ -172,7 +172,7 @@ def build_parser(spec: ImageTextSpec) -> argparse.ArgumentParser:
     parser.add_argument("--text-encoder", default="bert-base-uncased", help="model id or local folder: BERT or RoBERTa (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens per text after truncation (default: %(default)s)")
     parser.add_argument("--head-width", type=int, default=256, help="hidden width of the 3-layer MLP heads (default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout in the heads (released: 0)")
+    parser.add_argument("--dropout", type=engine.dropout_rate, default=0.0, help="dropout in the heads (released: 0)")
     for group in LR_GROUPS:
         parser.add_argument(f"--lr-{group.replace('_', '-')}", type=float, default=spec.lr[group], help=f"learning rate of the {group.replace('_', ' ')} (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes (default: %(default)s)")
@@ -222,8 +222,6 @@ def parse(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> argparse
         low = 0 if name == "num_workers" else 2 if name in ("max_tokens", "eval_batch_size") else 1
         if value < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}; got {value}")
-    if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout must be in [0, 1); got {args.dropout}")
     for group in LR_GROUPS:
         if getattr(args, f"lr_{group}") <= 0:
             parser.error(f"--lr-{group.replace('_', '-')} must be > 0")

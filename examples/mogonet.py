@@ -346,13 +346,6 @@ def default_config(spec: MogonetSpec) -> engine.TrainConfig:
 STEP_SIZES = {"paper": 250, "reference": 500}
 
 
-def _dropout(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1); got {text}")
-    return value
-
-
 def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{spec.name.lower()}.py",
@@ -361,7 +354,7 @@ def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None, help=f"folder with the {spec.name} CSVs (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
     parser.add_argument("--download", type=Path, metavar="DIR", default=None, help="download the CSVs into DIR, verify their SHA-256, and exit")
     parser.add_argument("--base-url", default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
-    parser.add_argument("--dropout", type=_dropout, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
+    parser.add_argument("--dropout", type=engine.dropout_rate, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
     engine.add_arguments(parser, default_config(spec))
     return parser
 

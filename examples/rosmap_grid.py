@@ -64,8 +64,7 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Every other option (--seeds, --epochs, --convention, --holdout, --workers, ...) is passed to "
-        "each run of examples/rosmap.py; see python examples/rosmap.py --help.",
+        epilog=engine.PASSTHROUGH_EPILOG.format(script="examples/rosmap.py"),
     )
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--methods", nargs="+", choices=sorted(engine.METHODS), default=list(engine.METHODS))

@@ -68,8 +68,7 @@ def tune_markdown(rows: Mapping[str, Mapping], chosen: str, *, title: str) -> st
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Every other option (--seeds, --epochs, --convention, --holdout, --workers, ...) is passed to "
-        "each run of examples/rosmap.py; see python examples/rosmap.py --help.",
+        epilog=engine.PASSTHROUGH_EPILOG.format(script="examples/rosmap.py"),
     )
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))

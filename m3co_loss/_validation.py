@@ -108,8 +108,8 @@ def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | Non
     return z
 
 
-def _has_data(x: Tensor) -> bool:
-    # meta tensors (shape-only tracing) hold no values to check
+def has_values(x: Tensor) -> bool:
+    """False for a meta tensor (shape-only tracing), which holds no values to check."""
     return x.device.type != "meta"
 
 
@@ -121,7 +121,7 @@ def all_finite(x: Tensor) -> bool:
     non-finite sum may also be an overflow of finite entries; only then is every entry tested.
     A meta tensor (shape-only tracing) has no values and passes.
     """
-    if not _has_data(x):
+    if not has_values(x):
         return True
     if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         return True
@@ -146,7 +146,7 @@ def check_perm(name: str, perm: object, n: int, device: torch.device) -> Tensor:
     if perm.device != device:
         raise ValueError(f"{name} is on {perm.device} but the embeddings are on {device}")
     perm = perm.long()
-    if _VALUE_CHECKS and _has_data(perm):
+    if _VALUE_CHECKS and has_values(perm):
         in_range = bool(((perm >= 0) & (perm < n)).all())
         if not in_range or not bool((torch.bincount(perm, minlength=n) == 1).all()):
             raise ValueError(f"{name} must be a permutation of 0..{n - 1}")
@@ -163,7 +163,7 @@ def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
         raise ValueError(f"{name} must have shape ({n},), one mixing weight per sample; got {tuple(lam.shape)}")
     if lam.device != device:
         raise ValueError(f"{name} is on {lam.device} but the embeddings are on {device}")
-    if _VALUE_CHECKS and _has_data(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
+    if _VALUE_CHECKS and has_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] (NaN is not allowed)")
     return lam
 

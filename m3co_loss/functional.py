@@ -58,6 +58,7 @@ from ._validation import (
     check_same_device,
     check_sequence,
     check_temperature,
+    has_values,
     value_checks_enabled,
 )
 
@@ -86,7 +87,7 @@ def normalize(z: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     runs always (a division by 1 for ordinary rows), which keeps the call free of host syncs.
     """
     z = z.to(_compute_dtype([z]) if dtype is None else dtype)
-    if z.shape[0] and z.device.type != "meta":
+    if z.shape[0] and has_values(z):
         low, high = torch.aminmax(z.detach(), dim=-1, keepdim=True)
         peak = torch.maximum(high, -low)
         extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
@@ -650,7 +651,7 @@ def unis_mmc(
     if y.shape != (n,):
         raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}")
     check_same_device(("r[0]", "y"), (r[0], y))
-    if value_checks_enabled() and y.device.type != "meta" and not bool(((y >= 0) & (y < num_classes)).all()):
+    if value_checks_enabled() and has_values(y) and not bool(((y >= 0) & (y < num_classes)).all()):
         raise ValueError(f"y must hold class indices in [0, {num_classes})")
 
     layout = _batch_layout(r, spread, "r[0]")

@@ -8,7 +8,6 @@ mixup sampler, the weight beta and the M3Co -> MultiSClip schedule of the paper 
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Sequence, Union
 
 import torch
