@@ -195,7 +195,10 @@ class M3CoLoss(_ContrastiveOptions):
         if shared_lam is not None:
             sampler_options["shared_lam"] = shared_lam
         self.sampler = MixupSampler.for_convention(convention, alpha=alpha, generator=generator, **sampler_options)
+        # The buffer carries the counter in state dicts; the phase is read from a host copy, so
+        # that phase() and forward() never wait on a GPU to learn which loss to compute.
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._host_step_count = 0
 
     @property
     def m3co_steps(self) -> Optional[int]:
@@ -207,7 +210,7 @@ class M3CoLoss(_ContrastiveOptions):
     def phase(self, step: Optional[int] = None) -> str:
         """``"m3co"`` or ``"multisclip"`` at ``step`` (default: the module's own step counter)."""
         if step is None:
-            step = int(self.step_count)
+            step = self._host_step_count
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0; got {step!r}")
         limit = self.m3co_steps
@@ -216,6 +219,12 @@ class M3CoLoss(_ContrastiveOptions):
     def step(self) -> None:
         """Advance the schedule by one step (call once per epoch or iteration, as ``total_steps`` counts)."""
         self.step_count += 1
+        self._host_step_count += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.step_count.device.type != "meta":
+            self._host_step_count = int(self.step_count)  # one read per load, not per step
 
     def sample(
         self, batch_size: int, num_modalities: int = 2, *, device: Union[str, torch.device, None] = None, step: Optional[int] = None

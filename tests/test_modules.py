@@ -60,6 +60,27 @@ def test_schedule_switches_from_m3co_to_multisclip():
     assert restored.phase() == "multisclip" and int(restored.step_count) == 9
 
 
+def test_schedule_phase_does_not_read_the_device_counter():
+    # phase() must not wait on the device: on the meta device the buffer holds no value at all
+    criterion = M3CoLoss(total_steps=3).to("meta")
+    assert criterion.phase() == "m3co"
+    criterion.step()
+    assert criterion.phase() == "multisclip"
+    assert criterion.step_count.device.type == "meta"
+
+
+def test_schedule_counter_follows_a_loaded_state_dict_both_ways():
+    early = M3CoLoss(total_steps=6)
+    late = M3CoLoss(total_steps=6)
+    for _ in range(4):
+        late.step()
+    early_state = early.state_dict()
+    late.load_state_dict(early_state)  # going back to step 0, as a resume from an early checkpoint does
+    assert late.phase() == "m3co" and int(late.step_count) == 0
+    late.step(), late.step()
+    assert late.phase() == "multisclip" and int(late.step_count) == 2
+
+
 def test_reference_convention_defaults():
     criterion = M3CoLoss(convention="reference", total_steps=500)
     assert criterion.multisclip_temperature == 0.125
