@@ -38,6 +38,7 @@ __all__ = [
     "load_food101",
     "read_n24news_split",
     "load_n24news",
+    "find_unreadable_images",
     "ImageTransform",
     "ImageTextDataset",
     "ImageTextCollator",
@@ -314,6 +315,28 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"image file disappeared after the split was read: {path}") from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def find_unreadable_images(samples: Sequence[ImageTextSample], *, threads: int = 1, progress: bool = False) -> List[Tuple[Path, str]]:
+    """``(path, reason)`` for every image of ``samples`` that :func:`load_image` cannot decode.
+
+    Each file is decoded in full, as training will decode it (``Image.verify`` alone passes a
+    truncated JPEG). Decoding releases the GIL, so ``threads`` > 1 scans files in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    def failure(path: Path):
+        try:
+            load_image(path)
+        except DataError as err:
+            return path, str(err)
+        return None
+
+    paths = sorted({Path(s.image) for s in samples})
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = tqdm(pool.map(failure, paths), total=len(paths), desc="verifying images", disable=not progress, leave=False)
+        return [f for f in found if f is not None]
 
 
 class ImageTextDataset(torch.utils.data.Dataset):

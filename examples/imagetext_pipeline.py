@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import engine
-from imagetext_data import ImageTextCollator, ImageTextDataset, ImageTextSplits, ImageTransform
+from imagetext_data import DataError, ImageTextCollator, ImageTextDataset, ImageTextSplits, ImageTransform, find_unreadable_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LR_GROUPS = ("image_encoder", "text_encoder", "image_head", "text_head", "fusion_head")
@@ -182,6 +182,7 @@ def build_parser(spec: ImageTextSpec) -> argparse.ArgumentParser:
     parser.add_argument("--eval-corrupt", nargs="+", choices=("image", "text"), default=[], help="also score the test set with this modality replaced by Gaussian noise (paper Table 5)")
     parser.add_argument("--eval-confidence", action="store_true", help="also report the mean max-softmax confidence on random inputs (paper Figure 5)")
     parser.add_argument("--noise-samples", type=int, default=2048, help="training pairs used to estimate the noise's mean and variance (default: %(default)s)")
+    parser.add_argument("--verify-images", action="store_true", help="decode every image before training and stop with the list of unreadable files (otherwise one is found when its batch is loaded)")
     parser.add_argument("--smoke", action="store_true", help="generate a tiny dataset and tiny random encoders in a temporary folder and run 2 epochs on the CPU")
     engine.add_arguments(parser, d)
     parser.set_defaults(seeds=[0, 1, 2], scheduler="plateau", checkpoint_every=1)
@@ -368,10 +369,24 @@ def train_config(spec: ImageTextSpec, args, splits: ImageTextSplits) -> engine.T
     ).validate()
 
 
+def check_images(splits: ImageTextSplits, *, threads: int = 1) -> None:
+    """Raise :class:`DataError` listing the files when any image of the three splits cannot be decoded."""
+    start = time.perf_counter()
+    samples = [*splits.train, *splits.validation, *splits.test]
+    bad = find_unreadable_images(samples, threads=threads, progress=True)
+    if bad:
+        shown = "\n".join(f"  {reason}" for _, reason in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(f"{len(bad)} of the images cannot be decoded; fix or remove them (a removed image drops its pair):\n{shown}{more}")
+    print(f"verified {len({s.image for s in samples})} images in {time.perf_counter() - start:.1f} s", flush=True)
+
+
 def _run(spec: ImageTextSpec, args) -> Optional[dict]:
     data_dir = find_data_dir(spec, args.data_dir)
     try:
         splits = spec.load(args, data_dir)
+        if args.verify_images:
+            check_images(splits, threads=max(1, args.num_workers))
     except ValueError as err:  # DataError (a malformed file) or a split option the data cannot meet
         raise SystemExit(f"{spec.name}: {err}") from None
     print(f"{spec.name} at {data_dir}: {splits.summary()}", flush=True)

@@ -6,6 +6,7 @@ with ``save_pretrained``; nothing touches the network (HF_HUB_OFFLINE=1).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +172,37 @@ def test_unreadable_image_names_the_file(food):
     dataset = data.ImageTextDataset(splits.train, data.ImageTransform((8, 8), (0.5,) * 3, (0.5,) * 3))
     with pytest.raises(data.DataError, match=f"cannot read image {broken}"):
         dataset[0]
+
+
+def test_image_scan_finds_truncated_and_broken_files_before_training(food, tmp_path):
+    splits = data.load_food101(food, validation_size=2)
+    samples = [*splits.train, *splits.validation, *splits.test]
+    assert data.find_unreadable_images(samples, threads=2) == []
+    truncated, garbage = splits.train[1].image, splits.test[0].image
+    # a real JPEG cut in half: its header opens, only a full decode fails
+    encoded = io.BytesIO()
+    Image.effect_noise((128, 128), 60).convert("RGB").save(encoded, format="JPEG")
+    truncated.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    with Image.open(truncated) as opened:
+        opened.verify()  # the cheap check passes: why the scan decodes in full
+    garbage.write_bytes(b"not a jpeg")
+    found = data.find_unreadable_images(samples, threads=2)
+    assert sorted(path for path, _ in found) == sorted([truncated, garbage])
+    assert all(str(path) in reason for path, reason in found)
+
+
+def test_verify_images_option_stops_before_training_and_lists_the_files(food, encoders, tmp_path):
+    import food101
+
+    splits = data.load_food101(food, validation_size=4)
+    broken = [splits.train[0].image, splits.test[1].image]
+    for path in broken:
+        path.write_bytes(b"\x00" * 10)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"food101: 2 of the images cannot be decoded") as stop:
+        food101.main(food101.FOOD101, _train_args(food, encoders, out) + ["--verify-images"])
+    assert all(str(path) in str(stop.value) for path in broken)
+    assert not out.exists()  # nothing was trained
 
 
 # ----------------------------------------------------------------------------- encoders
