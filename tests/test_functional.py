@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import literal
 import m3co_loss
 from m3co_loss import functional as F
-from strategies import cases, temperatures
+from strategies import cases, mixing_cases, temperatures
 
 CONVENTIONS = ["paper", "reference"]
 
@@ -38,6 +38,10 @@ def assert_same_value_and_grad(fast, slow, tensors, rtol=1e-7):
 # ----------------------------------------------------------------------------- literal agreement
 
 
+@example(case=mixing_cases()[0], t=0.1, convention="paper")
+@example(case=mixing_cases()[0], t=0.1, convention="reference")
+@example(case=mixing_cases()[1], t=0.1, convention="paper")
+@example(case=mixing_cases()[1], t=0.1, convention="reference")
 @given(case=cases(), t=temperatures, convention=st.sampled_from(CONVENTIONS))
 def test_m3co_pair_matches_literal(backend, case, t, convention):
     perm, lam = case.perms[0], case.lams[0]
@@ -66,6 +70,10 @@ def test_multisoftclip_pair_matches_literal(backend, case, t, convention):
     )
 
 
+@example(case=mixing_cases(3)[0], t=0.125, convention="paper")
+@example(case=mixing_cases(3)[0], t=0.125, convention="reference")
+@example(case=mixing_cases(3)[1], t=0.125, convention="paper")
+@example(case=mixing_cases(3)[1], t=0.125, convention="reference")
 @given(case=cases(modalities=2, max_modalities=4, max_n=6), t=temperatures, convention=st.sampled_from(CONVENTIONS))
 def test_m3co_matches_literal(backend, case, t, convention):
     m = len(case.z)

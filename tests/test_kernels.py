@@ -11,6 +11,7 @@ their rounding error into an absolute one (with D = 1 the exact gradient is 0).
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -300,11 +301,16 @@ def test_tiled_results_are_deterministic_and_independent_of_threading(workers, m
         with tiles(5, 7, 6):
             return value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="tiled") + F.m3co_pair(a, b, perm, lam, backend="tiled"), z)
 
+    previous = torch.get_num_threads()
     first, second = run(), run()
+    # a worker's set_num_threads(1) reaches threads started later (not the caller's own count),
+    # so the restore is seen from a fresh thread
+    seen = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start(), fresh.join()
+    assert seen == [previous] and torch.get_num_threads() == previous
     for x, y in zip([first[0], *first[1]], [second[0], *second[1]]):
         assert torch.equal(x, y)  # the same tiles go to the same workers, summed in the same order
-    previous = torch.get_num_threads()
     dense = value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="dense") + F.m3co_pair(a, b, perm, lam, backend="dense"), z)
     for x, y in zip([first[0], *first[1]], [dense[0], *dense[1]]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    assert torch.get_num_threads() == previous  # the workers restore torch's thread count

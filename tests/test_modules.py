@@ -90,11 +90,30 @@ def test_reference_convention_defaults():
     assert paper.m3co_steps == 166 and paper.multisclip_temperature == 0.1
 
 
+@pytest.mark.parametrize("convention, options, temperature", [("reference", {}, 0.125), ("paper", {"multisclip_temperature": 0.3}, 0.3)])
+def test_multisclip_phase_uses_the_multisclip_temperature(convention, options, temperature):
+    z = embeddings(m=3)
+    criterion = M3CoLoss(convention=convention, total_steps=3, beta=0.5, temperature=0.07, **options)
+    expected = 0.5 * F.multisoftclip(z, temperature=temperature, convention=convention)
+    torch.testing.assert_close(criterion(z, step=2), expected)
+    assert not torch.allclose(expected, 0.5 * F.multisoftclip(z, temperature=0.07, convention=convention))
+
+
+def test_sampler_options_reach_the_sampler_and_sample_follows_the_step():
+    criterion = M3CoLoss(convention="reference", mix_prob=0.9, shared_lam=True, total_steps=6)
+    assert (criterion.sampler.mix_prob, criterion.sampler.shared_lam) == (0.9, True)
+    assert criterion.m3co_steps == 1  # int(0.33 * 6)
+    assert criterion.sample(4, step=0) is not None and criterion.sample(4, step=1) is None
+    with pytest.raises(ValueError, match="multisclip_temperature"):
+        M3CoLoss(multisclip_temperature=0.0)
+
+
 def test_m3co_loss_is_reproducible_with_a_generator():
     z = embeddings()
     a = M3CoLoss(generator=torch.Generator().manual_seed(5))(z)
     b = M3CoLoss(generator=torch.Generator().manual_seed(5))(z)
     assert torch.equal(a, b)
+    assert not torch.equal(a, M3CoLoss(generator=torch.Generator().manual_seed(6))(z))
 
 
 def test_m3co_loss_rejects_inconsistent_arguments():
