@@ -481,7 +481,7 @@ def m3co(
         raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {num}")
     device = clean[0].device
     check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
-    perms = check_sequence("perms", perms, min_len=1)
+    perms = check_sequence("perms", perms, min_len=0)  # a wrong count is named below
     if len(perms) != num:
         raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
     perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]

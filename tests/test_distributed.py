@@ -97,6 +97,7 @@ SINGLE_SIZES = (5, 3)
 @pytest.mark.parametrize("case, backend, reduction", [pytest.param(*v, id=cases.variant_id(*v)) for v in cases.variants()])
 def test_gather_without_a_process_group_is_one_process(case, backend, reduction):
     assert not dist_utils.is_initialized()
+    assert F._spread(True) is False  # the losses take the one-process path: the equality below is by design
     value, grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=True)
     expected_value, expected_grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=False)
     assert torch.equal(value, expected_value)
@@ -118,6 +119,9 @@ def test_group_of_one_process_is_one_process(tmp_path):
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         assert dist_utils.world_size() == 1 and dist_utils.all_gather_sizes(4, torch.device("cpu")) == [4]
+        assert F._spread(True) is False
+        with pytest.raises(ValueError, match=r"^sizes\[0\] = 5 but this rank holds 4 rows"):
+            dist_utils.all_gather_with_grad(torch.randn(4, 2), sizes=[5])
         for case, backend, reduction in cases.variants():
             value, grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=True)
             expected_value, expected_grads = cases.single_process(case, backend, reduction, SINGLE_SIZES, gather=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import json
 import os
 import sys
@@ -77,6 +78,8 @@ def test_every_method_trains_and_reports_three_protocols(method, convention):
         assert 0 <= row["acc"] <= 1 and 0 <= row["mf1"] <= 1
     assert record["protocols"]["final"]["epoch"] == 5
     assert all(np.isfinite(record["history"]["train_loss"]))
+    # it learned: the held-out cross-entropy of the fusion head (the same quantity for every method) fell
+    assert record["history"]["val_loss"][-1] < record["history"]["val_loss"][0]
     assert record["train_size"] == 45 and record["val_size"] == 15 and record["test_size"] == 30
 
 
@@ -281,7 +284,7 @@ def test_atomic_writes_keep_the_previous_file_when_writing_fails(tmp_path):
     assert json.loads(target.read_text()) == {"acc": 0.5}
     ckpt = tmp_path / "ckpt.pt"
     engine.atomic_torch_save(ckpt, {"w": torch.ones(3)})
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
         engine.atomic_torch_save(ckpt, {"w": torch.zeros(3), "f": lambda: 0})  # a lambda cannot be pickled
     assert torch.equal(torch.load(ckpt)["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "results.json"]  # no temporary files left

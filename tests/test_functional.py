@@ -163,7 +163,7 @@ def test_reductions_agree(backend, case, t, convention):
     for fn in (
         lambda r: F.m3co(case.mixed, case.z, case.perms, case.lams, temperature=t, reduction=r, convention=convention, backend=backend),
         lambda r: F.multisoftclip(case.z, temperature=t, reduction=r, convention=convention, backend=backend),
-        lambda r: F.m3co_pair(case.mixed[0], case.z[1], case.perms[0], case.lams[0], temperature=t, reduction=r, backend=backend),
+        lambda r: F.m3co_pair(case.mixed[0], case.z[1], case.perms[0], case.lams[0], temperature=t, reduction=r, convention=convention, backend=backend),
         lambda r: F.multisoftclip_pair(case.z[0], case.z[1], temperature=t, reduction=r, convention=convention, backend=backend),
         lambda r: F.clip_loss(case.z[0], case.z[1], temperature=t, reduction=r, backend=backend),
     ):

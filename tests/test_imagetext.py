@@ -493,15 +493,16 @@ def test_resume_from_a_checkpoint_continues_where_it_stopped(food, encoders, tmp
     assert set(a["analyses"]) == {"acc_clean", "acc_image_noise", "epoch"}
 
 
-def test_command_line_errors_are_clear(food, encoders, tmp_path, monkeypatch):
+def test_command_line_errors_are_clear(food, encoders, tmp_path, monkeypatch, capsys):
     import food101
 
     args = _train_args(food, encoders, tmp_path / "out")
     with pytest.raises(SystemExit, match="--image-backend timm needs the 'timm' package"):
         monkeypatch.setitem(sys.modules, "timm", None)
         food101.main(food101.FOOD101, args + ["--image-backend", "timm"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         food101.main(food101.FOOD101, args + ["--lr", "0.1"])
+    assert stop.value.code == 2 and "--lr is not used here: set --lr-image-encoder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot read the configuration of --text-encoder"):
         food101.main(food101.FOOD101, args + ["--text-encoder", str(tmp_path / "no_such_bert")])
     config_only = tmp_path / "config_only"

@@ -36,7 +36,8 @@ def test_triton_kernels_equal_dense_under_the_interpreter():
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(errors) == 10, errors
     for case, error in errors.items():
-        assert error < 1e-5, (case, error)
+        # float64 leaves the float32 kernels for the tiled path: float64 accuracy, not float32's
+        assert error < (1e-12 if case == "float64_runs_tiled" else 1e-5), (case, error)
 
 
 @pytest.mark.cuda

@@ -32,6 +32,17 @@ def pair_calls(a, b, perm, lam, **kw):
     }
 
 
+# What each call of pair_calls names its inputs a and b in an error. m3co passes each of them
+# twice and checks clean before mixed, so a shape mismatch may name either list's entry.
+ARGUMENT_NAMES = {
+    "m3co_pair": {"a": "mixed_a", "b": "clean_b"},
+    "m3co": {"a": r"(mixed|clean)\[[01]\]", "b": r"(mixed|clean)\[[01]\]"},
+    "multisoftclip_pair": {"a": "z_a", "b": "z_b"},
+    "multisoftclip": {"a": r"z\[0\]", "b": r"z\[1\]"},
+    "clip_loss": {"a": "z_a", "b": "z_b"},
+}
+
+
 def expect(error, match, fn):
     with pytest.raises(error, match=match):
         fn()
@@ -54,8 +65,9 @@ def expect(error, match, fn):
 )
 def test_bad_embeddings(change, error, match):
     args = {**good(), **change}
+    key = "a" if "a" in change else "b"
     for name, call in pair_calls(**args).items():
-        with pytest.raises(error, match=match):
+        with pytest.raises(error, match=rf"^{ARGUMENT_NAMES[name][key]} .*({match})"):
             call()
 
 
@@ -87,8 +99,8 @@ def test_bad_options(kw, match):
 )
 def test_bad_perm(perm, error, match):
     d = good()
-    expect(error, "perm.*" + match if error is TypeError else match, lambda: F.m3co_pair(d["a"], d["b"], perm, d["lam"]))
-    expect(error, match, lambda: F.m3co([d["a"], d["b"]], [d["b"], d["a"]], [d["perm"], perm], d["lam"]))
+    expect(error, rf"^perm .*{match}", lambda: F.m3co_pair(d["a"], d["b"], perm, d["lam"]))
+    expect(error, rf"^perms\[1\] .*{match}", lambda: F.m3co([d["a"], d["b"]], [d["b"], d["a"]], [d["perm"], perm], d["lam"]))
 
 
 @pytest.mark.parametrize(
@@ -106,8 +118,10 @@ def test_bad_perm(perm, error, match):
 def test_bad_lam(lam, error, match):
     d = good()
     if not (isinstance(lam, torch.Tensor) and lam.dim() == 2):
-        expect(error, match, lambda: F.m3co_pair(d["a"], d["b"], d["perm"], lam))
-    expect(error, match, lambda: F.m3co([d["a"], d["b"]], [d["b"], d["a"]], [d["perm"]] * 2, lam))
+        expect(error, rf"^lam .*{match}", lambda: F.m3co_pair(d["a"], d["b"], d["perm"], lam))
+    expect(error, rf"^lam .*{match}", lambda: F.m3co([d["a"], d["b"]], [d["b"], d["a"]], [d["perm"]] * 2, lam))
+    if not isinstance(lam, torch.Tensor) or lam.dim() == 1:  # one bad entry of a per-modality list is named
+        expect(error, rf"^lam\[1\] .*{match}", lambda: F.m3co([d["a"], d["b"]], [d["b"], d["a"]], [d["perm"]] * 2, [d["lam"], lam]))
 
 
 def test_bad_modality_lists():
@@ -133,6 +147,23 @@ def test_unis_mmc_bad_inputs():
     expect(ValueError, "temperature", lambda: F.unis_mmc([d["a"], d["b"]], logits, y, temperature=0))
     for bad in (float("nan"), float("inf")):
         expect(ValueError, r"logits\[1\] contains NaN or Inf", lambda: F.unis_mmc([d["a"], d["b"]], [logits[0], logits[1] * bad], y))
+
+
+def test_less_common_bad_inputs_are_named():
+    d = good()
+    a, b, perm, lam = d["a"], d["b"], d["perm"], d["lam"]
+    logits, y = [torch.randn(N, 3), torch.randn(N, 3)], torch.randint(0, 3, (N,))
+    expect(ValueError, r"^z_a must have at least one feature \(D >= 1\)", lambda: F.clip_loss(torch.randn(N, 0), torch.randn(N, 0)))
+    expect(TypeError, r"^logits\[1\] must be a floating", lambda: F.unis_mmc([a, b], [logits[0], torch.ones(N, 3, dtype=torch.long)], y))
+    expect(TypeError, r"^y must be an integer torch.Tensor .*got list", lambda: F.unis_mmc([a, b], logits, [0] * N))
+    expect(ValueError, r"^logits\[1\] is on meta but r\[0\] is on cpu", lambda: F.unis_mmc([a, b], [logits[0], logits[1].to("meta")], y))
+    expect(ValueError, r"^y is on meta but r\[0\] is on cpu", lambda: F.unis_mmc([a, b], logits, y.to("meta")))
+    expect(ValueError, r"^perms holds 0 permutations but there are 2 modalities", lambda: F.m3co([a, b], [b, a], [], lam))
+    expect(ValueError, r"^mixed\[0\] is on meta but clean\[0\] is on cpu", lambda: F.m3co([a.to("meta"), b.to("meta")], [b, a], [perm] * 2, lam))
+    expect(TypeError, r"^lam\[1\] must be a floating torch.Tensor .*got str", lambda: F.m3co([a, b], [b, a], [perm] * 2, [lam, "0.5"]))
+    plan = m3co_loss.MixupSampler().sample(N, 2)
+    expect(TypeError, r"^x must be a torch.Tensor; got list", lambda: plan.mix([1.0] * N, 0))
+    expect(ValueError, r"^x must have the batch \(6\) as its first dim; got shape \(\)", lambda: plan.mix(torch.tensor(1.0), 0))
 
 
 def test_sparse_embeddings_are_refused():
