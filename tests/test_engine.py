@@ -352,6 +352,22 @@ def test_resume_uses_an_existing_checkpoint_without_checkpoint_every(tmp_path):
     assert not stale.exists()
 
 
+def test_best_common_epoch_is_one_epoch_for_every_seed():
+    def record(acc):
+        return {"history": {"epoch": [0, 10, 20, 30], "test_acc": acc}}
+
+    # each seed has a different lucky epoch; the common one is the best on average
+    per_seed = [record([0.5, 0.9, 0.6, None]), record([0.5, 0.6, 0.8, None]), record([0.6, 0.7, 0.7, None])]
+    best = engine.best_common_epoch(per_seed)
+    assert best["epoch"] == 10 and best["acc"]["mean"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
+    assert best["acc"]["std"] == pytest.approx(np.std([0.9, 0.6, 0.7], ddof=1))
+    assert best["acc"]["mean"] < np.mean([0.9, 0.8, 0.7])  # below the per-seed best-on-test reading
+    tied = [record([0.7, 0.7, 0.7, 0.7])] * 2
+    assert engine.best_common_epoch(tied)["epoch"] == 0  # the earliest of equal epochs
+    assert engine.best_common_epoch([per_seed[0], {"history": {"epoch": [0, 5, 20, 30], "test_acc": [0.5] * 4}}]) is None
+    assert engine.best_common_epoch([record([None] * 4)]) is None and engine.best_common_epoch([{}]) is None
+
+
 def test_an_undefined_metric_is_reported_as_null_not_lost(tmp_path):
     def metrics_with_an_undefined_one(y, prob):
         return {**accuracy_metrics(y, prob), "mf1": float("nan")}
@@ -370,12 +386,19 @@ def test_run_writes_results_and_skips_finished_seeds(tmp_path, monkeypatch):
     assert saved == json.loads(json.dumps(results))
     assert {"dataset", "method", "seeds", "protocols", "per_seed", "seconds"} <= set(saved)
     assert saved["seeds"] == [0, 1] and saved["optimistic_protocols"] == ["best_on_test"]
+    histories = [json.loads((tmp_path / "seeds" / f"seed{s}.json").read_text())["history"] for s in (0, 1)]
+    assert saved["best_common_epoch"] == engine.best_common_epoch([{"history": h} for h in histories])
+    common = saved["best_common_epoch"]
+    index = histories[0]["epoch"].index(common["epoch"])
+    assert common["acc"]["mean"] == pytest.approx(np.mean([h["test_acc"][index] for h in histories]))
+    assert common["acc"]["mean"] <= saved["protocols"]["best_on_test"]["acc"]["mean"] + 1e-12
     for name in engine.PROTOCOLS:
         for metric in ("acc", "mf1"):
             stat = saved["protocols"][name][metric]
             assert 0 <= stat["mean"] <= 1 and stat["std"] >= 0
     md = (tmp_path / "results.md").read_text()
     assert "optimistic" in md and "| paper | 90.0 ± 1.0 |" in md
+    assert f"Best common epoch (optimistic): one epoch for every seed, chosen on the mean test accuracy: epoch {common['epoch']}" in md
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def no_training(*args, **kwargs):

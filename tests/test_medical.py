@@ -285,6 +285,8 @@ def test_grid_combines_the_methods_in_one_table(tmp_path, holdout):
     assert ("validation" in grid["m3col"]["protocols"]) == (holdout != "0")
     table = (out / "grid.md").read_text()
     assert "| `m3col` |" in table and "| `concat` |" in table
+    common = grid["m3col"]["best_common_epoch"]
+    assert f"{engine.format_percent(common['acc'])} ({common['epoch']})" in table and "common-epoch* ACC (epoch)" in table
     per_method = (out / "m3col" / "results.md").read_text()
     if holdout == "0":
         assert "no validation protocol" in table and "no honest figure" in per_method
