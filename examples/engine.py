@@ -1584,6 +1584,12 @@ def run(
     return results
 
 
+def mean_and_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
+    """``{"mean", "std"}`` over seeds: the sample std (ddof=1), None for a single value."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+
+
 def best_common_epoch(per_seed: Sequence[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     """One epoch for every seed, the one with the best mean test accuracy: ``{"epoch", "acc"}``.
 
@@ -1599,11 +1605,7 @@ def best_common_epoch(per_seed: Sequence[Mapping[str, Any]]) -> Optional[Dict[st
         return None
     acc = np.array([[h["test_acc"][i] for i in scored] for h in histories], dtype=np.float64)
     best = int(np.argmax(acc.mean(axis=0)))  # the earliest among ties
-    values = acc[:, best]
-    return {
-        "epoch": int(histories[0]["epoch"][scored[best]]),
-        "acc": {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None},
-    }
+    return {"epoch": int(histories[0]["epoch"][scored[best]]), "acc": mean_and_std(acc[:, best])}
 
 
 def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, Any]], *, seconds: float) -> Dict[str, Any]:
@@ -1615,27 +1617,20 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
             continue
         protocols[name] = {}
         for metric in task.metric_labels:
-            values = np.array([row[metric] for row in rows], dtype=np.float64)
-            protocols[name][metric] = {
-                "mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-            }
-        epochs = np.array([row["epoch"] for row in rows], dtype=np.float64)
-        protocols[name]["epoch"] = {"mean": float(epochs.mean()), "std": float(epochs.std(ddof=1)) if len(epochs) > 1 else None}
+            protocols[name][metric] = mean_and_std([row[metric] for row in rows])
+        protocols[name]["epoch"] = mean_and_std([row["epoch"] for row in rows])
     val_scores = None
     if all(r.get("val_scores") for r in per_seed):
         keys = [k for k in per_seed[0]["val_scores"] if all(k in r["val_scores"] for r in per_seed)]
         val_scores = {}
         for k in keys:
-            values = np.array([r["val_scores"][k] for r in per_seed], dtype=np.float64)
-            val_scores[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+            val_scores[k] = mean_and_std([r["val_scores"][k] for r in per_seed])
     analyses = None
     if per_seed and all(r.get("analyses") for r in per_seed):
         analyses = {}
         for k in per_seed[0]["analyses"]:
             if all(k in r["analyses"] for r in per_seed):
-                values = np.array([r["analyses"][k] for r in per_seed], dtype=np.float64)
-                analyses[k] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+                analyses[k] = mean_and_std([r["analyses"][k] for r in per_seed])
     return {
         "dataset": task.name,
         "method": config.method,

@@ -21,6 +21,7 @@ from ._validation import (
     check_choice,
     check_probability,
     check_temperature,
+    has_values,
 )
 from .mixup import MixupPlan, MixupSampler
 
@@ -223,7 +224,7 @@ class M3CoLoss(_ContrastiveOptions):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.step_count.device.type != "meta":
+        if has_values(self.step_count):
             self._host_step_count = int(self.step_count)  # one read per load, not per step
 
     def sample(
