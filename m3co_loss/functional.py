@@ -297,6 +297,28 @@ def _multisoftclip_dense(rows: list, weights: dict, t: float, reference: bool) -
 # ----------------------------------------------------------------------------- dispatch
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
+
+_EAGER_KERNELS: dict = {}
+
+
+def _eager(kernel):
+    """``kernel``, excluded from tracing under ``torch.compile``: the kernels run worker threads,
+    ``out=`` tile buffers and loops over tiles, which dynamo would split into many small graphs.
+    Excluded, a compiled caller breaks its graph once per kernel call and the kernel runs eagerly.
+
+    The wrappers are made on the first trace, not at import: ``torch.compiler.disable`` imports
+    dynamo (seconds), which a program that never compiles should not pay for. The first trace
+    also breaks at that call; later traces find the wrapper in the cache."""
+    if not _is_compiling():
+        return kernel
+    wrapped = _EAGER_KERNELS.get(kernel)
+    if wrapped is None:
+        wrapped = _EAGER_KERNELS[kernel] = torch.compiler.disable(kernel)
+    return wrapped
+
+
 def _pick(backend: str, n_rows: int, n_cols: int, device: torch.device) -> str:
     check_choice("backend", backend, BACKENDS)
     return kernels.choose_backend(backend, n_rows, n_cols, device)
@@ -306,7 +328,7 @@ def _m3co_vector(a, b, perm, lam, t, reference, layout, backend) -> Tensor:
     chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
     if chosen == "dense":
         return _m3co_vector_dense(a, b, perm, lam, t, reference, layout)
-    v = kernels.m3co_vector(a.local, a.full, b.local, b.full, perm, lam, t, distributed=layout.distributed, backend=chosen)
+    v = _eager(kernels.m3co_vector)(a.local, a.full, b.local, b.full, perm, lam, t, distributed=layout.distributed, backend=chosen)
     return 0.5 * v if reference else v
 
 
@@ -314,14 +336,14 @@ def _clip_vector(a, b, t, layout, backend) -> Tensor:
     chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
     if chosen == "dense":
         return _clip_vector_dense(a, b, t, layout)
-    return kernels.clip_vector(a.local, a.full, b.local, b.full, t, distributed=layout.distributed, backend=chosen)
+    return _eager(kernels.clip_vector)(a.local, a.full, b.local, b.full, t, distributed=layout.distributed, backend=chosen)
 
 
 def _multisoftclip_vector(a, b, t, reference, layout, backend) -> Tensor:
     chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
     if chosen == "dense":
         return _multisoftclip_vector_dense(a, b, t, reference, layout)
-    return kernels.multisoftclip_vector(
+    return _eager(kernels.multisoftclip_vector)(
         a.local, a.full, b.local, b.full, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=chosen
     )
 
@@ -330,7 +352,7 @@ def _multisoftclip_both(a, b, weight_a, weight_b, t, reference, layout, backend)
     """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` (one or both directions of a pair)."""
     chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
     if chosen != "dense" and not layout.distributed:
-        return kernels.multisoftclip_pair_vector(a.local, b.local, t, weight_a, weight_b, reference=reference, backend=chosen)
+        return _eager(kernels.multisoftclip_pair_vector)(a.local, b.local, t, weight_a, weight_b, reference=reference, backend=chosen)
     total = None
     for weight, targets, other in ((weight_a, a, b), (weight_b, b, a)):
         if weight:

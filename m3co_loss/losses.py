@@ -38,6 +38,12 @@ def _check_flag(name: str, value: object) -> bool:
     return value
 
 
+def _check_total_steps(value: object) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"total_steps must be a positive int or None; got {value!r}")
+    return value
+
+
 class _ContrastiveOptions(nn.Module):
     def __init__(self, temperature, reduction, backend, gather_distributed, convention="paper") -> None:
         super().__init__()
@@ -182,14 +188,13 @@ class M3CoLoss(_ContrastiveOptions):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")
         self.beta = float(beta)
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive int or None; got {total_steps!r}")
-        self.total_steps = total_steps
         if m3co_fraction is not None and total_steps is None:
             raise ValueError("m3co_fraction needs total_steps (without it the loss is M3Co throughout)")
         if m3co_fraction is None:
             m3co_fraction = REFERENCE_M3CO_FRACTION if reference else 1.0 / 3.0
-        self.m3co_fraction = check_probability("m3co_fraction", m3co_fraction)
+        self._total_steps = _check_total_steps(total_steps)
+        self._m3co_fraction = check_probability("m3co_fraction", m3co_fraction)
+        self._set_host_step_count(0)
         sampler_options = {}
         if mix_prob is not None:
             sampler_options["mix_prob"] = mix_prob
@@ -197,9 +202,30 @@ class M3CoLoss(_ContrastiveOptions):
             sampler_options["shared_lam"] = shared_lam
         self.sampler = MixupSampler.for_convention(convention, alpha=alpha, generator=generator, **sampler_options)
         # The buffer carries the counter in state dicts; the phase is read from a host copy, so
-        # that phase() and forward() never wait on a GPU to learn which loss to compute.
+        # that phase() and forward() never wait on a GPU to learn which loss to compute. The
+        # phase itself is cached too: torch.compile guards on what forward() reads, and a guard
+        # on the counter would recompile a compiled training step at every step().
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self._host_step_count = 0
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        """Length of training in the unit of :meth:`step` (None: M3Co throughout); settable."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: Optional[int]) -> None:
+        self._total_steps = _check_total_steps(value)
+        self._refresh_phase()
+
+    @property
+    def m3co_fraction(self) -> float:
+        """Share of :attr:`total_steps` spent on M3Co; settable."""
+        return self._m3co_fraction
+
+    @m3co_fraction.setter
+    def m3co_fraction(self, value: float) -> None:
+        self._m3co_fraction = check_probability("m3co_fraction", value)
+        self._refresh_phase()
 
     @property
     def m3co_steps(self) -> Optional[int]:
@@ -211,8 +237,8 @@ class M3CoLoss(_ContrastiveOptions):
     def phase(self, step: Optional[int] = None) -> str:
         """``"m3co"`` or ``"multisclip"`` at ``step`` (default: the module's own step counter)."""
         if step is None:
-            step = self._host_step_count
-        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            return self._current_phase
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0; got {step!r}")
         limit = self.m3co_steps
         return "m3co" if limit is None or step < limit else "multisclip"
@@ -220,12 +246,19 @@ class M3CoLoss(_ContrastiveOptions):
     def step(self) -> None:
         """Advance the schedule by one step (call once per epoch or iteration, as ``total_steps`` counts)."""
         self.step_count += 1
-        self._host_step_count += 1
+        self._set_host_step_count(self._host_step_count + 1)
+
+    def _set_host_step_count(self, count: int) -> None:
+        self._host_step_count = count
+        self._refresh_phase()
+
+    def _refresh_phase(self) -> None:
+        self._current_phase = self.phase(self._host_step_count)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if has_values(self.step_count):
-            self._host_step_count = int(self.step_count)  # one read per load, not per step
+            self._set_host_step_count(int(self.step_count))  # one read per load, not per step
 
     def sample(
         self, batch_size: int, num_modalities: int = 2, *, device: Union[str, torch.device, None] = None, step: Optional[int] = None

@@ -1,0 +1,182 @@
+"""The losses under ``torch.compile``: same values and gradients as eager mode, one graph for the
+dense path, one clean graph break per kernel call for the tiled path, and no recompilation of a
+compiled training step at every ``M3CoLoss.step()``.
+
+Most cases compile with the ``aot_eager`` backend (dynamo and AOT autograd, no code generation),
+which exercises the tracing without a C++ compiler; one case runs inductor itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import m3co_loss
+from m3co_loss import M3CoLoss, MultiSClipLoss
+from m3co_loss import functional as F
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.compiler, "is_compiling"), reason="needs torch >= 2.3")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(params=[True, False], ids=["checks", "no-checks"])
+def value_checks(request):
+    previous = m3co_loss.set_value_checks(request.param)
+    yield request.param
+    m3co_loss.set_value_checks(previous)
+
+
+def embeddings(n=9, d=4, m=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=dtype).requires_grad_() for _ in range(m)]
+
+
+def losses(backend):
+    """name -> function of the embeddings, for every loss that runs through the kernels."""
+    plan = M3CoLoss(generator=torch.Generator().manual_seed(1)).sample(9, 3)
+
+    def mixed(z):
+        return [plan.mix(x, m) for m, x in enumerate(z)]
+
+    return {
+        "m3co": lambda z: F.m3co(mixed(z), z, plan.perms, plan.lam, backend=backend),
+        "m3co-reference": lambda z: F.m3co(mixed(z), z, plan.perms, plan.lam, convention="reference", backend=backend),
+        "m3co_pair": lambda z: F.m3co_pair(mixed(z)[0], z[1], plan.perms[0], plan.lam[0], backend=backend),
+        "multisoftclip": lambda z: F.multisoftclip(z, backend=backend),
+        "multisoftclip-reference": lambda z: F.multisoftclip(z, convention="reference", backend=backend),
+        "multisoftclip_pair": lambda z: F.multisoftclip_pair(z[0], z[1], reduction="none", backend=backend).sum(),
+        "clip_loss": lambda z: F.clip_loss(z[0], z[1], backend=backend),
+    }
+
+
+NAMES = list(losses("dense"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_losses_equal_eager(name, backend, value_checks):
+    z = embeddings()
+    fn = losses(backend)[name]
+    expected = fn(z)
+    expected_grads = torch.autograd.grad(expected, z, allow_unused=True, materialize_grads=True)
+    got = torch.compile(fn, backend="aot_eager")(z)
+    got_grads = torch.autograd.grad(got, z, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_losses_compile_to_one_graph_without_value_checks(name):
+    previous = m3co_loss.set_value_checks(False)
+    try:
+        z = embeddings()
+        fn = losses("dense")[name]
+        explained = torch._dynamo.explain(fn)(z)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(z).backward()  # fullgraph raises on any break
+    finally:
+        m3co_loss.set_value_checks(previous)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiled_kernels_run_eagerly_under_compile(name, small_tiles):
+    """Nothing inside a kernel is traced, and every graph break is a call of a kernel excluded from
+    tracing (before, dynamo traced into the tiled loops and split them at their ``out=`` buffers)."""
+    previous = m3co_loss.set_value_checks(False)
+    try:
+        z = embeddings()
+        fn = losses("tiled")[name]
+        torch.compile(fn, backend="aot_eager")(z)  # the first trace wraps the kernels (one more break)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(z)
+    finally:
+        m3co_loss.set_value_checks(previous)
+    traced_in_kernels = [
+        node.name for graph in explained.graphs for node in graph.graph.nodes if "m3co_loss/kernels.py" in (node.meta.get("stack_trace") or "")
+    ]
+    assert not traced_in_kernels
+    assert explained.graph_break_count >= 1
+    assert all("torch.compiler.disable" in str(reason.reason) for reason in explained.break_reasons), explained.break_reasons
+
+
+def test_compiled_training_step_recompiles_only_at_the_phase_switch():
+    """``M3CoLoss`` must not make a compiled step guard on its step counter: that recompiled the
+    step at every ``step()`` until dynamo's recompile limit, and then ran it uncompiled."""
+    previous = m3co_loss.set_value_checks(False)
+    compiled_graphs = []
+
+    def counting_backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    encoders = [torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)]
+    inputs = [torch.randn(8, 6), torch.randn(8, 5)]
+    criterion = M3CoLoss(total_steps=12, generator=torch.Generator().manual_seed(0))
+
+    @torch.compile(backend=counting_backend)
+    def step_loss():
+        return criterion([enc(x) for enc, x in zip(encoders, inputs)])
+
+    try:
+        phases, compiling_steps = [], []
+        for step in range(12):
+            phases.append(criterion.phase())
+            before = len(compiled_graphs)
+            step_loss().backward()
+            if len(compiled_graphs) > before:
+                compiling_steps.append(step)
+            criterion.step()
+    finally:
+        m3co_loss.set_value_checks(previous)
+    assert phases == ["m3co"] * 4 + ["multisclip"] * 8
+    assert compiling_steps == [0, 4]
+
+
+def test_compiled_step_follows_a_changed_schedule():
+    """Setting ``total_steps`` or ``m3co_fraction`` after construction moves the phase, also for a
+    compiled step, whose guard is on the phase."""
+    z = embeddings(m=2)
+    criterion = M3CoLoss(total_steps=3)
+    compiled = torch.compile(lambda z: criterion(z), backend="aot_eager")
+    criterion.step()
+    assert criterion.phase() == "multisclip"
+    torch.testing.assert_close(compiled(z), 0.1 * F.multisoftclip(z), rtol=1e-12, atol=1e-12)
+    criterion.total_steps = 30
+    assert criterion.phase() == "m3co" and criterion.m3co_steps == 10
+    plan = criterion.sample(9, 2)
+    assert plan is not None
+    criterion.m3co_fraction = 0.0
+    assert criterion.phase() == "multisclip" and criterion.sample(9, 2) is None
+    torch.testing.assert_close(compiled(z), 0.1 * F.multisoftclip(z), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="total_steps"):
+        criterion.total_steps = 0
+    with pytest.raises(ValueError, match="m3co_fraction"):
+        criterion.m3co_fraction = 1.5
+    assert criterion.total_steps == 30 and criterion.m3co_fraction == 0.0
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler on CPU")
+def test_inductor_compiles_the_schedule_and_matches_eager():
+    """The default backend (inductor, generated C++ on CPU), float32, both phases of ``M3CoLoss``
+    and ``MultiSClipLoss``; inductor fuses and reorders sums, so the match is to float32 rounding."""
+    previous = m3co_loss.set_value_checks(False)
+    try:
+        z = embeddings(n=16, d=8, m=2, dtype=torch.float32)
+        criterion = M3CoLoss(total_steps=2, generator=torch.Generator().manual_seed(0))
+        plan = criterion.sample(16, 2)
+        compiled = torch.compile(lambda z, plan: criterion(z, plan=plan))
+        torch.testing.assert_close(compiled(z, plan), criterion(z, plan=plan), rtol=1e-5, atol=1e-6)
+        criterion.step()
+        torch.testing.assert_close(compiled(z, None), criterion(z), rtol=1e-5, atol=1e-6)
+        got = torch.compile(MultiSClipLoss(convention="reference"))(z)
+        torch.testing.assert_close(got, MultiSClipLoss(convention="reference")(z), rtol=1e-5, atol=1e-6)
+    finally:
+        m3co_loss.set_value_checks(previous)
