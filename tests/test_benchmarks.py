@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,16 @@ def test_paired_mode_records_per_round_ratios(tmp_path):
 def test_unknown_implementation_is_refused(tmp_path):
     proc = _bench("--impl", "fast", out=tmp_path)
     assert proc.returncode != 0 and "--impl: unknown fast" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler on CPU")
+def test_compile_benchmark_writes_its_table(tmp_path):
+    bench = ROOT / "benchmarks" / "bench_compile.py"
+    cmd = [sys.executable, str(bench), "--loss", "clip_loss", "--n", "16", "--d", "4", "--rounds", "2", "--threads", "1", "--out-dir", str(tmp_path), "--tag", "t"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert all(len(entry["times_s"][impl]) == 2 for impl in ("eager-checks", "eager", "compiled"))
+    assert entry["ratios"]["eager"] == pytest.approx([c / e for c, e in zip(entry["times_s"]["compiled"], entry["times_s"]["eager"])])
+    assert entry["max_abs_difference"] < 1e-4 and entry["compile_seconds"] > 0
+    assert "| clip_loss | 16 | 4 |" in (tmp_path / "t.md").read_text()
