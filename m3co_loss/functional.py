@@ -298,8 +298,6 @@ def _multisoftclip_dense(rows: list, weights: dict, t: float, reference: bool) -
 
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
-
-
 _EAGER_KERNELS: dict = {}
 
 
