@@ -1,0 +1,132 @@
+"""The measured tables in README.md and the docs are the stored result files, regenerated.
+
+Each table is rebuilt from its JSON with the function that first wrote it, and its summary
+figures from the per-seed (or per-round) records they summarise. A figure edited by hand, or a
+result file rerun without pasting its table, fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "examples" / "results"
+BENCH_RESULTS = ROOT / "benchmarks" / "results"
+README = (ROOT / "README.md").read_text()
+MEDICAL = (ROOT / "docs" / "medical.rst").read_text()
+QUICKSTART = (ROOT / "docs" / "quickstart.rst").read_text()
+
+
+def md_rows(text: str) -> list:
+    """The cells of every Markdown table row, the separator rows left out."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not set(line) <= set("|-: "):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def readme_block(tag: str) -> str:
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    assert start in README and end in README, f"README.md lost its {tag} markers"
+    return README[README.index(start) + len(start) : README.index(end)]
+
+
+def rst_list_tables(text: str) -> list:
+    """Every ``list-table`` of an rst page as rows of cells (``code`` written as Markdown's `code`)."""
+    tables = []
+    for match in re.finditer(r"^\.\. list-table::\n((?:[ \t]*\n|   .*\n)+)", text, flags=re.M):
+        rows = []
+        for line in match.group(1).splitlines():
+            if line.startswith("   * -"):
+                rows.append([line[len("   * -") :].strip()])
+            elif line.startswith("     -"):
+                rows[-1].append(line[len("     -") :].strip())
+        tables.append([[cell.replace("``", "`") for cell in row] for row in rows])
+    return tables
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def assert_summaries_follow_the_seeds(results: dict) -> None:
+    import engine
+
+    for protocol, metrics in results["protocols"].items():
+        for metric, stat in metrics.items():
+            values = [seed["protocols"][protocol][metric] for seed in results["per_seed"]]
+            assert stat == pytest.approx(engine.mean_and_std(values), rel=1e-12), (results["method"], protocol, metric)
+
+
+@pytest.mark.parametrize("folder, tag", [("rosmap_grid", "rosmap-table"), ("rosmap_released", "rosmap-released-table")])
+def test_rosmap_grid_tables_are_the_stored_seeds(folder, tag):
+    import rosmap_grid
+
+    stored = (RESULTS / folder / "grid.md").read_text()
+    methods = list(load(RESULTS / folder / "grid.json"))
+    rows = {method: load(RESULTS / folder / f"{method}.json") for method in methods}
+    for results in rows.values():
+        assert_summaries_follow_the_seeds(results)
+    assert rosmap_grid.grid_markdown(rows, title=stored.splitlines()[0]) == stored
+    assert md_rows(readme_block(tag)) == md_rows(stored)
+    assert md_rows(stored) in rst_list_tables(MEDICAL), f"docs/medical.rst lacks the table of {folder}/grid.md"
+
+
+def test_rosmap_tuning_table_is_the_stored_seeds():
+    import rosmap_tune
+
+    folder = RESULTS / "rosmap_tune"
+    record = load(folder / "tune.json")
+    rows = {name: load(folder / name / "results.json") for name in record["settings"]}
+    for results in rows.values():
+        assert_summaries_follow_the_seeds(results)
+    assert rosmap_tune.choose(rows) == record["chosen"]
+    stored = (folder / "tune.md").read_text()
+    assert rosmap_tune.tune_markdown(rows, record["chosen"], title=stored.splitlines()[0]) == stored
+    assert md_rows(readme_block("rosmap-tune-table")) == md_rows(stored)
+    assert md_rows(stored) in rst_list_tables(MEDICAL)
+
+
+@pytest.mark.parametrize("tag, stem, paired", [("kernels-table", "kernels_cpu", False), ("kernels-paired-table", "kernels_cpu_paired", True)])
+def test_kernel_tables_are_the_stored_measurements(tmp_path, tag, stem, paired):
+    pytest.importorskip("matplotlib")
+    import bench_kernels
+
+    copy = tmp_path / f"{stem}.json"
+    shutil.copy(BENCH_RESULTS / f"{stem}.json", copy)
+    (bench_kernels.report_paired if paired else bench_kernels.report)(copy)
+    for suffix in ("md", "rst"):
+        assert (tmp_path / f"{stem}.{suffix}").read_text() == (BENCH_RESULTS / f"{stem}.{suffix}").read_text()
+    assert md_rows(readme_block(tag)) == md_rows((BENCH_RESULTS / f"{stem}.md").read_text())
+
+
+def test_compile_figures_are_the_stored_rounds():
+    import bench_compile
+
+    data = load(BENCH_RESULTS / "compile_cpu.json")
+    assert bench_compile.report(data) == (BENCH_RESULTS / "compile_cpu.md").read_text()
+    medians = []
+    for entry in data["results"]:
+        times = entry["times_s"]
+        ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
+        assert entry["ratios"]["eager"] == pytest.approx(ratios, rel=1e-12)
+        medians.append(bench_compile.quartiles(ratios)[1])
+    quoted = f"{min(medians):.2f}-{max(medians):.2f}"
+    assert quoted in README and quoted in QUICKSTART, quoted
+
+
+def test_quoted_best_rosmap_time_is_the_fastest_stored_run():
+    runs = [load(path) for path in sorted((RESULTS / "rosmap_bench").glob("bench*.json"))]
+    runs = [r for r in runs if r["method"] == "m3col" and len(r["seeds"]) == 5 and r["epochs"] == 500]
+    best = f"the best time measured is {min(r['wall_seconds'] for r in runs):.0f} s"
+    assert best in README and best in " ".join(MEDICAL.split()), best
