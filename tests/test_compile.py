@@ -180,3 +180,13 @@ def test_inductor_compiles_the_schedule_and_matches_eager():
         torch.testing.assert_close(got, MultiSClipLoss(convention="reference")(z), rtol=1e-5, atol=1e-6)
     finally:
         m3co_loss.set_value_checks(previous)
+
+
+def test_value_checks_still_name_the_argument_under_compile():
+    z = embeddings(m=2)
+    with torch.no_grad():
+        z[1][3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"z\[1\] contains NaN or Inf"):
+        torch.compile(lambda z: F.multisoftclip(z), backend="aot_eager")(z)
+    with pytest.raises(ValueError, match="perm"):
+        torch.compile(lambda a, b: F.m3co_pair(a, b, torch.zeros(9, dtype=torch.long), torch.ones(9, dtype=torch.float64)), backend="aot_eager")(*embeddings(m=2))
