@@ -822,6 +822,8 @@ class TrainConfig:
     instead of the weights themselves; training itself is unchanged.
     ``distributed`` trains as one rank of an initialised process group (:func:`init_distributed`):
     ``batch_size`` is then the global batch, split over the ranks.
+    ``compile`` names a ``torch.compile`` backend for the training step (model forward and loss;
+    evaluation stays eager); compiled code rounds differently, so it joins the fingerprint.
     """
 
     method: str = "m3col"
@@ -848,6 +850,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
     bf16: bool = False
+    compile: Optional[str] = None
     device: str = "cpu"
     threads: Optional[int] = None
     num_workers: int = 0
@@ -861,7 +864,7 @@ class TrainConfig:
     # options that do not change the numbers a run produces (left out of its fingerprint)
     _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
     # options added later: left out of the fingerprint while unset, so that older records still match
-    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None}
+    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None, "compile": None}
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
@@ -892,6 +895,10 @@ class TrainConfig:
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: no checkpoints)")
         need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
+        need(self.compile is None or (isinstance(self.compile, str) and bool(self.compile)), "compile", "None or a torch.compile backend name")
+        if self.compile is not None:
+            need(hasattr(nn.Module, "compile"), "compile", "None with this torch (nn.Module.compile needs torch >= 2.2)")
+            need(self.compile in torch.compiler.list_backends(exclude_tags=()), "compile", "a torch.compile backend such as 'inductor' or 'aot_eager'")
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -1182,6 +1189,9 @@ class Trainer:
                 device_ids=[self.device] if self.device.type == "cuda" else None,
                 find_unused_parameters=not objective.uses_unimodal,  # the unimodal heads sit idle then
             )
+        if c.compile is not None:
+            # in place: the state dicts keep their keys, so checkpoints load with or without it
+            step.compile(backend=c.compile)
         history: Dict[str, List[float]] = {k: [] for k in ("epoch", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")}
         best_val, best_test = _Best(), _Best()
         final_test: Optional[Evaluation] = None
@@ -1811,6 +1821,15 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--device", default=d.device, help="default: %(default)s")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="score an exponential moving average of the weights with this decay per step (default: none)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the training step (model and loss) with this backend (default when given: inductor); "
+        "the numbers match eager mode to rounding, not bit for bit",
+    )
     parser.add_argument("--workers", type=_int_at_least(1), default=None, help="seeds trained in parallel processes (default: min(seeds, cores))")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints (0: none)")
@@ -1852,6 +1871,7 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
         device=args.device,
         ema_decay=args.ema_decay,
         bf16=args.bf16,
+        compile=args.compile,
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
