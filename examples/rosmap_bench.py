@@ -22,6 +22,12 @@ with glibc's default allocator settings and with :func:`engine.keep_freed_memory
 trainer applies on the CPU), each in a fresh process, K rounds in alternating order, and writes
 ``OUT/allocator.json``: the step times, the minor page faults per step, and the per-round ratios
 tuned / default with quartiles.
+
+``--compile-rounds K`` (no training) times one single-threaded full-batch training step of each
+phase eager and compiled (``torch.compile`` of the engine's training step, inductor, what
+``rosmap.py --compile`` runs), K rounds alternating in one process, and writes
+``OUT/compile.json``: the first compiled call's seconds per phase (tracing and code generation,
+paid once per worker process), the step times and the per-round ratios compiled / eager.
 """
 
 from __future__ import annotations
@@ -88,6 +94,42 @@ def time_steps(task: "engine.Task", config: "engine.TrainConfig", steps: int) ->
             seconds[phase] = times[len(times) // 2]
         objective.epoch_end()
     return {"allocator_tuned": applied, "step_seconds": seconds, "page_faults_per_step": faults}
+
+
+def compile_rounds(task: "engine.Task", config: "engine.TrainConfig", rounds: int, backend: str = "inductor") -> dict:
+    """Eager and compiled single-threaded training steps of each phase, alternating (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    engine.keep_freed_memory()
+    torch.set_num_threads(1)
+    train_inputs, train_y, _, _, model, objective = full_batch_setup(task, config)
+    optimizer = engine.Trainer(task, config, seed=0).build_optimizer(model)
+    eager = engine._TrainStep(model, objective)
+    compiled = engine._TrainStep(model, objective)
+    compiled.compile(backend=backend)
+
+    def run(step) -> float:
+        start = time.perf_counter()
+        loss, _ = step(train_inputs, train_y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    record: dict = {"backend": backend, "rounds": rounds, "phases": {}}
+    for phase in ("m3co", "multisclip"):
+        while objective.phase() != phase:
+            objective.epoch_end()
+        first_call = run(compiled)
+        run(eager)  # warm-up
+        times: dict = {"eager": [], "compiled": []}
+        for r in range(rounds):
+            for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+                times[name].append(run(eager if name == "eager" else compiled))
+        ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
+        record["phases"][phase] = {"first_compiled_call_seconds": first_call, "step_seconds": times, "compiled_over_eager": ratios, "ratio_quartiles": [float(x) for x in np.quantile(ratios, [0.25, 0.5, 0.75])]}
+    return record
 
 
 def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
@@ -213,8 +255,17 @@ def main(argv=None) -> dict:
         help="only compare one training step with glibc's default allocator settings and with engine.keep_freed_memory, K alternating rounds of fresh processes (OUT/allocator.json)",
     )
     parser.add_argument("--steps", type=int, default=10, help="steps timed per phase with --allocator-rounds (default: %(default)s)")
+    parser.add_argument("--compile-rounds", type=int, default=0, metavar="K", help="only compare eager and compiled training steps, K alternating rounds per phase (OUT/compile.json)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile-rounds (default: %(default)s)")
     parser.add_argument("--time-steps", type=int, default=0, help=argparse.SUPPRESS)  # the child process of --allocator-rounds
     args, passthrough = parser.parse_known_args(argv)
+    if args.compile_rounds:
+        _, task, config = load_task(passthrough, os.devnull)
+        record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
+        record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
+        engine.atomic_write_json(args.output_dir / "compile.json", record)
+        print(json.dumps({phase: {k: v for k, v in r.items() if k in ("first_compiled_call_seconds", "ratio_quartiles")} for phase, r in record["phases"].items()}, indent=1))
+        return record
     if args.time_steps or args.allocator_rounds:
         _, task, config = load_task(passthrough, os.devnull)
         if args.time_steps:
