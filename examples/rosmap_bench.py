@@ -27,7 +27,8 @@ tuned / default with quartiles.
 phase eager and compiled (``torch.compile`` of the engine's training step, inductor, what
 ``rosmap.py --compile`` runs), K rounds alternating in one process, and writes
 ``OUT/compile.json``: the first compiled call's seconds per phase (tracing and code generation,
-paid once per worker process), the step times and the per-round ratios compiled / eager.
+paid once per worker process; ``--cold-compile`` starts from an empty inductor cache), the step
+times and the per-round ratios compiled / eager.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -257,11 +259,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="steps timed per phase with --allocator-rounds (default: %(default)s)")
     parser.add_argument("--compile-rounds", type=int, default=0, metavar="K", help="only compare eager and compiled training steps, K alternating rounds per phase (OUT/compile.json)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile-rounds (default: %(default)s)")
+    parser.add_argument("--cold-compile", action="store_true", help="with --compile-rounds: compile into an empty inductor cache (what a first run pays)")
     parser.add_argument("--time-steps", type=int, default=0, help=argparse.SUPPRESS)  # the child process of --allocator-rounds
     args, passthrough = parser.parse_known_args(argv)
     if args.compile_rounds:
         _, task, config = load_task(passthrough, os.devnull)
-        record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
+        with tempfile.TemporaryDirectory() as cache:
+            if args.cold_compile:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
+        record["inductor_cache"] = "empty at the start" if args.cold_compile else "as found (warm when an earlier run compiled the same graphs)"
         record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
         engine.atomic_write_json(args.output_dir / "compile.json", record)
         print(json.dumps({phase: {k: v for k, v in r.items() if k in ("first_compiled_call_seconds", "ratio_quartiles")} for phase, r in record["phases"].items()}, indent=1))

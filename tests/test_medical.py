@@ -360,14 +360,15 @@ def test_compile_comparison_times_both_phases(tmp_path):
     import rosmap_bench
 
     folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
-    argv = ["--output-dir", str(tmp_path / "bench"), "--compile-rounds", "2", "--compile-backend", "aot_eager", "--data-dir", str(folder), "--epochs", "3"]
+    argv = ["--output-dir", str(tmp_path / "bench"), "--compile-rounds", "2", "--compile-backend", "aot_eager", "--cold-compile", "--data-dir", str(folder), "--epochs", "3"]
     record = rosmap_bench.main(argv)
     assert set(record["phases"]) == {"m3co", "multisclip"}
     for phase in record["phases"].values():
         times = phase["step_seconds"]
         assert len(times["eager"]) == len(times["compiled"]) == 2 and phase["first_compiled_call_seconds"] > 0
         assert phase["compiled_over_eager"] == pytest.approx([c / e for c, e in zip(times["compiled"], times["eager"])])
-    assert json.loads((tmp_path / "bench" / "compile.json").read_text())["backend"] == "aot_eager"
+    stored = json.loads((tmp_path / "bench" / "compile.json").read_text())
+    assert stored["backend"] == "aot_eager" and stored["inductor_cache"] == "empty at the start"
 
 
 def test_the_allocator_setting_does_not_change_the_numbers(tmp_path):
