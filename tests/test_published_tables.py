@@ -130,3 +130,19 @@ def test_quoted_best_rosmap_time_is_the_fastest_stored_run():
     runs = [r for r in runs if r["method"] == "m3col" and len(r["seeds"]) == 5 and r["epochs"] == 500]
     best = f"the best time measured is {min(r['wall_seconds'] for r in runs):.0f} s"
     assert best in README and best in " ".join(MEDICAL.split()), best
+
+
+def test_quoted_rosmap_compile_figures_are_the_stored_rounds():
+    medians, compile_seconds = [], []
+    for name in ("compile_warm", "compile_cold"):
+        record = load(RESULTS / "rosmap_bench" / f"{name}.json")
+        for phase in record["phases"].values():
+            times = phase["step_seconds"]
+            assert phase["compiled_over_eager"] == pytest.approx([c / e for c, e in zip(times["compiled"], times["eager"])], rel=1e-12)
+            medians.append(phase["ratio_quartiles"][1])
+        compile_seconds.append(sum(p["first_compiled_call_seconds"] for p in record["phases"].values()))
+    assert f"took {min(medians):.2f}-{max(medians):.2f} of the eager time" in " ".join(README.split())
+    warm, cold = compile_seconds
+    assert f"{warm:.0f} s per process with the cache warm and {cold:.0f} s cold" in " ".join(README.split())
+    side = {impl: load(RESULTS / "rosmap_bench" / f"compile_side_by_side_{impl}.json")["seconds"] for impl in ("compiled", "eager")}
+    assert f"{side['compiled']:.0f} s compiled and {side['eager']:.0f} s eager" in " ".join(README.split())
