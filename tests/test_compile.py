@@ -8,6 +8,7 @@ which exercises the tracing without a C++ compiler; one case runs inductor itsel
 
 from __future__ import annotations
 
+import datetime
 import shutil
 
 import pytest
@@ -190,3 +191,44 @@ def test_value_checks_still_name_the_argument_under_compile():
         torch.compile(lambda z: F.multisoftclip(z), backend="aot_eager")(z)
     with pytest.raises(ValueError, match="perm"):
         torch.compile(lambda a, b: F.m3co_pair(a, b, torch.zeros(9, dtype=torch.long), torch.ones(9, dtype=torch.float64)), backend="aot_eager")(*embeddings(m=2))
+
+
+def _compiled_rank(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    """One spawned rank: eager and compiled losses that gather over the group, on uneven shards."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        z = embeddings(n=3 + 2 * rank, seed=rank)
+        plan = M3CoLoss(generator=torch.Generator().manual_seed(rank)).sample(z[0].shape[0], 3)
+        functions = {
+            "multisoftclip": lambda z, backend: F.multisoftclip(z, gather_distributed=True, backend=backend),
+            "m3co": lambda z, backend: F.m3co([plan.mix(x, m) for m, x in enumerate(z)], z, plan.perms, plan.lam, gather_distributed=True, backend=backend),
+        }
+        differences = {}
+        for checks, backend in ((True, "dense"), (False, "tiled")):  # the value checks gather row counts too
+            with m3co_loss.value_checks(checks):
+                for name, fn in functions.items():
+                    torch._dynamo.reset()
+                    eager = fn(z, backend)
+                    eager_grads = torch.autograd.grad(eager, z)
+                    compiled = torch.compile(fn, backend="aot_eager")(z, backend)
+                    compiled_grads = torch.autograd.grad(compiled, z)
+                    differences[(checks, name, backend)] = max(
+                        [float((compiled - eager).abs())] + [float((c - e).abs().max()) for c, e in zip(compiled_grads, eager_grads)]
+                    )
+        torch.save(differences, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_gathering_losses_compile_on_a_process_group(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_compiled_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        differences = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert len(differences) == 4
+        assert max(differences.values()) <= 1e-12, differences
