@@ -264,10 +264,17 @@ def main(argv=None) -> dict:
     args, passthrough = parser.parse_known_args(argv)
     if args.compile_rounds:
         _, task, config = load_task(passthrough, os.devnull)
+        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         with tempfile.TemporaryDirectory() as cache:
             if args.cold_compile:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-            record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
+            try:
+                record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
+            finally:
+                if args.cold_compile and previous is None:
+                    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+                elif args.cold_compile:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
         record["inductor_cache"] = "empty at the start" if args.cold_compile else "as found (warm when an earlier run compiled the same graphs)"
         record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
         engine.atomic_write_json(args.output_dir / "compile.json", record)

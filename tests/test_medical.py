@@ -356,8 +356,12 @@ def test_allocator_comparison_times_both_settings(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bench" / "allocator.json").read_text())["rounds"] == 1
 
 
-def test_compile_comparison_times_both_phases(tmp_path):
+def test_compile_comparison_times_both_phases(tmp_path, monkeypatch):
+    import os
+
     import rosmap_bench
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
     folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
     argv = ["--output-dir", str(tmp_path / "bench"), "--compile-rounds", "2", "--compile-backend", "aot_eager", "--cold-compile", "--data-dir", str(folder), "--epochs", "3"]
@@ -367,6 +371,7 @@ def test_compile_comparison_times_both_phases(tmp_path):
         times = phase["step_seconds"]
         assert len(times["eager"]) == len(times["compiled"]) == 2 and phase["first_compiled_call_seconds"] > 0
         assert phase["compiled_over_eager"] == pytest.approx([c / e for c, e in zip(times["compiled"], times["eager"])])
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # the empty cache was this run's only
     stored = json.loads((tmp_path / "bench" / "compile.json").read_text())
     assert stored["backend"] == "aot_eager" and stored["inductor_cache"] == "empty at the start"
 
