@@ -157,3 +157,22 @@ def test_readme_snippet_runs():
     exec(compile(match.group(1), "README.md", "exec"), namespace)
     assert namespace["criterion"].phase() == "multisclip"
     assert torch.isfinite(namespace["loss"])
+
+
+def test_documented_checkpoint_recipe_resumes_the_same_plans():
+    generator = torch.Generator().manual_seed(5)
+    criterion = M3CoLoss(total_steps=9, generator=generator)
+    for _ in range(2):
+        criterion.sample(8, 2)
+        criterion.step()
+    checkpoint = {"criterion": criterion.state_dict(), "mixing": generator.get_state()}
+    expected = [criterion.sample(8, 2) for _ in range(2)]
+    fresh_generator = torch.Generator().manual_seed(123)
+    resumed = M3CoLoss(total_steps=9, generator=fresh_generator)
+    resumed.load_state_dict(checkpoint["criterion"])
+    fresh_generator.set_state(checkpoint["mixing"])
+    assert resumed.phase() == "m3co" and int(resumed.step_count) == 2
+    for plan, want in zip([resumed.sample(8, 2) for _ in range(2)], expected):
+        assert torch.equal(plan.lam, want.lam) and all(torch.equal(p, q) for p, q in zip(plan.perms, want.perms))
+    resumed.step()
+    assert resumed.phase() == "multisclip"  # 3 of 9 steps on M3Co
