@@ -232,3 +232,25 @@ def test_gathering_losses_compile_on_a_process_group(tmp_path):
         differences = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert len(differences) == 4
         assert max(differences.values()) <= 1e-12, differences
+
+
+def test_unis_mmc_compiles_to_one_graph_and_equals_eager():
+    g = torch.Generator().manual_seed(4)
+    r = [torch.randn(8, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    wrong = -5 * torch.nn.functional.one_hot(y, 3).double()  # every head wrong: no positive pair, the fallback branch
+    cases = {"mixed": [torch.randn(8, 3, generator=g, dtype=torch.float64) for _ in range(3)], "all-wrong": [wrong] * 3}
+    previous = m3co_loss.set_value_checks(False)
+    try:
+        for name, logits in cases.items():
+            torch._dynamo.reset()
+            expected = F.unis_mmc(r, logits, y)
+            expected_grads = torch.autograd.grad(expected, r)
+            explained = torch._dynamo.explain(F.unis_mmc)(r, logits, y)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+            got = torch.compile(F.unis_mmc, backend="aot_eager", fullgraph=True)(r, logits, y)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+            for a, b in zip(torch.autograd.grad(got, r), expected_grads):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    finally:
+        m3co_loss.set_value_checks(previous)
