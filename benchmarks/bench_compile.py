@@ -23,17 +23,15 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import m3co_loss
+from bench_kernels import _quartiles, _save, _write_text
 from m3co_loss import MixupSampler
 from m3co_loss import functional as F
 
@@ -59,12 +57,6 @@ def loss_function(loss: str, n: int, generator: torch.Generator):
         "clip_loss": lambda z: F.clip_loss(z[0], z[1], backend="dense"),
     }
     return modalities, functions[loss]
-
-
-def quartiles(xs: list) -> list:
-    if len(xs) < 2:
-        return [xs[0]] * 3
-    return list(statistics.quantiles(xs, n=4, method="inclusive"))
 
 
 def measure(loss: str, n: int, d: int, rounds: int) -> dict:
@@ -107,15 +99,8 @@ def measure(loss: str, n: int, d: int, rounds: int) -> dict:
         times_s=times,
         median_s={impl: statistics.median(t) for impl, t in times.items()},
         ratios=ratios,
-        ratio_quartiles={other: quartiles(r) for other, r in ratios.items()},
+        ratio_quartiles={other: _quartiles(r) for other, r in ratios.items()},
     )
-
-
-def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def report(data: dict) -> str:
@@ -161,8 +146,8 @@ def main(argv=None) -> dict:
             entry = measure(loss, n, args.d, args.rounds)
             print("compiled/eager {1:.2f} [{0:.2f}, {2:.2f}]".format(*entry["ratio_quartiles"]["eager"]), flush=True)
             data["results"].append(entry)
-            write_atomically(args.out_dir / f"{args.tag}.json", json.dumps(data, indent=1) + "\n")
-            write_atomically(args.out_dir / f"{args.tag}.md", report(data))
+            _save(args.out_dir / f"{args.tag}.json", data)
+            _write_text(args.out_dir / f"{args.tag}.md", report(data))
     return data
 
 

@@ -369,12 +369,17 @@ def _load(path: Path) -> dict:
     return {"meta": {}, "results": []}
 
 
-def _save(path: Path, data: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically (a temporary file, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _save(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=1))
 
 
 def _mem_available() -> int:

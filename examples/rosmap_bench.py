@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import engine
 import mogonet
@@ -77,6 +78,7 @@ def time_steps(task: "engine.Task", config: "engine.TrainConfig", steps: int) ->
     torch.set_num_threads(1)
     train_inputs, train_y, _, _, model, objective = full_batch_setup(task, config)
     optimizer = engine.Trainer(task, config, seed=0).build_optimizer(model)
+    step = engine._TrainStep(model, objective)
     seconds, faults = {}, {}
     for _ in range(config.epochs):
         phase = objective.phase()
@@ -85,17 +87,22 @@ def time_steps(task: "engine.Task", config: "engine.TrainConfig", steps: int) ->
             for i in range(steps + 2):  # two warm-up steps
                 if i == 2:
                     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                loss, _ = objective(model, train_inputs, train_y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - start)
+                times.append(timed_step(step, train_inputs, train_y, optimizer))
             faults[phase] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
             times = sorted(times[2:])
             seconds[phase] = times[len(times) // 2]
         objective.epoch_end()
     return {"allocator_tuned": applied, "step_seconds": seconds, "page_faults_per_step": faults}
+
+
+def timed_step(step, inputs, y, optimizer) -> float:
+    """Seconds of one training step: forward and loss (``step``), backward, optimiser step."""
+    start = time.perf_counter()
+    loss, _ = step(inputs, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def compile_rounds(task: "engine.Task", config: "engine.TrainConfig", rounds: int, backend: str = "inductor") -> dict:
@@ -112,12 +119,7 @@ def compile_rounds(task: "engine.Task", config: "engine.TrainConfig", rounds: in
     compiled.compile(backend=backend)
 
     def run(step) -> float:
-        start = time.perf_counter()
-        loss, _ = step(train_inputs, train_y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return timed_step(step, train_inputs, train_y, optimizer)
 
     record: dict = {"backend": backend, "rounds": rounds, "phases": {}}
     for phase in ("m3co", "multisclip"):
@@ -264,17 +266,8 @@ def main(argv=None) -> dict:
     args, passthrough = parser.parse_known_args(argv)
     if args.compile_rounds:
         _, task, config = load_task(passthrough, os.devnull)
-        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        with tempfile.TemporaryDirectory() as cache:
-            if args.cold_compile:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-            try:
-                record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
-            finally:
-                if args.cold_compile and previous is None:
-                    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-                elif args.cold_compile:
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache} if args.cold_compile else {}):
+            record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
         record["inductor_cache"] = "empty at the start" if args.cold_compile else "as found (warm when an earlier run compiled the same graphs)"
         record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
         engine.atomic_write_json(args.output_dir / "compile.json", record)

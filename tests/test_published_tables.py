@@ -112,6 +112,7 @@ def test_kernel_tables_are_the_stored_measurements(tmp_path, tag, stem, paired):
 
 def test_compile_figures_are_the_stored_rounds():
     import bench_compile
+    from bench_kernels import _quartiles
 
     data = load(BENCH_RESULTS / "compile_cpu.json")
     assert bench_compile.report(data) == (BENCH_RESULTS / "compile_cpu.md").read_text()
@@ -120,7 +121,7 @@ def test_compile_figures_are_the_stored_rounds():
         times = entry["times_s"]
         ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
         assert entry["ratios"]["eager"] == pytest.approx(ratios, rel=1e-12)
-        medians.append(bench_compile.quartiles(ratios)[1])
+        medians.append(_quartiles(ratios)[1])
     quoted = f"{min(medians):.2f}-{max(medians):.2f}"
     assert quoted in README and quoted in QUICKSTART, quoted
 
