@@ -618,49 +618,20 @@ def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
     for row in [head] + rows:
         out.append("   * - " + (row[0] or " "))
         out += [f"     - {cell or ' '}" for cell in row[1:]]
-    out += ["", f".. image:: ../benchmarks/results/{path.with_suffix('.png').name}", "   :width: 100%", ""]
-    return "\n".join(out)
+    return "\n".join(out) + "\n"
 
 
 def _plot(path: Path, results) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = [loss for loss in LOSSES if any(r["loss"] == loss and r["status"] == "ok" for r in results)]
-    if not losses:
+    """``<tag>.png``: time and memory against N per (loss, D), drawn by the docs' figure code."""
+    if not any(r["status"] == "ok" for r in results):
         return
-    fig, axes = plt.subplots(len(losses), 2, figsize=(11, 3.6 * len(losses)), squeeze=False)
-    styles = {256: "-", 512: ":", 768: "--"}
-    colors = dict(textbook="tab:red", dense="tab:orange", tiled="tab:blue", triton="tab:purple", floor="tab:gray")
-    for row, loss in enumerate(losses):
-        for impl in IMPLS:
-            for d in sorted({r["d"] for r in results}):
-                pts = sorted((r["n"], r["median_s"], r["extra_peak_bytes"]) for r in results
-                             if r["loss"] == loss and r["impl"] == impl and r["d"] == d and r["status"] == "ok")
-                if not pts:
-                    continue
-                ns = [p[0] for p in pts]
-                label = f"{impl} D={d}"
-                axes[row][0].plot(ns, [p[1] for p in pts], styles.get(d, "-."), marker="o", color=colors[impl], label=label)
-                if impl != "floor":
-                    axes[row][1].plot(ns, [max(p[2], 1) / 2**20 for p in pts], styles.get(d, "-."), marker="o", color=colors[impl], label=label)
-        for col, ylabel in enumerate(("fwd+bwd time (s)", "extra peak memory (MiB)")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size N")
-            ax.set_ylabel(ylabel)
-            ax.set_title(loss)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[row][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    sys.path.insert(0, str(ROOT / "docs"))
+    import figures  # docs/figures.py: the docs draw the same panels from the stored JSON
+
+    points = figures.kernel_points(path)
+    meta = _load(path).get("meta", {})
+    title = f"{meta.get('processor', '?')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}"
+    figures.save_png(figures.kernel_overview_figure(points, title=title), path.with_suffix(".png"), dpi=100)
 
 
 # ----------------------------------------------------------------------------- CLI
