@@ -36,6 +36,7 @@ Examples::
     python benchmarks/bench_kernels.py --grid                    # the full grid (hours on 2 cores)
     python benchmarks/bench_kernels.py --n 1024 4096 --d 256 --loss m3co_pair --impl dense tiled
     python benchmarks/bench_kernels.py --target --paired --impl textbook tiled floor --repeats 15
+    python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --impl dense tiled triton floor
     python benchmarks/bench_kernels.py --report                  # rebuild the table and plot only
 """
 
@@ -191,7 +192,7 @@ def worker(args) -> dict:
             setattr(kernels, name, value)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = getattr(args, "dtype", "float32")
+    dtype = args.dtype
     loss, impl, n, d = args.loss[0], args.impl[0], args.n[0], args.d[0]
 
     def make_step(inp, impl=impl):

@@ -10,13 +10,14 @@
 # 3. kernels: benchmarks/bench_kernels.py --device cuda, dense / tiled / triton / floor, m3co_pair
 #             at D = 768 and N = 8192, 32768, 131072, in float32 then bfloat16 (then
 #             multisoftclip_pair if time is left);
-# 4. peers:   benchmarks/bench_peers.py --device cuda at D = 768, N = 1024, 16384, 65536.
+# 4. peers:   benchmarks/bench_peers.py --device cuda at D = 768, N = 1024 and 32768.
 #
 # Everything lands in OUT_DIR: one log per step, the benchmarks' JSON / Markdown / plots, and
 # summary.md (each step's status and seconds, the machine, the tables). Each step runs under
 # `timeout` and the whole check within $M3CO_GPU_CHECK_SECONDS (default 480): time a step leaves
 # unused passes to the next ones; a step that runs out is recorded as timed out, and the
-# benchmarks keep every figure finished before (they write after each one).
+# benchmarks keep every figure finished before (they write after each one): run the same command
+# again with the same OUT_DIR to go on where it stopped (the venv is reused, figures are not redone).
 #
 # Assumed: this checkout, a Python >= 3.9 with venv ($PYTHON, default python3) and a pip index
 # that holds torch wheels for CUDA: PyPI's Linux x86-64 torch wheels are CUDA builds, or a local
@@ -36,7 +37,7 @@ OUT=gpu_results
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "unknown option $arg" >&2; exit 2 ;;
     *) OUT=$arg ;;
   esac
@@ -154,7 +155,7 @@ kernels() {
 }
 
 peers() {
-  local run=(--n 1024 16384 65536 --d 768 --rounds 5 --min-rounds 3 --budget-seconds 20)
+  local run=(--n 1024 32768 --d 768 --rounds 7 --min-rounds 3 --budget-seconds 20)
   [ "$DRY" = 0 ] || run=(--n 64 --d 8 --rounds 2 --min-rounds 1 --budget-seconds 20 --impl auto tiled open_clip inf_cl floor)
   "$VPY" "$ROOT/benchmarks/bench_peers.py" --device "$DEVICE" "${run[@]}" --out-dir "$OUT"
 }

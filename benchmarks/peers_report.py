@@ -39,6 +39,15 @@ def fastest_peer(entry: dict) -> str | None:
     return min(ran)[1] if ran else None
 
 
+def same_path(entry: dict) -> str | None:
+    """The backend that ``auto`` ran here, recognised by bit-identical value and gradients (an A/A pair)."""
+    for name in ("dense", "tiled"):
+        rec = entry["impls"].get(name, {})
+        if _ok(rec) and rec.get("rel_diff") == 0 and rec.get("grad_rel_diff") == 0 and name in entry.get("ratios", {}):
+            return name
+    return None
+
+
 def targets(data: dict) -> list:
     """One verdict per (N, D) that a target covers: the figures, whether it is met, what would close it."""
     out = []
@@ -57,6 +66,9 @@ def targets(data: dict) -> list:
             continue
         per_round = entry["ratios"][peer]
         row.update(peer=peer, time=_quartiles(per_round), auto_s=impls["auto"]["median_s"], peer_s=impls[peer]["median_s"])
+        twin = same_path(entry)
+        if twin:
+            row["noise"], row["twin"] = _quartiles(entry["ratios"][twin]), twin
         if "extra_peak_bytes" in impls["auto"] and impls[peer].get("extra_peak_bytes"):
             row["memory"] = impls["auto"]["extra_peak_bytes"] / impls[peer]["extra_peak_bytes"]
             row["auto_mib"], row["peer_mib"] = (impls[x]["extra_peak_bytes"] / 2**20 for x in ("auto", peer))
@@ -95,6 +107,10 @@ def _closing_note(entry: dict, row: dict) -> str:
     return "; ".join(notes)
 
 
+def _noise(row: dict) -> str:
+    return f"{_q(row['noise'])} (auto / {row['twin']})" if "noise" in row else ""
+
+
 def _verdict(row: dict) -> str:
     return "met" if row["met"] else ("not met" if row["met"] is False else "no peer")
 
@@ -122,17 +138,20 @@ def markdown(data: dict) -> str:
         f"At N >= {LARGE_N}: auto at most {TIME_LARGE} of the fastest comparable peer's time (median per-round ratio) and at most "
         f"1/5 of its extra memory; at N <= {SMALL_N}: auto not slower than it.",
         "",
-        "| N | D | fastest peer | auto s | peer s | auto / peer time | auto MiB | peer MiB | auto / peer memory | target | note |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "`A/A noise`: auto against the backend that ran the same code in the same rounds (bit-identical value and "
+        "gradients): a ratio that would be 1.00 on a quiet machine, its spread the noise of these measurements.",
+        "",
+        "| N | D | fastest peer | auto s | peer s | auto / peer time | A/A noise | auto MiB | peer MiB | auto / peer memory | target | note |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for row in targets(data):
         if row["peer"] is None:
-            lines.append(f"| {row['n']} | {row['d']} | | | | | | | | {_verdict(row)} | {row['note']} |")
+            lines.append(f"| {row['n']} | {row['d']} | | | | | | | | | {_verdict(row)} | {row['note']} |")
             continue
         memory = f"{row['memory']:.2f}" if "memory" in row else ""
         lines.append(
             f"| {row['n']} | {row['d']} | {IMPLS[row['peer']].label} | {row['auto_s']:.3f} | {row['peer_s']:.3f} | {_q(row['time'])} "
-            f"| {row.get('auto_mib', 0):.0f} | {row.get('peer_mib', 0):.0f} | {memory} | {_verdict(row)} | {row['note']} |")
+            f"| {_noise(row)} | {row.get('auto_mib', 0):.0f} | {row.get('peer_mib', 0):.0f} | {memory} | {_verdict(row)} | {row['note']} |")
     lines += [
         "",
         "## Figures",
@@ -211,17 +230,19 @@ def rst(data: dict, png_name: str) -> str:
     out += [
         "",
         f"Targets: at N >= {LARGE_N}, auto at most {TIME_LARGE} of the fastest comparable peer's time (median per-round "
-        f"ratio) and at most 1/5 of its extra memory; at N <= {SMALL_N}, not slower than it.",
+        f"ratio) and at most 1/5 of its extra memory; at N <= {SMALL_N}, not slower than it. A/A noise: auto against the "
+        "backend that ran the same code (bit-identical value and gradients) in the same rounds, 1.00 on a quiet machine.",
         "",
         ".. list-table::",
         "   :header-rows: 1",
         "",
     ]
-    verdict_rows = [["N", "D", "fastest peer", "auto / peer time", "auto / peer memory", "target", "what would close it"]]
+    verdict_rows = [["N", "D", "fastest peer", "auto / peer time", "A/A noise", "auto / peer memory", "target",
+                     "what would close it"]]
     for row in targets(data):
         peer = IMPLS[row["peer"]].label if row["peer"] else ""
         memory = f"{row['memory']:.2f}" if "memory" in row else ""
-        verdict_rows.append([str(row["n"]), str(row["d"]), peer, _q(row["time"]) if row["peer"] else "", memory,
+        verdict_rows.append([str(row["n"]), str(row["d"]), peer, _q(row["time"]) if row["peer"] else "", _noise(row), memory,
                              _verdict(row), row["note"]])
     _list_table(out, verdict_rows)
     out += ["", f".. image:: ../benchmarks/results/{png_name}", "   :width: 100%", ""]
@@ -239,6 +260,7 @@ def plot(data: dict, png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     results = data["results"]
     dims = sorted({r["d"] for r in results})
@@ -258,10 +280,15 @@ def plot(data: dict, png: Path) -> None:
             mem = [(p[0], p[1]["extra_peak_bytes"]) for p in pts if "extra_peak_bytes" in p[1] and impl.family != "reference"]
             if mem:
                 axes[1][col].plot([m[0] for m in mem], [max(m[1], 2**20) / 2**20 for m in mem], **style)
+        ns = sorted({r["n"] for r in results})
         for row, ylabel in enumerate(("forward + backward time (s)", "extra peak memory (MiB)")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.set_xticks(ns, [str(n) for n in ns], rotation=30 if len(ns) > 4 else 0)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("batch size N")
             ax.set_ylabel(ylabel)
             ax.set_title(f"D = {d}")
