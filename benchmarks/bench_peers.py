@@ -209,11 +209,11 @@ def estimate_bytes(name: str, n: int) -> float | None:
 
 
 def estimate_seconds(history: list, name: str, n: int, d: int) -> tuple | None:
-    """(seconds per pass, n0, d0): the latest pass of ``name`` at a smaller N, scaled by N^e D."""
-    past = [h for h in history if h[0] == name and h[1] < n]
+    """(seconds per pass, n0, d0): ``name``'s pass at the largest smaller N (or this N, another D), scaled by N^e D."""
+    past = [h for h in history if h[0] == name and (h[1] < n or (h[1] == n and h[2] != d))]
     if not past:
         return None
-    _, n0, d0, s0 = max(past, key=lambda h: (h[1], h[2] == d))
+    _, n0, d0, s0 = max(past, key=lambda h: (h[1], h[2] == d, h[2]))
     return s0 * (n / n0) ** IMPLS[name].exponent * d / d0, n0, d0
 
 

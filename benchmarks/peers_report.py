@@ -20,8 +20,8 @@ SMALL_N, TIME_SMALL = 1024, 1.0
 SHORT_STATUS = {"skipped": "skipped", "failed": "failed", "unavailable": "n/a"}
 
 
-def _q(q) -> str:
-    return f"{q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]"
+def _q(q, digits: int = 2) -> str:
+    return f"{q[1]:.{digits}f} [{q[0]:.{digits}f}, {q[2]:.{digits}f}]"
 
 
 def _mib(rec: dict) -> str:
@@ -148,9 +148,9 @@ def markdown(data: dict) -> str:
         if row["peer"] is None:
             lines.append(f"| {row['n']} | {row['d']} | | | | | | | | | {_verdict(row)} | {row['note']} |")
             continue
-        memory = f"{row['memory']:.2f}" if "memory" in row else ""
+        memory = f"{row['memory']:.3f}" if "memory" in row else ""
         lines.append(
-            f"| {row['n']} | {row['d']} | {IMPLS[row['peer']].label} | {row['auto_s']:.3f} | {row['peer_s']:.3f} | {_q(row['time'])} "
+            f"| {row['n']} | {row['d']} | {IMPLS[row['peer']].label} | {row['auto_s']:.3f} | {row['peer_s']:.3f} | {_q(row['time'], 3)} "
             f"| {_noise(row)} | {row.get('auto_mib', 0):.0f} | {row.get('peer_mib', 0):.0f} | {memory} | {_verdict(row)} | {row['note']} |")
     lines += [
         "",
@@ -241,8 +241,8 @@ def rst(data: dict, png_name: str) -> str:
                      "what would close it"]]
     for row in targets(data):
         peer = IMPLS[row["peer"]].label if row["peer"] else ""
-        memory = f"{row['memory']:.2f}" if "memory" in row else ""
-        verdict_rows.append([str(row["n"]), str(row["d"]), peer, _q(row["time"]) if row["peer"] else "", _noise(row), memory,
+        memory = f"{row['memory']:.3f}" if "memory" in row else ""
+        verdict_rows.append([str(row["n"]), str(row["d"]), peer, _q(row["time"], 3) if row["peer"] else "", _noise(row), memory,
                              _verdict(row), row["note"]])
     _list_table(out, verdict_rows)
     out += ["", f".. image:: ../benchmarks/results/{png_name}", "   :width: 100%", ""]
