@@ -55,7 +55,7 @@ def targets(data: dict) -> list:
         n, impls = entry["n"], entry["impls"]
         if SMALL_N < n < LARGE_N or "auto" not in impls:
             continue
-        row = dict(n=n, d=entry["d"], peer=None, met=None, note="")
+        row = dict(n=n, d=entry["d"], peer=None, met=None, note="", auto_ran=_ok(impls["auto"]))
         peer = fastest_peer(entry) if _ok(impls["auto"]) else None
         if peer is None:
             reasons = "; ".join(f"{name}: {rec.get('status')}" for name, rec in impls.items()
@@ -112,7 +112,9 @@ def _noise(row: dict) -> str:
 
 
 def _verdict(row: dict) -> str:
-    return "met" if row["met"] else ("not met" if row["met"] is False else "no peer")
+    if row["met"] is None:
+        return "no peer ran" if row.get("auto_ran") else "not measured"
+    return "met" if row["met"] else "not met"
 
 
 def markdown(data: dict) -> str:
