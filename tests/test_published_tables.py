@@ -147,3 +147,26 @@ def test_quoted_rosmap_compile_figures_are_the_stored_rounds():
     assert f"{warm:.0f} s per process with the cache warm and {cold:.0f} s cold" in " ".join(README.split())
     side = {impl: load(RESULTS / "rosmap_bench" / f"compile_side_by_side_{impl}.json")["seconds"] for impl in ("compiled", "eager")}
     assert f"{side['compiled']:.0f} s compiled and {side['eager']:.0f} s eager" in " ".join(README.split())
+
+
+@pytest.mark.parametrize("stem", ["peers_cpu", "peers_cpu_target"])
+def test_peers_tables_are_the_stored_measurements(tmp_path, stem):
+    import statistics
+
+    import peers_report
+
+    copy = tmp_path / f"{stem}.json"
+    shutil.copy(BENCH_RESULTS / f"{stem}.json", copy)
+    peers_report.report(copy)
+    for suffix in ("md", "rst"):
+        assert (tmp_path / f"{stem}.{suffix}").read_text() == (BENCH_RESULTS / f"{stem}.{suffix}").read_text()
+    data = load(copy)
+    for entry in data["results"]:
+        impls = entry["impls"]
+        for rec in impls.values():
+            if rec.get("times_s"):
+                assert rec["median_s"] == pytest.approx(statistics.median(rec["times_s"]), rel=1e-12)
+        for name, ratios in entry.get("ratios", {}).items():
+            per_round = [x / y for x, y in zip(impls[entry["base"]]["times_s"], impls[name]["times_s"])]
+            assert ratios == pytest.approx(per_round, rel=1e-12), (entry["n"], entry["d"], name)
+    assert f".. include:: ../benchmarks/results/{stem}.rst" in (ROOT / "docs" / "kernels.rst").read_text()
