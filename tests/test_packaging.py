@@ -132,9 +132,9 @@ print(m3co_loss.__version__, float(loss))
 """
 
 
-def pip_install(python: Path, *args: str) -> None:
-    """``pip install`` into the venv of ``python``, run by this environment's pip."""
-    result = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", *args], capture_output=True, text=True, env=clean_env())
+def pip(python: Path, *args: str) -> None:
+    """``pip`` on the venv of ``python``, run by this environment's pip."""
+    result = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args], capture_output=True, text=True, env=clean_env())
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -145,8 +145,11 @@ def clean_env() -> dict[str, str]:
 
 def test_wheel_installs_next_to_torch_alone_and_runs_the_readme_snippet(dist, tmp_path):
     python = venv_with_only_torch(tmp_path / "venv")
-    # --no-index: the wheel's requirements must be met by torch as it is
-    pip_install(python, "--no-index", str(only(dist, "m3co_loss-*.whl")))
+    # --no-deps, then `pip check`: the wheel's requirements must be met by the torch that is there.
+    # pip never resolves here: under a pip constraint file that excludes this torch, resolving would
+    # uninstall it, and the venv's torch is this environment's own, linked.
+    pip(python, "install", "-q", "--no-index", "--no-deps", str(only(dist, "m3co_loss-*.whl")))
+    pip(python, "check")
     result = subprocess.run([str(python), "-c", CLEAN_INSTALL_RUN], capture_output=True, text=True, cwd=tmp_path, env=clean_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(metadata.version("m3co-loss") + " ")
@@ -157,7 +160,8 @@ def test_sdist_builds_and_installs_in_a_fresh_venv(dist, tmp_path):
     # This environment's packages (torch, setuptools) made visible: the sdist builds without
     # downloading a build backend, and installs without downloading torch again.
     Path(site, "host_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    pip_install(python, "--no-build-isolation", str(only(dist, "m3co_loss-*.tar.gz")))
+    # --no-deps: this environment's torch stays as it is (see the wheel's test)
+    pip(python, "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", str(only(dist, "m3co_loss-*.tar.gz")))
     smoke = "import m3co_loss, torch; assert 'site-packages' in m3co_loss.__file__; print(float(m3co_loss.M3CoLoss()([torch.randn(8, 4), torch.randn(8, 4)])))"
     result = subprocess.run([str(python), "-c", smoke], capture_output=True, text=True, cwd=tmp_path, env=clean_env())
     assert result.returncode == 0, result.stderr
