@@ -25,9 +25,10 @@ RESULTS=${M3CO_MATRIX_RESULTS:-$ROOT/scripts/test_versions.json}
 TIMEOUT=${M3CO_MATRIX_TIMEOUT:-5400}
 read -r -a PYTEST_ARGS <<< "${M3CO_MATRIX_PYTEST:--q}"
 
-# The oldest and newest torch for each Python: 3.9 is dropped by torch 2.9, 3.12 arrives in torch 2.2,
-# 3.13 in torch 2.5. 2.1.0 is the oldest torch the package claimed before this matrix was measured.
-DEFAULT_MATRIX=(3.11:2.1.0 3.11:2.15.0 3.9:2.4.0 3.12:2.4.0 3.13:2.15.0)
+# 2.1.0: the floor the package claimed before it was measured; 2.6.0 with Python 3.9: the oldest torch
+# that the image-text examples' transformers accepts, and torch 2.8 is the last for Python 3.9; 2.13.0
+# with Python 3.10 (torch 2.9 dropped 3.9): the floor pair; 2.15.0: the newest torch, with 3.11 and 3.13.
+DEFAULT_MATRIX=(3.11:2.1.0 3.9:2.6.0 3.10:2.13.0 3.11:2.15.0 3.13:2.15.0)
 ENTRIES=("$@")
 [ ${#ENTRIES[@]} -gt 0 ] || ENTRIES=("${DEFAULT_MATRIX[@]}")
 
@@ -72,7 +73,10 @@ for entry in "${ENTRIES[@]}"; do
   if [ "$status" -eq 0 ]; then
     stage=test
     # the pin also holds while the tests run pip (the packaging tests install the built package)
-    (cd "$ROOT" && PIP_CONSTRAINT="$venv/torch-pin.txt" timeout "$TIMEOUT" "$venv/bin/python" -m pytest -p no:cacheprovider --junitxml="$junit" "${PYTEST_ARGS[@]}") >> "$log" 2>&1
+    # Left out: the test that compares pyproject.toml's floors with the results file, which checks
+    # that file and the repository, not the versions (before the floors are set from a run, it fails).
+    (cd "$ROOT" && PIP_CONSTRAINT="$venv/torch-pin.txt" timeout "$TIMEOUT" "$venv/bin/python" -m pytest -p no:cacheprovider --junitxml="$junit" \
+      --deselect tests/test_release.py::test_declared_versions_were_measured "${PYTEST_ARGS[@]}") >> "$log" 2>&1
     status=$?
     (cd "$ROOT" && "$venv/bin/python" -m sphinx -W --keep-going -q -b html docs "$MATRIX_DIR/logs/$name-docs") >> "$log" 2>&1
     docs_status=$?

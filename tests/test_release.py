@@ -110,3 +110,45 @@ def test_release_check_refuses_a_mismatched_tag(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == version
     assert release_version.main(["--tag", f"v{version}.post1"]) == 1
     assert "does not match the package version" in capsys.readouterr().err
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = tuple(int(p) for p in re.match(r"\d+(\.\d+)*", text).group(0).split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+SELF = "tests.test_release::test_declared_versions_were_measured"
+
+
+def measured_passes() -> set[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(python, torch) pairs whose whole test suite and docs passed in scripts/test_versions.sh.
+
+    This very test compares the repository with the results file, not the versions: the script
+    leaves it out, and where a recorded run still included it, its failure there does not count."""
+    import json
+
+    entries = json.loads((ROOT / "scripts" / "test_versions.json").read_text())["entries"].values()
+    return {
+        (version_tuple(e["python"]), version_tuple(e["torch"]))
+        for e in entries
+        if e["stage"] == "test" and e.get("docs") == "passed" and not e.get("constraints") and e["pytest_args"] == "-q"
+        and e["counts"]["errors"] == 0 and all(f["test"] == SELF for f in e["failures"])
+        and e["counts"]["passed"] > 0
+    }
+
+
+def test_declared_versions_were_measured():
+    """The floors in pyproject.toml, its Python classifiers and the pairs CI tests are all pairs that
+    passed the whole suite in scripts/test_versions.sh."""
+    passed = measured_passes()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    python_floor = version_tuple(re.search(r'^requires-python = ">=([\d.]+)"', pyproject, re.M).group(1))
+    torch_floor = version_tuple(re.search(r'"torch>=([\d.]+)"', pyproject).group(1))
+    assert any(py == python_floor for py, _ in passed), ("python", python_floor, passed)
+    assert any(torch == torch_floor for _, torch in passed), ("torch", torch_floor, passed)
+    classifiers = re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject)
+    assert classifiers and {version_tuple(c) for c in classifiers} <= {py for py, _ in passed}
+    ci = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    pairs = re.findall(r'- python: "([\d.]+)".*\n\s+torch: "([\d.]+)"', ci)
+    assert len(pairs) >= 2 and all((version_tuple(py), version_tuple(t)) in passed for py, t in pairs), pairs
+    assert (python_floor, torch_floor) in {(version_tuple(py), version_tuple(t)) for py, t in pairs}
