@@ -18,6 +18,7 @@ copyright = "2026, The m3co-loss developers"
 release = __version__
 version = __version__
 
+# myst_parser: the changelog page includes CHANGELOG.md
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
@@ -25,6 +26,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "sphinx.ext.intersphinx",
     "sphinx_copybutton",
+    "myst_parser",
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
