@@ -27,7 +27,7 @@ from .mixup import MixupPlan, MixupSampler
 
 __all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "UniSMMCLoss"]
 
-# The released code's MultiSClip temperature and M3Co share of training (SPEC section 6).
+# The released code's MultiSClip temperature and M3Co share of training (docs page ``conventions``).
 REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
 REFERENCE_M3CO_FRACTION = 0.33
 
@@ -156,7 +156,7 @@ class M3CoLoss(_ContrastiveOptions):
         alpha: Beta(alpha, alpha) concentration of the mixing weights (0.15).
         mix_prob, shared_lam: sampler options; None takes the convention's values
             (paper: 1.0 and True; reference: 0.5 and False).
-        convention: ``"paper"`` or ``"reference"`` (SPEC section 6).
+        convention: ``"paper"`` or ``"reference"`` (docs page ``conventions``).
         reduction, backend, gather_distributed: as in :mod:`m3co_loss.functional`.
         generator: CPU ``torch.Generator`` for reproducible mixing.
     """
