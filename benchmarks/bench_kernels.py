@@ -185,11 +185,9 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from m3co_loss import kernels
+    from m3co_loss import backends
 
-    for name, value in (("TILE_ROWS", args.tile_rows), ("TILE_COLS", args.tile_cols), ("TILE_SQUARE", args.tile_square)):
-        if value:
-            setattr(kernels, name, value)
+    backends.set_config(tile_rows=args.tile_rows or None, tile_cols=args.tile_cols or None, tile_square=args.tile_square or None)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = args.dtype
@@ -443,11 +441,9 @@ def _meta(args) -> dict:
 
 def _skip_reason(args, loss: str, impl: str, n: int) -> str | None:
     if impl == "triton":
-        from m3co_loss.kernels import triton_available
+        from m3co_loss.backends import available
 
-        import torch
-
-        if not triton_available(torch.device(args.device)) or args.device != "cuda":
+        if not available("triton", args.device) or args.device != "cuda":
             return "triton needs a CUDA device"
     if impl in ("textbook", "dense"):
         need = DENSE_BYTES_PER_ENTRY[loss] * n * n
@@ -678,9 +674,9 @@ def _parse(argv=None):
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the embeddings (the package accumulates bfloat16 in float32); default tag gets a suffix")
     p.add_argument("--strip", type=int, default=1024, help="rows per strip of the floor's products")
-    p.add_argument("--tile-rows", type=int, default=0, help="override kernels.TILE_ROWS (tile sweeps; use with --tag)")
-    p.add_argument("--tile-cols", type=int, default=0, help="override kernels.TILE_COLS")
-    p.add_argument("--tile-square", type=int, default=0, help="override kernels.TILE_SQUARE")
+    p.add_argument("--tile-rows", type=int, default=0, help="tile_rows of m3co_loss.backends.set_config (tile sweeps; use with --tag)")
+    p.add_argument("--tile-cols", type=int, default=0, help="tile_cols of m3co_loss.backends.set_config")
+    p.add_argument("--tile-square", type=int, default=0, help="tile_square of m3co_loss.backends.set_config")
     p.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip textbook/dense figures that need more")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per figure")
     p.add_argument("--out-dir", default=str(HERE / "results"))

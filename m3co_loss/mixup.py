@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._validation import check_choice, check_positive, check_probability
+from ._validation import CONVENTIONS, check_choice, check_positive, check_probability
 
 __all__ = ["MixupPlan", "MixupSampler"]
 
@@ -107,7 +107,7 @@ class MixupSampler:
     @classmethod
     def for_convention(cls, convention: str = "paper", **overrides: Any) -> "MixupSampler":
         """The paper's sampler (mix every row, shared lam) or the released code's (mix_prob 0.5, lam per modality)."""
-        check_choice("convention", convention, ("paper", "reference"))
+        check_choice("convention", convention, CONVENTIONS)
         defaults: dict[str, Any] = {"mix_prob": 1.0, "shared_lam": True} if convention == "paper" else {"mix_prob": 0.5, "shared_lam": False}
         defaults.update(overrides)
         return cls(**defaults)
