@@ -26,7 +26,7 @@ from ._validation import (
 )
 from .mixup import MixupPlan, MixupSampler
 
-__all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "UniSMMCLoss"]
+__all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "ContrastiveLoss", "UniSMMCLoss"]
 
 # The released code's MultiSClip temperature and M3Co share of training (docs page ``conventions``).
 REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
@@ -70,6 +70,57 @@ class CLIPLoss(_ContrastiveOptions):
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return F.clip_loss(
             z_a, z_b, temperature=self.temperature, reduction=self.reduction, backend=self.backend, gather_distributed=self.gather_distributed
+        )
+
+
+class ContrastiveLoss(_ContrastiveOptions):
+    """Contrastive loss with structured targets: :func:`m3co_loss.functional.contrastive_loss`.
+
+    The targets come with each batch: ``forward(z_a, z_b, partners=..., weights=...)`` (mixing
+    partners, e.g. MixCo or M3Co), ``forward(z_a, z_b, labels=...)`` (every sample of the same
+    class a positive) or ``forward(z_a, z_b)`` (CLIP's identity targets). See the docs page
+    *Structured targets*.
+
+    Args:
+        temperature: softmax temperature t > 0.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        convention: ``"paper"`` (sum of the two directions) or ``"reference"`` (their average).
+        backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
+        gather_distributed: contrast against the rows of every rank (partners then hold global
+            column indices).
+
+    Raises:
+        ValueError: an option out of range (named).
+        TypeError: an option of the wrong type (named).
+
+    Examples:
+        >>> import torch
+        >>> from m3co_loss import ContrastiveLoss
+        >>> criterion = ContrastiveLoss(temperature=0.07)
+        >>> z_a, z_b = torch.randn(6, 8), torch.randn(6, 8)
+        >>> criterion(z_a, z_b, labels=torch.tensor([0, 0, 1, 1, 2, 2])).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self, *, temperature: float = 0.1, reduction: str = "mean", convention: str = "paper", backend: str = "auto", gather_distributed: bool = False
+    ) -> None:
+        super().__init__(temperature, reduction, backend, gather_distributed, convention)
+
+    def forward(
+        self, z_a: Tensor, z_b: Tensor, *, partners: Optional[Tensor] = None, weights: Optional[Tensor] = None, labels: Optional[Tensor] = None
+    ) -> Tensor:
+        return F.contrastive_loss(
+            z_a,
+            z_b,
+            partners=partners,
+            weights=weights,
+            labels=labels,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            convention=self.convention,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
         )
 
 
