@@ -12,7 +12,8 @@ whose rows sum to 1, the per-sample value is the row and the column cross-entrop
   ``sum_k T_ik S_ik = p_a[i] . (sum_j w_ij p_b[P_ij]) / t`` (a weighted gather accumulated over
   j, one (N, D) buffer whatever K);
 * labels ``y``: ``T_ik = 1[y_k = y_i] / n_{y_i}``, so both sums are per-class means, of ``c`` and
-  of the rows of ``p_b``: ``sum_k T_ik S_ik = p_a[i] . mean_b[y_i] / t`` (a (classes, D) buffer).
+  of the rows of ``p_b``: ``sum_k T_ik S_ik = p_a[i] . mean_b[y_i] / t`` (one (N, D) buffer of
+  class sums: the classes are found by sorting, which keeps every shape static).
 
 Autograd differentiates these ops, so first derivatives are exact (also with respect to the
 weights). The docs page ``targets`` writes the forms out.
@@ -76,19 +77,34 @@ def _weighted_sum(weights: Tensor, term) -> Tensor:
 
 
 def partners_vector(
-    a: Rows, b: Rows, partners: Tensor, weights: Tensor, t: float, *, reference: bool, layout: _Batch, backend: str, local: bool = False
+    a: Rows,
+    b: Rows,
+    partners: Tensor,
+    weights: Tensor,
+    t: float,
+    *,
+    reference: bool,
+    layout: _Batch,
+    backend: str,
+    local: bool = False,
+    rows_sum_to_one: bool = False,
 ) -> Tensor:
     """Per-sample values of the local rows of ``a`` with ``T_i = sum_j weights_ij e_{partners_ij}``.
 
     ``partners`` index the global batch (columns of ``b.full``); with ``local`` they index this
     rank's rows instead (mixing partners that never leave their rank, as in M3Co), which needs no
-    collective. ``weights`` has the dtype of the embeddings.
+    collective. ``weights`` has the dtype of the embeddings. ``r_i`` enters weighted by the row
+    sum ``sum_j w_ij`` (the value and the weights' gradient of ``sum_k T_ik [(r_i - S_ik) + ...]``
+    for any weights); ``rows_sum_to_one`` says that the rows sum to 1 by construction (M3Co's
+    ``lam``, ``1 - lam``), which drops that product.
     """
     s, r, c = _lse(a, b, t, layout, backend)
     if local:
         columns, c_cols, s_cols = b.local, c, partners + a.offset
     else:
         columns, c_cols, s_cols = b.full, layout.gather(c), partners
+    if not rows_sum_to_one:
+        r = r * weights.sum(1)
     if s is not None:
         rows = torch.arange(s.shape[0], device=s.device)
         target = _weighted_sum(weights, lambda j: s[rows, s_cols[:, j]])
@@ -108,6 +124,19 @@ def partners_vector(
     return 0.5 * v if reference else v
 
 
+def _class_index(labels: Tensor) -> Tensor:
+    """Each label's class as an index in ``[0, N)``: the rank of its value among the distinct labels.
+
+    Sorting instead of ``torch.unique`` keeps every shape static: no host synchronisation on an
+    accelerator and no graph break under ``torch.compile``; per-class buffers get N rows (at
+    most N classes), of which the first ``classes`` are used.
+    """
+    ordered, order = torch.sort(labels)
+    starts = torch.ones_like(ordered, dtype=torch.long)
+    starts[1:] = (ordered[1:] != ordered[:-1]).long()
+    return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
+
+
 def labels_vector(a: Rows, b: Rows, labels: Tensor, t: float, *, reference: bool, layout: _Batch, backend: str) -> Tensor:
     """Per-sample values of the local rows of ``a`` with ``T_ik = 1[y_k = y_i] / n_{y_i}`` over the global batch.
 
@@ -123,11 +152,11 @@ def labels_vector(a: Rows, b: Rows, labels: Tensor, t: float, *, reference: bool
         target = (targets * s).sum(1)
         v = (r - target) + (targets @ c_cols - target)
     else:
-        classes, inverse = torch.unique(every, return_inverse=True)
-        count = torch.bincount(inverse, minlength=classes.shape[0]).to(c.dtype)
-        mean_c = c.new_zeros(classes.shape[0]).index_add(0, inverse, c_cols) / count
-        mean_b = b.full.new_zeros(classes.shape[0], b.full.shape[1]).index_add(0, inverse, b.full) / count[:, None]
-        own = inverse[layout.offset : layout.offset + n]
+        group = _class_index(every)
+        count = c.new_zeros(every.shape[0]).index_add_(0, group, torch.ones_like(c_cols)).clamp_min_(1)
+        mean_c = c.new_zeros(every.shape[0]).index_add(0, group, c_cols) / count
+        mean_b = b.full.new_zeros(b.full.shape).index_add(0, group, b.full) / count[:, None]
+        own = group[layout.offset : layout.offset + n]
         v = r + mean_c[own] - 2 * (a.local * mean_b[own]).sum(1) / t
     return 0.5 * v if reference else v
 
@@ -211,8 +240,8 @@ def contrastive_loss(
       positive (supervised contrastive; duplicates in a batch), the row's own column included.
 
     No N x N matrix is formed outside ``backend="dense"``: the tiled and Triton backends keep
-    O(N D) memory (partners: plus O(N K); labels: plus O(classes D)); the docs page *Structured
-    targets* gives the identities.
+    O(N D) memory (plus O(N K) for the partners); the docs page *Structured targets* gives the
+    identities.
 
     With ``gather_distributed=True`` the columns are the global batch (rank 0's rows first):
     each rank passes the ``partners`` of its own rows as *global* column indices (row i of rank r

@@ -227,6 +227,7 @@ def target_weights_problem(weights: Tensor) -> tuple[int, str]:
     """
     if not has_values(weights) or weights.numel() == 0:
         return WEIGHTS_OK, ""
+    weights = weights.detach()
     if not all_finite(weights):
         return WEIGHTS_NOT_FINITE, ""
     if bool((weights < 0).any()):

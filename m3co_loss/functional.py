@@ -100,7 +100,7 @@ def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, referenc
     # M3Co's targets: lam_i on i, 1 - lam_i on perm[i] (added when they coincide), local to the rank.
     partners = torch.stack([torch.arange(perm.shape[0], device=perm.device), perm], dim=1)
     weights = torch.stack([lam, 1 - lam], dim=1)
-    return partners_vector(a, b, partners, weights, t, reference=reference, layout=layout, backend=backend, local=True)
+    return partners_vector(a, b, partners, weights, t, reference=reference, layout=layout, backend=backend, local=True, rows_sum_to_one=True)
 
 
 def _clip_vector(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> Tensor:
