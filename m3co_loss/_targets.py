@@ -9,8 +9,8 @@ whose rows sum to 1, the per-sample value is the row and the column cross-entrop
 ``c`` from their log-sum-exp primitive and the two target sums from O(N D) identities:
 
 * partners ``P`` (N, K) with weights ``w``: ``sum_k T_ik c_k = sum_j w_ij c[P_ij]`` (a gather) and
-  ``sum_k T_ik S_ik = p_a[i] . (sum_j w_ij p_b[P_ij]) / t`` (a weighted gather accumulated over
-  j, one (N, D) buffer whatever K);
+  ``sum_k T_ik S_ik = sum_j w_ij (p_a[i] . p_b[P_ij]) / t`` (row-wise dot products with the
+  gathered columns, one partner at a time, in O(N D + N K) memory);
 * labels ``y``: ``T_ik = 1[y_k = y_i] / n_{y_i}``, so both sums are per-class means, of ``c`` and
   of the rows of ``p_b``: ``sum_k T_ik S_ik = p_a[i] . mean_b[y_i] / t`` (one (N, D) buffer of
   class sums: the classes are found by sorting, which keeps every shape static).
@@ -76,6 +76,38 @@ def _weighted_sum(weights: Tensor, term) -> Tensor:
     return total
 
 
+class _PartnerDots(torch.autograd.Function):
+    """``dots[i, j] = rows[i] . columns[partners[i, j]]``, (n, K), in O(n D + n K) memory.
+
+    Autograd through a gather saves one gathered (n, D) copy per partner; this forward and
+    backward gather one partner at a time and save nothing but their inputs, so K partners cost
+    O(n K) beyond the (n, D) buffers, with or without gradients for the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, columns: Tensor, partners: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, columns, partners)
+        dots = rows.new_empty(partners.shape)
+        for j in range(partners.shape[1]):
+            dots[:, j] = (rows * columns[partners[:, j]]).sum(1)
+        return dots
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        rows, columns, partners = ctx.saved_tensors
+        grad_rows = grad_columns = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.zeros_like(rows)
+            for j in range(partners.shape[1]):
+                grad_rows.addcmul_(columns[partners[:, j]], grad[:, j : j + 1])
+        if ctx.needs_input_grad[1]:
+            grad_columns = torch.zeros_like(columns)
+            for j in range(partners.shape[1]):
+                grad_columns.index_put_((partners[:, j],), rows * grad[:, j : j + 1], accumulate=True)
+        return grad_rows, grad_columns, None
+
+
 def partners_vector(
     a: Rows,
     b: Rows,
@@ -111,15 +143,8 @@ def partners_vector(
         col_term = _weighted_sum(weights, lambda j: c_cols[partners[:, j]])
         v = (r - target) + (col_term - target)
     else:
-        # sum_j w_ij S[i, P_ij] = a_i . (sum_j w_ij b[P_ij]) / t: one (n, D) accumulator for any K,
-        # updated in place (nothing saved for the backward pass reads it).
-        mixed: Optional[Tensor] = None
-        for j in range(partners.shape[1]):
-            if mixed is None:
-                mixed = columns[partners[:, 0]] * weights[:, :1]
-            else:
-                mixed = mixed.addcmul_(columns[partners[:, j]], weights[:, j : j + 1])
-        target = (a.local * mixed).sum(1) / t
+        dots = _PartnerDots.apply(a.local, columns, partners)
+        target = _weighted_sum(weights, lambda j: dots[:, j]) / t
         v = r + _weighted_sum(weights, lambda j: c_cols[partners[:, j]]) - 2 * target
     return 0.5 * v if reference else v
 

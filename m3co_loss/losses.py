@@ -110,6 +110,19 @@ class ContrastiveLoss(_ContrastiveOptions):
     def forward(
         self, z_a: Tensor, z_b: Tensor, *, partners: Optional[Tensor] = None, weights: Optional[Tensor] = None, labels: Optional[Tensor] = None
     ) -> Tensor:
+        """The loss of one batch with its targets (at most one of the two forms).
+
+        Args:
+            z_a: (N, D) embeddings of the rows.
+            z_b: (N, D) embeddings of the columns.
+            partners: (N, K) integer column indices (global over ranks with ``gather_distributed``).
+            weights: (N, K) non-negative weights of the partners, rows summing to 1; ``None``:
+                1/K each. Only with ``partners``.
+            labels: (N,) non-negative integer class labels.
+
+        Raises:
+            ValueError, TypeError: as :func:`m3co_loss.functional.contrastive_loss`, naming the argument.
+        """
         return F.contrastive_loss(
             z_a,
             z_b,
