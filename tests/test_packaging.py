@@ -49,7 +49,9 @@ def only(folder: Path, pattern: str) -> Path:
 
 def test_build_prints_no_deprecation_warning(built):
     _, output = built
-    assert "deprecat" not in output.lower(), output
+    # File names such as m3co_loss/_deprecation.py appear in the copy log; the warnings do not name files.
+    warnings = [line for line in output.splitlines() if "deprecat" in line.lower() and "_deprecation.py" not in line]
+    assert not warnings, output
 
 
 def test_twine_check_accepts_both_distributions(dist):
