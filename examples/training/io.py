@@ -306,8 +306,11 @@ def set_aside(path: Union[str, Path]) -> Path:
 
 
 def _problem(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    first = lines[0].split(". ")[0].rstrip(".")  # torch follows the cause with paragraphs of advice
+    return f"{type(err).__name__}: {first[:160]}"
 
 
 def _check_structure(obj: Any, required: Mapping[str, Union[Type, Tuple[Type, ...]]]) -> Optional[str]:
@@ -395,7 +398,7 @@ def load_json_object(path: Union[str, Path], *, what: str, required: Mapping[str
     except UnicodeDecodeError:
         raise CorruptFileError(path, what, "not UTF-8 text", advice) from None
     except json.JSONDecodeError as err:
-        raise CorruptFileError(path, what, f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}", advice) from None
+        raise CorruptFileError(path, what, f"not valid JSON at line {err.lineno} column {err.colno}: {err.msg}", advice) from None
     wrong = _check_structure(obj, required)
     if wrong is not None:
         raise CorruptFileError(path, what, wrong, advice)
