@@ -75,7 +75,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder_and_a_killed_r
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     assert first.returncode == -signal.SIGKILL
-    with io.RunLock(out):  # the kernel dropped the killed run's lock
+    assert (out / io.LOCK_NAME).exists()  # left by the killed run, but not locked: the kernel dropped the lock
+    with io.RunLock(out):
         pass
     engine.run(task, config(epochs=4, checkpoint_every=1, resume=True), [0], out)
     assert not in_flight.exists()  # stale once the killed run was gone: removed by the lock's holder
@@ -118,9 +119,9 @@ def test_the_lock_names_its_holder_and_is_released_on_an_exception(tmp_path):
             with pytest.raises(io.OutputFolderBusy, match=rf"^{re.escape(str(tmp_path))} is in use by another run \(pid {os.getpid()} on .*\); wait for it"):
                 io.RunLock(tmp_path).acquire()
             raise KeyboardInterrupt
-    assert not lock.held and (tmp_path / io.LOCK_NAME).read_text() == ""
+    assert not lock.held and not (tmp_path / io.LOCK_NAME).exists()  # a run that ends leaves no lock file
     # a holder that has not written its record yet
-    fd = os.open(tmp_path / io.LOCK_NAME, os.O_RDWR)
+    fd = os.open(tmp_path / io.LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with pytest.raises(io.OutputFolderBusy, match="a process that has not yet written who it is") as caught:
@@ -131,6 +132,24 @@ def test_the_lock_names_its_holder_and_is_released_on_an_exception(tmp_path):
     assert str(again) == str(caught.value)
     with io.RunLock(tmp_path):
         pass
+
+
+def test_a_run_that_opens_the_lock_file_as_the_holder_removes_it_locks_the_new_one(tmp_path, monkeypatch):
+    holder = io.RunLock(tmp_path).acquire()
+    real_open = os.open
+
+    def open_then_the_holder_ends(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        if holder.held:
+            holder.release()  # unlinks the file this run has just opened
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_the_holder_ends)
+    with io.RunLock(tmp_path) as second:
+        monkeypatch.setattr(os, "open", real_open)
+        assert second.held and (tmp_path / io.LOCK_NAME).exists()
+        with pytest.raises(io.OutputFolderBusy):  # the lock is on the file a third run opens
+            io.RunLock(tmp_path).acquire()
 
 
 def test_temporaries_are_removed_only_by_the_holder_and_only_the_writers_own(tmp_path):
@@ -311,6 +330,7 @@ def test_sequential_runs_adding_seeds_summarise_them_all(tmp_path):
     other = engine.run(task, config(epochs=3, lr=5e-3), [2], tmp_path / "acc")
     assert other["seeds"] == [2] and other["ignored_seed_records"] == ["seed0.json", "seed1.json"]
     assert sorted(p.name for p in (tmp_path / "acc" / "seeds").iterdir()) == ["seed0.json", "seed1.json", "seed2.json"]
+    assert not (tmp_path / "acc" / io.LOCK_NAME).exists()
 
 
 def test_an_empty_output_folder_is_refused(tmp_path, monkeypatch):

@@ -171,9 +171,9 @@ class RunLock:
     The lock is ``flock`` on ``folder/.run.lock``, which records the holder's pid, host, command
     and start time. A second run that tries to take it gets :class:`OutputFolderBusy` naming the
     holder. The kernel drops the lock when the holder's process ends however it ends (an
-    exception, a signal, ``kill -9``), so a crashed run never leaves the folder locked; the lock
-    file itself stays, and is rewritten by the next holder. Without ``fcntl`` (Windows) the
-    folder is not locked.
+    exception, a signal, ``kill -9``), so a crashed run never leaves the folder locked. A run that
+    ends normally removes the lock file; one that was killed leaves it, and the next holder takes
+    it over. Without ``fcntl`` (Windows) the folder is not locked.
 
     Args:
         folder: the output folder (created if missing).
@@ -202,15 +202,24 @@ class RunLock:
         if self.held:
             raise RuntimeError(f"the lock on {self.folder} is already held by this object")
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError as err:
+                        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                            raise OSError(err.errno, f"cannot lock the output folder {self.folder} ({err.strerror}); use a folder on a local file system") from None
+                        raise OutputFolderBusy(self.folder, _read_holder(fd)) from None
+                if _same_file(fd, self.path):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            # the previous holder removed the file between our open and our lock: lock the new one
+            os.close(fd)
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as err:
-                    if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise OSError(err.errno, f"cannot lock the output folder {self.folder} ({err.strerror}); use a folder on a local file system") from None
-                    raise OutputFolderBusy(self.folder, _read_holder(fd)) from None
             record = {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
@@ -220,6 +229,8 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
         except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             os.close(fd)
             raise
         self._fd = fd
@@ -231,8 +242,9 @@ class RunLock:
             return
         fd, self._fd = self._fd, None
         try:
+            # removed while still locked: a run that opened it meanwhile sees that it is gone and retries
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # no holder any more
+                os.unlink(self.path)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
@@ -243,6 +255,14 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        named, opened = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _read_holder(fd: int) -> Dict[str, Any]:
@@ -324,7 +344,7 @@ def _check_structure(obj: Any, required: Mapping[str, Union[Type, Tuple[Type, ..
         value = obj[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
             names = "/".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-            return f"{key} is a {type(value).__name__}, not a {names}"
+            return f"{key} is {type(value).__name__}, not {names}"
     return None
 
 
