@@ -67,7 +67,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -84,6 +83,22 @@ import m3co_loss
 from m3co_loss import M3CoLoss, MixupPlan, MixupSampler, MultiSClipLoss, UniSMMCLoss
 from m3co_loss import distributed as dist_utils
 from m3co_loss.functional import CONVENTIONS
+from training.io import (  # noqa: F401  (re-exported: the pipelines and their tests use them from here)
+    TEMPORARY_SUFFIX,
+    CorruptFileError,
+    OutputFolderBusy,
+    RunLock,
+    _atomic_write,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    json_safe,
+    load_checkpoint,
+    load_seed_record,
+    remove_stale_temporaries,
+    seed_of_record_file,
+    set_aside,
+)
 
 __all__ = [
     "METHODS",
@@ -188,78 +203,6 @@ def _gather_objects(obj: Any, world_size: int) -> List[Any]:
     out: List[Any] = [None] * world_size
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binary: bool) -> Path:
-    """Write to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it.
-
-    A crash or an exception during ``write`` leaves any previous file at ``path`` untouched and
-    removes the temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; results are not
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-TEMPORARY_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(folder: Union[str, Path]) -> List[Path]:
-    """Delete the temporary files an interrupted :func:`_atomic_write` left in ``folder``
-    (``.NAME.XXXXXXXX.tmp`` beside ``NAME``); call it only while nothing writes there."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX) and p.is_file()]
-    for p in stale:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    return stale
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers: an
-    undefined metric, e.g. the AUC of a split with one class, is written as null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
-    return _atomic_write(path, lambda handle: handle.write(text), binary=False)
-
-
-def atomic_write_json(path: Union[str, Path], obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically; NaN and Inf become null (:func:`json_safe`)."""
-    return _atomic_write(path, lambda handle: json.dump(json_safe(obj), handle, indent=1, allow_nan=False), binary=False)
-
-
-def atomic_torch_save(path: Union[str, Path], obj: Any) -> Path:
-    """``torch.save`` to ``path`` atomically."""
-    return _atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -856,13 +799,14 @@ class TrainConfig:
     num_workers: int = 0
     checkpoint_every: int = 0
     resume: bool = False
+    set_aside_corrupt: bool = False
     progress: bool = True
     value_checks: bool = False
     distributed: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     # options that do not change the numbers a run produces (left out of its fingerprint)
-    _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
+    _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "set_aside_corrupt", "progress", "value_checks", "threads")
     # options added later: left out of the fingerprint while unset, so that older records still match
     _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None, "compile": None}
 
@@ -1130,6 +1074,22 @@ class Trainer:
         finally:
             torch.set_num_threads(threads)
 
+    def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The checkpoint to resume from; None when it was corrupt and has been set aside
+        (``set_aside_corrupt``: the seed then starts afresh)."""
+        try:
+            return load_checkpoint(self.checkpoint_path, map_location=self.device)
+        except FileNotFoundError:
+            if not self.config.set_aside_corrupt:
+                raise
+            return None  # another rank set it aside between our look and our read
+        except CorruptFileError:
+            if not self.config.set_aside_corrupt:
+                raise
+            if is_main_process():  # the ranks read one file; one of them renames it
+                print(f"set aside the corrupt checkpoint {self.checkpoint_path} as {set_aside(self.checkpoint_path).name}; seed {self.seed} starts afresh", flush=True)
+            return None
+
     def _fit(self, stop_epoch: int) -> Optional[Dict[str, Any]]:
         c, task = self.config, self.task
         fingerprint = run_fingerprint(task, c)  # of this seed's checkpoint and record
@@ -1197,8 +1157,8 @@ class Trainer:
         final_test: Optional[Evaluation] = None
         start_epoch = 0
         analysis_state: Optional[Dict[str, Tensor]] = None  # weights of the chosen epoch, for task.analyse
-        if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = self._load_checkpoint() if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        if state is not None:
             if state["fingerprint"] != fingerprint:
                 raise ConfigError(f"checkpoint {self.checkpoint_path} was written with another configuration or data; remove it or change --output-dir")
             model.load_state_dict(state["model"])
@@ -1489,7 +1449,13 @@ def run(
     evenly between the workers, some seeds are cut in two (:func:`plan_seed_pieces`): one worker
     trains the first epochs and writes a checkpoint, another resumes from it, which gives the
     numbers of the uninterrupted run. A seed whose record is already in ``output_dir/seeds``
-    with the same configuration fingerprint is not trained again.
+    with the same configuration fingerprint is not trained again, and the results summarise
+    every such record in the folder (those of earlier runs too), in seed order.
+
+    The run holds the folder's :class:`RunLock` while it writes there: a second run into the
+    same folder fails at once with :class:`OutputFolderBusy`. A corrupt seed record or
+    checkpoint raises :class:`CorruptFileError`; with ``config.set_aside_corrupt`` it is renamed
+    (:func:`set_aside`) and its seed trained afresh.
     """
     config.validate()
     if not seeds:
@@ -1504,28 +1470,65 @@ def run(
         raise ConfigError(f"workers must be 1 with distributed training (the ranks train one seed at a time); got {workers}")
     if config.holdout and task.val is None and task.train_labels is not None:
         check_holdout(task.train_labels, config.holdout)  # before any training, not deep inside the first seed
+    if isinstance(output_dir, str) and not output_dir.strip():
+        raise ConfigError("output_dir must name a folder; got an empty path")
     output_dir = Path(output_dir)
+    if not (write and is_main_process()):
+        return _run_in_folder(task, config, seeds, output_dir, workers=workers, write=write)
+    try:  # a path that cannot be a folder fails now, not after the training
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"output_dir {output_dir} is a file (or lies under one), not a folder") from None
+    with RunLock(output_dir) as lock:
+        for folder in (output_dir, output_dir / "seeds", output_dir / "checkpoints"):
+            remove_stale_temporaries(folder, lock=lock)  # left by a run that was killed while writing
+        return _run_in_folder(task, config, seeds, output_dir, workers=workers, write=write)
+
+
+def finished_seeds(seed_dir: Path, fingerprint: str, *, on_corrupt: str = "raise") -> Tuple[Dict[int, Dict[str, Any]], List[str]]:
+    """The records in ``seed_dir`` of seeds finished with this ``fingerprint``, by seed, and the
+    names of the records of another configuration or data (kept, not summarised).
+
+    A corrupt record raises :class:`CorruptFileError` (``on_corrupt="raise"``), is renamed by
+    :func:`set_aside` (``"set_aside"``, only while holding the folder's lock) or passed over
+    (``"skip"``); its seed then counts as not finished.
+    """
+    if on_corrupt not in ("raise", "set_aside", "skip"):
+        raise ValueError(f"on_corrupt must be 'raise', 'set_aside' or 'skip'; got {on_corrupt!r}")
+    records: Dict[int, Dict[str, Any]] = {}
+    others: List[str] = []
+    for path in sorted(seed_dir.glob("seed*.json")) if seed_dir.is_dir() else ():
+        seed = seed_of_record_file(path)
+        if seed is None:
+            continue
+        try:
+            record = load_seed_record(path)
+        except CorruptFileError:
+            if on_corrupt == "raise":
+                raise
+            if on_corrupt == "skip":
+                continue
+            print(f"set aside the corrupt seed record {path} as {set_aside(path).name}; seed {seed} counts as not trained", flush=True)
+            continue
+        if record["fingerprint"] == fingerprint:
+            records[seed] = record
+        else:
+            others.append(path.name)
+    return records, others
+
+
+def _run_in_folder(task: Task, config: TrainConfig, seeds: Sequence[int], output_dir: Path, *, workers: int, write: bool) -> Dict[str, Any]:
     seed_dir = output_dir / "seeds"
     ckpt_dir = output_dir / "checkpoints"
-    if write and is_main_process():
-        try:  # a path that cannot be a folder fails now, not after the training
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise ConfigError(f"output_dir {output_dir} is a file (or lies under one), not a folder") from None
-        for folder in (output_dir, seed_dir, ckpt_dir):
-            remove_stale_temporaries(folder)  # left by a run that was killed while writing
     fingerprint = run_fingerprint(task, config)
     start = time.perf_counter()
-    records: Dict[int, Dict[str, Any]] = {}
-    todo = []
-    for seed in seeds:
-        seed_file = seed_dir / f"seed{seed}.json"
-        if seed_file.exists():
-            record = json.loads(seed_file.read_text())
-            if record.get("fingerprint") == fingerprint:
-                records[seed] = record
-                continue
-        todo.append(seed)
+    records: Dict[int, Dict[str, Any]] = {}  # the finished seeds of this configuration, in the folder or trained now
+    others: List[str] = []
+    if is_main_process():  # rank 0's view decides for every rank (below)
+        # only the lock's holder renames a corrupt record; a run that writes nothing passes it over
+        on_corrupt = ("set_aside" if write else "skip") if config.set_aside_corrupt else "raise"
+        records, others = finished_seeds(seed_dir, fingerprint, on_corrupt=on_corrupt)
+    todo = [seed for seed in seeds if seed not in records]
     if config.distributed and dist_utils.world_size() > 1:
         # rank 0's view of the finished seeds decides for every rank (ranks must train the same seeds)
         shared = [todo, records]
@@ -1585,10 +1588,12 @@ def run(
         if config.checkpoint_every == 0:
             for seed in handoff:
                 (ckpt_dir / f"seed{seed}.pt").unlink(missing_ok=True)
-    per_seed = [records[s] for s in seeds]
+    per_seed = [records[s] for s in sorted(records)]  # every finished seed in the folder, not only this call's
     results = summarise(task, config, per_seed, seconds=time.perf_counter() - start)
     results["workers"] = workers  # the processes that trained this call's seeds
     results["data_id"] = task.data_id
+    if others:
+        results["ignored_seed_records"] = others  # of another configuration or data
     if write and is_main_process():
         write_results(task, results, per_seed, output_dir)
     return results
@@ -1794,6 +1799,13 @@ def dropout_rate(text: str) -> float:
     return value
 
 
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder path, not empty (``""`` would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder; got an empty path")
+    return Path(text)
+
+
 PASSTHROUGH_EPILOG = "Every other option (--seeds, --epochs, --convention, --holdout, --workers, ...) is passed to each run of {script}; see its --help."
 
 
@@ -1803,7 +1815,7 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2, 3, 4], help="seeds to train (default: 0 1 2 3 4)")
     parser.add_argument("--method", choices=sorted(METHODS), default=d.method, help="training objective (default: %(default)s)")
     parser.add_argument("--convention", choices=CONVENTIONS, default=d.convention, help="paper or released-code conventions (default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, required=True, help="where results.json, results.md and curves.png go")
+    parser.add_argument("--output-dir", type=output_folder, required=True, help="where results.json, results.md and curves.png go")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s (None = full batch)")
     parser.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per optimiser step")
@@ -1834,6 +1846,12 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the seeds' checkpoints")
+    parser.add_argument(
+        "--set-aside-corrupt",
+        action="store_true",
+        help="rename a corrupt checkpoint or seed record to NAME.corrupt-<time> (never deleted) and train that seed afresh, "
+        "instead of stopping with an error naming it",
+    )
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -1875,6 +1893,7 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        set_aside_corrupt=args.set_aside_corrupt,
         progress=not args.no_progress,
         distributed=args.distributed,
     ).validate()
@@ -1898,7 +1917,7 @@ def launch(task: "Task", config: TrainConfig, seeds: Sequence[int], output_dir: 
     try:
         results = run(task, config, seeds, output_dir, workers=workers)
         main_process = is_main_process()  # asked before leaving the process group
-    except ConfigError as err:
+    except (ConfigError, CorruptFileError, OutputFolderBusy) as err:
         raise SystemExit(f"{task.name}: {err}") from None
     finally:
         shutdown_distributed()
