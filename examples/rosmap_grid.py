@@ -21,6 +21,15 @@ from rosmap import ROSMAP
 METRICS = ("acc", "f1", "auc")
 
 
+def scored_epochs(rows: Mapping[str, Mapping]) -> str:
+    """Which epochs ``best_on_test`` chose among, in words, from the runs' configuration."""
+    config = next(iter(rows.values()))["config"]
+    every, last = config["test_every"], config["epochs"] - 1
+    if config.get("test_grid", "package") == "released":
+        return f"after epochs 0, {every}, ..., {last - last % every} (0-based), as the released loop scores them"
+    return f"after epochs {every - 1}, {2 * every - 1}, ..., {last} (0-based): the released loop scores one epoch earlier, at 0, {every}, ..."
+
+
 def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     # a grid trained without a held-out split (--holdout 0) has no validation columns
     protocols = [p for p in engine.PROTOCOLS if any(p in r["protocols"] for r in rows.values())]
@@ -58,7 +67,7 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     lines += [
         "",
         f"Test-set ACC / F1 / AUC in percent, mean ± sample std over seeds. {validation} `final`: the last epoch;"
-        " `best-on-test*`: the best test score over the epochs scored (every 10th, as in the released code) - optimistic,"
+        f" `best-on-test*`: the best test score over the epochs scored ({scored_epochs(rows)}) - optimistic,"
         f" it selects on the test set.{held_out_note}"
         + (
             " `common-epoch*`: the test ACC at the one epoch (the same for every seed) with the best mean test ACC -"
