@@ -149,14 +149,13 @@ def check_imagetext(args) -> None:
         _refuse("released", "--bf16", "does not apply: the released image-text loop trains in float32")
     if args.scheduler != "plateau":
         _refuse("released", f"--scheduler {args.scheduler}", "does not apply: the released loop uses ReduceLROnPlateau on the training accuracy")
-    if args.accumulate != 4 or args.batch_size != 32:
-        _refuse("released", "--batch-size/--accumulate", "do not apply: the released loop sums the gradients of 4 micro-batches of 32")
     if args.distributed:
         _refuse("released", "--distributed", "does not apply: the released loop trains in one process")
     if args.ema_decay is not None:
         _refuse("released", "--ema-decay", "does not apply: the released loop scores the trained weights")
-    if args.eval_batch_size not in (None, 32):
-        _refuse("released", "--eval-batch-size", "does not apply: the released loop scores in batches of 32, dropping the last incomplete one")
+    for option in ("eval_every", "test_every"):
+        if getattr(args, option) != 1:
+            _refuse("released", f"--{option.replace('_', '-')}", "does not apply: the released loop validates every --valid-step optimiser steps and scores the test set after each validation")
     for option in ("valid_step", "min_epoch"):
         value = getattr(args, option)
         if value is not None and value < (1 if option == "valid_step" else 0):
