@@ -24,6 +24,7 @@ _VALUE_CHECKS = True
 REDUCTIONS = ("mean", "sum", "none")
 CONVENTIONS = ("paper", "reference")
 BACKENDS = ("auto", "dense", "tiled", "triton")
+PARTNERS = ("clean", "mixed")
 
 
 def set_value_checks(enabled: bool) -> bool:
@@ -52,6 +53,14 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def resolve_partner(partner: object, convention: str) -> str:
+    """The embeddings an M3Co term contrasts a mixed modality with: ``partner`` itself, checked,
+    or the convention's default when None (paper: ``"clean"``, reference: ``"mixed"``)."""
+    if partner is None:
+        return "mixed" if convention == "reference" else "clean"
+    return check_choice("partner", partner, PARTNERS)
 
 
 def check_temperature(name: str, value: object) -> float:

@@ -14,11 +14,12 @@ Notation (see the docs' maths page): ``r = lse_row(S)``, ``c = lse_col(S)``, ``j
   ``v_i = c_i + sum_l W_il r_l - 2 sum_l W_il S_li``
 * :func:`clip_loss`: ``v_i = r_i + c_i - 2 S_ii``
 
-``convention="reference"`` computes what the authors' released code computes (SPEC section 6):
-each directed term is the *average* of its two directions, MultiSClip weights both directions
-by the rows of ``W``, and :func:`m3co` / :func:`multisoftclip` use cyclic pairs
-(modality m against m+1 mod M, one direction each). Fixed points of ``perm`` are exact in both
-conventions (the released code's fixed-point bug is not reproduced).
+``convention="reference"`` computes what the authors' released code computes (docs: *Paper
+versus released code*): each directed term is the *average* of its two directions, MultiSClip
+weights both directions by the rows of ``W``, :func:`m3co` / :func:`multisoftclip` use cyclic
+pairs (modality m against m+1 mod M, one direction each), and each M3Co term contrasts the
+mixed modality with the *mixed* embeddings of its partner (``partner="mixed"``). Fixed points of
+``perm`` are exact in both conventions (the released code's fixed-point bug is not reproduced).
 
 Backends: ``"dense"`` builds the N x N similarity matrix (readable reference);
 ``"tiled"`` streams over tiles with online log-sum-exp in O(N D) memory and recomputes tiles in
@@ -59,6 +60,7 @@ from ._validation import (
     check_sequence,
     check_temperature,
     has_values,
+    resolve_partner,
     value_checks_enabled,
 )
 
@@ -439,9 +441,15 @@ def m3co_pair(
     With ``lam = 1`` this is :func:`clip_loss`. ``convention="reference"`` halves it (the
     released code averages the two directions).
 
+    The released code mixes every modality before it contrasts them, so its term is this one
+    with modality b's *mixed* embeddings as ``clean_b`` (targets still from a's ``perm`` and
+    ``lam``): pass those for the released computation, as :func:`m3co` does with
+    ``partner="mixed"``.
+
     Args:
         mixed_a: (N, D) embeddings of the mixed modality a.
-        clean_b: (N, D) embeddings of the clean modality b.
+        clean_b: (N, D) embeddings of modality b: clean (the paper), or mixed with b's own plan
+            (the released code).
         perm: (N,) integer permutation of 0..N-1: the mixing partner of each row.
         lam: (N,) mixing weights in [0, 1].
         temperature: softmax temperature t > 0.
@@ -466,54 +474,79 @@ def m3co_pair(
 
 def m3co(
     mixed: Sequence[Tensor],
-    clean: Sequence[Tensor],
+    clean: Optional[Sequence[Tensor]],
     perms: Sequence[Tensor],
     lam: LamArg,
     *,
     temperature: float = 0.1,
     reduction: str = "mean",
     convention: str = "paper",
+    partner: Optional[str] = None,
     backend: str = "auto",
     gather_distributed: bool = False,
 ) -> Tensor:
     r"""M3Co loss over M >= 2 modalities (paper Eq. 8 and 12).
 
-    ``paper``: ``sum_{a<b} 1/2 (L3(a->b) + L3(b->a))``, where L3(a->b) uses ``mixed[a]``,
-    ``clean[b]``, ``perms[a]`` and ``lam`` of modality a.
-    ``reference``: ``sum_m L3_ref(m -> m+1 mod M)`` (the released code's cyclic pairs, each term
-    the average of its two directions); for M = 2 both conventions coincide.
+    The directed term a -> b is :func:`m3co_pair` of ``mixed[a]`` against modality b's clean
+    (``partner="clean"``) or mixed (``partner="mixed"``) embeddings, with ``perms[a]`` and
+    modality a's ``lam``.
+
+    ``paper``: ``sum_{a<b} 1/2 (L3(a->b) + L3(b->a))`` against clean partners.
+    ``reference``: ``sum_m L3_ref(m -> m+1 mod M)`` against mixed partners, each term the
+    average of its two directions: what the released code computes, as it mixes every modality
+    before contrasting. For M = 2 the two conventions coincide when their partners do.
 
     Args:
         mixed: M tensors (N, D): each modality's mixed embeddings.
-        clean: M tensors (N, D): each modality's clean embeddings.
+        clean: M tensors (N, D): each modality's clean embeddings; may be None when the
+            partner is ``"mixed"`` (if given, it is still checked).
         perms: M permutations (N,), one per modality.
         lam: (N,) shared by all modalities (the paper), or (M, N) / M tensors (N,), one per
             modality (the released code).
+        partner: ``"clean"`` or ``"mixed"``; None takes the convention's (paper: ``"clean"``,
+            reference: ``"mixed"``).
         temperature, reduction, convention, backend, gather_distributed: as in :func:`m3co_pair`.
+
+    Raises:
+        ValueError: an option out of range (named), ``clean`` None with a clean partner, or
+            inputs of inconsistent shapes (named).
+        TypeError: inputs of the wrong kind or dtype (named).
+
+    Example: the released computation, each modality mixed with its own draw::
+
+        plan = m3co_loss.MixupSampler.for_convention("reference").sample(len(z[0]), len(z))
+        mixed = [plan.mix(x, m) for m, x in enumerate(z)]
+        loss = m3co(mixed, None, plan.perms, plan.lam, convention="reference")
     """
     t = _check_common(temperature, reduction, convention)
+    partner = resolve_partner(partner, convention)
     spread = _spread(gather_distributed)
-    clean = _check_modalities("clean", clean, min_rows=_min_rows(spread))
-    n, d = clean[0].shape
-    mixed = _check_modalities("mixed", mixed, n=n, d=d, min_rows=_min_rows(spread))
-    num = len(clean)
-    if len(mixed) != num:
-        raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {num}")
-    device = clean[0].device
-    check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
+    if clean is None:
+        if partner == "clean":
+            raise ValueError("clean is None, but partner='clean' contrasts each mixed modality with clean embeddings; pass clean or partner='mixed'")
+        mixed = _check_modalities("mixed", mixed, min_rows=_min_rows(spread))
+    else:
+        clean = _check_modalities("clean", clean, min_rows=_min_rows(spread))
+        mixed = _check_modalities("mixed", mixed, n=clean[0].shape[0], d=clean[0].shape[1], min_rows=_min_rows(spread))
+        if len(mixed) != len(clean):
+            raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {len(clean)}")
+        check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
+    num, n, device = len(mixed), mixed[0].shape[0], mixed[0].device
     perms = check_sequence("perms", perms, min_len=0)  # a wrong count is named below
     if len(perms) != num:
         raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
     perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]
     lams = _per_modality_lam(lam, num, n, device)
-    layout = _batch_layout(list(mixed) + list(clean), spread, "clean")
+    # Only the embeddings that enter a term are normalised and gathered.
+    used = list(mixed) + (list(clean) if partner == "clean" else [])
+    layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed")
     reference = convention == "reference"
     with _no_autocast(device):
-        rows = _prepare(list(mixed) + list(clean), layout)
-        mixed_rows, clean_rows = rows[:num], rows[num:]
+        rows = _prepare(used, layout)
+        partners = rows[num:] if partner == "clean" else rows[:num]
         total = None
         for a, b, weight in _directed_pairs(num, convention):
-            v = _m3co_vector(mixed_rows[a], clean_rows[b], perms[a], lams[a].to(mixed_rows[a].local.dtype), t, reference, layout, backend)
+            v = _m3co_vector(rows[a], partners[b], perms[a], lams[a].to(rows[a].local.dtype), t, reference, layout, backend)
             total = weight * v if total is None else total + weight * v
         return _reduce(total, reduction, layout)
 

@@ -22,12 +22,13 @@ from ._validation import (
     check_probability,
     check_temperature,
     has_values,
+    resolve_partner,
 )
 from .mixup import MixupPlan, MixupSampler
 
 __all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "UniSMMCLoss"]
 
-# The released code's MultiSClip temperature and M3Co share of training (SPEC section 6).
+# The released code's MultiSClip temperature and M3Co share of training (docs: Paper versus released code).
 REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
 REFERENCE_M3CO_FRACTION = 0.33
 
@@ -122,10 +123,11 @@ class UniSMMCLoss(nn.Module):
 class M3CoLoss(_ContrastiveOptions):
     r"""The M3CoL contrastive term: ``beta * (M3Co early in training, MultiSClip afterwards)``.
 
-    During the first ``m3co_fraction`` of ``total_steps`` the loss is M3Co on mixed versus
-    clean embeddings (paper Eq. 12); afterwards it is MultiSClip on the clean embeddings
-    (Eq. 13). Add the unimodal and fusion cross-entropies of Eq. 14-15 yourself. Without
-    ``total_steps`` the loss is M3Co throughout.
+    During the first ``m3co_fraction`` of ``total_steps`` the loss is M3Co (paper Eq. 12):
+    mixed versus clean embeddings in the paper's convention, mixed versus mixed in the released
+    code's (``partner``); afterwards it is MultiSClip on the clean embeddings (Eq. 13). Add the
+    unimodal and fusion cross-entropies of Eq. 14-15 yourself. Without ``total_steps`` the loss
+    is M3Co throughout.
 
     Drop-in use, mixing the final embeddings (what the released code does)::
 
@@ -156,7 +158,10 @@ class M3CoLoss(_ContrastiveOptions):
         alpha: Beta(alpha, alpha) concentration of the mixing weights (0.15).
         mix_prob, shared_lam: sampler options; None takes the convention's values
             (paper: 1.0 and True; reference: 0.5 and False).
-        convention: ``"paper"`` or ``"reference"`` (SPEC section 6).
+        convention: ``"paper"`` or ``"reference"`` (docs: *Paper versus released code*).
+        partner: what each mixed modality is contrasted with: the other modality's ``"clean"``
+            or ``"mixed"`` embeddings; None takes the convention's (paper: ``"clean"``,
+            reference: ``"mixed"``, as the released code mixes every modality first).
         reduction, backend, gather_distributed: as in :mod:`m3co_loss.functional`.
         generator: CPU ``torch.Generator`` for reproducible mixing.
     """
@@ -175,6 +180,7 @@ class M3CoLoss(_ContrastiveOptions):
         mix_prob: Optional[float] = None,
         shared_lam: Optional[bool] = None,
         convention: str = "paper",
+        partner: Optional[str] = None,
         reduction: str = "mean",
         backend: str = "auto",
         gather_distributed: bool = False,
@@ -182,6 +188,7 @@ class M3CoLoss(_ContrastiveOptions):
     ) -> None:
         super().__init__(temperature, reduction, backend, gather_distributed, convention)
         reference = convention == "reference"
+        self.partner = resolve_partner(partner, convention)
         if multisclip_temperature is None:
             multisclip_temperature = REFERENCE_MULTISCLIP_TEMPERATURE if reference else 0.1
         self.multisclip_temperature = check_temperature("multisclip_temperature", multisclip_temperature)
@@ -303,12 +310,12 @@ class M3CoLoss(_ContrastiveOptions):
                 raise ValueError(f"plan was drawn for a batch of {plan.batch_size} but z holds N = {z[0].shape[0]} rows")
             if mixed is None:
                 mixed = [plan.mix(x, m) for m, x in enumerate(z)]
-            loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, **options)
+            loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, partner=self.partner, **options)
         return self.beta * loss
 
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
-            + f", multisclip_temperature={self.multisclip_temperature}, beta={self.beta}, total_steps={self.total_steps}, "
-            f"m3co_fraction={self.m3co_fraction:.4g}, sampler={self.sampler!r}"
+            + f", partner={self.partner!r}, multisclip_temperature={self.multisclip_temperature}, beta={self.beta}, "
+            f"total_steps={self.total_steps}, m3co_fraction={self.m3co_fraction:.4g}, sampler={self.sampler!r}"
         )

@@ -105,7 +105,8 @@ def _m3co_pair(conv):
 
 
 def _m3co(conv):
-    return lambda z, zm, lg, y, plan, o: F.m3co(zm, z, plan.perms, plan.lam, convention=conv, **o)
+    # The reference convention contrasts mixed with mixed embeddings: it needs no clean ones.
+    return lambda z, zm, lg, y, plan, o: F.m3co(zm, z if conv == "paper" else None, plan.perms, plan.lam, convention=conv, **o)
 
 
 def _msc_pair(conv):

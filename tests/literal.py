@@ -1,4 +1,5 @@
-"""Slow, literal transcriptions of the equations (SPEC sections 3, 4, 6, 7), for tests only.
+"""Slow, literal transcriptions of the paper's equations and of the authors' released
+computation (docs: maths, Paper versus released code), for tests only.
 
 Everything is written with explicit loops over samples and scalar float64 tensors, so that
 it shares no code path with the package. Autograd flows through it, so gradients can be
@@ -36,7 +37,7 @@ def lse_col(S, k):
 
 
 def m3co_pair_paper(mixed_a, clean_b, perm, lam, t):
-    """SPEC section 3, L3(a->b)."""
+    """L3(a->b) of paper Eq. 6."""
     S = similarity(normalize(mixed_a), normalize(clean_b), t)
     n = len(S)
     total = 0
@@ -75,7 +76,7 @@ def soft_targets(p, t):
 
 
 def multisoftclip_pair_paper(z_a, z_b, t):
-    """SPEC section 4, Ls(a; a, b)."""
+    """Ls(a; a, b) of paper Eq. 9."""
     p_a, p_b = normalize(z_a), normalize(z_b)
     S = similarity(p_a, p_b, t)
     W = soft_targets(p_a, t)
@@ -97,15 +98,47 @@ def multisoftclip_pair_released(z_a, z_b, t):
     return (loss1 + loss2) / 2
 
 
-def m3co(mixed, clean, perms, lams, t, convention):
-    M = len(clean)
+def m3co(mixed, clean, perms, lams, t, convention, partner=None):
+    """Paper: all pairs, both directions; reference: cyclic. ``partner`` picks what mixed[a] is
+    contrasted with (default: clean for the paper, mixed for the reference convention)."""
+    M = len(mixed)
+    if partner is None:
+        partner = "clean" if convention == "paper" else "mixed"
+    other = clean if partner == "clean" else mixed
     if convention == "paper":
         return sum(
-            0.5 * (m3co_pair_paper(mixed[a], clean[b], perms[a], lams[a], t) + m3co_pair_paper(mixed[b], clean[a], perms[b], lams[b], t))
+            0.5 * (m3co_pair_paper(mixed[a], other[b], perms[a], lams[a], t) + m3co_pair_paper(mixed[b], other[a], perms[b], lams[b], t))
             for a in range(M)
             for b in range(a + 1, M)
         )
-    return sum(m3co_pair_released(mixed[m], clean[(m + 1) % M], perms[m], lams[m], t) for m in range(M))
+    return sum(m3co_pair_released(mixed[m], other[(m + 1) % M], perms[m], lams[m], t) for m in range(M))
+
+
+def mix_rows(z, perm, lam):
+    """Row i becomes lam_i z_i + (1 - lam_i) z_perm[i]; every row is made from unmixed rows."""
+    return torch.stack([lam[i] * z[i] + (1 - lam[i]) * z[int(perm[i])] for i in range(z.shape[0])])
+
+
+def m3co_released(z, perms, lams, t):
+    """The released M3Co from the clean embeddings ``z``: every modality is first mixed with its
+    own perm and lam; then term m contrasts mixed m with *mixed* m+1 (mod M), targets from m.
+    Each term averages the row and the column cross-entropy of ``S = p_m p_{m+1}^T / t``. The
+    target of row i puts lam_i on i and 1 - lam_i on perm[i], added when they coincide (the
+    released code overwrites there instead: that bug is left out)."""
+    M = len(z)
+    mixed = [mix_rows(z[m], perms[m], lams[m]) for m in range(M)]
+    total = 0
+    for m in range(M):
+        S = similarity(normalize(mixed[m]), normalize(mixed[(m + 1) % M]), t)
+        n = len(S)
+        T = [[0.0] * n for _ in range(n)]
+        for i in range(n):
+            T[i][i] = T[i][i] + lams[m][i]
+            T[i][int(perms[m][i])] = T[i][int(perms[m][i])] + (1 - lams[m][i])
+        rows = sum(T[i][k] * (lse_row(S, i) - S[i][k]) for i in range(n) for k in range(n)) / n
+        cols = sum(T[i][k] * (lse_col(S, k) - S[i][k]) for k in range(n) for i in range(n)) / n
+        total = total + (rows + cols) / 2
+    return total
 
 
 def multisoftclip(z, t, convention):

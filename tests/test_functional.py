@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import literal
 import m3co_loss
 from m3co_loss import functional as F
+from m3co_loss.mixup import MixupPlan
 from strategies import cases, mixing_cases, temperatures
 
 CONVENTIONS = ["paper", "reference"]
@@ -70,16 +71,21 @@ def test_multisoftclip_pair_matches_literal(backend, case, t, convention):
     )
 
 
-@example(case=mixing_cases(3)[0], t=0.125, convention="paper")
-@example(case=mixing_cases(3)[0], t=0.125, convention="reference")
-@example(case=mixing_cases(3)[1], t=0.125, convention="paper")
-@example(case=mixing_cases(3)[1], t=0.125, convention="reference")
-@given(case=cases(modalities=2, max_modalities=4, max_n=6), t=temperatures, convention=st.sampled_from(CONVENTIONS))
-def test_m3co_matches_literal(backend, case, t, convention):
+@example(case=mixing_cases(3)[0], t=0.125, convention="paper", partner=None)
+@example(case=mixing_cases(3)[0], t=0.125, convention="reference", partner=None)
+@example(case=mixing_cases(3)[1], t=0.125, convention="paper", partner=None)
+@example(case=mixing_cases(3)[1], t=0.125, convention="reference", partner=None)
+@given(
+    case=cases(modalities=2, max_modalities=4, max_n=6),
+    t=temperatures,
+    convention=st.sampled_from(CONVENTIONS),
+    partner=st.sampled_from([None, "clean", "mixed"]),
+)
+def test_m3co_matches_literal(backend, case, t, convention, partner):
     m = len(case.z)
     assert_same_value_and_grad(
-        lambda *x: F.m3co(list(x[:m]), list(x[m:]), case.perms, case.lams, temperature=t, convention=convention, backend=backend),
-        lambda *x: literal.m3co(list(x[:m]), list(x[m:]), case.perms, case.lams, t, convention),
+        lambda *x: F.m3co(list(x[:m]), list(x[m:]), case.perms, case.lams, temperature=t, convention=convention, partner=partner, backend=backend),
+        lambda *x: literal.m3co(list(x[:m]), list(x[m:]), case.perms, case.lams, t, convention, partner),
         case.mixed + case.z,
     )
 
@@ -103,6 +109,75 @@ def test_unis_mmc_matches_literal(case, t, data):
     assert_same_value_and_grad(
         lambda *r: F.unis_mmc(list(r), logits, y, temperature=t), lambda *r: literal.unis_mmc(list(r), logits, y, t), case.z
     )
+
+
+# ----------------------------------------------------------------------------- the released computation
+
+
+def released_plan(num: int, n: int = 7, seed: int = 11) -> MixupPlan:
+    """Per-modality permutations with fixed points and mixing weights with unmixed rows (lam = 1),
+    exact 0 and a fixed point left unmixed: every case of the released target matrix."""
+    g = torch.Generator().manual_seed(seed)
+    perms, lams = [], []
+    for m in range(num):
+        fixed = {m % n, (m + 3) % n}
+        moving = torch.tensor([i for i in range(n) if i not in fixed])
+        perm = torch.arange(n)
+        perm[moving] = moving[torch.randperm(len(moving), generator=g)]
+        if torch.equal(perm, torch.arange(n)):
+            perm[moving] = moving.roll(1)
+        lam = torch.rand(n, generator=g, dtype=torch.float64)
+        lam[(m + 3) % n] = 1.0  # an unmixed fixed point (the released code drops this row)
+        lam[(m + 1) % n] = 1.0  # an unmixed row (its partner gets no weight)
+        lam[(m + 2) % n] = 0.0  # a row that is all partner
+        perms.append(perm)
+        lams.append(lam)
+    return MixupPlan(tuple(perms), torch.stack(lams))
+
+
+@pytest.mark.parametrize("num", [2, 3, 4])
+def test_reference_m3co_is_the_released_computation(backend, num):
+    """Module and function, value and gradient, against a loop transcription of the released
+    computation: every modality mixed first, then mixed m against *mixed* m+1."""
+    t = 0.1
+    g = torch.Generator().manual_seed(num)
+    z = [torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(num)]
+    plan = released_plan(num)
+    assert all(bool((p == torch.arange(7)).any()) and not torch.equal(p, torch.arange(7)) for p in plan.perms)
+    expected, expected_grads = grads(lambda *x: literal.m3co_released(list(x), plan.perms, plan.lam, t), z)
+    module = m3co_loss.M3CoLoss(convention="reference", temperature=t, beta=1.0, backend=backend)
+    kw = dict(temperature=t, convention="reference", backend=backend)
+    calls = {
+        "M3CoLoss": lambda *x: module(list(x), plan=plan),
+        "m3co": lambda *x: F.m3co([plan.mix(v, m) for m, v in enumerate(x)], None, plan.perms, plan.lam, **kw),
+    }
+    for name, fn in calls.items():
+        value, gradients = grads(fn, z)
+        close(value, expected, rtol=1e-12, atol=1e-12)
+        for m, (got, want) in enumerate(zip(gradients, expected_grads)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda msg, name=name, m=m: f"{name}, gradient of z[{m}]: {msg}")
+
+
+def test_reference_m3co_loss_draws_what_the_released_code_draws(backend):
+    """The module's own draw (half the rows mixed, lam per modality) goes through the same computation."""
+    z = [torch.randn(9, 3, generator=torch.Generator().manual_seed(m), dtype=torch.float64) for m in range(3)]
+    criterion = m3co_loss.M3CoLoss(convention="reference", beta=1.0, backend=backend, generator=torch.Generator().manual_seed(4))
+    plan = m3co_loss.MixupSampler.for_convention("reference", generator=torch.Generator().manual_seed(4)).sample(9, 3)
+    assert not torch.equal(plan.lam[0], plan.lam[1]) and bool((plan.lam == 1).any())
+    close(criterion(z), literal.m3co_released(z, plan.perms, plan.lam.double(), 0.1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", mixing_cases(3), ids=["mixed-embeddings", "encoded-mixed-inputs"])
+def test_default_partners_of_the_conventions(backend, case):
+    """reference: mixed partners, for which clean is not needed; paper: clean partners. (The
+    values of each partner under each convention are checked against tests/literal.py above.)"""
+    ref = dict(convention="reference", backend=backend)
+    released = F.m3co(case.mixed, case.z, case.perms, case.lams, **ref)
+    assert torch.equal(F.m3co(case.mixed, None, case.perms, case.lams, **ref), released)
+    assert torch.equal(F.m3co(case.mixed, case.z, case.perms, case.lams, partner="mixed", **ref), released)
+    assert not torch.allclose(F.m3co(case.mixed, case.z, case.perms, case.lams, partner="clean", **ref), released)
+    paper = dict(convention="paper", backend=backend)
+    assert torch.equal(F.m3co(case.mixed, case.z, case.perms, case.lams, **paper), F.m3co(case.mixed, case.z, case.perms, case.lams, partner="clean", **paper))
 
 
 # ----------------------------------------------------------------------------- identities
@@ -189,18 +264,22 @@ def test_aggregates_are_sums_over_pairs(backend, case, t):
         for b in range(a + 1, m)
     )
     close(F.multisoftclip(case.z, **kw), expected)
-    # released convention: cyclic, one direction each
+    # released convention: cyclic, one direction each, against the next modality's mixed embeddings
     ref = dict(kw, convention="reference")
     close(
         F.m3co(case.mixed, case.z, case.perms, case.lams, **ref),
+        sum(F.m3co_pair(case.mixed[k], case.mixed[(k + 1) % m], case.perms[k], case.lams[k], **ref) for k in range(m)),
+    )
+    close(
+        F.m3co(case.mixed, case.z, case.perms, case.lams, partner="clean", **ref),
         sum(F.m3co_pair(case.mixed[k], case.z[(k + 1) % m], case.perms[k], case.lams[k], **ref) for k in range(m)),
     )
     close(F.multisoftclip(case.z, **ref), sum(F.multisoftclip_pair(case.z[(k + 1) % m], case.z[k], **ref) for k in range(m)))
 
 
-@given(case=cases(), t=temperatures)
-def test_two_modalities_conventions_agree_for_m3co(backend, case, t):
-    kw = dict(temperature=t, backend=backend)
+@given(case=cases(), t=temperatures, partner=st.sampled_from(["clean", "mixed"]))
+def test_two_modalities_conventions_agree_for_m3co_with_the_same_partner(backend, case, t, partner):
+    kw = dict(temperature=t, backend=backend, partner=partner)
     close(
         F.m3co(case.mixed, case.z, case.perms, case.lams, convention="paper", **kw),
         F.m3co(case.mixed, case.z, case.perms, case.lams, convention="reference", **kw),

@@ -42,6 +42,19 @@ def test_m3co_loss_with_a_plan_equals_the_function():
     torch.testing.assert_close(criterion(z, plan=plan), expected)
 
 
+@pytest.mark.parametrize("partner", [None, "mixed", "clean"])
+def test_reference_m3co_loss_passes_its_partner_to_the_function(partner):
+    z = embeddings(m=3)
+    criterion = M3CoLoss(convention="reference", beta=0.5, partner=partner)
+    assert criterion.partner == (partner or "mixed")
+    plan = criterion.sample(8, 3)
+    mixed = [plan.mix(x, m) for m, x in enumerate(z)]
+    clean = None if criterion.partner == "mixed" else z
+    expected = 0.5 * F.m3co(mixed, clean, plan.perms, plan.lam, convention="reference", partner=criterion.partner)
+    assert torch.equal(criterion(z, plan=plan), expected)
+    assert torch.equal(criterion(z, mixed=mixed, plan=plan), expected)
+
+
 def test_schedule_switches_from_m3co_to_multisclip():
     z = embeddings()
     criterion = M3CoLoss(total_steps=9, beta=1.0)
@@ -138,7 +151,8 @@ def test_modules_backpropagate():
 
 def test_repr_lists_the_options():
     text = repr(M3CoLoss(convention="reference"))
-    assert "convention='reference'" in text and "beta=0.1" in text and "mix_prob=0.5" in text
+    assert "convention='reference'" in text and "partner='mixed'" in text and "beta=0.1" in text and "mix_prob=0.5" in text
+    assert "partner='clean'" in repr(M3CoLoss()) and "partner='clean'" in repr(M3CoLoss(convention="reference", partner="clean"))
 
 
 def test_public_names():

@@ -166,6 +166,20 @@ def test_less_common_bad_inputs_are_named():
     expect(ValueError, r"^x must have the batch \(6\) as its first dim; got shape \(\)", lambda: plan.mix(torch.tensor(1.0), 0))
 
 
+def test_m3co_partner_and_a_missing_clean_are_named():
+    d = good()
+    a, b, perm, lam = d["a"], d["b"], d["perm"], d["lam"]
+    for bad in ("released", "Mixed", 1):
+        expect(ValueError, r"^partner must be one of 'clean', 'mixed'; got", lambda: F.m3co([a, b], [b, a], [perm] * 2, lam, partner=bad))
+    expect(ValueError, r"^clean is None, but partner='clean'", lambda: F.m3co([a, b], None, [perm] * 2, lam))  # the paper's default
+    expect(ValueError, r"^clean is None, but partner='clean'", lambda: F.m3co([a, b], None, [perm] * 2, lam, convention="reference", partner="clean"))
+    # clean is not needed for mixed partners, but is still checked when given
+    assert torch.isfinite(F.m3co([a, b], None, [perm] * 2, lam, partner="mixed"))
+    expect(ValueError, r"^mixed\[0\] has", lambda: F.m3co([a, b], [torch.randn(N + 1, D)] * 2, [perm] * 2, lam, convention="reference"))
+    expect(ValueError, r"^clean\[1\] contains NaN", lambda: F.m3co([a, b], [b, torch.full((N, D), float("nan"))], [perm] * 2, lam, convention="reference"))
+    expect(ValueError, r"^mixed\[1\] has", lambda: F.m3co([a, torch.randn(N, D + 1)], None, [perm] * 2, lam, convention="reference"))
+
+
 def test_sparse_embeddings_are_refused():
     d = good()
     for name, call in pair_calls(d["a"].to_sparse(), d["b"], d["perm"], d["lam"]).items():
@@ -210,6 +224,8 @@ def test_value_checks_can_be_switched_off():
         (m3co_loss.M3CoLoss, dict(convention="released"), "convention"),
         (m3co_loss.M3CoLoss, dict(reduction="avg"), "reduction"),
         (m3co_loss.M3CoLoss, dict(backend="gpu"), "backend"),
+        (m3co_loss.M3CoLoss, dict(partner="released"), "^partner must be one of 'clean', 'mixed'"),
+        (m3co_loss.M3CoLoss, dict(convention="reference", partner=1), "^partner must be one of"),
         (m3co_loss.MultiSClipLoss, dict(temperature=-1.0), "temperature"),
         (m3co_loss.CLIPLoss, dict(temperature=0.0), "temperature"),
         (m3co_loss.UniSMMCLoss, dict(temperature=0.0), "temperature"),
