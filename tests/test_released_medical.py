@@ -36,12 +36,7 @@ def rosmap(tmp_path_factory):
     return mogonet.make_task(ROSMAP, data), mogonet.config_from_args(ROSMAP, args)
 
 
-# Until the library contrasts a mixed view with the *mixed* next view under ``reference``.
-_PARTNER = "partner" in __import__("inspect").signature(__import__("m3co_loss").functional.m3co).parameters
-_M3CO = pytest.param("m3co", marks=pytest.mark.xfail(not _PARTNER, reason="the library still contrasts with the clean view", strict=True))
-
-
-@pytest.mark.parametrize("phase", [_M3CO, "multisclip"])
+@pytest.mark.parametrize("phase", ["m3co", "multisclip"])
 def test_a_reference_step_is_the_released_models_loss_and_gradient(rosmap, phase):
     task, config = rosmap
     torch.manual_seed(0)
