@@ -477,3 +477,16 @@ def test_reference_mixup_is_the_released_mixup_data():
         torch.testing.assert_close(loss, expected)
         lams.append(lam)
     assert len(set(lams)) == 3  # a fresh lam per batch
+
+
+def test_seed_statistics():
+    import seed_stats
+
+    low, high = [0.80, 0.81, 0.82, 0.83, 0.84], [0.90, 0.91, 0.92, 0.93, 0.94]
+    assert seed_stats.permutation_p_value(low, high) == pytest.approx(2 / 252)  # only the split itself, both ways
+    assert seed_stats.permutation_p_value(low, low) == 1.0
+    lo, hi = seed_stats.bootstrap_interval(low, high)
+    assert lo <= -0.1 + 1e-12 and hi >= -0.1 - 1e-12 and hi < 0  # a shift of exactly 0.1 in every resample's reach
+    assert "-10.0 points" in seed_stats.describe(low, high) and "p = 0.01" in seed_stats.describe(low, high)
+    with pytest.raises(ValueError, match="at least two finite numbers"):
+        seed_stats.compare([0.5], high)
