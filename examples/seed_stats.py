@@ -4,7 +4,8 @@ With five seeds a side, the exact permutation test enumerates every split of the
 into two groups of five (252 of them) and reports the share whose difference of means is at
 least as large in magnitude as the observed one: no normality assumed, nothing drawn at
 random. The bootstrap interval resamples each group with replacement and gives the central
-``level`` share of the differences of means (percentile interval, fixed seed).
+``level`` share of the differences of means (percentile interval, fixed seed). Against a
+published mean ± std (no per-run figures), :func:`welch_p_value` takes summary statistics.
 
     python examples/seed_stats.py A.json B.json    # two lists of per-seed figures, or {"values": [...]}
 """
@@ -19,7 +20,7 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["permutation_p_value", "bootstrap_interval", "compare", "describe"]
+__all__ = ["permutation_p_value", "bootstrap_interval", "welch_p_value", "compare", "describe"]
 
 
 def _check(name: str, values: Sequence[float]) -> np.ndarray:
@@ -52,6 +53,14 @@ def bootstrap_interval(a: Sequence[float], b: Sequence[float], *, level: float =
     diffs = rng.choice(a, (draws, len(a))).mean(axis=1) - rng.choice(b, (draws, len(b))).mean(axis=1)
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def welch_p_value(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float, n_b: int) -> float:
+    """Two-sided Welch t-test p-value from summary statistics (for a published mean ± std over n runs,
+    whose per-run figures are not known)."""
+    from scipy import stats
+
+    return float(stats.ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False).pvalue)
 
 
 def compare(a: Sequence[float], b: Sequence[float]) -> Dict[str, object]:

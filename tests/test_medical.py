@@ -490,3 +490,8 @@ def test_seed_statistics():
     assert "-10.0 points" in seed_stats.describe(low, high) and "p = 0.01" in seed_stats.describe(low, high)
     with pytest.raises(ValueError, match="at least two finite numbers"):
         seed_stats.compare([0.5], high)
+    # Welch from summaries: the same p as from the values themselves
+    from scipy import stats
+
+    a, b = np.array(low), np.array(high) - 0.095
+    assert seed_stats.welch_p_value(a.mean(), a.std(ddof=1), 5, b.mean(), b.std(ddof=1), 5) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
