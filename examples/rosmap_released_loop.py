@@ -40,7 +40,7 @@ HOW = (
     "(github.com/RaghavSinghal10/M3CoL, commit 818abdb), run with --dataset rosmap --device cpu --multi_mixup --seed S, "
     "float32, torch {torch}, one thread. Changed: args.data_path -> args.data_dir and StepLR gamma=args -> gamma=args.gamma "
     "(the two crashes); .cuda() -> .to(args.device) and the unused torchvision/PIL/pandas/urllib imports of model/utils.py "
-    "dropped (to run on a CPU); torch and NumPy seeded with S at the start of main (the released loop sets no seed); the "
+    "dropped and src/config.py's image-text entries left out (to run on a CPU); torch and NumPy seeded with S at the start of main (the released loop sets no seed); the "
     "test ACC/F1/AUC it computes at epoch % 10 == 0 written out (it prints none). clone_before_mixing: mixco_text applied "
     "to a copy of each embedding, so that mixco_nce's partner is the clean embedding."
 )
