@@ -94,9 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         out = args.output_dir / method
         print(f"== {method} -> {out}", flush=True)
         rows[method] = mogonet.main(ROSMAP, list(passthrough) + ["--method", method, "--output-dir", str(out)])
-    convention = next(iter(rows.values()))["convention"]
-    seeds = next(iter(rows.values()))["seeds"]
-    title = f"# ROSMAP ablation grid (convention {convention}, seeds {seeds})"
+    first = next(iter(rows.values()))
+    recipe = ", recipe released" if first["config"]["extra"].get("recipe") == "released" else ""
+    title = f"# ROSMAP ablation grid (convention {first['convention']}{recipe}, seeds {first['seeds']})"
     table = grid_markdown(rows, title=title)
     engine.atomic_write_json(args.output_dir / "grid.json", {m: {k: r.get(k) for k in ("protocols", "best_common_epoch", "val_scores", "seeds", "convention", "config", "seconds")} for m, r in rows.items()})
     engine.atomic_write_text(args.output_dir / "grid.md", table)

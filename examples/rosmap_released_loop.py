@@ -80,11 +80,24 @@ def summary(record: Mapping[str, Any], variant: str) -> Dict[str, Any]:
     }
 
 
+def common_epoch(record: Mapping[str, Any], variant: str) -> Dict[str, Any]:
+    """The one scored epoch with the best mean test ACC over seeds (the earliest among ties), as ``engine.best_common_epoch``."""
+    runs = record["variants"][variant]
+    accs = [[r["acc"] for r in run["scores"]] for run in runs]
+    means = [sum(column) / len(column) for column in zip(*accs)]
+    best = max(range(len(means)), key=lambda i: (means[i], -i))
+    return {"epoch": runs[0]["scores"][best]["epoch"], "acc": engine.mean_and_std([row[best] for row in accs])}
+
+
 def describe(record: Mapping[str, Any], variant: str) -> str:
-    """``best-on-test ACC m ± s (seeds a, b, ...; last scored epoch l on average)``, in percent."""
+    """``best-on-test ACC m ± s (seeds a, b, ...; last scored epoch l on average; one epoch for all seeds: ...)``, in percent."""
     s = summary(record, variant)
     seeds = ", ".join(f"{100 * v:.1f}" for v in s["best_per_seed"])
-    return f"best-on-test ACC {engine.format_percent(s['best_acc'])} (seeds {seeds}; last scored epoch {100 * s['last_acc']['mean']:.1f} on average)"
+    common = common_epoch(record, variant)
+    return (
+        f"best-on-test ACC {engine.format_percent(s['best_acc'])} (seeds {seeds}; last scored epoch {100 * s['last_acc']['mean']:.1f} "
+        f"on average; one epoch for all seeds: {engine.format_percent(common['acc'])} at epoch {common['epoch']})"
+    )
 
 
 def package_best(results: Mapping[str, Any]) -> List[float]:
