@@ -36,6 +36,7 @@ Examples::
     python benchmarks/bench_kernels.py --grid                    # the full grid (hours on 2 cores)
     python benchmarks/bench_kernels.py --n 1024 4096 --d 256 --loss m3co_pair --impl dense tiled
     python benchmarks/bench_kernels.py --target --paired --impl textbook tiled floor --repeats 15
+    python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --impl dense tiled triton floor
     python benchmarks/bench_kernels.py --report                  # rebuild the table and plot only
 """
 
@@ -59,6 +60,7 @@ LOSSES = ("m3co_pair", "multisoftclip_pair", "m3co", "multisoftclip")
 IMPLS = ("textbook", "dense", "tiled", "triton", "floor")
 GRID_N = (1024, 4096, 8192, 16384, 32768, 65536)
 GRID_D = (256, 768)
+DTYPES = ("float32", "bfloat16")
 TARGET = (8192, 512)
 TEMPERATURE = 0.1
 # Bytes per N^2 element that the textbook and dense forms hold at their peak (measured at
@@ -69,7 +71,7 @@ DENSE_BYTES_PER_ENTRY = {"m3co_pair": 24, "multisoftclip_pair": 28, "m3co": 44, 
 # ----------------------------------------------------------------------------- worker
 
 
-def _inputs(loss: str, n: int, d: int, device):
+def _inputs(loss: str, n: int, d: int, device, dtype: str = "float32"):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -77,7 +79,7 @@ def _inputs(loss: str, n: int, d: int, device):
     perms = [torch.randperm(n, generator=g) for _ in range(2)]
     lam = torch.distributions.Beta(0.15, 0.15).sample((n,))
     mixed = [lam[:, None] * x + (1 - lam[:, None]) * x[p] for x, p in zip(z, perms)]
-    move = lambda xs: [x.to(device) for x in xs]  # noqa: E731
+    move = lambda xs: [x.to(device, getattr(torch, dtype) if x.is_floating_point() else x.dtype) for x in xs]  # noqa: E731
     return dict(z=move(z), mixed=move(mixed), perms=move(perms), lam=lam.to(device))
 
 
@@ -183,13 +185,12 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from m3co_loss import kernels
+    from m3co_loss import backends
 
-    for name, value in (("TILE_ROWS", args.tile_rows), ("TILE_COLS", args.tile_cols), ("TILE_SQUARE", args.tile_square)):
-        if value:
-            setattr(kernels, name, value)
+    backends.set_config(tile_rows=args.tile_rows or None, tile_cols=args.tile_cols or None, tile_square=args.tile_square or None)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    dtype = args.dtype
     loss, impl, n, d = args.loss[0], args.impl[0], args.n[0], args.d[0]
 
     def make_step(inp, impl=impl):
@@ -206,28 +207,44 @@ def worker(args) -> dict:
         return step
 
     if args.paired:
-        return _paired_worker(args, make_step, _inputs(loss, n, d, device))
+        return _paired_worker(args, make_step, _inputs(loss, n, d, device, dtype))
     with torch.no_grad() if impl == "floor" else _null():
-        make_step(_inputs(loss, 64, d, device))()  # warm-up: thread pools, kernels, library buffers
-    inp = _inputs(loss, n, d, device)
+        make_step(_inputs(loss, 64, d, device, dtype))()  # warm-up: thread pools, kernels, library buffers
+    inp = _inputs(loss, n, d, device, dtype)
     step = make_step(inp)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = memory_baseline(device)
     times = []
     with torch.no_grad() if impl == "floor" else _null():
         for _ in range(args.repeats):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    if cuda:
-        extra = torch.cuda.max_memory_allocated() - base
-    else:
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return dict(times_s=times, median_s=statistics.median(times), extra_peak_bytes=int(extra))
+    return dict(times_s=times, median_s=statistics.median(times), extra_peak_bytes=extra_peak_bytes(device, base))
+
+
+def memory_baseline(device) -> int:
+    """The memory held now, the reference of :func:`extra_peak_bytes` (CUDA: its peak counter is reset).
+
+    CPU: the process's peak resident set (``ru_maxrss``), so call it once the inputs exist and a
+    warm-up ran; CUDA: the bytes allocated by tensors.
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def extra_peak_bytes(device, baseline: int) -> int:
+    """Peak memory since :func:`memory_baseline` returned ``baseline``, above it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - baseline)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
 
 
 def _paired_worker(args, make_step, inp) -> dict:
@@ -298,7 +315,7 @@ def report_paired(path: Path) -> None:
     data = _load(path)
     meta = data.get("meta", {})
     lines = [
-        f"# Paired kernel timings ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')})",
+        f"# Paired kernel timings ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}{_dtype_note(meta)})",
         "",
         "One process per row runs the implementations in rotation on the same inputs (one forward + backward pass each per"
         " round, the order reversed every other round). Ratios are per round, `tiled time / other time`: median"
@@ -412,6 +429,7 @@ def _meta(args) -> dict:
         torch=torch.__version__,
         threads=args.threads,
         device=args.device,
+        dtype=args.dtype,
         repeats=args.repeats,
         temperature=TEMPERATURE,
         memory_total_bytes=_mem_available(),
@@ -423,11 +441,9 @@ def _meta(args) -> dict:
 
 def _skip_reason(args, loss: str, impl: str, n: int) -> str | None:
     if impl == "triton":
-        from m3co_loss.kernels import triton_available
+        from m3co_loss.backends import available
 
-        import torch
-
-        if not triton_available(torch.device(args.device)) or args.device != "cuda":
+        if not available("triton", args.device) or args.device != "cuda":
             return "triton needs a CUDA device"
     if impl in ("textbook", "dense"):
         need = DENSE_BYTES_PER_ENTRY[loss] * n * n
@@ -439,7 +455,7 @@ def _skip_reason(args, loss: str, impl: str, n: int) -> str | None:
 def _run_one(args, loss, impl, n, d) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--loss", loss, "--impl", impl,
            "--n", str(n), "--d", str(d), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--device", args.device, "--strip", str(args.strip)] + (["--paired"] if args.paired else [])
+           "--device", args.device, "--dtype", args.dtype, "--strip", str(args.strip)] + (["--paired"] if args.paired else [])
     for flag, value in (("--tile-rows", args.tile_rows), ("--tile-cols", args.tile_cols), ("--tile-square", args.tile_square)):
         if value:
             cmd += [flag, str(value)]
@@ -554,7 +570,7 @@ def report(path: Path) -> None:
     configs = sorted({(r["device"], r["loss"], r["n"], r["d"]) for r in results}, key=lambda c: (c[0], LOSSES.index(c[1]), c[3], c[2]))
     meta = data.get("meta", {})
     lines = [
-        f"# Kernel benchmarks ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')})",
+        f"# Kernel benchmarks ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}{_dtype_note(meta)})",
         "",
         "Forward + backward wall time (seconds; median over `passes` timed passes: 3 per fresh process, in one or more"
         " processes that alternate with the other implementations) and extra peak memory (MiB, the largest over those"
@@ -584,6 +600,11 @@ def report(path: Path) -> None:
     _plot(path, results)
 
 
+def _dtype_note(meta: dict) -> str:
+    dtype = meta.get("dtype", "float32")
+    return "" if dtype == "float32" else f", {dtype}"
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -591,7 +612,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
-    """The table as reStructuredText for the docs (docs/kernels.rst includes it)."""
+    """The table as reStructuredText for the docs (docs/benchmarks.rst includes it)."""
     meta = data.get("meta", {})
     loads = [x for r in data["results"] for x in r.get("loads", [])]
     head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",
@@ -604,7 +625,7 @@ def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
                      _fmt_mem(tb), _fmt_mem(ti), _mem_ratio(ti, tb)])
     out = [
         f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch threads, "
-        f"torch {meta.get('torch', '?')}, float32, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
+        f"torch {meta.get('torch', '?')}, {meta.get('dtype', 'float32')}, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
         f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs), "
         "so ratios within a row are more reliable than absolute times. Times in seconds (forward + backward, median over "
         "3 passes per fresh process, in one or more processes alternating with the other implementations), memory in MiB "
@@ -618,49 +639,20 @@ def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
     for row in [head] + rows:
         out.append("   * - " + (row[0] or " "))
         out += [f"     - {cell or ' '}" for cell in row[1:]]
-    out += ["", f".. image:: ../benchmarks/results/{path.with_suffix('.png').name}", "   :width: 100%", ""]
-    return "\n".join(out)
+    return "\n".join(out) + "\n"
 
 
 def _plot(path: Path, results) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = [loss for loss in LOSSES if any(r["loss"] == loss and r["status"] == "ok" for r in results)]
-    if not losses:
+    """``<tag>.png``: time and memory against N per (loss, D), drawn by the docs' figure code."""
+    if not any(r["status"] == "ok" for r in results):
         return
-    fig, axes = plt.subplots(len(losses), 2, figsize=(11, 3.6 * len(losses)), squeeze=False)
-    styles = {256: "-", 512: ":", 768: "--"}
-    colors = dict(textbook="tab:red", dense="tab:orange", tiled="tab:blue", triton="tab:purple", floor="tab:gray")
-    for row, loss in enumerate(losses):
-        for impl in IMPLS:
-            for d in sorted({r["d"] for r in results}):
-                pts = sorted((r["n"], r["median_s"], r["extra_peak_bytes"]) for r in results
-                             if r["loss"] == loss and r["impl"] == impl and r["d"] == d and r["status"] == "ok")
-                if not pts:
-                    continue
-                ns = [p[0] for p in pts]
-                label = f"{impl} D={d}"
-                axes[row][0].plot(ns, [p[1] for p in pts], styles.get(d, "-."), marker="o", color=colors[impl], label=label)
-                if impl != "floor":
-                    axes[row][1].plot(ns, [max(p[2], 1) / 2**20 for p in pts], styles.get(d, "-."), marker="o", color=colors[impl], label=label)
-        for col, ylabel in enumerate(("fwd+bwd time (s)", "extra peak memory (MiB)")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size N")
-            ax.set_ylabel(ylabel)
-            ax.set_title(loss)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[row][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    sys.path.insert(0, str(ROOT / "docs"))
+    import figures  # docs/figures.py: the docs draw the same panels from the stored JSON
+
+    points = figures.kernel_points(path)
+    meta = _load(path).get("meta", {})
+    title = f"{meta.get('processor', '?')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}"
+    figures.save_png(figures.kernel_overview_figure(points, title=title), path.with_suffix(".png"), dpi=100)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -679,10 +671,12 @@ def _parse(argv=None):
                    help="fresh processes per figure, alternating with the other implementations; the median is over all passes")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype of the embeddings (the package accumulates bfloat16 in float32); default tag gets a suffix")
     p.add_argument("--strip", type=int, default=1024, help="rows per strip of the floor's products")
-    p.add_argument("--tile-rows", type=int, default=0, help="override kernels.TILE_ROWS (tile sweeps; use with --tag)")
-    p.add_argument("--tile-cols", type=int, default=0, help="override kernels.TILE_COLS")
-    p.add_argument("--tile-square", type=int, default=0, help="override kernels.TILE_SQUARE")
+    p.add_argument("--tile-rows", type=int, default=0, help="tile_rows of m3co_loss.backends.set_config (tile sweeps; use with --tag)")
+    p.add_argument("--tile-cols", type=int, default=0, help="tile_cols of m3co_loss.backends.set_config")
+    p.add_argument("--tile-square", type=int, default=0, help="tile_square of m3co_loss.backends.set_config")
     p.add_argument("--mem-budget-gb", type=float, default=16.0, help="skip textbook/dense figures that need more")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per figure")
     p.add_argument("--out-dir", default=str(HERE / "results"))
@@ -699,7 +693,7 @@ def _parse(argv=None):
         p.error("--rounds must be >= 1")
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    args.tag = args.tag or f"kernels_{args.device}"
+    args.tag = args.tag or f"kernels_{args.device}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     if args.worker:
         args.impl = args.impl[0].split(",")
         return args

@@ -83,6 +83,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import m3co_loss
 from m3co_loss import M3CoLoss, MixupPlan, MixupSampler, MultiSClipLoss, UniSMMCLoss
 from m3co_loss import distributed as dist_utils
+from m3co_loss.functional import CONVENTIONS
 
 __all__ = [
     "METHODS",
@@ -127,7 +128,6 @@ PROTOCOL_LABELS = {
     "final": "final epoch",
     "best_on_test": "best on test (optimistic: selects on the test set)",
 }
-CONVENTIONS = ("paper", "reference")
 SCHEDULERS = ("step", "plateau", "none")
 UNIS_MMC_WEIGHT = 0.1  # the UniS-MMC paper's weight of its contrastive term
 RELEASED_MIXUP_ALPHA = 0.2  # Beta(0.2, 0.2) of the released mixup_data (train_image_text.py --alpha)

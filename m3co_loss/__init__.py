@@ -5,9 +5,10 @@
 * Modules: :class:`M3CoLoss` (with the M3Co -> MultiSClip schedule), :class:`MultiSClipLoss`,
   :class:`CLIPLoss`, :class:`UniSMMCLoss`.
 * Mixup: :class:`MixupSampler`, :class:`MixupPlan`.
+* :mod:`m3co_loss.backends`: the dense, tiled and Triton backends and their tuning options.
 """
 
-from . import distributed, functional, kernels
+from . import backends, distributed, functional, kernels
 from ._validation import set_value_checks, value_checks
 from ._version import __version__
 from .losses import CLIPLoss, M3CoLoss, MultiSClipLoss, UniSMMCLoss
@@ -16,6 +17,7 @@ from .mixup import MixupPlan, MixupSampler
 __all__ = [
     "__version__",
     "functional",
+    "backends",
     "kernels",
     "distributed",
     "M3CoLoss",

@@ -63,15 +63,6 @@ def resolve_partner(partner: object, convention: str) -> str:
     return check_choice("partner", partner, PARTNERS)
 
 
-def check_temperature(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive real number; got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value}")
-    return value
-
-
 def check_probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number in [0, 1]; got {type(value).__name__}")
@@ -82,12 +73,17 @@ def check_probability(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object) -> float:
+    """A finite real number > 0 (a temperature, a Beta concentration), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive real number; got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0; got {value}")
     return value
+
+
+# Temperatures take the positive-number check; their call sites keep a name of their own.
+check_temperature = check_positive
 
 
 def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2) -> Tensor:

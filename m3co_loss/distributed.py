@@ -15,11 +15,14 @@ that runs everywhere is worth more than that saving.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["is_initialized", "rank", "world_size", "all_gather_sizes", "all_gather_ints", "all_gather_with_grad"]
 
@@ -29,17 +32,17 @@ def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def rank(group: Optional[object] = None) -> int:
+def rank(group: Optional[ProcessGroup] = None) -> int:
     """This process's rank in ``group`` (0 when torch.distributed is not initialised)."""
     return torch.distributed.get_rank(group) if is_initialized() else 0
 
 
-def world_size(group: Optional[object] = None) -> int:
+def world_size(group: Optional[ProcessGroup] = None) -> int:
     """Number of processes in ``group`` (1 when torch.distributed is not initialised)."""
     return torch.distributed.get_world_size(group) if is_initialized() else 1
 
 
-def all_gather_ints(values: Sequence[int], device: torch.device, group: Optional[object] = None) -> list:
+def all_gather_ints(values: Sequence[int], device: torch.device, group: Optional[ProcessGroup] = None) -> list[list[int]]:
     """Every rank's list of ``len(values)`` integers, in rank order (one small collective).
 
     ``device`` must be one the backend can communicate from (a CUDA device for NCCL).
@@ -49,10 +52,11 @@ def all_gather_ints(values: Sequence[int], device: torch.device, group: Optional
     local = torch.tensor(list(values), dtype=torch.long, device=device)
     parts = [torch.empty_like(local) for _ in range(world_size(group))]
     torch.distributed.all_gather(parts, local, group=group)
-    return torch.stack(parts).tolist()
+    gathered: list[list[int]] = torch.stack(parts).tolist()
+    return gathered
 
 
-def all_gather_sizes(n: int, device: torch.device, group: Optional[object] = None) -> list:
+def all_gather_sizes(n: int, device: torch.device, group: Optional[ProcessGroup] = None) -> list[int]:
     """Every rank's local row count, in rank order."""
     return [row[0] for row in all_gather_ints([n], device, group)]
 
@@ -61,7 +65,7 @@ class _AllGatherRows(torch.autograd.Function):
     """Concatenate every rank's rows; backward sums every rank's gradient for this rank's rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: tuple, group: Optional[object]) -> Tensor:
+    def forward(ctx: Any, x: Tensor, sizes: Tuple[int, ...], group: Optional[ProcessGroup]) -> Tensor:
         world, largest, n = len(sizes), max(sizes), x.shape[0]
         me = rank(group)
         if sizes[me] != n:
@@ -75,7 +79,7 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
         sizes, largest = ctx.sizes, max(ctx.sizes)
         # Every rank's loss depends on every rank's rows: the gradient of this rank's rows is
         # the sum over ranks of the gradient each rank's loss sends them.
@@ -86,7 +90,7 @@ class _AllGatherRows(torch.autograd.Function):
         return padded[ctx.rank, : sizes[ctx.rank]], None, None
 
 
-def all_gather_with_grad(x: Tensor, group: Optional[object] = None, sizes: Optional[Sequence[int]] = None) -> Tensor:
+def all_gather_with_grad(x: Tensor, group: Optional[ProcessGroup] = None, sizes: Optional[Sequence[int]] = None) -> Tensor:
     """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
 
     The backward pass sums, over ranks, the gradient that each rank's loss sends to this
@@ -101,4 +105,6 @@ def all_gather_with_grad(x: Tensor, group: Optional[object] = None, sizes: Optio
         return x
     if sizes is None:
         sizes = all_gather_sizes(x.shape[0], x.device, group)
-    return _AllGatherRows.apply(x, tuple(int(s) for s in sizes), group)
+    # torch declares Function.apply without annotations
+    gathered: Tensor = _AllGatherRows.apply(x, tuple(int(s) for s in sizes), group)  # type: ignore[no-untyped-call]
+    return gathered

@@ -14,17 +14,17 @@ Notation (see the docs' maths page): ``r = lse_row(S)``, ``c = lse_col(S)``, ``j
   ``v_i = c_i + sum_l W_il r_l - 2 sum_l W_il S_li``
 * :func:`clip_loss`: ``v_i = r_i + c_i - 2 S_ii``
 
-``convention="reference"`` computes what the authors' released code computes (docs: *Paper
-versus released code*): each directed term is the *average* of its two directions, MultiSClip
+``convention="reference"`` computes what the authors' released code computes (docs page
+``conventions``): each directed term is the *average* of its two directions, MultiSClip
 weights both directions by the rows of ``W``, :func:`m3co` / :func:`multisoftclip` use cyclic
 pairs (modality m against m+1 mod M, one direction each), and each M3Co term contrasts the
 mixed modality with the *mixed* embeddings of its partner (``partner="mixed"``). Fixed points of
 ``perm`` are exact in both conventions (the released code's fixed-point bug is not reproduced).
 
-Backends: ``"dense"`` builds the N x N similarity matrix (readable reference);
-``"tiled"`` streams over tiles with online log-sum-exp in O(N D) memory and recomputes tiles in
-the backward pass (:mod:`m3co_loss.kernels`); ``"triton"`` is the CUDA kernel of the tiled
-algorithm; ``"auto"`` picks by size (:func:`m3co_loss.kernels.choose_backend`).
+Backends (:mod:`m3co_loss.backends`): ``"dense"`` builds the N x N similarity matrix (readable
+reference); ``"tiled"`` streams over tiles with online log-sum-exp in O(N D) memory and
+recomputes tiles in the backward pass; ``"triton"`` is the CUDA kernel of the tiled algorithm;
+``"auto"`` picks by size (:func:`m3co_loss.backends.choose_backend`).
 
 With ``gather_distributed=True`` and an initialised process group of W > 1 ranks, each rank
 passes its local rows (local ``perm`` and ``lam``: mixing partners live on the same rank); the
@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import backends
 from . import distributed as dist_utils
-from . import kernels
+from .backends import Rows
 from ._validation import (
-    BACKENDS,
     CONVENTIONS,
     REDUCTIONS,
     all_finite,
@@ -72,6 +72,7 @@ __all__ = [
     "clip_loss",
     "unis_mmc",
     "normalize",
+    "CONVENTIONS",
 ]
 
 LamArg = Union[Tensor, Sequence[Tensor]]
@@ -108,14 +109,6 @@ def _compute_dtype(zs: Sequence[Tensor]) -> torch.dtype:
     for z in zs:
         dtype = torch.promote_types(dtype, z.dtype)
     return dtype
-
-
-class _Rows(NamedTuple):
-    """One modality's normalised embeddings: this rank's rows and the gathered batch."""
-
-    local: Tensor
-    full: Tensor
-    offset: int  # index of local[0] inside full
 
 
 class _Batch(NamedTuple):
@@ -188,10 +181,10 @@ def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
     """Normalised rows of each tensor, gathered over the process group in one collective."""
     ps = [normalize(z, layout.dtype) for z in zs]
     if not layout.distributed:
-        return [_Rows(p, p, 0) for p in ps]
+        return [Rows(p, p, 0) for p in ps]
     widths = [p.shape[1] for p in ps]
     full = layout.gather(torch.cat(ps, dim=1) if len(ps) > 1 else ps[0])
-    return [_Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
+    return [Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
 
 
 def _no_autocast(device: torch.device):
@@ -215,150 +208,19 @@ def _reduce(v: Tensor, reduction: str, layout: _Batch) -> Tensor:
     return v.sum() * (world / layout.total) if world > 1 else v.mean()
 
 
-# ----------------------------------------------------------------------------- dense kernels
-# Each returns the per-sample vector v (length n_local). The tiled and Triton backends in
-# kernels.py compute the same vectors without materialising any N x N matrix.
-
-
-def _m3co_vector_dense(a: _Rows, b: _Rows, perm: Tensor, lam: Tensor, t: float, reference: bool, layout: _Batch) -> Tensor:
-    n = a.local.shape[0]
-    rows = torch.arange(n, device=a.local.device)
-    s = (a.local / t) @ b.full.T  # local mixed rows against every clean column
-    r = torch.logsumexp(s, dim=1)
-    if layout.distributed:
-        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)  # local clean columns against every mixed row
-    else:
-        c = torch.logsumexp(s, dim=0)
-    s_ii = s[rows, a.offset + rows]
-    s_ij = s[rows, a.offset + perm]
-    target = lam * s_ii + (1 - lam) * s_ij
-    v = (r - target) + (lam * c + (1 - lam) * c[perm] - target)
-    return 0.5 * v if reference else v
-
-
-def _clip_vector_dense(a: _Rows, b: _Rows, t: float, layout: _Batch) -> Tensor:
-    n = a.local.shape[0]
-    rows = torch.arange(n, device=a.local.device)
-    s = (a.local / t) @ b.full.T
-    r = torch.logsumexp(s, dim=1)
-    if layout.distributed:
-        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)
-    else:
-        c = torch.logsumexp(s, dim=0)
-    return r + c - 2 * s[rows, a.offset + rows]
-
-
-def _multisoftclip_vector_dense(a: _Rows, b: _Rows, t: float, reference: bool, layout: _Batch) -> Tensor:
-    s_rows = (a.local / t) @ b.full.T  # s_rows[i, l] = S[i, l]
-    s_cols = (b.local / t) @ a.full.T if layout.distributed else s_rows.T  # s_cols[i, l] = S[l, i]
-    r = torch.logsumexp(s_rows, dim=1)
-    c = torch.logsumexp(s_cols, dim=1)
-    w = torch.softmax((a.local / t) @ a.full.T, dim=1)  # soft targets W[i, l]
-    if reference:
-        # Both directions weight query i by the target distribution W[i, :].
-        return 0.5 * (c + r - (w * s_cols).sum(1) - (w * s_rows).sum(1))
-    r_full = layout.gather(r)
-    return c + (w * (r_full.unsqueeze(0) - 2 * s_cols)).sum(1)
-
-
-def _multisoftclip_dense(rows: list, weights: dict, t: float, reference: bool) -> Tensor:
-    """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``, on one process.
-
-    Relies on two identities: the two directions of a pair share ``S = p_a p_b^T / t`` (the
-    direction with targets from b uses ``S^T``, whose row and column log-sum-exps are those of
-    ``S`` swapped), and every term with targets from modality m shares
-    ``W_m = softmax(p_m p_m^T / t)``. So M(M-1)/2 cross and at most M target matrices are formed,
-    instead of two matrices per directed term (for M = 3, 6 instead of 12).
-    """
-    targets: dict = {}
-
-    def soft_targets(m: int) -> Tensor:
-        if m not in targets:
-            p = rows[m].local
-            targets[m] = torch.softmax((p / t) @ p.T, dim=1)
-        return targets[m]
-
-    total = None
-    for (a, b), (weight_a, weight_b) in weights.items():
-        s = (rows[a].local / t) @ rows[b].local.T
-        lse_rows, lse_cols = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
-        # (weight, targets, S of the direction, its row and column log-sum-exps)
-        for weight, m, s_rows, r, c in ((weight_a, a, s, lse_rows, lse_cols), (weight_b, b, s.T, lse_cols, lse_rows)):
-            if not weight:
-                continue
-            w, s_cols = soft_targets(m), s_rows.T
-            if reference:
-                v = 0.5 * (c + r - (w * s_cols).sum(1) - (w * s_rows).sum(1))
-            else:
-                v = c + (w * (r.unsqueeze(0) - 2 * s_cols)).sum(1)
-            v = weight * v
-            total = v if total is None else total + v
-    return total
-
-
 # ----------------------------------------------------------------------------- dispatch
 
 
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
-_EAGER_KERNELS: dict = {}
+def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, reference: bool, layout: _Batch, backend: str) -> Tensor:
+    return backends.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=layout.distributed, backend=backend)
 
 
-def _eager(kernel):
-    """``kernel``, excluded from tracing under ``torch.compile``: the kernels run worker threads,
-    ``out=`` tile buffers and loops over tiles, which dynamo would split into many small graphs.
-    Excluded, a compiled caller breaks its graph once per kernel call and the kernel runs eagerly.
-
-    The wrappers are made on the first trace, not at import: ``torch.compiler.disable`` imports
-    dynamo (seconds), which a program that never compiles should not pay for. The first trace
-    also breaks at that call; later traces find the wrapper in the cache."""
-    if not _is_compiling():
-        return kernel
-    wrapped = _EAGER_KERNELS.get(kernel)
-    if wrapped is None:
-        wrapped = _EAGER_KERNELS[kernel] = torch.compiler.disable(kernel)
-    return wrapped
+def _clip_vector(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> Tensor:
+    return backends.clip_vector(a, b, t, distributed=layout.distributed, backend=backend)
 
 
-def _pick(backend: str, n_rows: int, n_cols: int, device: torch.device) -> str:
-    check_choice("backend", backend, BACKENDS)
-    return kernels.choose_backend(backend, n_rows, n_cols, device)
-
-
-def _m3co_vector(a, b, perm, lam, t, reference, layout, backend) -> Tensor:
-    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
-    if chosen == "dense":
-        return _m3co_vector_dense(a, b, perm, lam, t, reference, layout)
-    v = _eager(kernels.m3co_vector)(a.local, a.full, b.local, b.full, perm, lam, t, distributed=layout.distributed, backend=chosen)
-    return 0.5 * v if reference else v
-
-
-def _clip_vector(a, b, t, layout, backend) -> Tensor:
-    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
-    if chosen == "dense":
-        return _clip_vector_dense(a, b, t, layout)
-    return _eager(kernels.clip_vector)(a.local, a.full, b.local, b.full, t, distributed=layout.distributed, backend=chosen)
-
-
-def _multisoftclip_vector(a, b, t, reference, layout, backend) -> Tensor:
-    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
-    if chosen == "dense":
-        return _multisoftclip_vector_dense(a, b, t, reference, layout)
-    return _eager(kernels.multisoftclip_vector)(
-        a.local, a.full, b.local, b.full, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=chosen
-    )
-
-
-def _multisoftclip_both(a, b, weight_a, weight_b, t, reference, layout, backend) -> Tensor:
-    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` (one or both directions of a pair)."""
-    chosen = _pick(backend, a.local.shape[0], a.full.shape[0], a.local.device)
-    if chosen != "dense" and not layout.distributed:
-        return _eager(kernels.multisoftclip_pair_vector)(a.local, b.local, t, weight_a, weight_b, reference=reference, backend=chosen)
-    total = None
-    for weight, targets, other in ((weight_a, a, b), (weight_b, b, a)):
-        if weight:
-            v = weight * _multisoftclip_vector(targets, other, t, reference, layout, chosen)
-            total = v if total is None else total + v
-    return total
+def _multisoftclip_vector(a: Rows, b: Rows, t: float, reference: bool, layout: _Batch, backend: str) -> Tensor:
+    return backends.multisoftclip_vector(a, b, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -613,13 +475,9 @@ def multisoftclip(
             key = (min(targets, other), max(targets, other))
             w = weights.setdefault(key, [0.0, 0.0])
             w[0 if targets == key[0] else 1] += weight
-        n = rows[0].local.shape[0]
-        if not layout.distributed and _pick(backend, n, n, z[0].device) == "dense":
-            return _reduce(_multisoftclip_dense(rows, weights, t, reference), reduction, layout)
-        total = None
-        for (a, b), (weight_a, weight_b) in weights.items():
-            v = _multisoftclip_both(rows[a], rows[b], weight_a, weight_b, t, reference, layout, backend)
-            total = v if total is None else total + v
+        total = backends.multisoftclip_pairs(
+            rows, weights, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend
+        )
         return _reduce(total, reduction, layout)
 
 

@@ -28,7 +28,7 @@ from .mixup import MixupPlan, MixupSampler
 
 __all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "UniSMMCLoss"]
 
-# The released code's MultiSClip temperature and M3Co share of training (docs: Paper versus released code).
+# The released code's MultiSClip temperature and M3Co share of training (docs page ``conventions``).
 REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
 REFERENCE_M3CO_FRACTION = 0.33
 
@@ -158,7 +158,7 @@ class M3CoLoss(_ContrastiveOptions):
         alpha: Beta(alpha, alpha) concentration of the mixing weights (0.15).
         mix_prob, shared_lam: sampler options; None takes the convention's values
             (paper: 1.0 and True; reference: 0.5 and False).
-        convention: ``"paper"`` or ``"reference"`` (docs: *Paper versus released code*).
+        convention: ``"paper"`` or ``"reference"`` (docs page ``conventions``).
         partner: what each mixed modality is contrasted with: the other modality's ``"clean"``
             or ``"mixed"`` embeddings; None takes the convention's (paper: ``"clean"``,
             reference: ``"mixed"``, as the released code mixes every modality first).

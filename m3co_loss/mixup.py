@@ -11,12 +11,12 @@ and ``lam`` to :func:`m3co_loss.functional.m3co`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._validation import check_choice, check_positive, check_probability
+from ._validation import CONVENTIONS, check_choice, check_positive, check_probability
 
 __all__ = ["MixupPlan", "MixupSampler"]
 
@@ -105,10 +105,10 @@ class MixupSampler:
         self.generator = _check_generator("generator", generator)
 
     @classmethod
-    def for_convention(cls, convention: str = "paper", **overrides) -> "MixupSampler":
+    def for_convention(cls, convention: str = "paper", **overrides: Any) -> "MixupSampler":
         """The paper's sampler (mix every row, shared lam) or the released code's (mix_prob 0.5, lam per modality)."""
-        check_choice("convention", convention, ("paper", "reference"))
-        defaults = {"mix_prob": 1.0, "shared_lam": True} if convention == "paper" else {"mix_prob": 0.5, "shared_lam": False}
+        check_choice("convention", convention, CONVENTIONS)
+        defaults: dict[str, Any] = {"mix_prob": 1.0, "shared_lam": True} if convention == "paper" else {"mix_prob": 0.5, "shared_lam": False}
         defaults.update(overrides)
         return cls(**defaults)
 
@@ -168,6 +168,6 @@ def _beta(alpha: float, shape: Sequence[int], generator: Optional[torch.Generato
     else:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             sample = dist.sample(tuple(shape))
     return sample.clamp_(0.0, 1.0)

@@ -25,13 +25,12 @@ def backend(request, small_tiles):
 
 
 @pytest.fixture
-def small_tiles(monkeypatch):
+def small_tiles():
     """Tiles smaller than the test batches, so that the tiled path streams over several uneven tiles."""
-    from m3co_loss import kernels
+    from m3co_loss import backends
 
-    monkeypatch.setattr(kernels, "TILE_ROWS", 3)
-    monkeypatch.setattr(kernels, "TILE_COLS", 5)
-    monkeypatch.setattr(kernels, "TILE_SQUARE", 3)
+    with backends.config(tile_rows=3, tile_cols=5, tile_square=3):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 import m3co_loss
+from m3co_loss import backends
 from m3co_loss import functional as F
-from m3co_loss import kernels
 from m3co_loss.mixup import MixupPlan, MixupSampler
 
 MODALITIES, FEATURES, DIM, CLASSES = 3, 6, 5, 3
@@ -40,7 +40,7 @@ SCENARIOS = {
 
 
 def use_small_tiles() -> None:
-    kernels.TILE_ROWS, kernels.TILE_COLS = TILE_ROWS, TILE_COLS
+    backends.set_config(tile_rows=TILE_ROWS, tile_cols=TILE_COLS)
 
 
 class Model(nn.Module):

@@ -63,3 +63,105 @@ def test_compile_benchmark_writes_its_table(tmp_path):
     assert entry["ratios"]["eager"] == pytest.approx([c / e for c, e in zip(entry["times_s"]["compiled"], entry["times_s"]["eager"])])
     assert entry["max_abs_difference"] < 1e-4 and entry["compile_seconds"] > 0
     assert "| clip_loss | 16 | 4 |" in (tmp_path / "t.md").read_text()
+
+
+PEERS = ROOT / "benchmarks" / "bench_peers.py"
+
+
+def test_peers_benchmark_checks_values_and_reports_failing_peers(tmp_path):
+    # an info_nce that fails to import stands in for a broken install: it must be reported, not dropped
+    broken = tmp_path / "broken"
+    (broken / "info_nce").mkdir(parents=True)
+    (broken / "info_nce" / "__init__.py").write_text("raise ImportError('info_nce broken on purpose')\n")
+    impls = ["auto", "dense", "tiled", "open_clip", "info_nce", "pml", "floor"]
+    # 2 MiB: the N x N buffers (24 bytes x 48^2) fit, pytorch-metric-learning's N x N^2 mask (28 bytes x 48^3) does not
+    cmd = [sys.executable, str(PEERS), "--n", "48", "--d", "8", "--rounds", "2", "--min-rounds", "1", "--threads", "1",
+           "--max-memory-gib", str(2 / 1024), "--impl", *impls, "--out-dir", str(tmp_path), "--tag", "t"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(broken), str(ROOT)]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "t.json").read_text())
+    (entry,) = data["results"]
+    recs = entry["impls"]
+    assert list(recs) == impls and entry["rounds"] == 2
+    assert recs["auto"]["check"] == "reference" and recs["floor"]["check"] == "no value"
+    for name in ("dense", "tiled", "open_clip"):
+        rec = recs[name]
+        if name == "open_clip" and rec["status"] != "ok":  # open-clip-torch not installed: said so
+            assert rec["status"] == "unavailable" and "not installed" in rec["reason"]
+            continue
+        assert rec["status"] == "ok" and rec["check"] == "ok", rec
+        assert rec["rel_diff"] <= 1e-4 and rec["value"] == pytest.approx(recs["auto"]["value"], rel=1e-4)
+        assert len(rec["times_s"]) == 2
+        ratios = [x / y for x, y in zip(recs["auto"]["times_s"], rec["times_s"])]
+        assert entry["ratios"][name] == pytest.approx(ratios)
+    assert recs["info_nce"]["status"] == "unavailable" and "info_nce broken on purpose" in recs["info_nce"]["reason"]
+    assert recs["pml"]["status"] == "skipped" and "memory budget" in recs["pml"]["reason"]
+    table = (tmp_path / "t.md").read_text()
+    assert "info_nce broken on purpose" in table and "N=48 D=8 pml: skipped" in table
+    assert "| 48 | 8 | m3co-loss dense | ok | 2 |" in table
+    assert ".. list-table::" in (tmp_path / "t.rst").read_text()
+
+
+def _peers_data(times_auto, times_peer, mem_auto, mem_peer, n):
+    import statistics
+
+    def rec(times, mem, **kw):
+        return dict(status="ok", times_s=times, median_s=statistics.median(times), extra_peak_bytes=mem, **kw)
+
+    entry = dict(device="cpu", dtype="float32", n=n, d=8, load_before=[1.0], load_after=[1.0],
+                 impls=dict(auto=rec(times_auto, mem_auto), open_clip=rec(times_peer, mem_peer),
+                            pml=dict(status="skipped", reason="over budget")),
+                 ratios=dict(open_clip=[a / p for a, p in zip(times_auto, times_peer)]))
+    return dict(meta={}, results=[entry])
+
+
+@pytest.mark.parametrize("n, times_auto, mem_auto, met", [
+    (8192, [1.0, 1.0, 1.0], 10, True),   # 0.5 of the time, 1/10 of the memory
+    (8192, [1.0, 1.2, 1.2], 10, False),  # 0.6 of the time
+    (8192, [1.0, 1.0, 1.0], 30, False),  # 0.3 of the memory
+    (1024, [1.9, 2.0, 2.1], 90, True),   # not slower
+    (1024, [2.0, 2.2, 2.4], 10, False),  # slower
+    (4096, [9.0, 9.0, 9.0], 90, None),   # no target between 1024 and 8192
+])
+def test_peer_targets_follow_the_recorded_rounds(n, times_auto, mem_auto, met):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers_report
+
+    rows = peers_report.targets(_peers_data(times_auto, [2.0, 2.0, 2.0], mem_auto, 100, n))
+    if met is None:
+        assert rows == []
+        return
+    (row,) = rows
+    assert row["peer"] == "open_clip" and row["met"] is met
+    assert row["time"][1] == pytest.approx(sorted(a / 2.0 for a in times_auto)[1])
+    assert (row["note"] == "") is met
+
+
+def test_install_peers_pins_are_the_extra():
+    tomllib = pytest.importorskip("tomllib")
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["peers"]
+    assert pins and all("==" in pin for pin in pins)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "install_peers.sh"), "--print"], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr
+    no_deps, deps = proc.stdout.splitlines()
+    assert no_deps.split()[-len(pins):] == pins and "--no-deps" in no_deps
+    assert "--no-deps" not in deps and "torch==" in deps
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 0, summary
+    for step in ("setup", "tests", "kernels", "peers"):
+        assert f"| {step} | ok |" in summary
+    assert "--no-deps" in (out / "setup.log").read_text()
+    for stem in ("kernels_cpu", "kernels_cpu_bfloat16", "peers_cpu"):
+        assert json.loads((out / f"{stem}.json").read_text())["results"], stem
+    assert json.loads((out / "kernels_cpu_bfloat16.json").read_text())["meta"]["dtype"] == "bfloat16"
+    assert "## CLIP loss against the peer libraries" in summary

@@ -1,4 +1,4 @@
-"""Parity of the tiled backend (m3co_loss.kernels) with the dense reference, in value and gradient.
+"""Parity of the tiled backend (m3co_loss.backends.tiled) with the dense reference, in value and gradient.
 
 Tile sizes are drawn by hypothesis (smaller than, equal to, larger than N, not dividing N),
 so the block loops, the diagonal blocks of the symmetric kernel and the ragged last tiles are
@@ -10,16 +10,16 @@ their rounding error into an absolute one (with D = 1 the exact gradient is 0).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from m3co_loss import backends
 from m3co_loss import functional as F
-from m3co_loss import kernels
+from m3co_loss.backends import Rows, tiled
 from strategies import mixing_weights, permutation
 
 CONVENTIONS = ["paper", "reference"]
@@ -35,14 +35,8 @@ def tol(dtype, t=1.0, inputs=()) -> dict:
 temperatures = st.sampled_from([0.02, 0.1, 0.125, 0.5, 0.002])
 
 
-@contextlib.contextmanager
 def tiles(rows: int, cols: int, square: int):
-    old = kernels.TILE_ROWS, kernels.TILE_COLS, kernels.TILE_SQUARE
-    kernels.TILE_ROWS, kernels.TILE_COLS, kernels.TILE_SQUARE = rows, cols, square
-    try:
-        yield
-    finally:
-        kernels.TILE_ROWS, kernels.TILE_COLS, kernels.TILE_SQUARE = old
+    return backends.config(tile_rows=rows, tile_cols=cols, tile_square=square)
 
 
 tile_sizes = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)) | st.just((512, 2048, 1024))
@@ -119,8 +113,15 @@ def test_multisoftclip_tiled_equals_dense(batch, t, convention, sizes, m, weight
 def test_m3co_and_clip_tiled_equal_dense(batch, t, convention, sizes):
     perms, lam = batch["perms"], batch["lam"]
     assert_backends_agree(
-        lambda *z, backend: F.m3co(list(z[:3]), list(z[3:]), perms, lam, temperature=t, convention=convention, backend=backend),
+        lambda *z, backend: F.m3co(list(z[:3]), list(z[3:]), perms, lam, temperature=t, convention=convention, partner="clean", backend=backend),
         batch["z"] + [x.flip(0) for x in batch["z"]],
+        batch["dtype"],
+        sizes,
+        t,
+    )
+    assert_backends_agree(
+        lambda *z, backend: F.m3co(list(z), None, perms, lam, temperature=t, convention=convention, partner="mixed", backend=backend),
+        batch["z"],
         batch["dtype"],
         sizes,
         t,
@@ -185,7 +186,7 @@ def test_logsumexp_equals_torch(batch, t, sizes, with_cols, rows):
         return (r * g_r).sum() + ((c * g_c).sum() if with_cols else 0)
 
     with tiles(*sizes):
-        got = value_and_grads(lambda a, b: objective(lambda x, y: kernels.LogSumExp.apply(x, y, t, with_cols), a, b), [q, k])
+        got = value_and_grads(lambda a, b: objective(lambda x, y: tiled.LogSumExp.apply(x, y, t, with_cols), a, b), [q, k])
     want = value_and_grads(lambda a, b: objective(lambda x, y: _lse_dense(x, y, t), a, b), [q, k])
     torch.testing.assert_close(got[0], want[0], **tol(dtype, t))
     for x, y in zip(got[1], want[1]):
@@ -201,7 +202,20 @@ def _split(n: int, ranks: int, g: torch.Generator) -> list:
 
 @given(batch=batches(min_n=3), t=temperatures, sizes=tile_sizes, convention=st.sampled_from(CONVENTIONS), ranks=st.integers(2, 3), seed=st.integers(0, 1000))
 def test_distributed_entry_points_equal_single_process(batch, t, sizes, convention, ranks, seed):
-    """kernels.*_vector with local rows != gathered rows, summed over simulated ranks, is the dense loss."""
+    """backends.*_vector with local rows != gathered rows, summed over simulated ranks, is the dense loss."""
+    check_simulated_ranks(batch, t, sizes, convention, ranks, seed, "tiled")
+
+
+@given(batch=batches(min_n=3), t=temperatures, convention=st.sampled_from(CONVENTIONS), ranks=st.integers(2, 3), seed=st.integers(0, 1000))
+def test_dense_distributed_entry_points_equal_single_process(batch, t, convention, ranks, seed):
+    """The dense vectors index the gathered columns by the local rows' offset."""
+    # float64 only: dense float32 on slices of the batch rounds its products differently from
+    # dense on the whole batch, by more than float32's tolerance at 1/t = 500
+    assume(batch["dtype"] == torch.float64)
+    check_simulated_ranks(batch, t, (512, 2048, 1024), convention, ranks, seed, "dense")
+
+
+def check_simulated_ranks(batch, t, sizes, convention, ranks, seed, backend):
     dtype = batch["dtype"]
     n = batch["z"][0].shape[0]
     lam = batch["lam"]
@@ -211,18 +225,18 @@ def test_distributed_entry_points_equal_single_process(batch, t, sizes, conventi
     def per_rank(a, b, which):
         a_full, b_full = F.normalize(a), F.normalize(b)
         out = []
-        rs = [kernels.LogSumExp.apply(a_full[lo:hi], b_full, t, False)[0] for lo, hi in bounds]
+        rs = [tiled.LogSumExp.apply(a_full[lo:hi], b_full, t, False)[0] for lo, hi in bounds]
         for rank, (lo, hi) in enumerate(bounds):
-            a_loc, b_loc = a_full[lo:hi], b_full[lo:hi]
+            a_rows, b_rows = Rows(a_full[lo:hi], a_full, lo), Rows(b_full[lo:hi], b_full, lo)
             if which == "m3co":
                 # mixing partners live on the same rank: a local permutation of the local rows
                 local_perm = torch.arange(hi - lo).roll(1) if hi - lo > 1 else torch.zeros(1, dtype=torch.long)
-                v = kernels.m3co_vector(a_loc, a_full, b_loc, b_full, local_perm, lam[lo:hi], t, distributed=True)
+                v = backends.m3co_vector(a_rows, b_rows, local_perm, lam[lo:hi], t, distributed=True, backend=backend)
             elif which == "clip":
-                v = kernels.clip_vector(a_loc, a_full, b_loc, b_full, t, distributed=True)
+                v = backends.clip_vector(a_rows, b_rows, t, distributed=True, backend=backend)
             else:
                 gather = lambda r, rank=rank: torch.cat(rs[:rank] + [r] + rs[rank + 1:])  # noqa: E731
-                v = kernels.multisoftclip_vector(a_loc, a_full, b_loc, b_full, t, reference=reference, gather=gather, distributed=True)
+                v = backends.multisoftclip_vector(a_rows, b_rows, t, reference=reference, gather=gather, distributed=True, backend=backend)
             out.append(v)
         return torch.cat(out)
 
@@ -255,7 +269,7 @@ def test_soft_clip_coefficients_match_the_two_directions(reference, weights):
         b, a, convention=convention, reduction="none", backend="dense"
     )
     with tiles(4, 4, 4):
-        got = kernels.multisoftclip_pair_vector(a, b, 0.1, w_a, w_b, reference=reference)
+        got = tiled.multisoftclip_pair_vector(a, b, 0.1, w_a, w_b, reference=reference)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -264,20 +278,26 @@ def test_soft_clip_coefficients_match_the_two_directions(reference, weights):
 
 def test_auto_picks_dense_for_small_and_tiled_for_large_batches_on_cpu():
     cpu = torch.device("cpu")
-    small, large = kernels.AUTO_TILED_MIN_N - 1, kernels.AUTO_TILED_MIN_N
-    assert kernels.choose_backend("auto", small, small, cpu) == "dense"
-    assert kernels.choose_backend("auto", large, large, cpu) == "tiled"
+    small, large = backends.get_config().auto_tiled_min_n - 1, backends.get_config().auto_tiled_min_n
+    assert backends.choose_backend("auto", small, small, cpu) == "dense"
+    assert backends.choose_backend("auto", large, large, cpu) == "tiled"
     # several processes: the gathered batch decides
-    assert kernels.choose_backend("auto", small, large, cpu) == "tiled"
+    assert backends.choose_backend("auto", small, large, cpu) == "tiled"
     for explicit in ("dense", "tiled"):
-        assert kernels.choose_backend(explicit, 4, 4, cpu) == explicit
+        assert backends.choose_backend(explicit, 4, 4, cpu) == explicit
+    with backends.config(auto_tiled_min_n=10):
+        assert backends.choose_backend("auto", 9, 9, cpu) == "dense"
+        assert backends.choose_backend("auto", 10, 10, cpu) == "tiled"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.choose_backend("fast", 4, 4, cpu)
 
 
 def test_triton_on_cpu_is_refused_with_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton'"):
         F.clip_loss(torch.randn(4, 3), torch.randn(4, 3), backend="triton")
-    assert not kernels.triton_available(torch.device("cpu"))
+    assert not backends.available("triton", torch.device("cpu"))
+    assert backends.available("tiled", "cpu") and backends.available("dense") and backends.available("auto")
 
 
 def test_modules_pass_the_backend_through():
@@ -286,19 +306,18 @@ def test_modules_pass_the_backend_through():
     g = torch.Generator().manual_seed(2)
     z = [torch.randn(9, 4, generator=g, dtype=torch.float64) for _ in range(2)]
     with tiles(2, 3, 4):
-        tiled = MultiSClipLoss(backend="tiled")(z)
-    torch.testing.assert_close(tiled, MultiSClipLoss(backend="dense")(z), rtol=1e-12, atol=1e-12)
+        got = MultiSClipLoss(backend="tiled")(z)
+    torch.testing.assert_close(got, MultiSClipLoss(backend="dense")(z), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("workers", [True, False])
-def test_tiled_results_are_deterministic_and_independent_of_threading(workers, monkeypatch):
-    monkeypatch.setattr(kernels, "PARALLEL_WORKERS", workers)
+def test_tiled_results_are_deterministic_and_independent_of_threading(workers):
     g = torch.Generator().manual_seed(11)
     z = [torch.randn(37, 8, generator=g) for _ in range(2)]
     perm, lam = torch.randperm(37, generator=g), torch.rand(37, generator=g)
 
     def run():
-        with tiles(5, 7, 6):
+        with backends.config(tile_rows=5, tile_cols=7, tile_square=6, parallel_workers=workers):
             return value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="tiled") + F.m3co_pair(a, b, perm, lam, backend="tiled"), z)
 
     previous = torch.get_num_threads()

@@ -24,6 +24,7 @@ BENCH_RESULTS = ROOT / "benchmarks" / "results"
 README = (ROOT / "README.md").read_text()
 MEDICAL = (ROOT / "docs" / "medical.rst").read_text()
 QUICKSTART = (ROOT / "docs" / "quickstart.rst").read_text()
+BENCHMARKS = (ROOT / "docs" / "benchmarks.rst").read_text()
 
 
 def md_rows(text: str) -> list:
@@ -123,7 +124,7 @@ def test_compile_figures_are_the_stored_rounds():
         assert entry["ratios"]["eager"] == pytest.approx(ratios, rel=1e-12)
         medians.append(_quartiles(ratios)[1])
     quoted = f"{min(medians):.2f}-{max(medians):.2f}"
-    assert quoted in README and quoted in QUICKSTART, quoted
+    assert quoted in " ".join(BENCHMARKS.split()) and quoted in QUICKSTART, quoted
 
 
 def test_quoted_best_rosmap_time_is_the_fastest_stored_run():
@@ -164,3 +165,26 @@ def test_released_loop_figures_are_the_stored_seeds():
         assert quoted in medical and quoted in readme, quoted
     sentence = loop.comparison(record, load(RESULTS / "rosmap_released" / "m3col.json"))
     assert sentence in medical and sentence in readme, sentence
+
+
+@pytest.mark.parametrize("stem", ["peers_cpu", "peers_cpu_target"])
+def test_peers_tables_are_the_stored_measurements(tmp_path, stem):
+    import statistics
+
+    import peers_report
+
+    copy = tmp_path / f"{stem}.json"
+    shutil.copy(BENCH_RESULTS / f"{stem}.json", copy)
+    peers_report.report(copy)
+    for suffix in ("md", "rst"):
+        assert (tmp_path / f"{stem}.{suffix}").read_text() == (BENCH_RESULTS / f"{stem}.{suffix}").read_text()
+    data = load(copy)
+    for entry in data["results"]:
+        impls = entry["impls"]
+        for rec in impls.values():
+            if rec.get("times_s"):
+                assert rec["median_s"] == pytest.approx(statistics.median(rec["times_s"]), rel=1e-12)
+        for name, ratios in entry.get("ratios", {}).items():
+            per_round = [x / y for x, y in zip(impls[entry["base"]]["times_s"], impls[name]["times_s"])]
+            assert ratios == pytest.approx(per_round, rel=1e-12), (entry["n"], entry["d"], name)
+    assert f".. include:: ../benchmarks/results/{stem}.rst" in BENCHMARKS

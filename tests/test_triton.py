@@ -22,10 +22,15 @@ HERE = Path(__file__).resolve().parent
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-def test_module_imports_and_reports_availability():
-    from m3co_loss import triton_kernels
+def test_module_imports_and_reports_availability(monkeypatch):
+    from m3co_loss import backends
+    from m3co_loss.backends import triton  # importable without the triton package
 
-    assert triton_kernels.available() == (importlib.util.find_spec("triton") is not None)
+    assert callable(triton.m3co_vector)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.available("triton", "cpu") == (importlib.util.find_spec("triton") is not None)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not backends.available("triton", "cpu")
 
 
 @needs_triton

@@ -14,10 +14,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
+from m3co_loss import backends  # noqa: E402
 from m3co_loss import functional as F  # noqa: E402
-from m3co_loss import kernels, triton_kernels  # noqa: E402
+from m3co_loss.backends import Rows, tiled  # noqa: E402
 
-triton_kernels.BLOCK_M = triton_kernels.BLOCK_N = triton_kernels.BLOCK_D = 16
+backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16)
 
 
 def relative_errors(fn, inputs, weights):
@@ -52,13 +53,13 @@ def main() -> None:
     # local rows != gathered rows (the shape of a distributed call): rows 5..11 of the batch
     a_full, b_full = (F.normalize(x) for x in z)
     lo, hi = 5, 12
-    r_full = kernels.LogSumExp.apply(a_full, b_full, 0.1, False)[0]
+    r_full = tiled.LogSumExp.apply(a_full, b_full, 0.1, False)[0]
     for backend in ("tiled", "triton"):
-        v = kernels.multisoftclip_vector(a_full[lo:hi], a_full, b_full[lo:hi], b_full, 0.1, reference=False, distributed=True,
-                                         gather=lambda r: torch.cat([r_full[:lo], r, r_full[hi:]]), backend=backend)
+        v = backends.multisoftclip_vector(Rows(a_full[lo:hi], a_full, lo), Rows(b_full[lo:hi], b_full, lo), 0.1, reference=False, distributed=True,
+                                          gather=lambda r: torch.cat([r_full[:lo], r, r_full[hi:]]), backend=backend)
         errors.setdefault("distributed_shape", []).append(v)
-    tiled, triton = errors.pop("distributed_shape")
-    errors["distributed_shape multisoftclip_vector"] = float((tiled - triton).abs().max())
+    by_tiled, by_triton = errors.pop("distributed_shape")
+    errors["distributed_shape multisoftclip_vector"] = float((by_tiled - by_triton).abs().max())
     errors["float64_runs_tiled"] = float(
         (F.clip_loss(z[0].double(), z[1].double(), backend="triton") - F.clip_loss(z[0].double(), z[1].double(), backend="dense")).abs())
     print(json.dumps(errors))

@@ -1,0 +1,50 @@
+"""What every backend module provides to :mod:`m3co_loss.functional`: the per-sample loss vectors.
+
+A backend (:mod:`~m3co_loss.backends.dense`, :mod:`~m3co_loss.backends.tiled`,
+:mod:`~m3co_loss.backends.triton`) is a module with the four functions of :class:`Backend`.
+Each takes L2-normalised embeddings and the temperature ``t`` and returns the vector ``v`` of
+per-sample losses of this process's rows (its mean is the ``"mean"`` loss on one process).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple, Protocol, Sequence, Tuple
+
+from torch import Tensor
+
+__all__ = ["Rows", "PairWeights", "Backend"]
+
+# Unordered modality pair (a, b), a < b -> (weight of Ls(a; a, b), weight of Ls(b; a, b)).
+PairWeights = Mapping[Tuple[int, int], Sequence[float]]
+
+
+class Rows(NamedTuple):
+    """One modality's normalised embeddings: this process's rows and the batch gathered over the process group.
+
+    Attributes:
+        local: (n, D) rows of this process.
+        full: (N, D) rows of every process, in rank order (``local`` itself on one process).
+        offset: index of ``local[0]`` in ``full`` (0 on one process).
+    """
+
+    local: Tensor
+    full: Tensor
+    offset: int  # index of local[0] inside full
+
+
+class Backend(Protocol):
+    """The per-sample loss vectors a backend computes (every backend module is one)."""
+
+    def m3co_vector(self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, reference: bool = False, distributed: bool = False) -> Tensor:
+        """M3Co L3(a -> b) of the local mixed rows ``a`` against the clean ``b`` (``reference`` halves it)."""
+
+    def clip_vector(self, a: Rows, b: Rows, t: float, *, distributed: bool = False) -> Tensor:
+        """Symmetric InfoNCE of the local rows."""
+
+    def multisoftclip_vector(
+        self, a: Rows, b: Rows, t: float, *, reference: bool, gather: Callable[[Tensor], Tensor], distributed: bool = False
+    ) -> Tensor:
+        """MultiSClip Ls(a; a, b), targets from ``a``; ``gather`` concatenates a per-row vector over the process group."""
+
+    def multisoftclip_pairs(self, p: Sequence[Tensor], weights: PairWeights, t: float, *, reference: bool) -> Tensor:
+        """``sum over (a, b) in weights of w_a Ls(a; a, b) + w_b Ls(b; a, b)`` on one process (both directions share S)."""

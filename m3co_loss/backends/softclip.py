@@ -1,0 +1,331 @@
+r"""The fused single-process MultiSClip kernel of the tiled backend (:class:`SoftClip`).
+
+With ``S = A B^T / t``,
+``W^a = softmax_row(A A^T / t)``, ``W^b = softmax_row(B B^T / t)``, one call computes, for
+coefficients fixed by the convention and the weights of the two directions::
+
+    v_i = k_c c_i + k_r r_i + k_a (W^a r)_i + k_b (W^b c)_i
+          - x_a sum_l W^a_il S_li - z_a sum_l W^a_il S_il - x_b sum_l W^b_il S_il - z_b sum_l W^b_il S_li
+
+(paper, direction a: ``k_c = k_a = 1, x_a = 2``; ``Ls(b; a, b)`` is the same with the roles
+of ``r, c`` and ``S, S^T`` swapped; reference convention: ``k_c = k_r = x = z = 1/2``). It
+walks the upper triangle of square blocks ``(I, K), I <= K`` and computes four tiles per
+block pair: ``S_IK``, ``U_IK = (S_KI)^T = B_I A_K^T / t`` and ``E^a = e^{G^a_IK - 1/t}``,
+``E^b``. Because ``G = A A^T`` is symmetric, one tile of it serves both ``(I, K)`` and
+``(K, I)``: row sums of ``E^a`` give the normalisers ``n_I``, its column sums ``n_K``, and the
+weighted sums ``sum_l W_il S_li`` are row sums of ``E^a * U`` and column sums of ``E^a * S``.
+``(W r)`` needs the final ``r``, so a second forward pass over the ``G`` tiles computes
+``E^a [r | 1/n]``, which also gives the column sums of ``W`` (``omega_l = sum_i W_il``,
+again by symmetry). For a uniform upstream gradient ``g`` (reduction mean or sum) the
+backward pass needs ``sum_i g_i W_il = g_0 omega_l`` and so no extra pass. Its gradients are::
+
+    dS_lk = (k_r g_l + k_a omega^g_l) e^{S_lk - r_l} + (k_c g_k + k_b omega'^g_k) e^{S_lk - c_k}
+            - x_a g_k W^a_kl - z_a g_l W^a_lk - x_b g_l W^b_lk - z_b g_k W^b_kl,
+    dG^a_il = g_i W^a_il (X^a_il - y^a_i),  X^a_il = k_a r_l - x_a S_li - z_a S_il,
+    dA = dS B / t + (dG^a + dG^a^T) A / t,   dB = dS^T A / t + (dG^b + dG^b^T) B / t,
+
+and ``(dG + dG^T)`` is again evaluated once per symmetric block pair. Per element of the N x N
+grid this costs about 6.5 matrix products of depth D for one direction (floor: 5) and 9 for
+both (floor: 7).
+
+Tile sizes (``tile_square``) and the CPU worker threads are read from
+:func:`m3co_loss.backends.get_config` once per forward pass; the backward pass uses the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ._config import get_config
+from ._tiling import Scratch, block_pairs, first_order_only, num_workers, run_tiles, scaled, shifter, span
+
+__all__ = ["SoftClip", "SoftClipCoefficients", "soft_clip"]
+
+_BlockPair = Tuple[slice, slice, bool]  # rows, columns, whether on the diagonal
+
+
+class SoftClipCoefficients(NamedTuple):
+    """Coefficients of the per-sample MultiSClip vector computed by :class:`SoftClip`.
+
+    ``v_i = col c_i + row r_i + ka (W^a r)_i + kb (W^b c)_i - xa sum_l W^a_il S_li
+    - za sum_l W^a_il S_il - xb sum_l W^b_il S_il - zb sum_l W^b_il S_li``.
+    """
+
+    col: float
+    row: float
+    ka: float
+    kb: float
+    xa: float
+    za: float
+    xb: float
+    zb: float
+
+    @classmethod
+    def for_directions(cls, weight_a: float, weight_b: float, reference: bool) -> "SoftClipCoefficients":
+        """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` in the paper's or the released convention."""
+        if reference:
+            half = 0.5 * (weight_a + weight_b)
+            return cls(half, half, 0.0, 0.0, 0.5 * weight_a, 0.5 * weight_a, 0.5 * weight_b, 0.5 * weight_b)
+        return cls(weight_a, weight_b, weight_a, weight_b, 2.0 * weight_a, 0.0, 2.0 * weight_b, 0.0)
+
+    @property
+    def uses_a(self) -> bool:
+        return bool(self.ka or self.xa or self.za)
+
+    @property
+    def uses_b(self) -> bool:
+        return bool(self.kb or self.xb or self.zb)
+
+
+def _accumulate_products(acc: Tensor, rows: slice, cols: slice, diag: bool, e: Tensor, x: Tensor, y: Tensor, tmp: Tensor, ones: Tensor) -> None:
+    """``acc[rows] += rowsum(e * x)`` and, off the diagonal, ``acc[cols] += colsum(e * y)``."""
+    acc[rows].addmv_(torch.mul(e, x, out=tmp), ones[: e.shape[1]])
+    if not diag:
+        acc[cols].addmv_(torch.mul(e, y, out=tmp).T, ones[: e.shape[0]])
+
+
+class SoftClip(torch.autograd.Function):
+    r"""Fused single-process MultiSClip vector of both directions of a pair (see the module docstring).
+
+    ``forward(a, b, t, coefficients) -> v`` with ``a``, ``b`` the L2-normalised (N, D)
+    embeddings and ``coefficients`` a :class:`SoftClipCoefficients`. Needs the static shift
+    (``2/t`` within the exponent range of the dtype).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, t: float, coef: SoftClipCoefficients) -> Tensor:
+        """Pass 1: r, c, normalisers and weighted sums of S; pass 2 (paper): W r and the column sums of W."""
+        a, b = a.detach().contiguous(), b.detach().contiguous()
+        n = a.shape[0]
+        config = get_config()
+        size = min(config.tile_square, n)
+        use_a, use_b = coef.uses_a, coef.uses_b
+        ones = a.new_ones(size)
+        a_s, a_h, b_s, b_h = scaled(a, t), shifter(a, t), scaled(b, t), shifter(b, t)
+        tasks = list(block_pairs(n, size))
+        workers = num_workers(a, len(tasks), config.parallel_workers)
+
+        def setup_one() -> Tuple[Scratch, Tensor]:
+            return Scratch(a, 5, size, size), a.new_zeros(8, n)
+
+        def pass_one(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor]) -> List[Tensor]:
+            scratch, sums = state
+            # sum_k e^{S_ik - 1/t}, sum_i e^{S_ik - 1/t}, softmax normalisers of the targets, and
+            # sum_l E_il (S_li - 1/t), sum_l E_il (S_il - 1/t) for each target matrix
+            rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = sums
+            for rows, cols, diag in my_tasks:
+                h, w = span(rows), span(cols)
+                s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
+                u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+                tmp = scratch(4, h, w)
+                if use_a:
+                    p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
+                    n_a[rows].addmv_(p, ones[:w])
+                    if not diag:
+                        n_a[cols].addmv_(p.T, ones[:h])
+                    if coef.xa:
+                        _accumulate_products(t_a_u, rows, cols, diag, p, u, s, tmp, ones)
+                    if coef.za:
+                        _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
+                if use_b:
+                    q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
+                    n_b[rows].addmv_(q, ones[:w])
+                    if not diag:
+                        n_b[cols].addmv_(q.T, ones[:h])
+                    if coef.xb:
+                        _accumulate_products(t_b_s, rows, cols, diag, q, s, u, tmp, ones)
+                    if coef.zb:
+                        _accumulate_products(t_b_u, rows, cols, diag, q, u, s, tmp, ones)
+                e = s.exp_()
+                rho[rows].addmv_(e, ones[:w])
+                kappa[cols].addmv_(e.T, ones[:h])
+                if not diag:
+                    e = u.exp_()
+                    kappa[rows].addmv_(e, ones[:w])
+                    rho[cols].addmv_(e.T, ones[:h])
+            return [sums]
+
+        rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = run_tiles(tasks, pass_one, workers, setup_one)[0]
+        r = rho.log_().add_(1.0 / t)
+        c = kappa.log_().add_(1.0 / t)
+        # Pass 2: W r needs the final r; the same products give the column sums of W.
+        omega_a = omega_b = a.new_zeros(0)
+        y_a, y_b = a.new_zeros(n), a.new_zeros(n)
+        if coef.ka or coef.kb:
+            targets: List[Tuple[Tensor, Tensor, Tensor]] = []
+            if coef.ka:
+                targets.append((torch.stack([r, n_a.reciprocal()], 1), a_s, a_h))
+            if coef.kb:
+                targets.append((torch.stack([c, n_b.reciprocal()], 1), b_s, b_h))
+
+            def setup_two() -> Tuple[Tensor, List[Tensor]]:
+                return a.new_empty(size * size), [a.new_zeros(n, 2) for _ in targets]
+
+            def pass_two(my_tasks: Sequence[_BlockPair], state: Tuple[Tensor, List[Tensor]]) -> List[Tensor]:
+                buf, out = state
+                for rows, cols, diag in my_tasks:
+                    h, w = span(rows), span(cols)
+                    for acc, (values, x_s, x_h) in zip(out, targets):
+                        p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: h * w].view(h, w)).exp_()
+                        acc[rows].addmm_(p, values[cols])
+                        if not diag:
+                            acc[cols].addmm_(p.T, values[rows])
+                return out
+
+            sums = iter(run_tiles(tasks, pass_two, workers, setup_two))
+            if coef.ka:
+                pr_a = next(sums)
+                y_a += coef.ka * pr_a[:, 0] / n_a
+                omega_a = pr_a[:, 1]
+            if coef.kb:
+                pr_b = next(sums)
+                y_b += coef.kb * pr_b[:, 0] / n_b
+                omega_b = pr_b[:, 1]
+        # sum_l W_il S_.. = (sum_l E_il (S_.. - 1/t)) / n_i + 1/t
+        for acc, norm, weight, y in (
+            (t_a_u, n_a, coef.xa, y_a),
+            (t_a_s, n_a, coef.za, y_a),
+            (t_b_s, n_b, coef.xb, y_b),
+            (t_b_u, n_b, coef.zb, y_b),
+        ):
+            if weight:
+                y -= weight * (acc / norm + 1.0 / t)
+        v: Tensor = coef.col * c + coef.row * r + y_a + y_b
+        ctx.save_for_backward(a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h)
+        ctx.t, ctx.coef, ctx.config = t, coef, config
+        return v
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx: Any, g: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
+        """Recompute S, S^T and the target tiles per block pair; see the module docstring."""
+        if g is None:
+            return None, None, None, None
+        a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h = ctx.saved_tensors
+        t, coef, config = ctx.t, ctx.coef, ctx.config
+        n = a.shape[0]
+        size = min(config.tile_square, n)
+        use_a, use_b = coef.uses_a, coef.uses_b
+        tasks = list(block_pairs(n, size))
+        workers = num_workers(a, len(tasks), config.parallel_workers)
+        g = g.contiguous()
+        uniform = bool((g == g[0]).all())
+        gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
+        g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
+        if coef.ka:  # sum_i g_i W^a_il
+            g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(a_s, a_h, gamma_a, size, tasks, workers))
+        if coef.kb:
+            g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(b_s, b_h, gamma_b, size, tasks, workers))
+        # Every tile below is a derivative with respect to S or G, and dA = (dS B + H A) / t: the
+        # 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
+        alpha = (g_row / t) * torch.exp(1.0 / t - r)
+        beta = (g_col / t) * torch.exp(1.0 / t - c)
+        ones = torch.ones_like(g)
+        # (dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)], R of rank 4:
+        # R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l, y~ = y + (x + z) / t.
+        if use_a:
+            ya = y_a + (coef.xa + coef.za) / t
+            left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(t)
+            right_a = torch.stack([r, gamma_a, ones, -gamma_a * ya], 1)
+            xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a
+        if use_b:
+            yb = y_b + (coef.xb + coef.zb) / t
+            left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(t)
+            right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
+            xgb, zgb = (coef.xb / t) * gamma_b, (coef.zb / t) * gamma_b
+
+        def setup() -> Tuple[Scratch, Tensor, Tensor]:
+            return Scratch(a, 7, size, size), torch.zeros_like(a), torch.zeros_like(b)
+
+        def work(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor, Tensor]) -> List[Tensor]:
+            scratch, da, db = state
+            for rows, cols, diag in my_tasks:
+                h, w = span(rows), span(cols)
+                s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
+                u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+                if use_a:
+                    p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
+                    ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
+                    if coef.xa:
+                        ha.addcmul_(u, xga[rows, None], value=-1).addcmul_(s, xga[None, cols], value=-1)
+                    if coef.za:
+                        ha.addcmul_(u, zga[None, cols], value=-1).addcmul_(s, zga[rows, None], value=-1)
+                    ha.mul_(p)
+                if use_b:
+                    q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
+                    hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
+                    if coef.xb:
+                        hb.addcmul_(s, xgb[rows, None], value=-1).addcmul_(u, xgb[None, cols], value=-1)
+                    if coef.zb:
+                        hb.addcmul_(s, zgb[None, cols], value=-1).addcmul_(u, zgb[rows, None], value=-1)
+                    hb.mul_(q)
+                # dS on block (I, K)
+                ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
+                if use_a:
+                    if coef.xa:
+                        ds.addcmul_(p, xga[None, cols], value=-1)
+                    if coef.za:
+                        ds.addcmul_(p, zga[rows, None], value=-1)
+                if use_b:
+                    if coef.zb:
+                        ds.addcmul_(q, zgb[None, cols], value=-1)
+                    if coef.xb:
+                        ds.addcmul_(q, xgb[rows, None], value=-1)
+                da[rows].addmm_(ds, b[cols])
+                db[cols].addmm_(ds.T, a[rows])
+                if use_a:
+                    da[rows].addmm_(ha, a[cols])
+                if use_b:
+                    db[rows].addmm_(hb, b[cols])
+                if diag:
+                    continue
+                # dS on block (K, I), held transposed like U
+                du = u.exp_().mul_(torch.add(beta[rows, None], alpha[None, cols], out=scratch(6, h, w)))
+                if use_a:
+                    if coef.xa:
+                        du.addcmul_(p, xga[rows, None], value=-1)
+                    if coef.za:
+                        du.addcmul_(p, zga[None, cols], value=-1)
+                if use_b:
+                    if coef.zb:
+                        du.addcmul_(q, zgb[rows, None], value=-1)
+                    if coef.xb:
+                        du.addcmul_(q, xgb[None, cols], value=-1)
+                da[cols].addmm_(du.T, b[rows])
+                db[rows].addmm_(du, a[cols])
+                if use_a:
+                    da[cols].addmm_(ha.T, a[rows])
+                if use_b:
+                    db[cols].addmm_(hb.T, b[rows])
+            return [da, db]
+
+        da, db = run_tiles(tasks, work, workers, setup)
+        return da, db, None, None
+
+
+def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: Sequence[_BlockPair], workers: int) -> Tensor:
+    """``sum_i gamma_i E_il`` for the symmetric ``E = exp(X X^T / t - 1/t)``: one pass over half the blocks."""
+
+    def setup() -> Tuple[Tensor, Tensor]:
+        return torch.zeros_like(gamma), x_s.new_empty(size * size)
+
+    def work(my_tasks: Sequence[_BlockPair], state: Tuple[Tensor, Tensor]) -> List[Tensor]:
+        out, buf = state
+        for rows, cols, diag in my_tasks:
+            p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: span(rows) * span(cols)].view(span(rows), span(cols))).exp_()
+            out[rows].addmv_(p, gamma[cols])
+            if not diag:
+                out[cols].addmv_(p.T, gamma[rows])
+        return [out]
+
+    out: Tensor = run_tiles(tasks, work, workers, setup)[0]
+    return out
+
+
+def soft_clip(a: Tensor, b: Tensor, t: float, coefficients: SoftClipCoefficients) -> Tensor:
+    """The fused per-sample MultiSClip vector of both directions of a pair (:class:`SoftClip`)."""
+    v: Tensor = SoftClip.apply(a, b, t, coefficients)  # type: ignore[no-untyped-call]
+    return v

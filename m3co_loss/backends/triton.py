@@ -1,0 +1,218 @@
+r"""The Triton backend: fused CUDA kernels of the O(N D)-memory log-sum-exps and soft-target sums.
+
+The same two building blocks as the tiled torch backend (:mod:`m3co_loss.backends.tiled`), each a
+fused Triton kernel that never writes an N x N tile to memory:
+
+* :class:`LogSumExp`: ``r_i = lse_k S_ik`` by online softmax (running maximum, exact for
+  every temperature), one program per block of rows; the column log-sum-exps ``c`` are the
+  row log-sum-exps of ``S^T`` (a second launch with the operands swapped). Backward:
+  ``dq = A k / t`` with ``A_ik = g^r_i e^{S_ik - r_i} + g^c_k e^{S_ik - c_k}``, one program per
+  block of rows; ``dk`` is the same kernel on ``S^T``.
+* :class:`SoftTargetSum`: ``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma/t) vq_i . vk_l)``
+  with the exact row maximum ``|q_i|^2 / t``. Backward: a row kernel (``dq``, ``dvq``) and a
+  column kernel (``dk``, ``dvk``, ``du``) that recompute the tiles of ``P`` and
+  ``dG_il = g_i P_il (X_il - y_i)``.
+
+Each program owns a block of rows of its outputs and accumulates ``w @ V`` into them chunk by
+chunk of the embedding dimension, so any D works without holding a (block x D) accumulator in
+registers. Products run in IEEE float32 (``input_precision="ieee"``, no TF32), so results agree
+with the torch backends to float32 rounding. Float64 inputs use the tiled torch kernels.
+
+The kernels take float32 tensors; the dispatch (:mod:`m3co_loss.backends`) runs other
+dtypes on the tiled backend. Block sizes are read from :func:`m3co_loss.backends.get_config`
+(``triton_block_m``, ``triton_block_n``, ``triton_block_d``) once per forward pass; the
+backward pass uses the same values. The ``triton`` package is imported on the first kernel
+launch, not with this module. The kernels are tested for exactness with Triton's CPU
+interpreter (``TRITON_INTERPRET=1``); docs/kernels.rst says what is measured on GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ._config import BackendConfig, get_config
+from ._tiling import first_order_only
+from ._interface import PairWeights, Rows
+from .tiled import StreamingBackend
+
+__all__ = [
+    "LogSumExp",
+    "SoftTargetSum",
+    "logsumexp",
+    "soft_target_sum",
+    "m3co_vector",
+    "clip_vector",
+    "multisoftclip_vector",
+    "multisoftclip_pair_vector",
+    "multisoftclip_pairs",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit() -> ModuleType:
+    """The module of compiled kernels, imported on first use (importing triton takes a while)."""
+    try:
+        from . import _triton_jit
+    except ImportError as error:
+        raise ImportError("backend='triton' needs the triton package; install it or use backend='tiled'") from error
+    return _triton_jit
+
+
+def _check_float32(*tensors: Tensor) -> None:
+    for x in tensors:
+        if x.dtype != torch.float32:
+            raise TypeError(f"the Triton kernels take float32 tensors; got {x.dtype} (backend='triton' runs other dtypes on the tiled kernels)")
+
+
+def _grid(size: int, block: int) -> Tuple[int]:
+    return ((size + block - 1) // block,)
+
+
+def _row_lse(q: Tensor, k: Tensor, t: float, config: BackendConfig) -> Tensor:
+    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+    out = q.new_empty(q.shape[0])
+    _jit().row_lse_kernel[_grid(q.shape[0], bm)](
+        q, k, out, q.shape[0], k.shape[0], q.shape[1], 1.0 / t, q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd
+    )
+    return out
+
+
+def _lse_grad(q: Tensor, k: Tensor, r: Tensor, c: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], t: float, config: BackendConfig) -> Tensor:
+    """``dq = A k / t`` for ``S = q k^T / t``; ``g_r`` or ``g_c`` may be None."""
+    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+    dq = torch.zeros_like(q)
+    dummy = q.new_zeros(1)
+    _jit().lse_grad_kernel[_grid(q.shape[0], bm)](
+        q, k, r, c if g_c is not None else dummy, g_r if g_r is not None else dummy, g_c if g_c is not None else dummy, dq,
+        q.shape[0], k.shape[0], q.shape[1], 1.0 / t, q.stride(0), k.stride(0), dq.stride(0),
+        HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd,
+    )
+    return dq
+
+
+class LogSumExp(torch.autograd.Function):
+    """Triton version of :class:`m3co_loss.backends.tiled.LogSumExp` (float32): ``(r, c)`` of ``q k^T / t``."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, t: float, with_cols: bool) -> Tuple[Tensor, Tensor]:
+        """Row log-sum-exps, and the column ones as the rows of ``S^T``."""
+        _check_float32(q, k)
+        config = get_config()
+        q, k = q.contiguous(), k.contiguous()
+        r = _row_lse(q, k, t, config)
+        c = _row_lse(k, q, t, config) if with_cols else q.new_zeros(0)
+        ctx.save_for_backward(q, k, r, c)
+        ctx.t, ctx.with_cols, ctx.config = t, with_cols, config
+        ctx.set_materialize_grads(False)
+        return r, c
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
+        """``dq = A k / t`` (rows of S) and ``dk = A^T q / t`` (rows of S^T)."""
+        q, k, r, c = ctx.saved_tensors
+        g_c = g_c.contiguous() if ctx.with_cols and g_c is not None else None
+        g_r = g_r.contiguous() if g_r is not None else None
+        if g_r is None and g_c is None:
+            return None, None, None, None
+        if g_c is None:
+            c = r.new_zeros(k.shape[0])  # unused by the kernels (HAS_C / HAS_R are False)
+        dq = _lse_grad(q, k, r, c, g_r, g_c, ctx.t, ctx.config)
+        dk = _lse_grad(k, q, c, r, g_c, g_r, ctx.t, ctx.config)
+        return dq, dk, None, None
+
+
+class SoftTargetSum(torch.autograd.Function):
+    """Triton version of :class:`m3co_loss.backends.tiled.SoftTargetSum` (float32)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: float, gamma: float) -> Tensor:
+        """One program per block of rows: online sums of ``E`` and ``E X`` (no N x N tile stored)."""
+        _check_float32(q, k, u, vq, vk)
+        config = get_config()
+        bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+        q, k, u, vq, vk = (x.contiguous() for x in (q, k, u, vq, vk))
+        n, N = q.shape[0], k.shape[0]
+        shift = (q * q).sum(1) / t
+        y, norm = q.new_empty(n), q.new_empty(n)
+        _jit().soft_fwd_kernel[_grid(n, bm)](
+            q, k, u, vq, vk, shift, y, norm, n, N, q.shape[1], vq.shape[1], 1.0 / t, gamma / t,
+            q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd,
+        )
+        ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y)
+        ctx.t, ctx.gamma, ctx.config = t, gamma, config
+        return y
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx: Any, g: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None, None]:
+        """Row kernel for ``dq, dvq``; column kernel for ``dk, dvk, du``."""
+        q, k, u, vq, vk, shift, norm, y = ctx.saved_tensors
+        t, gamma, config = ctx.t, ctx.gamma, ctx.config
+        bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+        g = g.contiguous()
+        n, N, D, DV = q.shape[0], k.shape[0], q.shape[1], vq.shape[1]
+        dq, dk, dvq, dvk, du = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vq), torch.zeros_like(vk), torch.zeros_like(u)
+        common = (u, vq, vk, shift, norm, y, g)
+        jit = _jit()
+        jit.soft_bwd_rows_kernel[_grid(n, bm)](
+            q, k, *common, dq, dvq, n, N, D, DV, 1.0 / t, gamma / t,
+            q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dq.stride(0), dvq.stride(0),
+            BM=bm, BN=bn, BD=bd,
+        )
+        jit.soft_bwd_cols_kernel[_grid(N, bn)](
+            q, k, *common, dk, dvk, du, n, N, D, DV, 1.0 / t, gamma / t,
+            q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dk.stride(0), dvk.stride(0),
+            BM=bm, BN=bn, BD=bd,
+        )
+        return dq, dk, du, dvq, dvk, None, None
+
+
+def logsumexp(q: Tensor, k: Tensor, t: float, with_cols: bool) -> Tuple[Tensor, Tensor]:
+    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (:class:`LogSumExp`)."""
+    r, c = LogSumExp.apply(q, k, t, with_cols)  # type: ignore[no-untyped-call]
+    return r, c
+
+
+def soft_target_sum(q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: float, gamma: float) -> Tensor:
+    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t) vq_i . vk_l)`` (:class:`SoftTargetSum`)."""
+    y: Tensor = SoftTargetSum.apply(q, k, u, vq, vk, t, gamma)  # type: ignore[no-untyped-call]
+    return y
+
+
+_BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=False)
+
+
+# The backend interface as plain functions (``torch.compiler.disable`` wraps functions, not bound methods).
+
+
+def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, reference: bool = False, distributed: bool = False) -> Tensor:
+    """Per-sample M3Co L3(a -> b) of the local mixed rows (Triton kernels; see :meth:`StreamingBackend.m3co_vector`)."""
+    return _BACKEND.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
+
+
+def clip_vector(a: Rows, b: Rows, t: float, *, distributed: bool = False) -> Tensor:
+    """Per-sample symmetric InfoNCE of the local rows (Triton kernels)."""
+    return _BACKEND.clip_vector(a, b, t, distributed=distributed)
+
+
+def multisoftclip_vector(
+    a: Rows, b: Rows, t: float, *, reference: bool, gather: Callable[[Tensor], Tensor], distributed: bool = False
+) -> Tensor:
+    """Per-sample MultiSClip Ls(a; a, b) of the local rows, targets from a (Triton kernels)."""
+    return _BACKEND.multisoftclip_vector(a, b, t, reference=reference, gather=gather, distributed=distributed)
+
+
+def multisoftclip_pair_vector(a: Tensor, b: Tensor, t: float, weight_a: float, weight_b: float, *, reference: bool) -> Tensor:
+    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
+    return _BACKEND.multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference)
+
+
+def multisoftclip_pairs(p: Sequence[Tensor], weights: PairWeights, t: float, *, reference: bool) -> Tensor:
+    """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
+    return _BACKEND.multisoftclip_pairs(p, weights, t, reference=reference)
