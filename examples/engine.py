@@ -131,7 +131,7 @@ METHODS: Dict[str, str] = {
     "m3col": "fusion + unimodal cross-entropies + M3CoLoss (M3Co, then MultiSClip)",
     "concat": "fusion head cross-entropy only",
     "unimodal-sup": "fusion + unimodal cross-entropies, no contrastive term",
-    "mixup": "vanilla mixup: mixed inputs and mixed one-hot labels, no contrastive term",
+    "mixup": "vanilla mixup: mixed inputs and mixed labels, no contrastive term",
     "m3col-no-unimodal": "fusion cross-entropy + M3CoLoss (no unimodal heads)",
     "only-m3co": "fusion + unimodal cross-entropies + M3Co for the whole run",
     "only-multisclip": "fusion + unimodal cross-entropies + MultiSClip for the whole run",
@@ -145,6 +145,8 @@ PROTOCOL_LABELS = {
 }
 SCHEDULERS = ("step", "plateau", "none")
 UNIS_MMC_WEIGHT = 0.1  # the UniS-MMC paper's weight of its contrastive term
+RELEASED_MIXUP_ALPHA = 0.2  # Beta(0.2, 0.2) of the released mixup_data (train_image_text.py --alpha)
+TEST_GRIDS = ("package", "released")
 
 
 class ConfigError(ValueError):
@@ -569,9 +571,12 @@ class Objective:
       modality, rows mixed with probability 0.5, cyclic modality pairs, MultiSClip at t = 0.125,
       M3Co for the first ``int(0.33 * epochs)`` epochs.
 
-    ``mixup`` (vanilla mixup) mixes every modality with the same partner and lam (so that the
-    mixed one-hot label is well defined) and trains the unimodal and fusion heads on the mixed
-    batch with soft-label cross-entropies; it has no contrastive term.
+    ``mixup`` (vanilla mixup) mixes every modality's input with the same partner and lam (so
+    that the mixed label is well defined) and trains the unimodal and fusion heads on the mixed
+    batch against ``lam * CE(y) + (1 - lam) * CE(y[perm])`` (a cross-entropy with the mixed
+    one-hot label); it has no contrastive term. ``paper``: one lam per sample from
+    Beta(alpha, alpha). ``reference``: the released ``mixup_data`` (``model/model.py``): one lam
+    per batch from Beta(0.2, 0.2) (its ``--alpha``), every row mixed.
 
     Call the objective once per (micro-)batch and :meth:`epoch_end` once per epoch (the
     M3Co -> MultiSClip schedule counts epochs, as in the paper and the released code).
@@ -629,8 +634,11 @@ class Objective:
         elif method == "unis-mmc":
             self.unis_mmc = UniSMMCLoss(gather_distributed=distributed)
         elif method == "mixup":
-            options = {} if mix_prob is None else {"mix_prob": mix_prob}
-            self.mixup_sampler = MixupSampler.for_convention(convention, alpha=alpha, shared_lam=True, generator=self.generator, **options)
+            if convention == "reference":  # one lam for the whole batch (the sampler draws it for a single row)
+                self.mixup_sampler = MixupSampler(alpha=RELEASED_MIXUP_ALPHA, mix_prob=1.0, generator=self.generator)
+            else:
+                options = {} if mix_prob is None else {"mix_prob": mix_prob}
+                self.mixup_sampler = MixupSampler(alpha=alpha, shared_lam=True, generator=self.generator, **options)
 
     @classmethod
     def from_config(cls, config: "TrainConfig", *, num_modalities: int, num_classes: int, seed: int = 0, distributed: bool = False) -> "Objective":
@@ -685,10 +693,14 @@ class Objective:
     def _vanilla_mixup(self, model: MultimodalClassifier, inputs: Sequence[Any], y: Tensor):
         n = y.shape[0]
         scale = self._row_scale(n, y.device)
-        one = self.mixup_sampler.sample(n, 1)
+        if self.convention == "reference":
+            lam = self.mixup_sampler.sample(1, 1).lam.expand(1, n)
+            one = MixupPlan((torch.randperm(n, generator=self.generator),), lam)
+        else:
+            one = self.mixup_sampler.sample(n, 1)
         # one partner and one lam per sample for every modality: the mixed label is then exact
         plan = MixupPlan(one.perms * self.num_modalities, one.lam.expand(self.num_modalities, n).contiguous()).to(y.device)
-        out = model(inputs, plan=plan, mix="inputs" if self.convention == "paper" else "embeddings", classify="mixed")
+        out = model(inputs, plan=plan, mix="inputs", classify="mixed")
         target = plan.mix(F.one_hot(y, self.num_classes).float(), 0)
         parts = {
             "fusion_ce": _cross_entropy(out.fused, target, scale),
@@ -721,10 +733,14 @@ class Objective:
 
 def _cross_entropy(logits: Tensor, target: Tensor, scale: Optional[float]) -> Tensor:
     """Mean cross-entropy, or ``scale`` times the sum on a rank (its average over ranks is the global mean;
-    a rank with no rows of the batch contributes 0, not NaN)."""
+    a rank with no rows of the batch contributes 0, not NaN). Half-precision logits are upcast to float32; float64 stays."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if target.is_floating_point():
+        target = target.to(logits.dtype)
     if scale is None:
-        return F.cross_entropy(logits.float(), target)
-    return F.cross_entropy(logits.float(), target, reduction="sum") * scale
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, reduction="sum") * scale
 
 
 class _TrainStep(nn.Module):
@@ -759,7 +775,10 @@ class TrainConfig:
     ``eval_every`` scores the validation split every k epochs and ``test_every`` the test set
     every k epochs (the last epoch always; 0: only the last, and no ``best_on_test``). When the
     validation protocol chooses an epoch whose test score was not taken, that epoch's weights are
-    kept and the test set is scored once with them at the end.
+    kept and the test set is scored once with them at the end. ``test_grid`` places those test
+    scores: ``"package"`` after epochs k-1, 2k-1, ... (0-based); ``"released"`` after epochs 0,
+    k, 2k, ... (the released medical loop's ``epoch % k == 0``), where the last epoch is scored
+    for the ``final`` protocol only, not offered to ``best_on_test``.
     ``ema_decay`` scores (and keeps, for every protocol) an exponential moving average of the
     weights, updated after each optimiser step (``torch.optim.swa_utils.AveragedModel``),
     instead of the weights themselves; training itself is unchanged.
@@ -790,6 +809,7 @@ class TrainConfig:
     holdout: float = 0.2
     eval_every: int = 1
     test_every: int = 1
+    test_grid: str = "package"
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
     bf16: bool = False
@@ -808,7 +828,7 @@ class TrainConfig:
     # options that do not change the numbers a run produces (left out of its fingerprint)
     _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "set_aside_corrupt", "progress", "value_checks", "threads")
     # options added later: left out of the fingerprint while unset, so that older records still match
-    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None, "compile": None}
+    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None, "compile": None, "test_grid": "package"}
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
@@ -836,6 +856,9 @@ class TrainConfig:
         need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)")
         need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
         need(isinstance(self.test_every, int) and self.test_every >= 0, "test_every", "an int >= 0 (0: the last epoch only)")
+        need(self.test_grid in TEST_GRIDS, "test_grid", f"one of {TEST_GRIDS}")
+        need(not (self.method == "mixup" and self.convention == "reference" and self.mix_prob is not None), "mix_prob",
+             "None for mixup under the reference convention (the released mixup mixes every row)")
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: no checkpoints)")
         need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
@@ -855,9 +878,17 @@ class TrainConfig:
         """Whether the validation split is scored after ``epoch`` (0-based): every ``eval_every``-th and the last."""
         return epoch == self.epochs - 1 or (epoch + 1) % self.eval_every == 0
 
+    def on_test_grid(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) is one of the every-``test_every`` test scores that ``best_on_test`` selects among."""
+        if self.test_every == 0:
+            return False
+        if self.test_grid == "released":
+            return epoch % self.test_every == 0
+        return (epoch + 1) % self.test_every == 0 or epoch == self.epochs - 1
+
     def test_due(self, epoch: int) -> bool:
-        """Whether the test set is scored after ``epoch`` (0-based): every ``test_every``-th (if > 0) and the last."""
-        return epoch == self.epochs - 1 or (self.test_every > 0 and (epoch + 1) % self.test_every == 0)
+        """Whether the test set is scored after ``epoch`` (0-based): on the test grid and after the last epoch."""
+        return epoch == self.epochs - 1 or self.on_test_grid(epoch)
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -891,6 +922,8 @@ class Task:
     ``data_id`` names the data's content (e.g. a digest of the arrays): it joins the fingerprint
     that decides whether a finished seed or a checkpoint is reused, so that changed data is
     trained again, and is recorded in ``results.json``.
+    ``trainer`` replaces :class:`Trainer` for this task's seeds (a class with Trainer's
+    constructor and ``fit``; e.g. ``released_imagetext.ReleasedImageTextTrainer``).
     """
 
     name: str
@@ -909,6 +942,7 @@ class Task:
     published: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     data_id: Optional[str] = None
+    trainer: Optional[type] = None
 
 
 def run_fingerprint(task: Task, config: TrainConfig) -> str:
@@ -1244,7 +1278,7 @@ class Trainer:
                         if test_ev is not None
                         else {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "state": _cpu_state(scored)},
                     )
-                if test_ev is not None and c.test_every > 0:
+                if test_ev is not None and c.on_test_grid(epoch):
                     best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
                 if last:
                     final_test = test_ev
@@ -1374,7 +1408,7 @@ def _cpu_state(model: nn.Module) -> Dict[str, Tensor]:
 def train_seed(task: Task, config: TrainConfig, seed: int, *, checkpoint_path: Optional[Union[str, Path]] = None, progress_position: int = 0) -> Dict[str, Any]:
     """Train and score one seed; returns its per-seed record (protocols, history, seconds)."""
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    return Trainer(task, config, seed, checkpoint_path=path, progress_position=progress_position).fit()
+    return (task.trainer or Trainer)(task, config, seed, checkpoint_path=path, progress_position=progress_position).fit()
 
 
 # ----------------------------------------------------------------------------- several seeds
@@ -1425,7 +1459,7 @@ def plan_seed_pieces(num_seeds: int, epochs: int, workers: int) -> List[SeedPiec
 def _worker_piece(task: Task, config: TrainConfig, seed: int, start: int, stop: int, checkpoint_path, seed_file) -> Optional[Dict[str, Any]]:
     if start > 0:  # the seed's head ran in a piece before this one and left its checkpoint
         config = dataclasses.replace(config, resume=True)
-    trainer = Trainer(task, config, seed, checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None)
+    trainer = (task.trainer or Trainer)(task, config, seed, checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None)
     record = trainer.fit(stop_epoch=stop if stop < config.epochs else None)
     if record is not None:
         atomic_write_json(seed_file, record)

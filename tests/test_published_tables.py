@@ -150,6 +150,23 @@ def test_quoted_rosmap_compile_figures_are_the_stored_rounds():
     assert f"{side['compiled']:.0f} s compiled and {side['eager']:.0f} s eager" in " ".join(README.split())
 
 
+def test_released_loop_figures_are_the_stored_seeds():
+    import rosmap_released_loop as loop
+
+    record = load(RESULTS / "rosmap_released_loop" / "released_loop.json")
+    medical, readme = " ".join(MEDICAL.split()), " ".join(README.split())
+    for variant in loop.VARIANTS:
+        runs = record["variants"][variant]
+        assert [run["seed"] for run in runs] == [0, 1, 2, 3, 4]
+        for run in runs:
+            assert [s["epoch"] for s in run["scores"]] == list(range(0, 500, 10))
+            assert {k: run[k] for k in ("best", "last")} == loop.best_and_last(run["scores"])
+        quoted = loop.describe(record, variant)
+        assert quoted in medical and quoted in readme, quoted
+    sentence = loop.comparison(record, load(RESULTS / "rosmap_released" / "m3col.json"))
+    assert sentence in medical and sentence in readme, sentence
+
+
 @pytest.mark.parametrize("stem", ["peers_cpu", "peers_cpu_target"])
 def test_peers_tables_are_the_stored_measurements(tmp_path, stem):
     import statistics
