@@ -8,7 +8,7 @@
 ``texts/{train,test}_titles.csv`` (rows: image file name, text, class name); 5000 training pairs
 are held out for validation (``--validation-size``, drawn with ``--split-seed``).
 ``--layout released`` (the default with ``--recipe released``): the authors' layout, ``train.csv``
-/ ``test.csv`` with texts in ``texts_txt/<class>/<id>.txt`` (``food101_released.py``).
+/ ``test.csv`` with texts in ``texts_txt/<class>/<id>.txt`` (``training/imagetext/food101.py``).
 Settings: ViT-B/16 and BERT-base, 50 epochs, batches of 32 accumulated to 128, Adam (encoders
 5e-5, heads 1e-4, weight decay 1e-4), ReduceLROnPlateau (factor 0.2, patience 2) stepped on
 validation accuracy (the released loop steps it on training accuracy: ``--recipe released``).
@@ -17,15 +17,16 @@ Writes OUT/results.json, OUT/results.md (beside the paper's numbers) and OUT/cur
 
 from __future__ import annotations
 
-from food101_released import load_food101_released
-from imagetext_data import FOOD101_VALIDATION_SIZE, load_food101
-from imagetext_pipeline import ImageTextSpec, main
-from imagetext_smoke import make_food101
+from training.cli import int_at_least
+from training.imagetext.data import FOOD101_VALIDATION_SIZE, load_food101
+from training.imagetext.food101 import load_food101_released
+from training.imagetext.pipeline import ImageTextSpec, build_parser as imagetext_parser, main
+from training.imagetext.smoke import make_food101
 
 
 def add_options(parser) -> None:
-    parser.add_argument("--validation-size", type=int, default=FOOD101_VALIDATION_SIZE, help="training pairs held out for validation (default: %(default)s)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation hold-out, the same for every training seed (default: %(default)s)")
+    parser.add_argument("--validation-size", type=int_at_least(1), default=FOOD101_VALIDATION_SIZE, help="training pairs held out for validation (default: %(default)s)")
+    parser.add_argument("--split-seed", type=int_at_least(0), default=0, help="seed of the validation hold-out, the same for every training seed (default: %(default)s)")
     parser.add_argument(
         "--layout",
         choices=("upmc", "released"),
@@ -68,6 +69,11 @@ FOOD101 = ImageTextSpec(
     smoke_defaults={"validation_size": 8},
     describe=lambda args: f"layout {layout(args)}; validation: {args.validation_size} training pairs held out (split seed {args.split_seed}); ",
 )
+
+def build_parser():
+    """This script's options (validated), without running it."""
+    return imagetext_parser(FOOD101)
+
 
 if __name__ == "__main__":
     main(FOOD101)

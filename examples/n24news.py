@@ -15,9 +15,9 @@ OUT/curves.png.
 
 from __future__ import annotations
 
-from imagetext_data import N24NEWS_TEXT_FIELDS, load_n24news
-from imagetext_pipeline import ImageTextSpec, main
-from imagetext_smoke import make_n24news
+from training.imagetext.data import N24NEWS_TEXT_FIELDS, load_n24news
+from training.imagetext.pipeline import ImageTextSpec, build_parser as imagetext_parser, main
+from training.imagetext.smoke import make_n24news
 
 # The paper's Table 1 (ACC, percent / 100): M3CoL and the previous best, UniS-MMC.
 PUBLISHED = {
@@ -56,6 +56,11 @@ N24NEWS = ImageTextSpec(
     make_smoke_data=make_n24news,
     describe=lambda args: f"text field: {args.text_field}; ",
 )
+
+def build_parser():
+    """This script's options (validated), without running it."""
+    return imagetext_parser(N24NEWS)
+
 
 if __name__ == "__main__":
     main(N24NEWS)

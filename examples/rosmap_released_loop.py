@@ -31,8 +31,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-import engine
-import seed_stats
+from training import stats as seed_stats
+from training.cli import path_argument
+from training.io import atomic_write_json
+from training.report import format_percent, mean_and_std
 
 VARIANTS = ("released", "clone_before_mixing")
 HOW = (
@@ -74,19 +76,19 @@ def summary(record: Mapping[str, Any], variant: str) -> Dict[str, Any]:
     best = [r["best"]["acc"] for r in runs]
     return {
         "seeds": [r["seed"] for r in runs],
-        "best_acc": engine.mean_and_std(best),
+        "best_acc": mean_and_std(best),
         "best_per_seed": best,
-        "last_acc": engine.mean_and_std([r["last"]["acc"] for r in runs]),
+        "last_acc": mean_and_std([r["last"]["acc"] for r in runs]),
     }
 
 
 def common_epoch(record: Mapping[str, Any], variant: str) -> Dict[str, Any]:
-    """The one scored epoch with the best mean test ACC over seeds (the earliest among ties), as ``engine.best_common_epoch``."""
+    """The one scored epoch with the best mean test ACC over seeds (the earliest among ties), as ``training.report.best_common_epoch``."""
     runs = record["variants"][variant]
     accs = [[r["acc"] for r in run["scores"]] for run in runs]
     means = [sum(column) / len(column) for column in zip(*accs)]
     best = max(range(len(means)), key=lambda i: (means[i], -i))
-    return {"epoch": runs[0]["scores"][best]["epoch"], "acc": engine.mean_and_std([row[best] for row in accs])}
+    return {"epoch": runs[0]["scores"][best]["epoch"], "acc": mean_and_std([row[best] for row in accs])}
 
 
 def describe(record: Mapping[str, Any], variant: str) -> str:
@@ -95,8 +97,8 @@ def describe(record: Mapping[str, Any], variant: str) -> str:
     seeds = ", ".join(f"{100 * v:.1f}" for v in s["best_per_seed"])
     common = common_epoch(record, variant)
     return (
-        f"best-on-test ACC {engine.format_percent(s['best_acc'])} (seeds {seeds}; last scored epoch {100 * s['last_acc']['mean']:.1f} "
-        f"on average; one epoch for all seeds: {engine.format_percent(common['acc'])} at epoch {common['epoch']})"
+        f"best-on-test ACC {format_percent(s['best_acc'])} (seeds {seeds}; last scored epoch {100 * s['last_acc']['mean']:.1f} "
+        f"on average; one epoch for all seeds: {format_percent(common['acc'])} at epoch {common['epoch']})"
     )
 
 
@@ -109,18 +111,22 @@ def comparison(record: Mapping[str, Any], package_results: Mapping[str, Any], va
     return seed_stats.describe(package_best(package_results), summary(record, variant)["best_per_seed"])
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("compose", help="build the stored JSON from the per-seed records")
-    make.add_argument("records_dir", type=Path)
-    make.add_argument("out", type=Path)
+    make.add_argument("records_dir", type=path_argument("folder"))
+    make.add_argument("out", type=path_argument("file"))
     cmp = sub.add_parser("compare", help="print the released loop's figures and the comparison with a package run")
-    cmp.add_argument("record", type=Path)
-    cmp.add_argument("package_results", type=Path)
-    args = parser.parse_args(argv)
+    cmp.add_argument("record", type=path_argument("file"))
+    cmp.add_argument("package_results", type=path_argument("file"))
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "compose":
-        engine.atomic_write_json(args.out, compose(args.records_dir))
+        atomic_write_json(args.out, compose(args.records_dir))
         print(f"wrote {args.out}")
         return
     record = json.loads(args.record.read_text())

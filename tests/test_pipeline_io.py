@@ -1,5 +1,5 @@
 """The pipelines' output folder: the run lock (with real processes), corrupt files, setting them
-aside, and results that gather every finished seed (examples/training/io.py, examples/engine.py)."""
+aside, and results that gather every finished seed (examples/training/io.py, examples/training/seeds.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import engine  # noqa: E402
+import training  # noqa: E402
 import pipeline_run  # noqa: E402
 from training import io  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder_and_a_killed_r
         in_flight.write_bytes(b"half a checkpoint")
         # the second run, into the same folder with another seed, from this process
         with pytest.raises(SystemExit) as refused:
-            engine.launch(task, config(epochs=4), [1], out, workers=1)
+            training.launch(task, config(epochs=4), [1], out, workers=1)
         message = str(refused.value)
         assert message.startswith(f"tiny: {out} is in use by another run (pid {first.pid} on ") and "pipeline_run.py" in message
         assert "\n" not in message and message.endswith("wait for it to end or write to another folder")
@@ -78,11 +78,11 @@ def test_a_second_run_is_refused_while_the_first_holds_the_folder_and_a_killed_r
     assert (out / io.LOCK_NAME).exists()  # left by the killed run, but not locked: the kernel dropped the lock
     with io.RunLock(out):
         pass
-    engine.run(task, config(epochs=4, checkpoint_every=1, resume=True), [0], out)
+    training.run(task, config(epochs=4, checkpoint_every=1, resume=True), [0], out)
     assert not in_flight.exists()  # stale once the killed run was gone: removed by the lock's holder
     record = io.load_seed_record(out / "seeds" / "seed0.json")
     assert record["resumed_at_epoch"] == 2
-    uninterrupted = engine.train_seed(task, config(epochs=4), seed=0)
+    uninterrupted = training.train_seed(task, config(epochs=4), seed=0)
     assert record["history"] == uninterrupted["history"] and record["protocols"] == uninterrupted["protocols"]
     assert io.load_results(out / "results.json")["seeds"] == [0]
 
@@ -175,7 +175,7 @@ def test_temporaries_are_removed_only_by_the_holder_and_only_the_writers_own(tmp
 
 def _checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "checkpoints" / "seed0.pt"
-    trainer = engine.Trainer(pipeline_run.tiny_task(), config(epochs=4, checkpoint_every=1), 0, checkpoint_path=path)
+    trainer = training.Trainer(pipeline_run.tiny_task(), config(epochs=4, checkpoint_every=1), 0, checkpoint_path=path)
     assert trainer.fit(stop_epoch=2) is None
     return path
 
@@ -218,7 +218,7 @@ def test_a_checkpoint_of_the_wrong_structure_is_named(tmp_path, state, reason):
 
 
 def _record(tmp_path: Path) -> Path:
-    engine.run(pipeline_run.tiny_task(), config(epochs=2), [0], tmp_path)
+    training.run(pipeline_run.tiny_task(), config(epochs=2), [0], tmp_path)
     return tmp_path / "seeds" / "seed0.json"
 
 
@@ -279,37 +279,37 @@ def test_resume_stops_on_a_corrupt_checkpoint_or_sets_it_aside_and_starts_afresh
     task = pipeline_run.tiny_task()
     cfg = config(epochs=4, checkpoint_every=1, resume=True)
     with pytest.raises(io.CorruptFileError, match=f"^{re.escape(str(path))}: corrupt checkpoint"):
-        engine.run(task, cfg, [0], tmp_path)
+        training.run(task, cfg, [0], tmp_path)
     assert path.exists() and not (tmp_path / "seeds" / "seed0.json").exists()
     with pytest.raises(SystemExit, match=f"^tiny: {re.escape(str(path))}: corrupt checkpoint .*--set-aside-corrupt"):
-        engine.launch(task, cfg, [0], tmp_path, workers=1)
+        training.launch(task, cfg, [0], tmp_path, workers=1)
     damaged = path.read_bytes()
-    engine.run(task, dataclasses.replace(cfg, set_aside_corrupt=True), [0], tmp_path)
+    training.run(task, dataclasses.replace(cfg, set_aside_corrupt=True), [0], tmp_path)
     aside = [p for p in path.parent.iterdir() if p.name.startswith("seed0.pt.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == damaged
     record = io.load_seed_record(tmp_path / "seeds" / "seed0.json")
     assert record["resumed_at_epoch"] is None  # afresh
-    assert record["history"] == engine.train_seed(task, config(epochs=4), seed=0)["history"]
+    assert record["history"] == training.train_seed(task, config(epochs=4), seed=0)["history"]
 
 
 def test_a_corrupt_seed_record_stops_the_run_before_training_or_is_set_aside(tmp_path, monkeypatch):
     task = pipeline_run.tiny_task()
-    engine.run(task, config(epochs=2), [0, 1], tmp_path)
+    training.run(task, config(epochs=2), [0, 1], tmp_path)
     record = tmp_path / "seeds" / "seed1.json"
     intact = json.loads(record.read_text())
     record.write_text(record.read_text()[:40])  # a record cut short
-    original = engine.train_seed
+    original = training.train_seed
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained before the folder's records were checked")
 
-    monkeypatch.setattr(engine, "train_seed", no_training)
+    monkeypatch.setattr(training.seeds, "train_seed", no_training)
     for seeds in ([1], [2]):  # the corrupt record's own seed, or another one: the summary would need it
         with pytest.raises(io.CorruptFileError, match=f"^{re.escape(str(record))}: corrupt seed record \\(not valid JSON"):
-            engine.run(task, config(epochs=2), seeds, tmp_path)
+            training.run(task, config(epochs=2), seeds, tmp_path)
     trained = []
-    monkeypatch.setattr(engine, "train_seed", lambda task, cfg, seed, **kw: trained.append(seed) or original(task, cfg, seed, **kw))
-    results = engine.run(task, config(epochs=2, set_aside_corrupt=True), [1], tmp_path)
+    monkeypatch.setattr(training.seeds, "train_seed", lambda task, cfg, seed, **kw: trained.append(seed) or original(task, cfg, seed, **kw))
+    results = training.run(task, config(epochs=2, set_aside_corrupt=True), [1], tmp_path)
     assert trained == [1] and results["seeds"] == [0, 1]
     assert json.loads(record.read_text())["history"] == intact["history"]
     assert len(list((tmp_path / "seeds").glob("seed1.json.corrupt-*"))) == 1
@@ -320,14 +320,14 @@ def test_a_corrupt_seed_record_stops_the_run_before_training_or_is_set_aside(tmp
 
 def test_sequential_runs_adding_seeds_summarise_them_all(tmp_path):
     task = pipeline_run.tiny_task()
-    engine.run(task, config(epochs=3), [1], tmp_path / "acc")
-    engine.run(task, config(epochs=3), [0], tmp_path / "acc")
-    together = engine.run(task, config(epochs=3), [0, 1], tmp_path / "once")
+    training.run(task, config(epochs=3), [1], tmp_path / "acc")
+    training.run(task, config(epochs=3), [0], tmp_path / "acc")
+    together = training.run(task, config(epochs=3), [0, 1], tmp_path / "once")
     saved = io.load_results(tmp_path / "acc" / "results.json")
     assert saved["seeds"] == [0, 1] and [r["seed"] for r in saved["per_seed"]] == [0, 1]
     assert saved["protocols"] == json.loads(json.dumps(together["protocols"]))
     # a record of another configuration is kept, but not summarised
-    other = engine.run(task, config(epochs=3, lr=5e-3), [2], tmp_path / "acc")
+    other = training.run(task, config(epochs=3, lr=5e-3), [2], tmp_path / "acc")
     assert other["seeds"] == [2] and other["ignored_seed_records"] == ["seed0.json", "seed1.json"]
     assert sorted(p.name for p in (tmp_path / "acc" / "seeds").iterdir()) == ["seed0.json", "seed1.json", "seed2.json"]
     assert not (tmp_path / "acc" / io.LOCK_NAME).exists()
@@ -337,10 +337,10 @@ def test_an_empty_output_folder_is_refused(tmp_path, monkeypatch):
     import argparse
 
     parser = argparse.ArgumentParser()
-    engine.add_arguments(parser, pipeline_run.DEFAULTS)
+    training.add_arguments(parser, pipeline_run.DEFAULTS)
     with pytest.raises(SystemExit):
         parser.parse_args(["--output-dir", ""])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(engine.ConfigError, match="empty path"):
-        engine.run(pipeline_run.tiny_task(), config(epochs=1), [0], " ")
+    with pytest.raises(training.ConfigError, match="empty path"):
+        training.run(pipeline_run.tiny_task(), config(epochs=1), [0], " ")
     assert list(tmp_path.iterdir()) == []

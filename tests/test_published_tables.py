@@ -55,12 +55,12 @@ def load(path: Path) -> dict:
 
 
 def assert_summaries_follow_the_seeds(results: dict) -> None:
-    import engine
+    import training
 
     for protocol, metrics in results["protocols"].items():
         for metric, stat in metrics.items():
             values = [seed["protocols"][protocol][metric] for seed in results["per_seed"]]
-            assert stat == pytest.approx(engine.mean_and_std(values), rel=1e-12), (results["method"], protocol, metric)
+            assert stat == pytest.approx(training.report.mean_and_std(values), rel=1e-12), (results["method"], protocol, metric)
 
 
 @pytest.mark.parametrize("folder, tag", [("rosmap_grid", "rosmap-table"), ("rosmap_released", "rosmap-released-table")])

@@ -1,4 +1,4 @@
-"""The released image-text loop (examples/released_imagetext.py) on a tiny in-memory task: when it
+"""The released image-text loop (examples/training/imagetext/released.py) on a tiny in-memory task: when it
 validates, what it reloads, its mode, its summed gradients, its scheduler and its resume."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import engine  # noqa: E402
-import released_imagetext  # noqa: E402
-from released_imagetext import ReleasedImageTextTrainer  # noqa: E402
+import training  # noqa: E402
+from training.imagetext import released as released_imagetext  # noqa: E402
+from training.imagetext.released import ReleasedImageTextTrainer  # noqa: E402
 from test_engine import accuracy_metrics, tiny_data, tiny_model  # noqa: E402
 
 
 def task(n_train=44):
     train = tiny_data(n_train, 0)
-    return engine.Task(
+    return training.Task(
         name="tiny",
         num_classes=3,
         build_model=tiny_model,
@@ -45,7 +45,7 @@ def released_config(*, num_epoch=3, valid_step=2, min_epoch=0, **overrides):
         extra={"released": {"num_epoch": num_epoch, "valid_step": valid_step, "min_epoch": min_epoch}},
     )
     base.update(overrides)
-    return engine.TrainConfig(**base)
+    return training.TrainConfig(**base)
 
 
 def test_validations_come_where_planned_and_the_best_weights_are_reloaded(monkeypatch):
@@ -60,7 +60,7 @@ def test_validations_come_where_planned_and_the_best_weights_are_reloaded(monkey
         seen.append((epoch, state.total_step, before is None or any(not torch.equal(before[k], state.best_weights[k]) for k in before)))
 
     monkeypatch.setattr(ReleasedImageTextTrainer, "_validate", spy)
-    record = engine.train_seed(task(), released_config(), seed=0)
+    record = training.train_seed(task(), released_config(), seed=0)
     planned = released_imagetext.planned_validations(44, batch_size=4, accumulate=2, epochs=4, valid_step=2, min_epoch=0)
     assert [(e, s) for e, s, _ in seen] == planned == list(zip(record["history"]["epoch"], record["history"]["step"]))
     assert planned[0] == (1, 12) and all(e >= 1 for e, _ in planned)  # none in epoch 0 (epoch > min_epoch)
@@ -74,14 +74,14 @@ def test_validations_come_where_planned_and_the_best_weights_are_reloaded(monkey
 
 def test_the_model_trains_in_eval_mode_after_the_first_validation(monkeypatch):
     modes = []
-    forward = engine._TrainStep.forward
+    forward = training.objective.TrainStep.forward
 
     def spy(self, inputs, y):
         modes.append(self.model.training)
         return forward(self, inputs, y)
 
-    monkeypatch.setattr(engine._TrainStep, "forward", spy)
-    record = engine.train_seed(task(), released_config(), seed=0)
+    monkeypatch.setattr(training.objective.TrainStep, "forward", spy)
+    record = training.train_seed(task(), released_config(), seed=0)
     first = 12  # micro-batches before the first validation (planned (1, 12))
     assert modes[:first] == [True] * first and modes[first:] == [False] * (len(modes) - first)
     assert len(modes) == 4 * 11 and record["validations"] > 0
@@ -103,7 +103,7 @@ def test_an_optimiser_step_applies_the_sum_of_its_micro_batch_gradients(monkeypa
 
     monkeypatch.setattr(ReleasedImageTextTrainer, "build_optimizer", spy)
     data = task()
-    engine.train_seed(data, released_config(), seed=0)
+    training.train_seed(data, released_config(), seed=0)
     torch.manual_seed(0)
     model = tiny_model()  # the same initial weights: the trainer seeds torch with the run's seed first
     inputs, y = data.train.batch(None)
@@ -120,7 +120,7 @@ def test_the_scheduler_steps_once_per_epoch_on_the_training_accuracy(monkeypatch
     step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
     monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", lambda self, metric: (metrics.append(metric), step(self, metric))[1])
     accuracies = []
-    forward = engine._TrainStep.forward
+    forward = training.objective.TrainStep.forward
 
     def spy(self, inputs, y):
         out = forward(self, inputs, y)
@@ -128,8 +128,8 @@ def test_the_scheduler_steps_once_per_epoch_on_the_training_accuracy(monkeypatch
             accuracies.append((self.model.predict(inputs).argmax(1) == y).sum().item())
         return out
 
-    monkeypatch.setattr(engine._TrainStep, "forward", spy)
-    engine.train_seed(task(), released_config(), seed=0)
+    monkeypatch.setattr(training.objective.TrainStep, "forward", spy)
+    training.train_seed(task(), released_config(), seed=0)
     assert len(metrics) == 4
     per_epoch = [sum(accuracies[11 * e : 11 * (e + 1)]) / 44 for e in range(4)]
     assert metrics == pytest.approx(per_epoch)
@@ -137,7 +137,7 @@ def test_the_scheduler_steps_once_per_epoch_on_the_training_accuracy(monkeypatch
 
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
     cfg = released_config(method="m3col", convention="reference", checkpoint_every=1)
-    whole = engine.train_seed(task(), cfg, seed=1)
+    whole = training.train_seed(task(), cfg, seed=1)
     path = tmp_path / "seed1.pt"
     assert ReleasedImageTextTrainer(task(), cfg, 1, checkpoint_path=path).fit(stop_epoch=3) is None
     saved = torch.load(path, weights_only=False)
@@ -150,7 +150,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
 
 def test_no_validation_or_no_full_batch_is_refused():
     assert released_imagetext.planned_validations(44, batch_size=4, accumulate=2, epochs=4, valid_step=50, min_epoch=0) == []
-    with pytest.raises(engine.ConfigError, match="fewer pairs than one batch of 32"):
-        engine.train_seed(task(), released_config(eval_batch_size=32), seed=0)
-    with pytest.raises(engine.ConfigError, match="extra\\['released'\\]"):
-        engine.train_seed(task(), dataclasses.replace(released_config(), extra={}), seed=0)
+    with pytest.raises(training.ConfigError, match="fewer pairs than one batch of 32"):
+        training.train_seed(task(), released_config(eval_batch_size=32), seed=0)
+    with pytest.raises(training.ConfigError, match="extra\\['released'\\]"):
+        training.train_seed(task(), dataclasses.replace(released_config(), extra={}), seed=0)

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import engine  # noqa: E402
-import mogonet  # noqa: E402
+import training  # noqa: E402
+from training import omics  # noqa: E402
 import released_medical  # noqa: E402
 from rosmap import ROSMAP  # noqa: E402
 from test_medical import real_rosmap_dir, write_mogonet  # noqa: E402
@@ -31,9 +31,9 @@ def layers(mlp):
 @pytest.fixture(scope="module")
 def rosmap(tmp_path_factory):
     folder = real_rosmap_dir() or write_mogonet(tmp_path_factory.mktemp("rosmap"), features=(200, 200, 200), n_train=245, n_test=106)
-    data = mogonet.load_mogonet(folder, num_classes=2, feature_counts=ROSMAP.feature_counts)
-    args = mogonet.parse(ROSMAP, ["--convention", "reference", "--holdout", "0", "--recipe", "released", "--output-dir", "unused"])
-    return mogonet.make_task(ROSMAP, data), mogonet.config_from_args(ROSMAP, args)
+    data = omics.load_mogonet(folder, num_classes=2, feature_counts=ROSMAP.feature_counts)
+    args = omics.parse(ROSMAP, ["--convention", "reference", "--holdout", "0", "--recipe", "released", "--output-dir", "unused"])
+    return omics.make_task(ROSMAP, data), omics.config_from_args(ROSMAP, args)
 
 
 @pytest.mark.parametrize("phase", ["m3co", "multisclip"])
@@ -43,7 +43,7 @@ def test_a_reference_step_is_the_released_models_loss_and_gradient(rosmap, phase
     model = task.build_model().double()
     inputs, y = task.train.batch(None)
     inputs = [x.double() for x in inputs]
-    objective = engine.Objective.from_config(config, num_modalities=3, num_classes=2, seed=5)
+    objective = training.Objective.from_config(config, num_modalities=3, num_classes=2, seed=5)
     if phase == "multisclip":
         for _ in range(int(0.33 * config.epochs)):  # the released switch: epoch < int(0.33 * num_epoch)
             objective.epoch_end()
@@ -57,7 +57,7 @@ def test_a_reference_step_is_the_released_models_loss_and_gradient(rosmap, phase
             return plans[-1]
 
         objective.m3col.sample = recorded
-    step = engine._TrainStep(model, objective)  # what the trainer calls once per batch
+    step = training.objective.TrainStep(model, objective)  # what the trainer calls once per batch
     loss, _ = step(inputs, y)
     loss.backward()
 

@@ -42,6 +42,7 @@ __all__ = [
     "CorruptFileError",
     "OutputFolderBusy",
     "RunLock",
+    "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_torch_save",
@@ -112,7 +113,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binary: bool) -> Path:
+def atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binary: bool) -> Path:
     """Write to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it.
 
     A crash or an exception during ``write`` leaves any previous file at ``path`` untouched and
@@ -149,17 +150,17 @@ def json_safe(obj: Any) -> Any:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
-    return _atomic_write(path, lambda handle: handle.write(text), binary=False)
+    return atomic_write(path, lambda handle: handle.write(text), binary=False)
 
 
 def atomic_write_json(path: Union[str, Path], obj: Any) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically; NaN and Inf become null (:func:`json_safe`)."""
-    return _atomic_write(path, lambda handle: json.dump(json_safe(obj), handle, indent=1, allow_nan=False), binary=False)
+    return atomic_write(path, lambda handle: json.dump(json_safe(obj), handle, indent=1, allow_nan=False), binary=False)
 
 
 def atomic_torch_save(path: Union[str, Path], obj: Any) -> Path:
     """``torch.save`` to ``path`` atomically."""
-    return _atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
+    return atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 # ----------------------------------------------------------------------------- the run lock

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence, Tuple
+from training.config import ConfigError
 
-import engine
 
 RECIPES = ("package", "released")
 
@@ -118,7 +118,7 @@ def add_recipe_argument(parser, items: Sequence[RecipeItem]) -> None:
 
 
 def _refuse(recipe: str, option: str, why: str) -> None:
-    raise engine.ConfigError(f"--recipe {recipe}: {option} {why}")
+    raise ConfigError(f"--recipe {recipe}: {option} {why}")
 
 
 def check_medical(args) -> None:

@@ -1,6 +1,6 @@
 """The released image-text training loop (``food101.py`` / ``n24news.py --recipe released``).
 
-:class:`ReleasedImageTextTrainer` replaces the engine's :class:`engine.Trainer` for a task
+:class:`ReleasedImageTextTrainer` replaces the engine's :class:`Trainer` for a task
 (``Task.trainer``) and trains one seed the way ``train_image_text.py`` of the authors' code
 does (the items and their lines are listed in ``recipes.IMAGETEXT_RELEASED``):
 
@@ -31,18 +31,25 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-import engine
 import m3co_loss
+from training.checkpoint import check_fingerprint, cpu_state
+from training.config import ConfigError, TrainConfig, run_fingerprint
+from training.data import Batches, EpochBatchSampler, move_to
+from training.io import atomic_torch_save, load_checkpoint
+from training.objective import Objective, TrainStep
+from training.trainer import AnalysisContext, Trainer
 
 INITIAL_BEST = 1e-5  # the released loop's starting best_valid (train_image_text.py:285)
 MIN_GAIN = 1e-6  # a validation accuracy counts as better from best + 1e-6 on (train_image_text.py:269)
+# what this loop's checkpoint holds (checked when it is read back: a damaged file is named)
+RELEASED_CHECKPOINT_KEYS = {"fingerprint": str, "epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "objective": dict, "loop": dict, "pending_grads": dict, "torch_rng": torch.Tensor}
 
 
-def released_options(config: engine.TrainConfig) -> Tuple[int, int, int]:
+def released_options(config: TrainConfig) -> Tuple[int, int, int]:
     """``(num_epoch, valid_step, min_epoch)`` of a released-recipe configuration (``config.extra["released"]``)."""
     options = config.extra.get("released")
     if not options:
-        raise engine.ConfigError("the released image-text loop needs config.extra['released'] = {num_epoch, valid_step, min_epoch}")
+        raise ConfigError("the released image-text loop needs config.extra['released'] = {num_epoch, valid_step, min_epoch}")
     return int(options["num_epoch"]), int(options["valid_step"]), int(options["min_epoch"])
 
 
@@ -70,37 +77,37 @@ class _LoopState:
     history: Dict[str, list] = field(default_factory=lambda: {k: [] for k in ("epoch", "step", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")})
 
 
-class ReleasedImageTextTrainer(engine.Trainer):
+class ReleasedImageTextTrainer(Trainer):
     """Trains one seed with the released image-text loop (see the module docstring)."""
 
-    def _fit(self, stop_epoch: int) -> Optional[Dict[str, Any]]:
+    def train_epochs(self, stop_epoch: int) -> Optional[Dict[str, Any]]:
         c, task = self.config, self.task
         num_epoch, valid_step, min_epoch = released_options(c)
         if self.distributed:
-            raise engine.ConfigError("the released image-text loop trains in one process; drop --distributed")
+            raise ConfigError("the released image-text loop trains in one process; drop --distributed")
         if task.val is None:
-            raise engine.ConfigError(f"task {task.name!r} needs its validation split for the released loop")
-        fingerprint = engine.run_fingerprint(task, c)
+            raise ConfigError(f"task {task.name!r} needs its validation split for the released loop")
+        fingerprint = run_fingerprint(task, c)
         start_time, seconds_before, resumed_at = time.perf_counter(), 0.0, None
         torch.manual_seed(self.seed)
         options = dict(collate_fn=task.collate_fn, num_workers=c.num_workers, pin_memory=self.device.type == "cuda")
 
         def in_order(dataset, size):  # no shuffling, the last incomplete batch dropped (data/dataloader.py:258-292)
-            sampler = engine.EpochBatchSampler(len(dataset), size, shuffle=False, drop_last=True, pad=False)
-            return engine._Batches(self._prepare_data(dataset), sampler, **options)
+            sampler = EpochBatchSampler(len(dataset), size, shuffle=False, drop_last=True, pad=False)
+            return Batches(self.prepare_data(dataset), sampler, **options)
 
         train_batches = in_order(task.train, c.batch_size)
         eval_size = c.eval_batch_size or c.batch_size
         val_batches, test_batches = in_order(task.val, eval_size), in_order(task.test, eval_size)
         for name, batches, size in (("training", train_batches, c.batch_size), ("validation", val_batches, eval_size), ("test", test_batches, eval_size)):
             if len(batches) == 0:
-                raise engine.ConfigError(f"the {name} split has fewer pairs than one batch of {size}, and the released loop drops incomplete batches")
+                raise ConfigError(f"the {name} split has fewer pairs than one batch of {size}, and the released loop drops incomplete batches")
 
         model = task.build_model().to(self.device)
         optimizer = self.build_optimizer(model)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=c.plateau_factor, patience=c.plateau_patience)
-        objective = engine.Objective.from_config(c, num_modalities=model.num_modalities, num_classes=task.num_classes, seed=self.seed)
-        step: nn.Module = engine._TrainStep(model, objective)
+        objective = Objective.from_config(c, num_modalities=model.num_modalities, num_classes=task.num_classes, seed=self.seed)
+        step: nn.Module = TrainStep(model, objective)
         if c.compile is not None:
             step.compile(backend=c.compile)
         fused: List[Tensor] = []  # the fusion head's logits of the current micro-batch, for the training accuracy
@@ -108,9 +115,8 @@ class ReleasedImageTextTrainer(engine.Trainer):
 
         state, start_epoch = _LoopState(), 0
         if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            saved = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-            if saved["fingerprint"] != fingerprint:
-                raise engine.ConfigError(f"checkpoint {self.checkpoint_path} was written with another configuration or data; remove it or change --output-dir")
+            saved = load_checkpoint(self.checkpoint_path, map_location=self.device, required=RELEASED_CHECKPOINT_KEYS)
+            check_fingerprint(saved, fingerprint, self.checkpoint_path)
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -134,9 +140,9 @@ class ReleasedImageTextTrainer(engine.Trainer):
             for epoch in bar:
                 correct, seen, loss_sum, batches_done = 0, 0, 0.0, 0
                 for inputs, y in train_batches:
-                    inputs, y = engine.move_to(inputs, self.device), y.to(self.device)
+                    inputs, y = move_to(inputs, self.device), y.to(self.device)
                     fused.clear()
-                    with self._autocast():
+                    with self.autocast():
                         loss, _ = step(inputs, y)
                     loss.backward()  # not divided by the micro-batches of a step: their gradients add up
                     correct += int((fused[-1].argmax(dim=1) == y).sum())
@@ -170,7 +176,7 @@ class ReleasedImageTextTrainer(engine.Trainer):
         state.in_eval_mode = True
         if val.acc >= state.best_valid + MIN_GAIN:
             state.best_valid = val.acc
-            state.best_weights = engine._cpu_state(model)
+            state.best_weights = cpu_state(model)
             state.chosen = {"epoch": epoch, "step": state.total_step, "val_prob": val.prob, "val_labels": val.labels, "val_loss": val.loss}
         if state.best_weights is not None:
             model.load_state_dict(state.best_weights)
@@ -184,7 +190,7 @@ class ReleasedImageTextTrainer(engine.Trainer):
 
     def _checkpoint(self, fingerprint, epoch, model, optimizer, scheduler, objective, state: _LoopState, seconds: float) -> None:
         pending = {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
-        engine.atomic_torch_save(
+        atomic_torch_save(
             self.checkpoint_path,
             {
                 "fingerprint": fingerprint,
@@ -217,7 +223,7 @@ class ReleasedImageTextTrainer(engine.Trainer):
                 model.load_state_dict(state.best_weights)
                 chosen = state.chosen["epoch"]
             model.eval()
-            context = engine.AnalysisContext(device=self.device, seed=self.seed, epoch=chosen, autocast=self._autocast, config=c)
+            context = AnalysisContext(device=self.device, seed=self.seed, epoch=chosen, autocast=self.autocast, config=c)
             analyses = {k: float(v) for k, v in task.analyse(model, context).items()}
             analyses["epoch"] = chosen
         return {

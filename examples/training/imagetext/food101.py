@@ -29,7 +29,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from imagetext_data import FOOD101_VALIDATION_SIZE, DataError, ImageTextSample, ImageTextSplits, _listing
+from training.imagetext.data import FOOD101_VALIDATION_SIZE, DataError, ImageTextSample, ImageTextSplits, check_validation_size, folder_listing
 
 __all__ = ["letters_only", "read_food101_released_split", "load_food101_released"]
 
@@ -95,7 +95,7 @@ def read_food101_released_split(root, split: str) -> Tuple[List[Tuple[Path, str,
                 if not label.isdigit():
                     raise DataError(f"{csv_path}, line {line_no}: label {label!r} is not a class index (an integer >= 0)")
                 if class_name not in listings:
-                    listings[class_name] = _listing(image_root / class_name)
+                    listings[class_name] = folder_listing(image_root / class_name)
                 if image_id not in listings[class_name]:
                     raise DataError(f"{csv_path}, line {line_no}: image file not found: {image_root / class_name / image_id}")
                 text = _text_of(text_root / class_name / Path(image_id).with_suffix(".txt").name)
@@ -118,8 +118,7 @@ def _class_names(rows, csv_path: Path, names: Dict[int, str]) -> Dict[int, str]:
 
 def load_food101_released(root, *, validation_size: int = FOOD101_VALIDATION_SIZE, split_seed: int = 0) -> ImageTextSplits:
     """The released Food-101 splits: train minus the hold-out, the hold-out, and test (see the module docstring)."""
-    if isinstance(validation_size, bool) or not isinstance(validation_size, int) or validation_size < 1:
-        raise ValueError(f"validation_size must be an int >= 1; got {validation_size!r}")
+    check_validation_size(validation_size)
     root = Path(root)
     train_rows, train_csv = read_food101_released_split(root, "train")
     test_rows, test_csv = read_food101_released_split(root, "test")
