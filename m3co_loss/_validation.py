@@ -125,7 +125,7 @@ def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch
             return
         if bool((value >= low) & torch.isfinite(value)):  # NaN fails both comparisons
             return
-        number = float(value)
+        number = float(value.detach())
         if not math.isfinite(number) or number <= 0:
             raise ValueError(f"{name} must be a finite number > 0; got a tensor holding {number}")
     else:

@@ -389,8 +389,8 @@ def multisoftclip(
 
     Args:
         z: M tensors (N, D), one per modality.
-        temperature, target_temperature, detach_targets, reduction, convention, backend,
-            gather_distributed: as in :func:`multisoftclip_pair`.
+        temperature: as in :func:`multisoftclip_pair`; so are ``target_temperature``,
+            ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
     t = _check_common(temperature, reduction, convention)
     target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)

@@ -10,7 +10,8 @@ initialised from ``temperature``, and the forward pass clamps it to
 ``[log(min_scale), log(max_scale)]`` (the value used, not the parameter: outside the range its
 gradient is zero, as in open_clip). It is an ordinary parameter: it travels in state dicts, the
 optimiser updates it, and under ``DistributedDataParallel`` it stays equal on every rank when
-the loss module is part of the wrapped model (a submodule), like any other parameter.
+the loss module is a submodule of the wrapped model called inside its ``forward`` (DDP reduces
+the gradients of the parameters used there), like any other parameter (docs page ``maths``).
 """
 
 from __future__ import annotations

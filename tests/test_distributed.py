@@ -74,6 +74,10 @@ def test_loss_and_ddp_gradients_equal_one_process(ranks_output, world, sizes, ca
         if reduction == "-":  # UniS-MMC returns the global batch's loss on every rank
             for r, value in enumerate(values):
                 assert_close(value, expected_value, f"rank {r}'s loss")
+    if case.learned is not None:  # the temperature is learned: its gradient is part of the comparison
+        scale = "multisclip_logit_scale" if "MultiSClip phase" in case.name else "logit_scale"
+        name = "logit_scale" if case.learned == "functional" else f"criteria.{case.learned}.{scale}"
+        assert float(expected_grads[name].abs()) > 1e-6, name
     for r, (_, grads) in enumerate(per_rank):
         for name, grad in expected_grads.items():
             assert_close(grads[name], grad, f"rank {r}, gradient of {name}")

@@ -46,7 +46,7 @@ def temperature_grad(t: Temperature, pairs: Sequence[Tuple[Tensor, Tensor]]) -> 
     """``dL/dt = -(1/t) sum <x, dL/dx>`` over ``pairs`` (operand, its gradient) of the bilinear forms ``x . y / t``.
 
     Scaling ``1/t`` by ``c`` equals scaling one operand of every bilinear form by ``c``, hence
-    ``t dL/dt = -sum <x, dL/dx>`` over one operand per form (docs page ``kernels``). ``torch.dot``
+    ``t dL/dt = -sum <x, dL/dx>`` over one operand per form (docs page ``maths``). ``torch.dot``
     of the flattened matrices needs no N x D temporary.
     """
     total = sum(torch.dot(x.reshape(-1), dx.reshape(-1)) for x, dx in pairs)

@@ -95,7 +95,7 @@ class SoftClip(torch.autograd.Function):
     and ``softmax(B B^T / target_t)``, and ``coefficients`` a :class:`SoftClipCoefficients`.
     Needs the static shift (``2/t`` and ``2/target_t`` within the exponent range of the dtype)
     and so the temperatures' values: floats or CPU tensors. A tensor temperature's gradient
-    comes from the operands' (docs page ``kernels``); ``target_t`` may be ``t`` itself.
+    comes from the operands' (docs page ``maths``); ``target_t`` may be ``t`` itself.
     ``detach_targets`` treats the soft targets as constants.
     """
 

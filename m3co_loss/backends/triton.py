@@ -15,7 +15,7 @@ fused Triton kernel that never writes an N x N tile to memory:
 
 A temperature may be a 0-dim tensor (a learnable one): the kernels read ``1/t`` from a device
 tensor (no host synchronisation), and its gradient comes from the operands' gradients,
-``dL/dt = -<q, dL/dq> / t`` (docs page ``kernels``).
+``dL/dt = -<q, dL/dq> / t`` (docs page ``maths``).
 
 Each program owns a block of rows of its outputs and accumulates ``w @ V`` into them chunk by
 chunk of the embedding dimension, so any D works without holding a (block x D) accumulator in
