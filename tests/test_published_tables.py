@@ -170,3 +170,20 @@ def test_peers_tables_are_the_stored_measurements(tmp_path, stem):
             per_round = [x / y for x, y in zip(impls[entry["base"]]["times_s"], impls[name]["times_s"])]
             assert ratios == pytest.approx(per_round, rel=1e-12), (entry["n"], entry["d"], name)
     assert f".. include:: ../benchmarks/results/{stem}.rst" in (ROOT / "docs" / "kernels.rst").read_text()
+
+
+def test_quoted_temperature_figures_are_the_stored_rounds():
+    import bench_temperature
+
+    data = load(BENCH_RESULTS / "temperature_cpu.json")
+    assert bench_temperature.report(data) == (BENCH_RESULTS / "temperature_cpu.md").read_text()
+    kernels = " ".join((ROOT / "docs" / "kernels.rst").read_text().split())
+    assert [entry["loss"] for entry in data["results"]] == ["clip_loss", "m3co_pair", "multisoftclip_pair"]
+    for entry in data["results"]:
+        times = entry["times_s"]
+        ratios = [t / f for t, f in zip(times["tensor"], times["float"])]
+        assert entry["ratios"] == pytest.approx(ratios, rel=1e-12)
+        low, median, high = bench_temperature._quartiles(ratios)
+        assert (entry["n"], entry["d"], entry["backend"], data["meta"]["threads"]) == (8192, 512, "tiled", 2)
+        quoted = f"``{entry['loss']}`` {median:.3f} [{low:.3f}, {high:.3f}]"
+        assert quoted in kernels, quoted
