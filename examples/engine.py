@@ -67,7 +67,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -84,6 +83,22 @@ import m3co_loss
 from m3co_loss import M3CoLoss, MixupPlan, MixupSampler, MultiSClipLoss, UniSMMCLoss
 from m3co_loss import distributed as dist_utils
 from m3co_loss.functional import CONVENTIONS
+from training.io import (  # noqa: F401  (re-exported: the pipelines and their tests use them from here)
+    TEMPORARY_SUFFIX,
+    CorruptFileError,
+    OutputFolderBusy,
+    RunLock,
+    _atomic_write,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    json_safe,
+    load_checkpoint,
+    load_seed_record,
+    remove_stale_temporaries,
+    seed_of_record_file,
+    set_aside,
+)
 
 __all__ = [
     "METHODS",
@@ -116,7 +131,7 @@ METHODS: Dict[str, str] = {
     "m3col": "fusion + unimodal cross-entropies + M3CoLoss (M3Co, then MultiSClip)",
     "concat": "fusion head cross-entropy only",
     "unimodal-sup": "fusion + unimodal cross-entropies, no contrastive term",
-    "mixup": "vanilla mixup: mixed inputs and mixed one-hot labels, no contrastive term",
+    "mixup": "vanilla mixup: mixed inputs and mixed labels, no contrastive term",
     "m3col-no-unimodal": "fusion cross-entropy + M3CoLoss (no unimodal heads)",
     "only-m3co": "fusion + unimodal cross-entropies + M3Co for the whole run",
     "only-multisclip": "fusion + unimodal cross-entropies + MultiSClip for the whole run",
@@ -130,6 +145,8 @@ PROTOCOL_LABELS = {
 }
 SCHEDULERS = ("step", "plateau", "none")
 UNIS_MMC_WEIGHT = 0.1  # the UniS-MMC paper's weight of its contrastive term
+RELEASED_MIXUP_ALPHA = 0.2  # Beta(0.2, 0.2) of the released mixup_data (train_image_text.py --alpha)
+TEST_GRIDS = ("package", "released")
 
 
 class ConfigError(ValueError):
@@ -188,78 +205,6 @@ def _gather_objects(obj: Any, world_size: int) -> List[Any]:
     out: List[Any] = [None] * world_size
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _atomic_write(path: Union[str, Path], write: Callable[[Any], None], *, binary: bool) -> Path:
-    """Write to a temporary file beside ``path``, flush it to disk, then ``os.replace`` it.
-
-    A crash or an exception during ``write`` leaves any previous file at ``path`` untouched and
-    removes the temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; results are not
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-TEMPORARY_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(folder: Union[str, Path]) -> List[Path]:
-    """Delete the temporary files an interrupted :func:`_atomic_write` left in ``folder``
-    (``.NAME.XXXXXXXX.tmp`` beside ``NAME``); call it only while nothing writes there."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMPORARY_SUFFIX) and p.is_file()]
-    for p in stale:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    return stale
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float replaced by None (JSON has no such numbers: an
-    undefined metric, e.g. the AUC of a split with one class, is written as null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``)."""
-    return _atomic_write(path, lambda handle: handle.write(text), binary=False)
-
-
-def atomic_write_json(path: Union[str, Path], obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically; NaN and Inf become null (:func:`json_safe`)."""
-    return _atomic_write(path, lambda handle: json.dump(json_safe(obj), handle, indent=1, allow_nan=False), binary=False)
-
-
-def atomic_torch_save(path: Union[str, Path], obj: Any) -> Path:
-    """``torch.save`` to ``path`` atomically."""
-    return _atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -626,9 +571,12 @@ class Objective:
       modality, rows mixed with probability 0.5, cyclic modality pairs, MultiSClip at t = 0.125,
       M3Co for the first ``int(0.33 * epochs)`` epochs.
 
-    ``mixup`` (vanilla mixup) mixes every modality with the same partner and lam (so that the
-    mixed one-hot label is well defined) and trains the unimodal and fusion heads on the mixed
-    batch with soft-label cross-entropies; it has no contrastive term.
+    ``mixup`` (vanilla mixup) mixes every modality's input with the same partner and lam (so
+    that the mixed label is well defined) and trains the unimodal and fusion heads on the mixed
+    batch against ``lam * CE(y) + (1 - lam) * CE(y[perm])`` (a cross-entropy with the mixed
+    one-hot label); it has no contrastive term. ``paper``: one lam per sample from
+    Beta(alpha, alpha). ``reference``: the released ``mixup_data`` (``model/model.py``): one lam
+    per batch from Beta(0.2, 0.2) (its ``--alpha``), every row mixed.
 
     Call the objective once per (micro-)batch and :meth:`epoch_end` once per epoch (the
     M3Co -> MultiSClip schedule counts epochs, as in the paper and the released code).
@@ -686,8 +634,11 @@ class Objective:
         elif method == "unis-mmc":
             self.unis_mmc = UniSMMCLoss(gather_distributed=distributed)
         elif method == "mixup":
-            options = {} if mix_prob is None else {"mix_prob": mix_prob}
-            self.mixup_sampler = MixupSampler.for_convention(convention, alpha=alpha, shared_lam=True, generator=self.generator, **options)
+            if convention == "reference":  # one lam for the whole batch (the sampler draws it for a single row)
+                self.mixup_sampler = MixupSampler(alpha=RELEASED_MIXUP_ALPHA, mix_prob=1.0, generator=self.generator)
+            else:
+                options = {} if mix_prob is None else {"mix_prob": mix_prob}
+                self.mixup_sampler = MixupSampler(alpha=alpha, shared_lam=True, generator=self.generator, **options)
 
     @classmethod
     def from_config(cls, config: "TrainConfig", *, num_modalities: int, num_classes: int, seed: int = 0, distributed: bool = False) -> "Objective":
@@ -742,10 +693,14 @@ class Objective:
     def _vanilla_mixup(self, model: MultimodalClassifier, inputs: Sequence[Any], y: Tensor):
         n = y.shape[0]
         scale = self._row_scale(n, y.device)
-        one = self.mixup_sampler.sample(n, 1)
+        if self.convention == "reference":
+            lam = self.mixup_sampler.sample(1, 1).lam.expand(1, n)
+            one = MixupPlan((torch.randperm(n, generator=self.generator),), lam)
+        else:
+            one = self.mixup_sampler.sample(n, 1)
         # one partner and one lam per sample for every modality: the mixed label is then exact
         plan = MixupPlan(one.perms * self.num_modalities, one.lam.expand(self.num_modalities, n).contiguous()).to(y.device)
-        out = model(inputs, plan=plan, mix="inputs" if self.convention == "paper" else "embeddings", classify="mixed")
+        out = model(inputs, plan=plan, mix="inputs", classify="mixed")
         target = plan.mix(F.one_hot(y, self.num_classes).float(), 0)
         parts = {
             "fusion_ce": _cross_entropy(out.fused, target, scale),
@@ -778,10 +733,14 @@ class Objective:
 
 def _cross_entropy(logits: Tensor, target: Tensor, scale: Optional[float]) -> Tensor:
     """Mean cross-entropy, or ``scale`` times the sum on a rank (its average over ranks is the global mean;
-    a rank with no rows of the batch contributes 0, not NaN)."""
+    a rank with no rows of the batch contributes 0, not NaN). Half-precision logits are upcast to float32; float64 stays."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if target.is_floating_point():
+        target = target.to(logits.dtype)
     if scale is None:
-        return F.cross_entropy(logits.float(), target)
-    return F.cross_entropy(logits.float(), target, reduction="sum") * scale
+        return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, reduction="sum") * scale
 
 
 class _TrainStep(nn.Module):
@@ -816,7 +775,10 @@ class TrainConfig:
     ``eval_every`` scores the validation split every k epochs and ``test_every`` the test set
     every k epochs (the last epoch always; 0: only the last, and no ``best_on_test``). When the
     validation protocol chooses an epoch whose test score was not taken, that epoch's weights are
-    kept and the test set is scored once with them at the end.
+    kept and the test set is scored once with them at the end. ``test_grid`` places those test
+    scores: ``"package"`` after epochs k-1, 2k-1, ... (0-based); ``"released"`` after epochs 0,
+    k, 2k, ... (the released medical loop's ``epoch % k == 0``), where the last epoch is scored
+    for the ``final`` protocol only, not offered to ``best_on_test``.
     ``ema_decay`` scores (and keeps, for every protocol) an exponential moving average of the
     weights, updated after each optimiser step (``torch.optim.swa_utils.AveragedModel``),
     instead of the weights themselves; training itself is unchanged.
@@ -847,6 +809,7 @@ class TrainConfig:
     holdout: float = 0.2
     eval_every: int = 1
     test_every: int = 1
+    test_grid: str = "package"
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
     bf16: bool = False
@@ -856,15 +819,16 @@ class TrainConfig:
     num_workers: int = 0
     checkpoint_every: int = 0
     resume: bool = False
+    set_aside_corrupt: bool = False
     progress: bool = True
     value_checks: bool = False
     distributed: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     # options that do not change the numbers a run produces (left out of its fingerprint)
-    _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "progress", "value_checks", "threads")
+    _NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_every", "resume", "set_aside_corrupt", "progress", "value_checks", "threads")
     # options added later: left out of the fingerprint while unset, so that older records still match
-    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None, "compile": None}
+    _FINGERPRINT_IF_SET = {"m3co_fraction": None, "extra": {}, "distributed": False, "ema_decay": None, "compile": None, "test_grid": "package"}
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, name: str, what: str) -> None:
@@ -892,6 +856,9 @@ class TrainConfig:
         need(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "None or in (0, 1)")
         need(self.holdout >= 0 and (self.holdout < 1 or float(self.holdout).is_integer()), "holdout", "0, a fraction in (0, 1) or a count")
         need(isinstance(self.test_every, int) and self.test_every >= 0, "test_every", "an int >= 0 (0: the last epoch only)")
+        need(self.test_grid in TEST_GRIDS, "test_grid", f"one of {TEST_GRIDS}")
+        need(not (self.method == "mixup" and self.convention == "reference" and self.mix_prob is not None), "mix_prob",
+             "None for mixup under the reference convention (the released mixup mixes every row)")
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: no checkpoints)")
         need(self.threads is None or self.threads >= 1, "threads", "None or >= 1")
@@ -911,9 +878,17 @@ class TrainConfig:
         """Whether the validation split is scored after ``epoch`` (0-based): every ``eval_every``-th and the last."""
         return epoch == self.epochs - 1 or (epoch + 1) % self.eval_every == 0
 
+    def on_test_grid(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) is one of the every-``test_every`` test scores that ``best_on_test`` selects among."""
+        if self.test_every == 0:
+            return False
+        if self.test_grid == "released":
+            return epoch % self.test_every == 0
+        return (epoch + 1) % self.test_every == 0 or epoch == self.epochs - 1
+
     def test_due(self, epoch: int) -> bool:
-        """Whether the test set is scored after ``epoch`` (0-based): every ``test_every``-th (if > 0) and the last."""
-        return epoch == self.epochs - 1 or (self.test_every > 0 and (epoch + 1) % self.test_every == 0)
+        """Whether the test set is scored after ``epoch`` (0-based): on the test grid and after the last epoch."""
+        return epoch == self.epochs - 1 or self.on_test_grid(epoch)
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -947,6 +922,8 @@ class Task:
     ``data_id`` names the data's content (e.g. a digest of the arrays): it joins the fingerprint
     that decides whether a finished seed or a checkpoint is reused, so that changed data is
     trained again, and is recorded in ``results.json``.
+    ``trainer`` replaces :class:`Trainer` for this task's seeds (a class with Trainer's
+    constructor and ``fit``; e.g. ``released_imagetext.ReleasedImageTextTrainer``).
     """
 
     name: str
@@ -965,6 +942,7 @@ class Task:
     published: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     data_id: Optional[str] = None
+    trainer: Optional[type] = None
 
 
 def run_fingerprint(task: Task, config: TrainConfig) -> str:
@@ -1130,6 +1108,22 @@ class Trainer:
         finally:
             torch.set_num_threads(threads)
 
+    def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The checkpoint to resume from; None when it was corrupt and has been set aside
+        (``set_aside_corrupt``: the seed then starts afresh)."""
+        try:
+            return load_checkpoint(self.checkpoint_path, map_location=self.device)
+        except FileNotFoundError:
+            if not self.config.set_aside_corrupt:
+                raise
+            return None  # another rank set it aside between our look and our read
+        except CorruptFileError:
+            if not self.config.set_aside_corrupt:
+                raise
+            if is_main_process():  # the ranks read one file; one of them renames it
+                print(f"set aside the corrupt checkpoint {self.checkpoint_path} as {set_aside(self.checkpoint_path).name}; seed {self.seed} starts afresh", flush=True)
+            return None
+
     def _fit(self, stop_epoch: int) -> Optional[Dict[str, Any]]:
         c, task = self.config, self.task
         fingerprint = run_fingerprint(task, c)  # of this seed's checkpoint and record
@@ -1197,8 +1191,8 @@ class Trainer:
         final_test: Optional[Evaluation] = None
         start_epoch = 0
         analysis_state: Optional[Dict[str, Tensor]] = None  # weights of the chosen epoch, for task.analyse
-        if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = self._load_checkpoint() if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        if state is not None:
             if state["fingerprint"] != fingerprint:
                 raise ConfigError(f"checkpoint {self.checkpoint_path} was written with another configuration or data; remove it or change --output-dir")
             model.load_state_dict(state["model"])
@@ -1284,7 +1278,7 @@ class Trainer:
                         if test_ev is not None
                         else {"val_prob": val_ev.prob, "val_labels": val_ev.labels, "state": _cpu_state(scored)},
                     )
-                if test_ev is not None and c.test_every > 0:
+                if test_ev is not None and c.on_test_grid(epoch):
                     best_test.offer(epoch, test_ev, lambda: {"test_prob": test_ev.prob})
                 if last:
                     final_test = test_ev
@@ -1414,7 +1408,7 @@ def _cpu_state(model: nn.Module) -> Dict[str, Tensor]:
 def train_seed(task: Task, config: TrainConfig, seed: int, *, checkpoint_path: Optional[Union[str, Path]] = None, progress_position: int = 0) -> Dict[str, Any]:
     """Train and score one seed; returns its per-seed record (protocols, history, seconds)."""
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    return Trainer(task, config, seed, checkpoint_path=path, progress_position=progress_position).fit()
+    return (task.trainer or Trainer)(task, config, seed, checkpoint_path=path, progress_position=progress_position).fit()
 
 
 # ----------------------------------------------------------------------------- several seeds
@@ -1465,7 +1459,7 @@ def plan_seed_pieces(num_seeds: int, epochs: int, workers: int) -> List[SeedPiec
 def _worker_piece(task: Task, config: TrainConfig, seed: int, start: int, stop: int, checkpoint_path, seed_file) -> Optional[Dict[str, Any]]:
     if start > 0:  # the seed's head ran in a piece before this one and left its checkpoint
         config = dataclasses.replace(config, resume=True)
-    trainer = Trainer(task, config, seed, checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None)
+    trainer = (task.trainer or Trainer)(task, config, seed, checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None)
     record = trainer.fit(stop_epoch=stop if stop < config.epochs else None)
     if record is not None:
         atomic_write_json(seed_file, record)
@@ -1489,7 +1483,13 @@ def run(
     evenly between the workers, some seeds are cut in two (:func:`plan_seed_pieces`): one worker
     trains the first epochs and writes a checkpoint, another resumes from it, which gives the
     numbers of the uninterrupted run. A seed whose record is already in ``output_dir/seeds``
-    with the same configuration fingerprint is not trained again.
+    with the same configuration fingerprint is not trained again, and the results summarise
+    every such record in the folder (those of earlier runs too), in seed order.
+
+    The run holds the folder's :class:`RunLock` while it writes there: a second run into the
+    same folder fails at once with :class:`OutputFolderBusy`. A corrupt seed record or
+    checkpoint raises :class:`CorruptFileError`; with ``config.set_aside_corrupt`` it is renamed
+    (:func:`set_aside`) and its seed trained afresh.
     """
     config.validate()
     if not seeds:
@@ -1504,28 +1504,65 @@ def run(
         raise ConfigError(f"workers must be 1 with distributed training (the ranks train one seed at a time); got {workers}")
     if config.holdout and task.val is None and task.train_labels is not None:
         check_holdout(task.train_labels, config.holdout)  # before any training, not deep inside the first seed
+    if isinstance(output_dir, str) and not output_dir.strip():
+        raise ConfigError("output_dir must name a folder; got an empty path")
     output_dir = Path(output_dir)
+    if not (write and is_main_process()):
+        return _run_in_folder(task, config, seeds, output_dir, workers=workers, write=write)
+    try:  # a path that cannot be a folder fails now, not after the training
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"output_dir {output_dir} is a file (or lies under one), not a folder") from None
+    with RunLock(output_dir) as lock:
+        for folder in (output_dir, output_dir / "seeds", output_dir / "checkpoints"):
+            remove_stale_temporaries(folder, lock=lock)  # left by a run that was killed while writing
+        return _run_in_folder(task, config, seeds, output_dir, workers=workers, write=write)
+
+
+def finished_seeds(seed_dir: Path, fingerprint: str, *, on_corrupt: str = "raise") -> Tuple[Dict[int, Dict[str, Any]], List[str]]:
+    """The records in ``seed_dir`` of seeds finished with this ``fingerprint``, by seed, and the
+    names of the records of another configuration or data (kept, not summarised).
+
+    A corrupt record raises :class:`CorruptFileError` (``on_corrupt="raise"``), is renamed by
+    :func:`set_aside` (``"set_aside"``, only while holding the folder's lock) or passed over
+    (``"skip"``); its seed then counts as not finished.
+    """
+    if on_corrupt not in ("raise", "set_aside", "skip"):
+        raise ValueError(f"on_corrupt must be 'raise', 'set_aside' or 'skip'; got {on_corrupt!r}")
+    records: Dict[int, Dict[str, Any]] = {}
+    others: List[str] = []
+    for path in sorted(seed_dir.glob("seed*.json")) if seed_dir.is_dir() else ():
+        seed = seed_of_record_file(path)
+        if seed is None:
+            continue
+        try:
+            record = load_seed_record(path)
+        except CorruptFileError:
+            if on_corrupt == "raise":
+                raise
+            if on_corrupt == "skip":
+                continue
+            print(f"set aside the corrupt seed record {path} as {set_aside(path).name}; seed {seed} counts as not trained", flush=True)
+            continue
+        if record["fingerprint"] == fingerprint:
+            records[seed] = record
+        else:
+            others.append(path.name)
+    return records, others
+
+
+def _run_in_folder(task: Task, config: TrainConfig, seeds: Sequence[int], output_dir: Path, *, workers: int, write: bool) -> Dict[str, Any]:
     seed_dir = output_dir / "seeds"
     ckpt_dir = output_dir / "checkpoints"
-    if write and is_main_process():
-        try:  # a path that cannot be a folder fails now, not after the training
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise ConfigError(f"output_dir {output_dir} is a file (or lies under one), not a folder") from None
-        for folder in (output_dir, seed_dir, ckpt_dir):
-            remove_stale_temporaries(folder)  # left by a run that was killed while writing
     fingerprint = run_fingerprint(task, config)
     start = time.perf_counter()
-    records: Dict[int, Dict[str, Any]] = {}
-    todo = []
-    for seed in seeds:
-        seed_file = seed_dir / f"seed{seed}.json"
-        if seed_file.exists():
-            record = json.loads(seed_file.read_text())
-            if record.get("fingerprint") == fingerprint:
-                records[seed] = record
-                continue
-        todo.append(seed)
+    records: Dict[int, Dict[str, Any]] = {}  # the finished seeds of this configuration, in the folder or trained now
+    others: List[str] = []
+    if is_main_process():  # rank 0's view decides for every rank (below)
+        # only the lock's holder renames a corrupt record; a run that writes nothing passes it over
+        on_corrupt = ("set_aside" if write else "skip") if config.set_aside_corrupt else "raise"
+        records, others = finished_seeds(seed_dir, fingerprint, on_corrupt=on_corrupt)
+    todo = [seed for seed in seeds if seed not in records]
     if config.distributed and dist_utils.world_size() > 1:
         # rank 0's view of the finished seeds decides for every rank (ranks must train the same seeds)
         shared = [todo, records]
@@ -1585,10 +1622,12 @@ def run(
         if config.checkpoint_every == 0:
             for seed in handoff:
                 (ckpt_dir / f"seed{seed}.pt").unlink(missing_ok=True)
-    per_seed = [records[s] for s in seeds]
+    per_seed = [records[s] for s in sorted(records)]  # every finished seed in the folder, not only this call's
     results = summarise(task, config, per_seed, seconds=time.perf_counter() - start)
     results["workers"] = workers  # the processes that trained this call's seeds
     results["data_id"] = task.data_id
+    if others:
+        results["ignored_seed_records"] = others  # of another configuration or data
     if write and is_main_process():
         write_results(task, results, per_seed, output_dir)
     return results
@@ -1794,6 +1833,13 @@ def dropout_rate(text: str) -> float:
     return value
 
 
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder path, not empty (``""`` would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder; got an empty path")
+    return Path(text)
+
+
 PASSTHROUGH_EPILOG = "Every other option (--seeds, --epochs, --convention, --holdout, --workers, ...) is passed to each run of {script}; see its --help."
 
 
@@ -1803,7 +1849,7 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=[0, 1, 2, 3, 4], help="seeds to train (default: 0 1 2 3 4)")
     parser.add_argument("--method", choices=sorted(METHODS), default=d.method, help="training objective (default: %(default)s)")
     parser.add_argument("--convention", choices=CONVENTIONS, default=d.convention, help="paper or released-code conventions (default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, required=True, help="where results.json, results.md and curves.png go")
+    parser.add_argument("--output-dir", type=output_folder, required=True, help="where results.json, results.md and curves.png go")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s (None = full batch)")
     parser.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per optimiser step")
@@ -1834,6 +1880,12 @@ def add_arguments(parser, defaults: TrainConfig) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per seed on the CPU (default: 1)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the seeds' checkpoints")
+    parser.add_argument(
+        "--set-aside-corrupt",
+        action="store_true",
+        help="rename a corrupt checkpoint or seed record to NAME.corrupt-<time> (never deleted) and train that seed afresh, "
+        "instead of stopping with an error naming it",
+    )
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -1875,6 +1927,7 @@ def config_from_args(args, defaults: TrainConfig, *, step_sizes: Optional[Mappin
         threads=args.threads,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        set_aside_corrupt=args.set_aside_corrupt,
         progress=not args.no_progress,
         distributed=args.distributed,
     ).validate()
@@ -1898,7 +1951,7 @@ def launch(task: "Task", config: TrainConfig, seeds: Sequence[int], output_dir: 
     try:
         results = run(task, config, seeds, output_dir, workers=workers)
         main_process = is_main_process()  # asked before leaving the process group
-    except ConfigError as err:
+    except (ConfigError, CorruptFileError, OutputFolderBusy) as err:
         raise SystemExit(f"{task.name}: {err}") from None
     finally:
         shutdown_distributed()

@@ -21,6 +21,15 @@ from rosmap import ROSMAP
 METRICS = ("acc", "f1", "auc")
 
 
+def scored_epochs(rows: Mapping[str, Mapping]) -> str:
+    """Which epochs ``best_on_test`` chose among, in words, from the runs' configuration."""
+    config = next(iter(rows.values()))["config"]
+    every, last = config["test_every"], config["epochs"] - 1
+    if config.get("test_grid", "package") == "released":
+        return f"after epochs 0, {every}, ..., {last - last % every} (0-based), as the released loop scores them"
+    return f"after epochs {every - 1}, {2 * every - 1}, ..., {last} (0-based): the released loop scores one epoch earlier, at 0, {every}, ..."
+
+
 def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     # a grid trained without a held-out split (--holdout 0) has no validation columns
     protocols = [p for p in engine.PROTOCOLS if any(p in r["protocols"] for r in rows.values())]
@@ -58,7 +67,7 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     lines += [
         "",
         f"Test-set ACC / F1 / AUC in percent, mean ± sample std over seeds. {validation} `final`: the last epoch;"
-        " `best-on-test*`: the best test score over the epochs scored (every 10th, as in the released code) - optimistic,"
+        f" `best-on-test*`: the best test score over the epochs scored ({scored_epochs(rows)}) - optimistic,"
         f" it selects on the test set.{held_out_note}"
         + (
             " `common-epoch*`: the test ACC at the one epoch (the same for every seed) with the best mean test ACC -"
@@ -85,9 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         out = args.output_dir / method
         print(f"== {method} -> {out}", flush=True)
         rows[method] = mogonet.main(ROSMAP, list(passthrough) + ["--method", method, "--output-dir", str(out)])
-    convention = next(iter(rows.values()))["convention"]
-    seeds = next(iter(rows.values()))["seeds"]
-    title = f"# ROSMAP ablation grid (convention {convention}, seeds {seeds})"
+    first = next(iter(rows.values()))
+    recipe = ", recipe released" if first["config"]["extra"].get("recipe") == "released" else ""
+    title = f"# ROSMAP ablation grid (convention {first['convention']}{recipe}, seeds {first['seeds']})"
     table = grid_markdown(rows, title=title)
     engine.atomic_write_json(args.output_dir / "grid.json", {m: {k: r.get(k) for k in ("protocols", "best_common_epoch", "val_scores", "seeds", "convention", "config", "seconds")} for m, r in rows.items()})
     engine.atomic_write_text(args.output_dir / "grid.md", table)

@@ -342,7 +342,7 @@ def test_resume_uses_an_existing_checkpoint_without_checkpoint_every(tmp_path):
     path = tmp_path / "checkpoints" / "seed0.pt"
     path.parent.mkdir(parents=True)
     assert engine.Trainer(task, dataclasses.replace(cfg, checkpoint_every=1), 0, checkpoint_path=path).fit(stop_epoch=3) is None
-    stale = tmp_path / "seeds" / ".seed0.json.k3j9x2.tmp"  # what a run killed while writing leaves
+    stale = tmp_path / "seeds" / ".seed0.json.k3j9x2a_.tmp"  # what a run killed while writing leaves (mkstemp: 8 characters)
     stale.parent.mkdir()
     stale.write_text("{")
     engine.run(task, dataclasses.replace(cfg, resume=True), [0], tmp_path)

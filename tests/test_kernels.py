@@ -119,6 +119,13 @@ def test_m3co_and_clip_tiled_equal_dense(batch, t, convention, sizes):
         sizes,
         t,
     )
+    assert_backends_agree(
+        lambda *z, backend: F.m3co(list(z), None, perms, lam, temperature=t, convention=convention, partner="mixed", backend=backend),
+        batch["z"],
+        batch["dtype"],
+        sizes,
+        t,
+    )
     assert_backends_agree(lambda a, b, backend: F.clip_loss(a, b, temperature=t, backend=backend), batch["z"][:2], batch["dtype"], sizes, t)
 
 

@@ -394,3 +394,104 @@ def test_the_allocator_setting_does_not_change_the_numbers(tmp_path):
         record = json.loads((out / "seeds" / "seed0.json").read_text())
         histories[mode] = (record["history"]["train_loss"], record["protocols"])
     assert histories["default"] == histories["tuned"]
+
+
+# ----------------------------------------------------------------------------- the released recipe
+
+
+def _scored_epochs(record):
+    return [e for e, acc in zip(record["history"]["epoch"], record["history"]["test_acc"]) if acc is not None]
+
+
+def test_released_recipe_scores_the_test_set_where_the_released_loop_does(tmp_path):
+    folder = write_mogonet(tmp_path / "data")
+    spec = dataclasses.replace(small(ROSMAP, 16), feature_counts=(7, 6, 5))
+    runs = {}
+    for recipe in ("package", "released"):
+        out = tmp_path / recipe
+        mogonet.main(spec, ["--data-dir", str(folder), "--seeds", "0", "--epochs", "23", "--holdout", "0", "--recipe", recipe,
+                              "--output-dir", str(out), "--workers", "1", "--no-progress", "--convention", "paper"])
+        runs[recipe] = json.loads((out / "seeds" / "seed0.json").read_text()), json.loads((out / "results.json").read_text())
+    package, released = runs["package"][0], runs["released"][0]
+    assert _scored_epochs(package) == [9, 19, 22]
+    assert _scored_epochs(released) == [0, 10, 20, 22]  # epoch % 10 == 0, and the last for `final`
+    assert released["protocols"]["best_on_test"]["epoch"] in (0, 10, 20)
+    assert released["protocols"]["final"]["epoch"] == 22
+    accs = dict(zip(released["history"]["epoch"], released["history"]["test_acc"]))
+    assert released["protocols"]["best_on_test"]["acc"] == max(accs[e] for e in (0, 10, 20))
+    config = runs["released"][1]["config"]
+    assert config["test_grid"] == "released" and config["extra"] == {"recipe": "released"}
+    assert config["step_size"] == 500  # the released StepLR, even with the paper's loss conventions
+    assert runs["package"][1]["config"]["step_size"] == 250
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--batch-size", "16"], "--recipe released: --batch-size does not apply"),
+        (["--scheduler", "none"], "--recipe released: --scheduler none does not apply"),
+        (["--test-every", "5"], "--recipe released: --test-every 5 does not apply"),
+        (["--method", "mixup", "--convention", "reference", "--mix-prob", "0.5"], "mix_prob must be None for mixup under the reference convention"),
+    ],
+)
+def test_released_recipe_refuses_what_it_cannot_honour_before_reading_data(tmp_path, options, message):
+    with pytest.raises(SystemExit) as caught:
+        mogonet.main(ROSMAP, ["--data-dir", str(tmp_path / "nothing"), "--recipe", "released", "--output-dir", str(tmp_path / "out")] + options)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+
+
+def test_reference_mixup_is_the_released_mixup_data():
+    """Under ``reference`` the mixup baseline draws one lam per batch from Beta(0.2, 0.2) and one
+    partner per row, mixes every row of every modality's input, and each head's loss is
+    ``lam * CE(y) + (1 - lam) * CE(y[perm])`` (model/model.py mixup_data / mixup_criterion)."""
+    import torch
+
+    torch.manual_seed(0)
+    n, dims = 12, (5, 4, 3)
+    model = mogonet.build_omics_model(dims, 2, 8, 8)
+    inputs = [torch.randn(n, d) for d in dims]
+    y = torch.arange(n) % 2
+    seen = []
+    forward = model.forward
+
+    def spy(inputs, **kw):
+        seen.append(kw)
+        return forward(inputs, **kw)
+
+    model.forward = spy
+    objective = engine.Objective("mixup", num_modalities=3, num_classes=2, epochs=10, convention="reference", seed=3)
+    assert (objective.mixup_sampler.alpha, objective.mixup_sampler.mix_prob) == (engine.RELEASED_MIXUP_ALPHA, 1.0) == (0.2, 1.0)
+    lams = []
+    for _ in range(3):
+        loss, _ = objective(model, inputs, y)
+        plan = seen[-1]["plan"]
+        assert seen[-1]["mix"] == "inputs" and seen[-1]["classify"] == "mixed"
+        lam, perm = float(plan.lam[0, 0]), plan.perms[0]
+        assert torch.all(plan.lam == lam) and all(torch.equal(p, perm) for p in plan.perms)
+        mixed = [lam * x + (1 - lam) * x[perm] for x in inputs]
+        z = [enc(x) for enc, x in zip(model.encoders, mixed)]
+        logits = [head(e) for head, e in zip(model.heads, z)] + [model.fusion(torch.cat(z, 1))]
+        ce = torch.nn.functional.cross_entropy
+        expected = sum(lam * ce(out, y) + (1 - lam) * ce(out, y[perm]) for out in logits)
+        torch.testing.assert_close(loss, expected)
+        lams.append(lam)
+    assert len(set(lams)) == 3  # a fresh lam per batch
+
+
+def test_seed_statistics():
+    import seed_stats
+
+    low, high = [0.80, 0.81, 0.82, 0.83, 0.84], [0.90, 0.91, 0.92, 0.93, 0.94]
+    assert seed_stats.permutation_p_value(low, high) == pytest.approx(2 / 252)  # only the split itself, both ways
+    assert seed_stats.permutation_p_value(low, low) == 1.0
+    lo, hi = seed_stats.bootstrap_interval(low, high)
+    assert lo <= -0.1 + 1e-12 and hi >= -0.1 - 1e-12 and hi < 0  # a shift of exactly 0.1 in every resample's reach
+    assert "-10.0 points" in seed_stats.describe(low, high) and "p = 0.01" in seed_stats.describe(low, high)
+    with pytest.raises(ValueError, match="at least two finite numbers"):
+        seed_stats.compare([0.5], high)
+    # Welch from summaries: the same p as from the values themselves
+    from scipy import stats
+
+    a, b = np.array(low), np.array(high) - 0.095
+    assert seed_stats.welch_p_value(a.mean(), a.std(ddof=1), 5, b.mean(), b.std(ddof=1), 5) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)

@@ -1,0 +1,1 @@
+"""The training machinery shared by the example pipelines, one module per concern."""
