@@ -8,6 +8,7 @@ the same cases run here, on one process, on the concatenated batch, to 1e-9.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distributed_cases as cases
+from m3co_loss import backends
 from m3co_loss import distributed as dist_utils
 from m3co_loss import functional as F
 
@@ -23,6 +25,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend_config():
+    """The one-process references set small tiles in this process: later test modules get the defaults back."""
+    previous = backends.get_config()
+    yield
+    backends.set_config(**dataclasses.asdict(previous))
 WORLDS = sorted(cases.SCENARIOS)
 
 
