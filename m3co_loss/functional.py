@@ -38,29 +38,44 @@ averaging yields the single-process gradient (docs: *Scaling out*).
 
 from __future__ import annotations
 
-import contextlib
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from . import distributed as dist_utils
-from .backends import Rows
+from ._batch import (  # noqa: F401  (the layout helpers are part of this module's namespace)
+    _GATHER_DTYPES,
+    _NORM_SAFE_MAX,
+    _NORM_SAFE_MIN,
+    _Batch,
+    _batch_layout,
+    _compute_dtype,
+    _dtype_name,
+    _min_rows,
+    _no_autocast,
+    _prepare,
+    _reduce,
+    _spread,
+    normalize,
+)
+from .backends import Rows, Temperature
 from ._validation import (
     CONVENTIONS,
     REDUCTIONS,
     all_finite,
     check_choice,
     check_embeddings,
+    check_flag,
     check_lam,
     check_perm,
     check_same_device,
     check_sequence,
     check_temperature,
     has_values,
+    min_temperature,
     resolve_partner,
+    resolve_temperature,
     value_checks_enabled,
 )
 
@@ -72,165 +87,50 @@ __all__ = [
     "clip_loss",
     "unis_mmc",
     "normalize",
+    "min_temperature",
     "CONVENTIONS",
 ]
 
 LamArg = Union[Tensor, Sequence[Tensor]]
 
 
-def normalize(z: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``z / ||z||`` along the last dim, in ``dtype`` (default: float32 at least); zero rows stay zero.
-
-    A row whose largest magnitude lies outside [2^-40, 2^40] is first divided by it, so that its
-    squared norm neither overflows (entries above ~1e19 in float32) nor underflows (tiny rows):
-    every finite row gets the value of exact arithmetic. The divisor is detached, which keeps the
-    gradient exact: ``normalize(c z) = normalize(z)`` for c > 0. With value checks on (they read
-    the data anyway) the division runs only when some row needs it, so ordinary batches take
-    ``F.normalize`` alone, bit for bit and without an extra N x D buffer; with value checks off it
-    runs always (a division by 1 for ordinary rows), which keeps the call free of host syncs.
-    """
-    z = z.to(_compute_dtype([z]) if dtype is None else dtype)
-    if z.shape[0] and has_values(z):
-        low, high = torch.aminmax(z.detach(), dim=-1, keepdim=True)
-        peak = torch.maximum(high, -low)
-        extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
-        if not value_checks_enabled() or bool(extreme.any()):
-            z = z / torch.where(extreme, peak, torch.ones_like(peak))
-    return F.normalize(z, dim=-1, eps=1e-12)
-
-
-# Row peaks within which the squared norm of a float32 row of up to 2^40 entries is a normal number.
-_NORM_SAFE_MIN, _NORM_SAFE_MAX = 2.0**-40, 2.0**40
-
-
-def _compute_dtype(zs: Sequence[Tensor]) -> torch.dtype:
-    """The one dtype the embeddings of a call are normalised to: their promotion, float32 at least."""
-    dtype = torch.float32
-    for z in zs:
-        dtype = torch.promote_types(dtype, z.dtype)
-    return dtype
-
-
-class _Batch(NamedTuple):
-    """What every modality of one call shares: process-group layout and reduction scale."""
-
-    sizes: tuple  # rows per rank
-    rank: int
-    dtype: torch.dtype  # of the normalised embeddings (every input of the call is promoted to it)
-
-    @property
-    def distributed(self) -> bool:
-        return len(self.sizes) > 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def offset(self) -> int:
-        return sum(self.sizes[: self.rank])
-
-    def gather(self, x: Tensor) -> Tensor:
-        return dist_utils.all_gather_with_grad(x, sizes=self.sizes) if self.distributed else x
-
-
-# Floating dtypes of the gathered (normalised) embeddings, coded for the layout check.
-_GATHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _spread(gather_distributed: object) -> bool:
-    """Whether this call spans a process group of more than one rank (no communication)."""
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be a bool; got {type(gather_distributed).__name__}")
-    return gather_distributed and dist_utils.world_size() > 1
-
-
-def _min_rows(spread: bool) -> int:
-    # One rank may hold fewer than two rows (even none) of a larger global batch.
-    return 0 if spread else 2
-
-
-def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str) -> _Batch:
-    """Every rank's row count, after checking that all ranks agree on D and dtype.
-
-    ``zs`` are the embeddings of the call (all of one shape). Every rank receives the same
-    table, so every rank raises the same error (no rank is left waiting in a collective).
-    """
-    z = zs[0]
-    if not spread:
-        return _Batch((z.shape[0],), 0, _compute_dtype(zs))
-    dtype = _compute_dtype(zs)
-    code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
-    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code], z.device)
-    sizes = tuple(row[0] for row in table)
-    for r, (_, d, c) in enumerate(table):
-        if d != table[0][1]:
-            raise ValueError(f"{name} has D = {d} on rank {r} but D = {table[0][1]} on rank 0; every rank must pass the same D")
-        if c != table[0][2]:
-            raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
-    if sum(sizes) < 2:
-        raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
-    return _Batch(sizes, dist_utils.rank(), dtype)
-
-
-def _dtype_name(code: int) -> str:
-    return str(_GATHER_DTYPES[code]) if 0 <= code < len(_GATHER_DTYPES) else "an unsupported dtype"
-
-
-def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
-    """Normalised rows of each tensor, gathered over the process group in one collective."""
-    ps = [normalize(z, layout.dtype) for z in zs]
-    if not layout.distributed:
-        return [Rows(p, p, 0) for p in ps]
-    widths = [p.shape[1] for p in ps]
-    full = layout.gather(torch.cat(ps, dim=1) if len(ps) > 1 else ps[0])
-    return [Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
-
-
-def _no_autocast(device: torch.device):
-    # The losses choose their own precision: matmuls under an outer autocast region would
-    # otherwise run in bfloat16/float16 and lose the float32 accumulation promised above.
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        return contextlib.nullcontext()
-
-
-def _reduce(v: Tensor, reduction: str, layout: _Batch) -> Tensor:
-    if reduction == "none":
-        return v
-    # Each rank returns world_size / N_global times its local sum, so that the average over
-    # ranks (what DDP's gradient averaging computes) is the global mean, even when ranks hold
-    # different numbers of rows.
-    world = len(layout.sizes)
-    if reduction == "sum":
-        return v.sum() * world if world > 1 else v.sum()
-    return v.sum() * (world / layout.total) if world > 1 else v.mean()
-
-
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, reference: bool, layout: _Batch, backend: str) -> Tensor:
+def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, reference: bool, layout: _Batch, backend: str) -> Tensor:
     return backends.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=layout.distributed, backend=backend)
 
 
-def _clip_vector(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> Tensor:
+def _clip_vector(a: Rows, b: Rows, t: Temperature, layout: _Batch, backend: str) -> Tensor:
     return backends.clip_vector(a, b, t, distributed=layout.distributed, backend=backend)
 
 
-def _multisoftclip_vector(a: Rows, b: Rows, t: float, reference: bool, layout: _Batch, backend: str) -> Tensor:
-    return backends.multisoftclip_vector(a, b, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend)
+def _multisoftclip_vector(
+    a: Rows, b: Rows, t: Temperature, reference: bool, layout: _Batch, backend: str, target_t: Temperature, detach_targets: bool
+) -> Tensor:
+    return backends.multisoftclip_vector(
+        a, b, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend, target_t=target_t, detach_targets=detach_targets
+    )
 
 
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_common(temperature, reduction, convention) -> float:
+def _check_common(temperature, reduction, convention) -> Temperature:
     t = check_temperature("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("convention", convention, CONVENTIONS)
     return t
+
+
+def _temperatures(
+    temperature: Temperature, layout: _Batch, device: torch.device, target_temperature: Optional[Temperature] = None
+) -> tuple[Temperature, Temperature]:
+    """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``."""
+    t = resolve_temperature("temperature", temperature, layout.dtype, device)
+    if target_temperature is None:
+        return t, t
+    return t, resolve_temperature("target_temperature", target_temperature, layout.dtype, device)
 
 
 def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> tuple[Tensor, Tensor]:
@@ -284,7 +184,7 @@ def m3co_pair(
     perm: Tensor,
     lam: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -314,7 +214,11 @@ def m3co_pair(
             (the released code).
         perm: (N,) integer permutation of 0..N-1: the mixing partner of each row.
         lam: (N,) mixing weights in [0, 1].
-        temperature: softmax temperature t > 0.
+        temperature: softmax temperature t > 0: a float, or a 0-dim floating tensor (e.g. a
+            learnable temperature; its gradient is exact in every backend). It must be at least
+            :func:`min_temperature` of the embeddings' dtype (2^-39 ~ 1.8e-12 for float32 and
+            half precision, 2^-338 for float64); a tensor's value is checked only while value
+            checks are on.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample vector).
         convention: ``"paper"`` or ``"reference"``.
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
@@ -328,6 +232,7 @@ def m3co_pair(
     perm = check_perm("perm", perm, n, mixed_a.device)
     lam = check_lam("lam", lam, n, mixed_a.device)
     layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a")
+    t, _ = _temperatures(t, layout, mixed_a.device)
     with _no_autocast(mixed_a.device):
         a, b = _prepare([mixed_a, clean_b], layout)
         v = _m3co_vector(a, b, perm, lam.to(a.local.dtype), t, convention == "reference", layout, backend)
@@ -340,7 +245,7 @@ def m3co(
     perms: Sequence[Tensor],
     lam: LamArg,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     convention: str = "paper",
     partner: Optional[str] = None,
@@ -402,6 +307,7 @@ def m3co(
     # Only the embeddings that enter a term are normalised and gathered.
     used = list(mixed) + (list(clean) if partner == "clean" else [])
     layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed")
+    t, _ = _temperatures(t, layout, device)
     reference = convention == "reference"
     with _no_autocast(device):
         rows = _prepare(used, layout)
@@ -417,7 +323,9 @@ def multisoftclip_pair(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
+    target_temperature: Union[float, Tensor, None] = None,
+    detach_targets: bool = False,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -425,28 +333,49 @@ def multisoftclip_pair(
 ) -> Tensor:
     r"""Soft-target CLIP loss Ls(a; a, b) with targets from modality a (paper Eq. 9).
 
-    ``W = softmax_row(p_a p_a^T / t)`` holds the soft targets, ``S = p_a p_b^T / t``::
+    ``W = softmax_row(p_a p_a^T / t')`` holds the soft targets, ``S = p_a p_b^T / t``::
 
         v_i = sum_l W_il ((c_i - S_li) + (r_l - S_li)) = c_i + sum_l W_il r_l - 2 sum_l W_il S_li
 
     ``convention="reference"``: ``1/2 (c_i - sum_l W_il S_li + r_i - sum_l W_il S_il)``
     (the released code's ``soft_clip_loss(preds=z_b, targs=z_a)``, whose two directions both
     use the rows of W as target distributions).
+
+    Args:
+        z_a: (N, D) embeddings of modality a (they also make the soft targets).
+        z_b: (N, D) embeddings of modality b.
+        temperature: t of ``S``, as in :func:`m3co_pair` (a float or a 0-dim tensor).
+        target_temperature: t' of the soft targets ``W``; None (the paper) means ``temperature``.
+        detach_targets: treat ``W`` as constants: no gradient flows through the soft targets (to
+            ``z_a`` or a temperature). False (the paper's loss) lets the model lower the loss by
+            moving its own targets, which can make them collapse; True keeps them fixed within a
+            step (docs page ``maths``).
+        reduction, convention, backend, gather_distributed: as in :func:`m3co_pair`.
+
+    Raises:
+        ValueError: an option out of range, a temperature below :func:`min_temperature`, or
+            inputs of inconsistent shapes (named).
+        TypeError: inputs of the wrong kind or dtype (named).
     """
     t = _check_common(temperature, reduction, convention)
+    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+    detach = check_flag("detach_targets", detach_targets)
     spread = _spread(gather_distributed)
     z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
     layout = _batch_layout([z_a, z_b], spread, "z_a")
+    t, target = _temperatures(t, layout, z_a.device, target)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
-        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend)
+        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend, target_t=target, detach_targets=detach)
         return _reduce(v, reduction, layout)
 
 
 def multisoftclip(
     z: Sequence[Tensor],
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
+    target_temperature: Union[float, Tensor, None] = None,
+    detach_targets: bool = False,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -457,11 +386,19 @@ def multisoftclip(
     ``paper``: ``sum_{a<b} 1/2 (Ls(a; a,b) + Ls(b; a,b))``.
     ``reference``: ``sum_m Ls_ref(m+1 mod M; m+1, m)``, the released code's
     ``soft_clip_loss(z[m], z[m+1])`` summed cyclically (targets from modality m+1).
+
+    Args:
+        z: M tensors (N, D), one per modality.
+        temperature: as in :func:`multisoftclip_pair`; so are ``target_temperature``,
+            ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
     t = _check_common(temperature, reduction, convention)
+    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+    detach = check_flag("detach_targets", detach_targets)
     spread = _spread(gather_distributed)
     z = _check_modalities("z", z, min_rows=_min_rows(spread))
     layout = _batch_layout(z, spread, "z")
+    t, target = _temperatures(t, layout, z[0].device, target)
     reference = convention == "reference"
     with _no_autocast(z[0].device):
         rows = _prepare(z, layout)
@@ -476,7 +413,8 @@ def multisoftclip(
             w = weights.setdefault(key, [0.0, 0.0])
             w[0 if targets == key[0] else 1] += weight
         total = backends.multisoftclip_pairs(
-            rows, weights, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend
+            rows, weights, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend,
+            target_t=target, detach_targets=detach,
         )
         return _reduce(total, reduction, layout)
 
@@ -485,7 +423,7 @@ def clip_loss(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     backend: str = "auto",
     gather_distributed: bool = False,
@@ -494,12 +432,14 @@ def clip_loss(
 
     ``v_i = (r_i - S_ii) + (c_i - S_ii)`` with ``S = p_a p_b^T / t`` (a sum of the two
     directions, not their average, so that it equals :func:`m3co_pair` at ``lam = 1``).
+    ``temperature`` is a float or a 0-dim tensor, as in :func:`m3co_pair`.
     """
     t = check_temperature("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     spread = _spread(gather_distributed)
     z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
     layout = _batch_layout([z_a, z_b], spread, "z_a")
+    t, _ = _temperatures(t, layout, z_a.device)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
         return _reduce(_clip_vector(a, b, t, layout, backend), reduction, layout)
@@ -510,7 +450,7 @@ def unis_mmc(
     logits: Sequence[Tensor],
     y: Tensor,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, Tensor] = 0.07,
     gather_distributed: bool = False,
 ) -> Tensor:
     r"""UniS-MMC loss (Zou et al. 2023, Eq. 1-5), summed over modality pairs a < b.
@@ -529,7 +469,7 @@ def unis_mmc(
         r: M tensors (N, D): each modality's representation.
         logits: M tensors (N, C): each unimodal head's logits.
         y: (N,) integer class labels in [0, C).
-        temperature: t > 0 (0.07 in the paper).
+        temperature: t > 0 (0.07 in the paper): a float or a 0-dim tensor, as in :func:`m3co_pair`.
         gather_distributed: with an initialised process group, the sums over the batch run
             over the rows of every rank: each rank gathers the N per-sample cosines and pair
             types of every pair (not the representations) and returns the loss of the global
@@ -566,6 +506,7 @@ def unis_mmc(
         raise ValueError(f"y must hold class indices in [0, {num_classes})")
 
     layout = _batch_layout(r, spread, "r[0]")
+    t, _ = _temperatures(t, layout, r[0].device)
 
     with _no_autocast(r[0].device):
         p = [normalize(x, layout.dtype) for x in r]

@@ -203,3 +203,20 @@ def test_readme_figures_are_the_stored_results():
     time = statistics.median(target["ratios"]["open_clip"])
     memory = target["impls"]["auto"]["extra_peak_bytes"] / target["impls"]["open_clip"]["extra_peak_bytes"]
     assert f"took {time:.2f} of open_clip's `ClipLoss` time and {memory:.2f} of its extra memory" in readme
+
+
+def test_quoted_temperature_figures_are_the_stored_rounds():
+    import bench_temperature
+
+    data = load(BENCH_RESULTS / "temperature_cpu.json")
+    assert bench_temperature.report(data) == (BENCH_RESULTS / "temperature_cpu.md").read_text()
+    page = " ".join(BENCHMARKS.split())
+    assert [entry["loss"] for entry in data["results"]] == ["clip_loss", "m3co_pair", "multisoftclip_pair"]
+    for entry in data["results"]:
+        times = entry["times_s"]
+        ratios = [t / f for t, f in zip(times["tensor"], times["float"])]
+        assert entry["ratios"] == pytest.approx(ratios, rel=1e-12)
+        low, median, high = bench_temperature._quartiles(ratios)
+        assert (entry["n"], entry["d"], entry["backend"], data["meta"]["threads"]) == (8192, 512, "tiled", 2)
+        quoted = f"``{entry['loss']}`` {median:.3f} [{low:.3f}, {high:.3f}]"
+        assert quoted in page, quoted

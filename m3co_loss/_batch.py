@@ -1,0 +1,151 @@
+"""What every loss of :mod:`m3co_loss.functional` does to its embeddings before the kernels.
+
+Normalisation to unit rows in the compute dtype, the row counts of the ranks of a process group
+and the gathering of their rows, and the reduction of the per-sample vector (``functional``
+imports these names; see its module docstring for the distributed scaling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import distributed as dist_utils
+from ._validation import has_values, value_checks_enabled
+from .backends import Rows
+
+__all__ = ["normalize"]
+
+
+def normalize(z: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``z / ||z||`` along the last dim, in ``dtype`` (default: float32 at least); zero rows stay zero.
+
+    A row whose largest magnitude lies outside [2^-40, 2^40] is first divided by it, so that its
+    squared norm neither overflows (entries above ~1e19 in float32) nor underflows (tiny rows):
+    every finite row gets the value of exact arithmetic. The divisor is detached, which keeps the
+    gradient exact: ``normalize(c z) = normalize(z)`` for c > 0. With value checks on (they read
+    the data anyway) the division runs only when some row needs it, so ordinary batches take
+    ``F.normalize`` alone, bit for bit and without an extra N x D buffer; with value checks off it
+    runs always (a division by 1 for ordinary rows), which keeps the call free of host syncs.
+    """
+    z = z.to(_compute_dtype([z]) if dtype is None else dtype)
+    if z.shape[0] and has_values(z):
+        low, high = torch.aminmax(z.detach(), dim=-1, keepdim=True)
+        peak = torch.maximum(high, -low)
+        extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
+        if not value_checks_enabled() or bool(extreme.any()):
+            z = z / torch.where(extreme, peak, torch.ones_like(peak))
+    return F.normalize(z, dim=-1, eps=1e-12)
+
+
+# Row peaks within which the squared norm of a float32 row of up to 2^40 entries is a normal number.
+_NORM_SAFE_MIN, _NORM_SAFE_MAX = 2.0**-40, 2.0**40
+
+
+def _compute_dtype(zs: Sequence[Tensor]) -> torch.dtype:
+    """The one dtype the embeddings of a call are normalised to: their promotion, float32 at least."""
+    dtype = torch.float32
+    for z in zs:
+        dtype = torch.promote_types(dtype, z.dtype)
+    return dtype
+
+
+class _Batch(NamedTuple):
+    """What every modality of one call shares: process-group layout and reduction scale."""
+
+    sizes: tuple  # rows per rank
+    rank: int
+    dtype: torch.dtype  # of the normalised embeddings (every input of the call is promoted to it)
+
+    @property
+    def distributed(self) -> bool:
+        return len(self.sizes) > 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    def gather(self, x: Tensor) -> Tensor:
+        return dist_utils.all_gather_with_grad(x, sizes=self.sizes) if self.distributed else x
+
+
+# Floating dtypes of the gathered (normalised) embeddings, coded for the layout check.
+_GATHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _spread(gather_distributed: object) -> bool:
+    """Whether this call spans a process group of more than one rank (no communication)."""
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(f"gather_distributed must be a bool; got {type(gather_distributed).__name__}")
+    return gather_distributed and dist_utils.world_size() > 1
+
+
+def _min_rows(spread: bool) -> int:
+    # One rank may hold fewer than two rows (even none) of a larger global batch.
+    return 0 if spread else 2
+
+
+def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str) -> _Batch:
+    """Every rank's row count, after checking that all ranks agree on D and dtype.
+
+    ``zs`` are the embeddings of the call (all of one shape). Every rank receives the same
+    table, so every rank raises the same error (no rank is left waiting in a collective).
+    """
+    z = zs[0]
+    if not spread:
+        return _Batch((z.shape[0],), 0, _compute_dtype(zs))
+    dtype = _compute_dtype(zs)
+    code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
+    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code], z.device)
+    sizes = tuple(row[0] for row in table)
+    for r, (_, d, c) in enumerate(table):
+        if d != table[0][1]:
+            raise ValueError(f"{name} has D = {d} on rank {r} but D = {table[0][1]} on rank 0; every rank must pass the same D")
+        if c != table[0][2]:
+            raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
+    if sum(sizes) < 2:
+        raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
+    return _Batch(sizes, dist_utils.rank(), dtype)
+
+
+def _dtype_name(code: int) -> str:
+    return str(_GATHER_DTYPES[code]) if 0 <= code < len(_GATHER_DTYPES) else "an unsupported dtype"
+
+
+def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
+    """Normalised rows of each tensor, gathered over the process group in one collective."""
+    ps = [normalize(z, layout.dtype) for z in zs]
+    if not layout.distributed:
+        return [Rows(p, p, 0) for p in ps]
+    widths = [p.shape[1] for p in ps]
+    full = layout.gather(torch.cat(ps, dim=1) if len(ps) > 1 else ps[0])
+    return [Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
+
+
+def _no_autocast(device: torch.device):
+    # The losses choose their own precision: matmuls under an outer autocast region would
+    # otherwise run in bfloat16/float16 and lose the float32 accumulation promised above.
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+def _reduce(v: Tensor, reduction: str, layout: _Batch) -> Tensor:
+    if reduction == "none":
+        return v
+    # Each rank returns world_size / N_global times its local sum, so that the average over
+    # ranks (what DDP's gradient averaging computes) is the global mean, even when ranks hold
+    # different numbers of rows.
+    world = len(layout.sizes)
+    if reduction == "sum":
+        return v.sum() * world if world > 1 else v.sum()
+    return v.sum() * (world / layout.total) if world > 1 else v.mean()
