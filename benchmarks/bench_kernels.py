@@ -612,7 +612,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
-    """The table as reStructuredText for the docs (docs/kernels.rst includes it)."""
+    """The table as reStructuredText for the docs (docs/benchmarks.rst includes it)."""
     meta = data.get("meta", {})
     loads = [x for r in data["results"] for x in r.get("loads", [])]
     head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",

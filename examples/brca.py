@@ -10,7 +10,7 @@ project: fetch the MOGONET repository's BRCA folder (github.com/txWang/MOGONET) 
 
 from __future__ import annotations
 
-from mogonet import MogonetSpec, main
+from training.omics import MogonetSpec, build_parser as omics_parser, main
 
 BRCA = MogonetSpec(
     name="BRCA",
@@ -27,6 +27,11 @@ BRCA = MogonetSpec(
         "Dynamics (previous best)": {"acc": (0.877, None), "wf1": (0.880, None), "mf1": (0.845, None)},
     },
 )
+
+def build_parser():
+    """This script's options (validated), without running it."""
+    return omics_parser(BRCA)
+
 
 if __name__ == "__main__":
     main(BRCA)

@@ -12,10 +12,8 @@ global batch. Metrics are summed over processes; only rank 0 prints and writes r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 import time
 
 import torch
@@ -28,6 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from m3co_loss import M3CoLoss
 
 import demo
+from training.cli import int_at_least, path_argument
+from training.io import atomic_write_json
 
 
 def make_data(n: int, generator: torch.Generator) -> TensorDataset:
@@ -59,14 +59,6 @@ def sum_over_ranks(values, device) -> list:
     return t.tolist()
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
-
-
 def evaluate(model, data, device, rank: int, world: int) -> float:
     """Fusion-head accuracy on ``data``; each rank scores every world-th sample (no padding, no duplicates)."""
     x_clear, x_noisy, y = (t[rank::world].to(device) for t in data.tensors)
@@ -78,23 +70,21 @@ def evaluate(model, data, device, rank: int, world: int) -> float:
     return correct / count
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
-    return value
-
-
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    positive_int = int_at_least(1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=positive_int, default=30)
     parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per process (global batch = this x processes)")
     parser.add_argument("--train-size", type=positive_int, default=400)
     parser.add_argument("--test-size", type=positive_int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--loss-backend", choices=("auto", "dense", "tiled"), default="auto")
-    parser.add_argument("--out", help="write the final metrics to this JSON file (rank 0, atomically)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=path_argument("file"), help="write the final metrics to this JSON file (rank 0, atomically)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
@@ -173,7 +163,7 @@ def main() -> None:
             final = history[-1]
             if not all(math.isfinite(final[k]) for k in ("train_loss", "contrastive_per_batch", "test_accuracy")):
                 raise RuntimeError(f"non-finite metrics: {final}")
-            write_json_atomically(args.out, {"world_size": world, "global_batch": args.batch_size * world, "seconds": elapsed, "history": history})
+            atomic_write_json(args.out, {"world_size": world, "global_batch": args.batch_size * world, "seconds": elapsed, "history": history})
     if distributed:
         dist.destroy_process_group()
 

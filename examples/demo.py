@@ -19,7 +19,11 @@ import time
 import torch
 from torch import nn
 
-import engine
+from training.cli import int_at_least
+from training.config import Task, TrainConfig
+from training.data import TensorMultimodalDataset
+from training.model import MultimodalClassifier, mlp
+from training.trainer import train_seed
 
 
 def make_views(n: int, generator: torch.Generator, *, classes: int = 6, latent: int = 8):
@@ -33,16 +37,16 @@ def make_views(n: int, generator: torch.Generator, *, classes: int = 6, latent: 
     return [x_clear, x_noisy], y
 
 
-def make_data(n: int, generator: torch.Generator) -> engine.TensorMultimodalDataset:
+def make_data(n: int, generator: torch.Generator) -> TensorMultimodalDataset:
     views, y = make_views(n, generator)
-    return engine.TensorMultimodalDataset(views, y)
+    return TensorMultimodalDataset(views, y)
 
 
-def build_model(width: int = 64, classes: int = 6) -> engine.MultimodalClassifier:
-    return engine.MultimodalClassifier(
-        [engine.mlp(d, width, width, init="default") for d in (40, 60)],
+def build_model(width: int = 64, classes: int = 6) -> MultimodalClassifier:
+    return MultimodalClassifier(
+        [mlp(d, width, width, init="default") for d in (40, 60)],
         [nn.Linear(width, classes) for _ in range(2)],
-        engine.mlp(2 * width, width, classes, init="default"),
+        mlp(2 * width, width, classes, init="default"),
         encode_mixed_jointly=True,
     )
 
@@ -51,15 +55,19 @@ def accuracy(y, prob):
     return {"acc": float((prob.argmax(1) == y).mean())}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-size", type=int, default=400)
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int_at_least(1), default=60)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--train-size", type=int_at_least(2), default=400)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     g = torch.Generator().manual_seed(args.seed)
     train, test = make_data(args.train_size, g), make_data(4000, g)
-    task = engine.Task(
+    task = Task(
         name="demo",
         num_classes=6,
         build_model=build_model,
@@ -70,13 +78,13 @@ def main() -> None:
         metric_labels={"acc": "ACC"},
     )
     # minibatches of 64, Adam 1e-3, no hold-out: only the last epoch is scored (the `final` protocol)
-    config = engine.TrainConfig(
+    config = TrainConfig(
         epochs=args.epochs, batch_size=64, lr=1e-3, weight_decay=1e-4, scheduler="none", holdout=0, test_every=0, progress=False, threads=1
     )
     start = time.perf_counter()
     scores = {}
     for method in ("unimodal-sup", "m3col"):
-        record = engine.train_seed(task, dataclasses.replace(config, method=method), args.seed)
+        record = train_seed(task, dataclasses.replace(config, method=method), args.seed)
         scores[method] = record["protocols"]["final"]["acc"]
     print(f"test accuracy without M3CoLoss: {scores['unimodal-sup']:.3f}")
     print(f"test accuracy with    M3CoLoss: {scores['m3col']:.3f}")

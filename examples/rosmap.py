@@ -11,7 +11,7 @@ width 1000, StepLR gamma 0.2 (step 250 in the paper, 500 in the released code).
 
 from __future__ import annotations
 
-from mogonet import MogonetSpec, main
+from training.omics import MogonetSpec, build_parser as omics_parser, main
 
 ROSMAP = MogonetSpec(
     name="ROSMAP",
@@ -42,6 +42,11 @@ ROSMAP = MogonetSpec(
         "labels_tr.csv": "5859aa107dbf406937938ebefbec122d01fea5d41a9bd0292199f4406749e45d",
     },
 )
+
+def build_parser():
+    """This script's options (validated), without running it."""
+    return omics_parser(ROSMAP)
+
 
 if __name__ == "__main__":
     main(ROSMAP)

@@ -18,7 +18,7 @@ core on the model's own 196 x 1000 x 1000 shape). ``floor_seconds`` = operations
 a lower bound on the run's wall time; no execution strategy beats it without cutting work.
 
 ``--allocator-rounds K`` (no training) times one single-threaded full-batch step of each phase
-with glibc's default allocator settings and with :func:`engine.keep_freed_memory` (what the
+with glibc's default allocator settings and with :func:`training.cputune.keep_freed_memory` (what the
 trainer applies on the CPU), each in a fresh process, K rounds in alternating order, and writes
 ``OUT/allocator.json``: the step times, the minor page faults per step, and the per-round ratios
 tuned / default with quartiles.
@@ -40,11 +40,16 @@ import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
 from unittest import mock
 
-import engine
-import mogonet
+from training import omics
+from training.cli import int_at_least, output_folder
+from training.config import Task, TrainConfig
+from training.cputune import ALLOCATOR_ENV, keep_freed_memory
+from training.data import stratified_holdout
+from training.io import atomic_write_json
+from training.objective import Objective, TrainStep
+from training.trainer import Trainer
 from rosmap import ROSMAP
 
 
@@ -53,32 +58,32 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def full_batch_setup(task: "engine.Task", config: "engine.TrainConfig"):
+def full_batch_setup(task: Task, config: TrainConfig):
     """Seed 0's full-batch training inputs and labels, validation and test inputs, model and objective."""
     import torch
 
     if config.batch_size is not None:
         raise ValueError("the floor and the step timings are for full-batch runs (batch_size None)")
-    fit, held = engine.stratified_holdout(task.train_labels, config.holdout, seed=0) if config.holdout else (None, None)
+    fit, held = stratified_holdout(task.train_labels, config.holdout, seed=0) if config.holdout else (None, None)
     train_inputs, train_y = task.train.batch(torch.from_numpy(fit) if fit is not None else None)
     val_inputs = task.train.batch(torch.from_numpy(held))[0] if held is not None else None
     test_inputs = task.test.batch(None)[0]
     torch.manual_seed(0)
     model = task.build_model()
-    objective = engine.Objective.from_config(config, num_modalities=model.num_modalities, num_classes=task.num_classes)
+    objective = Objective.from_config(config, num_modalities=model.num_modalities, num_classes=task.num_classes)
     return train_inputs, train_y, val_inputs, test_inputs, model, objective
 
 
-def time_steps(task: "engine.Task", config: "engine.TrainConfig", steps: int) -> dict:
+def time_steps(task: Task, config: TrainConfig, steps: int) -> dict:
     """Median seconds of one single-threaded training step (forward, backward, the trainer's optimiser step) in each
-    phase, in this process, after :func:`engine.keep_freed_memory` (which ``M3CO_CPU_ALLOCATOR`` governs)."""
+    phase, in this process, after :func:`training.cputune.keep_freed_memory` (which ``M3CO_CPU_ALLOCATOR`` governs)."""
     import torch
 
-    applied = engine.keep_freed_memory()
+    applied = keep_freed_memory()
     torch.set_num_threads(1)
     train_inputs, train_y, _, _, model, objective = full_batch_setup(task, config)
-    optimizer = engine.Trainer(task, config, seed=0).build_optimizer(model)
-    step = engine._TrainStep(model, objective)
+    optimizer = Trainer(task, config, seed=0).build_optimizer(model)
+    step = TrainStep(model, objective)
     seconds, faults = {}, {}
     for _ in range(config.epochs):
         phase = objective.phase()
@@ -105,17 +110,17 @@ def timed_step(step, inputs, y, optimizer) -> float:
     return time.perf_counter() - start
 
 
-def compile_rounds(task: "engine.Task", config: "engine.TrainConfig", rounds: int, backend: str = "inductor") -> dict:
+def compile_rounds(task: Task, config: TrainConfig, rounds: int, backend: str = "inductor") -> dict:
     """Eager and compiled single-threaded training steps of each phase, alternating (see the module docstring)."""
     import numpy as np
     import torch
 
-    engine.keep_freed_memory()
+    keep_freed_memory()
     torch.set_num_threads(1)
     train_inputs, train_y, _, _, model, objective = full_batch_setup(task, config)
-    optimizer = engine.Trainer(task, config, seed=0).build_optimizer(model)
-    eager = engine._TrainStep(model, objective)
-    compiled = engine._TrainStep(model, objective)
+    optimizer = Trainer(task, config, seed=0).build_optimizer(model)
+    eager = TrainStep(model, objective)
+    compiled = TrainStep(model, objective)
     compiled.compile(backend=backend)
 
     def run(step) -> float:
@@ -137,7 +142,7 @@ def compile_rounds(task: "engine.Task", config: "engine.TrainConfig", rounds: in
 
 
 def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
-    """Step times with glibc's default allocator settings and with :func:`engine.keep_freed_memory`,
+    """Step times with glibc's default allocator settings and with :func:`training.cputune.keep_freed_memory`,
     each in a fresh process, alternating (order reversed every other round), ``rounds`` times."""
     import subprocess
 
@@ -146,7 +151,7 @@ def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
     runs: dict = {"default": [], "tuned": []}
     for r in range(rounds):
         for mode in ("default", "tuned") if r % 2 == 0 else ("tuned", "default"):
-            env = dict(os.environ, **{engine.ALLOCATOR_ENV: mode})
+            env = dict(os.environ, **{ALLOCATOR_ENV: mode})
             command = [sys.executable, __file__, "--output-dir", os.devnull, "--time-steps", str(steps), *argv]
             child = subprocess.run(command, env=env, capture_output=True, text=True)
             if child.returncode != 0:
@@ -167,12 +172,12 @@ def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
 
 def load_task(rosmap_argv: list, output_dir: str):
     """The ROSMAP task and run configuration that ``rosmap.py rosmap_argv --output-dir output_dir`` would train."""
-    options = mogonet.parse(ROSMAP, list(rosmap_argv) + ["--output-dir", output_dir])
-    data = mogonet.load_mogonet(mogonet.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
-    return options, mogonet.make_task(ROSMAP, data, dropout=options.dropout), mogonet.config_from_args(ROSMAP, options)
+    options = omics.parse(ROSMAP, list(rosmap_argv) + ["--output-dir", output_dir])
+    data = omics.load_mogonet(omics.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
+    return options, omics.make_task(ROSMAP, data, dropout=options.dropout), omics.config_from_args(ROSMAP, options)
 
 
-def run_flops(task: "engine.Task", config: "engine.TrainConfig", num_seeds: int) -> dict:
+def run_flops(task: Task, config: TrainConfig, num_seeds: int) -> dict:
     """Floating-point operations of ``num_seeds`` full-batch runs of ``config`` (see the module docstring)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -249,28 +254,33 @@ def floor_record(task, config, num_seeds: int) -> dict:
     return dict(flops, gemm_gflops=rates, best_gflops=best, floor_seconds=flops["flops_total"] / (best * 1e9))
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=output_folder, required=True)
     parser.add_argument("--floor", action="store_true", help="also count the run's operations and measure the machine's best GEMM rate")
     parser.add_argument("--floor-only", action="store_true", help="only the floor (no training)")
     parser.add_argument(
-        "--allocator-rounds", type=int, default=0, metavar="K",
-        help="only compare one training step with glibc's default allocator settings and with engine.keep_freed_memory, K alternating rounds of fresh processes (OUT/allocator.json)",
+        "--allocator-rounds", type=int_at_least(0), default=0, metavar="K",
+        help="only compare one training step with glibc's default allocator settings and with keep_freed_memory, K alternating rounds of fresh processes (OUT/allocator.json)",
     )
-    parser.add_argument("--steps", type=int, default=10, help="steps timed per phase with --allocator-rounds (default: %(default)s)")
-    parser.add_argument("--compile-rounds", type=int, default=0, metavar="K", help="only compare eager and compiled training steps, K alternating rounds per phase (OUT/compile.json)")
+    parser.add_argument("--steps", type=int_at_least(1), default=10, help="steps timed per phase with --allocator-rounds (default: %(default)s)")
+    parser.add_argument("--compile-rounds", type=int_at_least(0), default=0, metavar="K", help="only compare eager and compiled training steps, K alternating rounds per phase (OUT/compile.json)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile-rounds (default: %(default)s)")
     parser.add_argument("--cold-compile", action="store_true", help="with --compile-rounds: compile into an empty inductor cache (what a first run pays)")
-    parser.add_argument("--time-steps", type=int, default=0, help=argparse.SUPPRESS)  # the child process of --allocator-rounds
-    args, passthrough = parser.parse_known_args(argv)
+    parser.add_argument("--time-steps", type=int_at_least(0), default=0, help=argparse.SUPPRESS)  # the child process of --allocator-rounds
+    return parser
+
+
+def main(argv=None) -> dict:
+    args, passthrough = build_parser().parse_known_args(argv)
+    omics.check_passed_on(ROSMAP, passthrough)
     if args.compile_rounds:
         _, task, config = load_task(passthrough, os.devnull)
         with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache} if args.cold_compile else {}):
             record = compile_rounds(task, config, args.compile_rounds, args.compile_backend)
         record["inductor_cache"] = "empty at the start" if args.cold_compile else "as found (warm when an earlier run compiled the same graphs)"
         record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
-        engine.atomic_write_json(args.output_dir / "compile.json", record)
+        atomic_write_json(args.output_dir / "compile.json", record)
         print(json.dumps({phase: {k: v for k, v in r.items() if k in ("first_compiled_call_seconds", "ratio_quartiles")} for phase, r in record["phases"].items()}, indent=1))
         return record
     if args.time_steps or args.allocator_rounds:
@@ -281,7 +291,7 @@ def main(argv=None) -> dict:
             return record
         record = allocator_rounds(list(passthrough), args.allocator_rounds, args.steps)
         record["command"] = " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
-        engine.atomic_write_json(args.output_dir / "allocator.json", record)
+        atomic_write_json(args.output_dir / "allocator.json", record)
         print(json.dumps(record["tuned_over_default"], indent=1))
         return record
     run_dir = args.output_dir / "run"
@@ -295,13 +305,13 @@ def main(argv=None) -> dict:
         print(f"floor: {floor['flops_total'] / 1e12:.2f} TFLOP at best {floor['best_gflops']:.0f} GFLOP/s = {floor['floor_seconds']:.0f} s", flush=True)
         if args.floor_only:
             record = {"command": " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])), "floor": floor, "target_wall_seconds": 180}
-            engine.atomic_write_json(args.output_dir / "floor.json", record)
+            atomic_write_json(args.output_dir / "floor.json", record)
             return record
     if (run_dir / "seeds").exists():
         raise SystemExit(f"{run_dir / 'seeds'} holds finished seeds, which would not be timed again; use a fresh --output-dir")
     load_before = os.getloadavg()[0]
     cpu_start, wall_start = cpu_seconds(), time.perf_counter()
-    results = mogonet.main(ROSMAP, passthrough + ["--output-dir", str(run_dir), "--no-progress"])
+    results = omics.main(ROSMAP, passthrough + ["--output-dir", str(run_dir), "--no-progress"])
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     config = results["config"]
     seed_epochs = len(results["seeds"]) * config["epochs"]
@@ -320,14 +330,14 @@ def main(argv=None) -> dict:
         "wall_over_seed_seconds_per_worker": wall / (sum(seed_seconds) / workers),
         "seconds_per_seed_epoch_cpu": cpu / seed_epochs,
         "cores": os.cpu_count(),
-        "allocator": os.environ.get(engine.ALLOCATOR_ENV, "tuned"),
+        "allocator": os.environ.get(ALLOCATOR_ENV, "tuned"),
         "load_1min_before": load_before,
         "load_1min_after": os.getloadavg()[0],
         "target_wall_seconds": 180,
         "validation_acc": results["protocols"]["validation"]["acc"] if "validation" in results["protocols"] else None,
         "floor": floor,
     }
-    engine.atomic_write_json(args.output_dir / "bench.json", record)
+    atomic_write_json(args.output_dir / "bench.json", record)
     print(json.dumps(record, indent=1))
     return record
 

@@ -11,19 +11,29 @@ combined table. Options other than ``--methods`` and ``--output-dir`` (``--seeds
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-import engine
-import mogonet
 from rosmap import ROSMAP
+from training import omics
+from training.config import METHODS, PROTOCOLS
+from training.io import atomic_write_json, atomic_write_text
+from training.report import format_percent
 
 METRICS = ("acc", "f1", "auc")
 
 
+def scored_epochs(rows: Mapping[str, Mapping]) -> str:
+    """Which epochs ``best_on_test`` chose among, in words, from the runs' configuration."""
+    config = next(iter(rows.values()))["config"]
+    every, last = config["test_every"], config["epochs"] - 1
+    if config.get("test_grid", "package") == "released":
+        return f"after epochs 0, {every}, ..., {last - last % every} (0-based), as the released loop scores them"
+    return f"after epochs {every - 1}, {2 * every - 1}, ..., {last} (0-based): the released loop scores one epoch earlier, at 0, {every}, ..."
+
+
 def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     # a grid trained without a held-out split (--holdout 0) has no validation columns
-    protocols = [p for p in engine.PROTOCOLS if any(p in r["protocols"] for r in rows.values())]
+    protocols = [p for p in PROTOCOLS if any(p in r["protocols"] for r in rows.values())]
     held_out = "validation" in protocols
     names = {"validation": "val.", "final": "final", "best_on_test": "best-on-test*"}
     common = any(r.get("best_common_epoch") for r in rows.values())
@@ -34,12 +44,12 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
         cells = [f"`{method}`"]
         for protocol in protocols:
             row = results["protocols"].get(protocol, {})
-            cells += [engine.format_percent(row.get(m)) for m in METRICS]
+            cells += [format_percent(row.get(m)) for m in METRICS]
         if common:
             best = results.get("best_common_epoch")
-            cells.append(f"{engine.format_percent(best['acc'])} ({best['epoch']})" if best else "-")
+            cells.append(f"{format_percent(best['acc'])} ({best['epoch']})" if best else "-")
         if held_out:
-            cells.append(engine.format_percent((results.get("val_scores") or {}).get("acc")))
+            cells.append(format_percent((results.get("val_scores") or {}).get("acc")))
         per_seed = [r["seconds"] for r in results["per_seed"]]
         cells.append(f"{sum(per_seed) / len(per_seed):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -58,7 +68,7 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     lines += [
         "",
         f"Test-set ACC / F1 / AUC in percent, mean ± sample std over seeds. {validation} `final`: the last epoch;"
-        " `best-on-test*`: the best test score over the epochs scored (every 10th, as in the released code) - optimistic,"
+        f" `best-on-test*`: the best test score over the epochs scored ({scored_epochs(rows)}) - optimistic,"
         f" it selects on the test set.{held_out_note}"
         + (
             " `common-epoch*`: the test ACC at the one epoch (the same for every seed) with the best mean test ACC -"
@@ -72,25 +82,26 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = omics.sweep_parser(ROSMAP, __doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=engine.PASSTHROUGH_EPILOG.format(script="examples/rosmap.py"),
-    )
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--methods", nargs="+", choices=sorted(engine.METHODS), default=list(engine.METHODS))
-    args, passthrough = parser.parse_known_args(argv)
+    args, passthrough = build_parser().parse_known_args(argv)
+    omics.check_passed_on(ROSMAP, list(passthrough) + ["--method", args.methods[0]])
     rows = {}
     for method in args.methods:
         out = args.output_dir / method
         print(f"== {method} -> {out}", flush=True)
-        rows[method] = mogonet.main(ROSMAP, list(passthrough) + ["--method", method, "--output-dir", str(out)])
-    convention = next(iter(rows.values()))["convention"]
-    seeds = next(iter(rows.values()))["seeds"]
-    title = f"# ROSMAP ablation grid (convention {convention}, seeds {seeds})"
+        rows[method] = omics.main(ROSMAP, list(passthrough) + ["--method", method, "--output-dir", str(out)])
+    first = next(iter(rows.values()))
+    recipe = ", recipe released" if first["config"]["extra"].get("recipe") == "released" else ""
+    title = f"# ROSMAP ablation grid (convention {first['convention']}{recipe}, seeds {first['seeds']})"
     table = grid_markdown(rows, title=title)
-    engine.atomic_write_json(args.output_dir / "grid.json", {m: {k: r.get(k) for k in ("protocols", "best_common_epoch", "val_scores", "seeds", "convention", "config", "seconds")} for m, r in rows.items()})
-    engine.atomic_write_text(args.output_dir / "grid.md", table)
+    atomic_write_json(args.output_dir / "grid.json", {m: {k: r.get(k) for k in ("protocols", "best_common_epoch", "val_scores", "seeds", "convention", "config", "seconds")} for m, r in rows.items()})
+    atomic_write_text(args.output_dir / "grid.md", table)
     print(table)
 
 

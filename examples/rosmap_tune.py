@@ -13,12 +13,12 @@ under the validation protocol, and name the chosen one.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-import engine
-import mogonet
 from rosmap import ROSMAP
+from training import omics
+from training.io import atomic_write_json, atomic_write_text
+from training.report import format_percent
 
 # Released settings: lr 2e-3, weight decay 1e-4, no dropout, beta 0.1, t 0.1, no weight averaging.
 SETTINGS: Dict[str, List[str]] = {
@@ -45,7 +45,7 @@ def choose(rows: Mapping[str, Mapping]) -> str:
 
 
 def tune_markdown(rows: Mapping[str, Mapping], chosen: str, *, title: str) -> str:
-    pct = engine.format_percent
+    pct = format_percent
     head = ["setting", "options", "held-out ACC", "held-out loss", "test ACC (val.)", "test F1 (val.)", "test AUC (val.)"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, results in rows.items():
@@ -65,21 +65,23 @@ def tune_markdown(rows: Mapping[str, Mapping], chosen: str, *, title: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog=engine.PASSTHROUGH_EPILOG.format(script="examples/rosmap.py"),
-    )
-    parser.add_argument("--output-dir", type=Path, required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = omics.sweep_parser(ROSMAP, __doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
-    args, passthrough = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    args, passthrough = build_parser().parse_known_args(argv)
     if "--method" not in passthrough:
         passthrough = list(passthrough) + ["--method", "m3col"]
+    for name in args.settings:
+        omics.check_passed_on(ROSMAP, list(passthrough) + SETTINGS[name])
     rows = {}
     for name in args.settings:
         out = args.output_dir / name
         print(f"== {name} {' '.join(SETTINGS[name])} -> {out}", flush=True)
-        results = mogonet.main(ROSMAP, list(passthrough) + SETTINGS[name] + ["--output-dir", str(out)])
+        results = omics.main(ROSMAP, list(passthrough) + SETTINGS[name] + ["--output-dir", str(out)])
         if not results.get("val_scores") or "validation" not in results["protocols"]:
             raise SystemExit("tuning needs the held-out split: do not pass --holdout 0")
         rows[name] = results
@@ -92,8 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "settings": {name: SETTINGS[name] for name in rows},
         "results": {name: {k: r[k] for k in ("protocols", "val_scores", "seeds", "convention", "config", "seconds")} for name, r in rows.items()},
     }
-    engine.atomic_write_json(args.output_dir / "tune.json", record)
-    engine.atomic_write_text(args.output_dir / "tune.md", table)
+    atomic_write_json(args.output_dir / "tune.json", record)
+    atomic_write_text(args.output_dir / "tune.md", table)
     print(table)
     return record
 

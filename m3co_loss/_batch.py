@@ -2,21 +2,23 @@
 
 :mod:`m3co_loss.functional` and :mod:`m3co_loss._targets` build each call from these steps:
 check the arguments (:func:`_check_common`, :func:`_check_pair`), find the layout of the batch
-over the process group (:func:`_batch_layout`), normalise and gather the embeddings
-(:func:`_prepare`), compute the per-sample vector, and reduce it (:func:`_reduce`).
+over the process group (:func:`_batch_layout`), bring the temperatures to the embeddings'
+dtype and device (:func:`_temperatures`), normalise and gather the embeddings
+(:func:`_prepare`), compute the per-sample vector, and reduce it (:func:`_reduce`); see
+:mod:`m3co_loss.functional`'s module docstring for the distributed scaling.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional, Sequence
+from typing import ContextManager, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as dist_utils
-from .backends import Rows
+from .backends import Rows, Temperature
 from ._validation import (
     CONVENTIONS,
     REDUCTIONS,
@@ -25,6 +27,7 @@ from ._validation import (
     check_same_device,
     check_temperature,
     has_values,
+    resolve_temperature,
     value_checks_enabled,
 )
 
@@ -67,10 +70,10 @@ def _compute_dtype(zs: Sequence[Tensor]) -> torch.dtype:
 class _Batch(NamedTuple):
     """What every modality of one call shares: process-group layout and reduction scale."""
 
-    sizes: tuple  # rows per rank
+    sizes: Tuple[int, ...]  # rows per rank
     rank: int
     dtype: torch.dtype  # of the normalised embeddings (every input of the call is promoted to it)
-    extra: tuple = ()  # per rank, the integers the call asked _batch_layout to share
+    extra: Tuple[Tuple[int, ...], ...] = ()  # per rank, the integers the call asked _batch_layout to share
 
     @property
     def distributed(self) -> bool:
@@ -133,7 +136,7 @@ def _dtype_name(code: int) -> str:
     return str(_GATHER_DTYPES[code]) if 0 <= code < len(_GATHER_DTYPES) else "an unsupported dtype"
 
 
-def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
+def _prepare(zs: Sequence[Tensor], layout: _Batch) -> List[Rows]:
     """Normalised rows of each tensor, gathered over the process group in one collective."""
     ps = [normalize(z, layout.dtype) for z in zs]
     if not layout.distributed:
@@ -143,7 +146,7 @@ def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
     return [Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
 
 
-def _no_autocast(device: torch.device):
+def _no_autocast(device: torch.device) -> ContextManager[object]:
     # The losses choose their own precision: matmuls under an outer autocast region would
     # otherwise run in bfloat16/float16 and lose the float32 accumulation promised above.
     try:
@@ -164,14 +167,24 @@ def _reduce(v: Tensor, reduction: str, layout: _Batch) -> Tensor:
     return v.sum() * (world / layout.total) if world > 1 else v.mean()
 
 
-def _check_common(temperature, reduction, convention) -> float:
+def _check_common(temperature: object, reduction: object, convention: object) -> Temperature:
     t = check_temperature("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("convention", convention, CONVENTIONS)
     return t
 
 
-def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> tuple[Tensor, Tensor]:
+def _temperatures(
+    temperature: Temperature, layout: _Batch, device: torch.device, target_temperature: Optional[Temperature] = None
+) -> Tuple[Temperature, Temperature]:
+    """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``."""
+    t = resolve_temperature("temperature", temperature, layout.dtype, device)
+    if target_temperature is None:
+        return t, t
+    return t, resolve_temperature("target_temperature", target_temperature, layout.dtype, device)
+
+
+def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> Tuple[Tensor, Tensor]:
     z_a = check_embeddings(name_a, z_a, min_rows=min_rows)
     z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows)
     check_same_device((name_a, name_b), (z_a, z_b))

@@ -21,13 +21,13 @@ weights). The docs page ``targets`` writes the forms out.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
 
 from . import backends
-from ._batch import _Batch, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _reduce, _spread
+from ._batch import _Batch, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _reduce, _spread, _temperatures
 from ._validation import (
     WEIGHTS_NEGATIVE,
     WEIGHTS_NOT_FINITE,
@@ -40,7 +40,8 @@ from ._validation import (
     target_weights_tolerance,
     value_checks_enabled,
 )
-from .backends import Rows
+from .backends import Rows, Temperature
+from .backends.tiled import LogSumExpFn
 
 __all__ = ["contrastive_loss", "partners_vector", "labels_vector"]
 
@@ -48,7 +49,7 @@ __all__ = ["contrastive_loss", "partners_vector", "labels_vector"]
 # ----------------------------------------------------------------------------- per-sample vectors
 
 
-def _lse(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> tuple:
+def _lse(a: Rows, b: Rows, t: Temperature, layout: _Batch, backend: str) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     """``(s, r, c)``: the dense backend's (n, N) block of S (None on the other backends), the row
     log-sum-exps of the local rows and the column log-sum-exps of the local columns."""
     impl = backends._implementation(backend, a)
@@ -60,7 +61,8 @@ def _lse(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> tuple:
         else:
             c = torch.logsumexp(s, dim=0)
         return s, r, c
-    logsumexp = backends._eager(impl, impl.logsumexp)
+    # the streaming backends (tiled, Triton) expose their log-sum-exp primitive; dense has none
+    logsumexp: LogSumExpFn = backends._eager(impl, getattr(impl, "logsumexp"))
     if not layout.distributed:  # one pass gives both
         r, c = logsumexp(a.local, b.local, t, True)
         return None, r, c
@@ -69,7 +71,7 @@ def _lse(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> tuple:
     return None, r, c
 
 
-def _weighted_sum(weights: Tensor, term) -> Tensor:
+def _weighted_sum(weights: Tensor, term: Callable[[int], Tensor]) -> Tensor:
     total = weights[:, 0] * term(0)
     for j in range(1, weights.shape[1]):
         total = total + weights[:, j] * term(j)
@@ -85,7 +87,7 @@ class _PartnerDots(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, columns: Tensor, partners: Tensor) -> Tensor:
+    def forward(ctx: Any, rows: Tensor, columns: Tensor, partners: Tensor) -> Tensor:
         ctx.save_for_backward(rows, columns, partners)
         dots = rows.new_empty(partners.shape)
         for j in range(partners.shape[1]):
@@ -94,7 +96,7 @@ class _PartnerDots(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
         rows, columns, partners = ctx.saved_tensors
         grad_rows = grad_columns = None
         if ctx.needs_input_grad[0]:
@@ -104,7 +106,7 @@ class _PartnerDots(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_columns = torch.zeros_like(columns)
             for j in range(partners.shape[1]):
-                grad_columns.index_put_((partners[:, j],), rows * grad[:, j : j + 1], accumulate=True)
+                grad_columns.index_add_(0, partners[:, j], rows * grad[:, j : j + 1])  # in a fixed order (see labels_vector)
         return grad_rows, grad_columns, None
 
 
@@ -113,7 +115,7 @@ def partners_vector(
     b: Rows,
     partners: Tensor,
     weights: Tensor,
-    t: float,
+    t: Temperature,
     *,
     reference: bool,
     layout: _Batch,
@@ -140,12 +142,12 @@ def partners_vector(
     if s is not None:
         rows = torch.arange(s.shape[0], device=s.device)
         target = _weighted_sum(weights, lambda j: s[rows, s_cols[:, j]])
-        col_term = _weighted_sum(weights, lambda j: c_cols[partners[:, j]])
+        col_term = _weighted_sum(weights, lambda j: c_cols.index_select(0, partners[:, j]))
         v = (r - target) + (col_term - target)
     else:
-        dots = _PartnerDots.apply(a.local, columns, partners)
+        dots = cast(Tensor, _PartnerDots.apply(a.local, columns, partners))  # type: ignore[no-untyped-call]
         target = _weighted_sum(weights, lambda j: dots[:, j]) / t
-        v = r + _weighted_sum(weights, lambda j: c_cols[partners[:, j]]) - 2 * target
+        v = r + _weighted_sum(weights, lambda j: c_cols.index_select(0, partners[:, j])) - 2 * target
     return 0.5 * v if reference else v
 
 
@@ -162,7 +164,7 @@ def _class_index(labels: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(0, order, starts.cumsum(0) - 1)
 
 
-def labels_vector(a: Rows, b: Rows, labels: Tensor, t: float, *, reference: bool, layout: _Batch, backend: str) -> Tensor:
+def labels_vector(a: Rows, b: Rows, labels: Tensor, t: Temperature, *, reference: bool, layout: _Batch, backend: str) -> Tensor:
     """Per-sample values of the local rows of ``a`` with ``T_ik = 1[y_k = y_i] / n_{y_i}`` over the global batch.
 
     ``labels`` are this rank's (n,) labels; the labels of every rank are gathered.
@@ -182,14 +184,16 @@ def labels_vector(a: Rows, b: Rows, labels: Tensor, t: float, *, reference: bool
         mean_c = c.new_zeros(every.shape[0]).index_add(0, group, c_cols) / count
         mean_b = b.full.new_zeros(b.full.shape).index_add(0, group, b.full) / count[:, None]
         own = group[layout.offset : layout.offset + n]
-        v = r + mean_c[own] - 2 * (a.local * mean_b[own]).sum(1) / t
+        # index_select, not indexing: its backward (index_add) sums the many rows of a class in a fixed
+        # order, where indexing's (index_put with accumulate) adds them in parallel, in varying order
+        v = r + mean_c.index_select(0, own) - 2 * (a.local * mean_b.index_select(0, own)).sum(1) / t
     return 0.5 * v if reference else v
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _local_value_stats(partners: Optional[Tensor], weights: Optional[Tensor], labels: Optional[Tensor]) -> tuple:
+def _local_value_stats(partners: Optional[Tensor], weights: Optional[Tensor], labels: Optional[Tensor]) -> Tuple[Tuple[int, ...], str]:
     """``(integers every rank needs, detail of this rank's weights problem)`` for the value checks."""
     if not value_checks_enabled():
         return (), ""
@@ -241,7 +245,7 @@ def contrastive_loss(
     partners: Optional[Tensor] = None,
     weights: Optional[Tensor] = None,
     labels: Optional[Tensor] = None,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -283,7 +287,10 @@ def contrastive_loss(
             (within ``4 K eps``, ``eps`` the machine epsilon of their dtype but at least
             float32's). Only with ``partners``.
         labels: (N,) non-negative integer class labels. Not with ``partners``.
-        temperature: softmax temperature t > 0.
+        temperature: softmax temperature t > 0: a float, or a 0-dim floating tensor (e.g. a
+            learnable temperature; its gradient is exact in every backend), at least
+            :func:`~m3co_loss.functional.min_temperature` of the embeddings' dtype, as in
+            :func:`~m3co_loss.functional.m3co_pair`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample vector).
         convention: ``"paper"`` (sum of the two directions) or ``"reference"`` (their average).
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
@@ -291,7 +298,7 @@ def contrastive_loss(
 
     Raises:
         ValueError: both ``partners`` and ``labels``; ``weights`` without ``partners``; a shape
-            that does not match the batch; and, with value checks on
+            that does not match the batch; a temperature below ``min_temperature``; and, with value checks on
             (:func:`m3co_loss.set_value_checks`), partners out of range, negative, NaN or
             unnormalised weights, negative labels (named, with the rank when distributed).
         TypeError: an argument of the wrong kind or dtype (named).
@@ -325,6 +332,7 @@ def contrastive_loss(
     stats, detail = _local_value_stats(partners, weights, labels)
     layout = _batch_layout([z_a, z_b], spread, "z_a", stats)
     _raise_value_errors(layout, partners, weights, detail)
+    t, _ = _temperatures(t, layout, device)
     reference = convention == "reference"
     with _no_autocast(device):
         a, b = _prepare([z_a, z_b], layout)

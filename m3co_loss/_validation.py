@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -82,8 +82,62 @@ def check_positive(name: str, value: object) -> float:
     return value
 
 
-# Temperatures take the positive-number check; their call sites keep a name of their own.
-check_temperature = check_positive
+def check_temperature(name: str, value: object) -> Union[float, Tensor]:
+    """A temperature: a finite real number > 0 (returned as a float) or a 0-dim floating tensor.
+
+    A tensor (e.g. a learnable temperature) is checked here for its kind only (0-dim, floating,
+    not complex): free checks. Its value is checked by :func:`check_temperature_value` once the
+    embeddings' dtype is known, and only while value checks are on (reading it synchronises
+    with an accelerator).
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a real number or a 0-dim tensor; got a tensor of shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (e.g. float32); got {value.dtype}")
+        return value
+    return check_positive(name, value)
+
+
+def min_temperature(dtype: torch.dtype) -> float:
+    """The smallest temperature the losses support for embeddings of ``dtype`` (2^-39 for float32, 2^-338 for float64).
+
+    The losses compute in the promotion of ``dtype`` and float32 (float16 and bfloat16 inputs
+    get float32's range). A loss is of order 1/t, its gradients of order 1/t^2 (the
+    temperature's always, the embeddings' through MultiSClip's soft targets), and the
+    temperature's gradient ``-(1/t) <X, dL/dX>`` multiplies them by another 1/t before they
+    cancel. The range keeps 1/t^3 a factor 2^10 below the largest finite number of the compute
+    dtype, so that every one of these quantities, and its rounding error, is finite.
+    """
+    compute = torch.promote_types(dtype, torch.float32)
+    exponent = math.frexp(torch.finfo(compute).max)[1]  # 128 for float32, 1024 for float64
+    return 2.0 ** -((exponent - 10) // 3)
+
+
+def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch.dtype) -> None:
+    """Refuse a temperature below :func:`min_temperature` for embeddings of ``dtype`` (or a tensor's NaN, Inf, <= 0).
+
+    A float is always checked (on the host, for free); a tensor only while value checks are on.
+    """
+    low = min_temperature(dtype)
+    if isinstance(value, Tensor):
+        if not _VALUE_CHECKS or not has_values(value):
+            return
+        if bool((value >= low) & torch.isfinite(value)):  # NaN fails both comparisons
+            return
+        number = float(value.detach())
+        if not math.isfinite(number) or number <= 0:
+            raise ValueError(f"{name} must be a finite number > 0; got a tensor holding {number}")
+    else:
+        number = value
+        if number >= low:
+            return
+    compute = torch.promote_types(dtype, torch.float32)
+    raise ValueError(
+        f"{name} = {number:.3g} is below the smallest supported temperature for {compute} computation, "
+        f"{low:.3g} (2^{round(math.log2(low))}): 1/t^3 would overflow in the gradients"
+        + ("; pass float64 embeddings for smaller temperatures" if compute != torch.float64 else "")
+    )
 
 
 def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2) -> Tensor:
@@ -192,7 +246,7 @@ def check_partners(name: str, partners: object, n: int, device: torch.device) ->
     return partners.long()
 
 
-def check_target_weights(name: str, weights: object, shape: tuple, device: torch.device) -> Tensor:
+def check_target_weights(name: str, weights: object, shape: Tuple[int, ...], device: torch.device) -> Tensor:
     """A floating tensor of ``shape`` (that of the partners); its values are checked by :func:`target_weights_problem`."""
     if not isinstance(weights, Tensor):
         raise TypeError(f"{name} must be a floating torch.Tensor of shape {shape}; got {type(weights).__name__}")
@@ -256,3 +310,26 @@ def check_sequence(name: str, value: object, *, min_len: int = 2) -> list:
     if len(value) < min_len:
         raise ValueError(f"{name} must hold at least {min_len} modalities; got {len(value)}")
     return list(value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def resolve_temperature(name: str, value: Union[float, Tensor], dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:
+    """A temperature (from :func:`check_temperature`) as the kernels take it, range checked for ``dtype``.
+
+    A float stays a float. A tensor is moved from the CPU to ``device`` if need be (any other
+    device is refused) and cast to ``dtype`` (the embeddings' compute dtype); autograd carries
+    its gradient back through both.
+    """
+    if isinstance(value, Tensor):
+        if value.device != device:
+            if value.device.type != "cpu":
+                raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}; move it to one device")
+            value = value.to(device)
+        value = value.to(dtype)
+    check_temperature_value(name, value, dtype)
+    return value

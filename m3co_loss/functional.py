@@ -41,18 +41,23 @@ averaging yields the single-process gradient (docs: *Scaling out*).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import backends
-from ._batch import (  # noqa: F401  (_Batch, _compute_dtype: the package's private names, kept importable from here)
+from ._batch import (  # noqa: F401  (the layout helpers are part of this module's namespace)
+    _GATHER_DTYPES,
+    _NORM_SAFE_MAX,
+    _NORM_SAFE_MIN,
     _Batch,
     _batch_layout,
     _check_common,
     _check_pair,
     _compute_dtype,
+    _dtype_name,
+    _temperatures,
     _min_rows,
     _no_autocast,
     _prepare,
@@ -67,16 +72,18 @@ from ._validation import (
     all_finite,
     check_choice,
     check_embeddings,
+    check_flag,
     check_lam,
     check_perm,
     check_same_device,
     check_sequence,
     check_temperature,
     has_values,
+    min_temperature,
     resolve_partner,
     value_checks_enabled,
 )
-from .backends import Rows
+from .backends import Rows, Temperature
 
 __all__ = [
     "m3co_pair",
@@ -87,6 +94,7 @@ __all__ = [
     "contrastive_loss",
     "unis_mmc",
     "normalize",
+    "min_temperature",
     "CONVENTIONS",
 ]
 
@@ -96,25 +104,29 @@ LamArg = Union[Tensor, Sequence[Tensor]]
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, reference: bool, layout: _Batch, backend: str) -> Tensor:
+def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, reference: bool, layout: _Batch, backend: str) -> Tensor:
     # M3Co's targets: lam_i on i, 1 - lam_i on perm[i] (added when they coincide), local to the rank.
     partners = torch.stack([torch.arange(perm.shape[0], device=perm.device), perm], dim=1)
     weights = torch.stack([lam, 1 - lam], dim=1)
     return partners_vector(a, b, partners, weights, t, reference=reference, layout=layout, backend=backend, local=True, rows_sum_to_one=True)
 
 
-def _clip_vector(a: Rows, b: Rows, t: float, layout: _Batch, backend: str) -> Tensor:
+def _clip_vector(a: Rows, b: Rows, t: Temperature, layout: _Batch, backend: str) -> Tensor:
     return backends.clip_vector(a, b, t, distributed=layout.distributed, backend=backend)
 
 
-def _multisoftclip_vector(a: Rows, b: Rows, t: float, reference: bool, layout: _Batch, backend: str) -> Tensor:
-    return backends.multisoftclip_vector(a, b, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend)
+def _multisoftclip_vector(
+    a: Rows, b: Rows, t: Temperature, reference: bool, layout: _Batch, backend: str, target_t: Temperature, detach_targets: bool
+) -> Tensor:
+    return backends.multisoftclip_vector(
+        a, b, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend, target_t=target_t, detach_targets=detach_targets
+    )
 
 
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2) -> list:
+def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2) -> List[Tensor]:
     zs = check_sequence(name, zs)
     first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows)
     out = [first]
@@ -124,7 +136,7 @@ def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Opti
     return out
 
 
-def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> list:
+def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> List[Tensor]:
     """lam as one (N,) tensor shared by all modalities, an (M, N) tensor or a list of M tensors."""
     if isinstance(lam, Tensor) and lam.dim() == 2:
         if lam.shape[0] != num:
@@ -140,7 +152,7 @@ def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> li
     return [check_lam(f"lam[{m}]", x, n, device) for m, x in enumerate(lams)]
 
 
-def _directed_pairs(num: int, convention: str) -> list:
+def _directed_pairs(num: int, convention: str) -> List[Tuple[int, int, float]]:
     """(a, b, weight) for every directed term a -> b of the aggregate loss."""
     if convention == "reference":
         # Released code: modality m against m+1 (mod M), one direction each; for M = 2 this
@@ -158,7 +170,7 @@ def m3co_pair(
     perm: Tensor,
     lam: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -188,7 +200,11 @@ def m3co_pair(
             (the released code).
         perm: (N,) integer permutation of 0..N-1: the mixing partner of each row.
         lam: (N,) mixing weights in [0, 1].
-        temperature: softmax temperature t > 0.
+        temperature: softmax temperature t > 0: a float, or a 0-dim floating tensor (e.g. a
+            learnable temperature; its gradient is exact in every backend). It must be at least
+            :func:`min_temperature` of the embeddings' dtype (2^-39 ~ 1.8e-12 for float32 and
+            half precision, 2^-338 for float64); a tensor's value is checked only while value
+            checks are on.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample vector).
         convention: ``"paper"`` or ``"reference"``.
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
@@ -202,6 +218,7 @@ def m3co_pair(
     perm = check_perm("perm", perm, n, mixed_a.device)
     lam = check_lam("lam", lam, n, mixed_a.device)
     layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a")
+    t, _ = _temperatures(t, layout, mixed_a.device)
     with _no_autocast(mixed_a.device):
         a, b = _prepare([mixed_a, clean_b], layout)
         v = _m3co_vector(a, b, perm, lam.to(a.local.dtype), t, convention == "reference", layout, backend)
@@ -214,7 +231,7 @@ def m3co(
     perms: Sequence[Tensor],
     lam: LamArg,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     convention: str = "paper",
     partner: Optional[str] = None,
@@ -276,6 +293,7 @@ def m3co(
     # Only the embeddings that enter a term are normalised and gathered.
     used = list(mixed) + (list(clean) if partner == "clean" else [])
     layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed")
+    t, _ = _temperatures(t, layout, device)
     reference = convention == "reference"
     with _no_autocast(device):
         rows = _prepare(used, layout)
@@ -291,7 +309,9 @@ def multisoftclip_pair(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
+    target_temperature: Union[float, Tensor, None] = None,
+    detach_targets: bool = False,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -299,28 +319,49 @@ def multisoftclip_pair(
 ) -> Tensor:
     r"""Soft-target CLIP loss Ls(a; a, b) with targets from modality a (paper Eq. 9).
 
-    ``W = softmax_row(p_a p_a^T / t)`` holds the soft targets, ``S = p_a p_b^T / t``::
+    ``W = softmax_row(p_a p_a^T / t')`` holds the soft targets, ``S = p_a p_b^T / t``::
 
         v_i = sum_l W_il ((c_i - S_li) + (r_l - S_li)) = c_i + sum_l W_il r_l - 2 sum_l W_il S_li
 
     ``convention="reference"``: ``1/2 (c_i - sum_l W_il S_li + r_i - sum_l W_il S_il)``
     (the released code's ``soft_clip_loss(preds=z_b, targs=z_a)``, whose two directions both
     use the rows of W as target distributions).
+
+    Args:
+        z_a: (N, D) embeddings of modality a (they also make the soft targets).
+        z_b: (N, D) embeddings of modality b.
+        temperature: t of ``S``, as in :func:`m3co_pair` (a float or a 0-dim tensor).
+        target_temperature: t' of the soft targets ``W``; None (the paper) means ``temperature``.
+        detach_targets: treat ``W`` as constants: no gradient flows through the soft targets (to
+            ``z_a`` or a temperature). False (the paper's loss) lets the model lower the loss by
+            moving its own targets, which can make them collapse; True keeps them fixed within a
+            step (docs page ``maths``).
+        reduction, convention, backend, gather_distributed: as in :func:`m3co_pair`.
+
+    Raises:
+        ValueError: an option out of range, a temperature below :func:`min_temperature`, or
+            inputs of inconsistent shapes (named).
+        TypeError: inputs of the wrong kind or dtype (named).
     """
     t = _check_common(temperature, reduction, convention)
+    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+    detach = check_flag("detach_targets", detach_targets)
     spread = _spread(gather_distributed)
     z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
     layout = _batch_layout([z_a, z_b], spread, "z_a")
+    t, target = _temperatures(t, layout, z_a.device, target)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
-        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend)
+        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend, target_t=target, detach_targets=detach)
         return _reduce(v, reduction, layout)
 
 
 def multisoftclip(
     z: Sequence[Tensor],
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
+    target_temperature: Union[float, Tensor, None] = None,
+    detach_targets: bool = False,
     reduction: str = "mean",
     convention: str = "paper",
     backend: str = "auto",
@@ -331,11 +372,19 @@ def multisoftclip(
     ``paper``: ``sum_{a<b} 1/2 (Ls(a; a,b) + Ls(b; a,b))``.
     ``reference``: ``sum_m Ls_ref(m+1 mod M; m+1, m)``, the released code's
     ``soft_clip_loss(z[m], z[m+1])`` summed cyclically (targets from modality m+1).
+
+    Args:
+        z: M tensors (N, D), one per modality.
+        temperature: as in :func:`multisoftclip_pair`; so are ``target_temperature``,
+            ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
     t = _check_common(temperature, reduction, convention)
+    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+    detach = check_flag("detach_targets", detach_targets)
     spread = _spread(gather_distributed)
     z = _check_modalities("z", z, min_rows=_min_rows(spread))
     layout = _batch_layout(z, spread, "z")
+    t, target = _temperatures(t, layout, z[0].device, target)
     reference = convention == "reference"
     with _no_autocast(z[0].device):
         rows = _prepare(z, layout)
@@ -350,7 +399,8 @@ def multisoftclip(
             w = weights.setdefault(key, [0.0, 0.0])
             w[0 if targets == key[0] else 1] += weight
         total = backends.multisoftclip_pairs(
-            rows, weights, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend
+            rows, weights, t, reference=reference, gather=layout.gather, distributed=layout.distributed, backend=backend,
+            target_t=target, detach_targets=detach,
         )
         return _reduce(total, reduction, layout)
 
@@ -359,7 +409,7 @@ def clip_loss(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float = 0.1,
+    temperature: Union[float, Tensor] = 0.1,
     reduction: str = "mean",
     backend: str = "auto",
     gather_distributed: bool = False,
@@ -368,12 +418,14 @@ def clip_loss(
 
     ``v_i = (r_i - S_ii) + (c_i - S_ii)`` with ``S = p_a p_b^T / t`` (a sum of the two
     directions, not their average, so that it equals :func:`m3co_pair` at ``lam = 1``).
+    ``temperature`` is a float or a 0-dim tensor, as in :func:`m3co_pair`.
     """
     t = check_temperature("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     spread = _spread(gather_distributed)
     z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
     layout = _batch_layout([z_a, z_b], spread, "z_a")
+    t, _ = _temperatures(t, layout, z_a.device)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
         return _reduce(_clip_vector(a, b, t, layout, backend), reduction, layout)
@@ -384,7 +436,7 @@ def unis_mmc(
     logits: Sequence[Tensor],
     y: Tensor,
     *,
-    temperature: float = 0.07,
+    temperature: Union[float, Tensor] = 0.07,
     gather_distributed: bool = False,
 ) -> Tensor:
     r"""UniS-MMC loss (Zou et al. 2023, Eq. 1-5), summed over modality pairs a < b.
@@ -403,7 +455,7 @@ def unis_mmc(
         r: M tensors (N, D): each modality's representation.
         logits: M tensors (N, C): each unimodal head's logits.
         y: (N,) integer class labels in [0, C).
-        temperature: t > 0 (0.07 in the paper).
+        temperature: t > 0 (0.07 in the paper): a float or a 0-dim tensor, as in :func:`m3co_pair`.
         gather_distributed: with an initialised process group, the sums over the batch run
             over the rows of every rank: each rank gathers the N per-sample cosines and pair
             types of every pair (not the representations) and returns the loss of the global
@@ -440,6 +492,7 @@ def unis_mmc(
         raise ValueError(f"y must hold class indices in [0, {num_classes})")
 
     layout = _batch_layout(r, spread, "r[0]")
+    t, _ = _temperatures(t, layout, r[0].device)
 
     with _no_autocast(r[0].device):
         p = [normalize(x, layout.dtype) for x in r]

@@ -3,22 +3,34 @@
 Each module takes the keyword arguments of its function, validates them once in ``__init__``
 and calls the function in ``forward``. :class:`M3CoLoss` adds what a training loop needs: the
 mixup sampler, the weight beta and the M3Co -> MultiSClip schedule of the paper (Eq. 14-16).
+
+:class:`CLIPLoss`, :class:`MultiSClipLoss` and :class:`M3CoLoss` can learn their temperature
+(``learn_temperature=True``), as CLIP does: a parameter holds the log-scale ``log(1/t)``,
+initialised from ``temperature``, and the forward pass clamps it to
+``[log(min_scale), log(max_scale)]`` (the value used, not the parameter: outside the range its
+gradient is zero, as in open_clip). It is an ordinary parameter: it travels in state dicts, the
+optimiser updates it, and under ``DistributedDataParallel`` it stays equal on every rank when
+the loss module is a submodule of the wrapped model called inside its ``forward`` (DDP reduces
+the gradients of the parameters used there), like any other parameter (docs page ``maths``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._batch import _min_rows, _spread
 from ._validation import (
     BACKENDS,
     CONVENTIONS,
     REDUCTIONS,
     check_choice,
+    check_flag,
+    check_positive,
     check_probability,
     check_temperature,
     has_values,
@@ -33,10 +45,14 @@ REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
 REFERENCE_M3CO_FRACTION = 0.33
 
 
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    return value
+_check_flag = check_flag
+
+
+def _check_float_temperature(name: str, value: object) -> float:
+    """A module's temperature: a positive float (a learnable one is the module's own parameter)."""
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a real number; for a learnable temperature pass learn_temperature=True")
+    return float(check_temperature(name, value))
 
 
 def _check_total_steps(value: object) -> Optional[int]:
@@ -46,26 +62,108 @@ def _check_total_steps(value: object) -> Optional[int]:
 
 
 class _ContrastiveOptions(nn.Module):
-    def __init__(self, temperature, reduction, backend, gather_distributed, convention="paper") -> None:
+    """The options every contrastive module shares, and its (possibly learnable) temperature."""
+
+    logit_scale: Optional[nn.Parameter]
+
+    def __init__(
+        self,
+        temperature: float,
+        reduction: str,
+        backend: str,
+        gather_distributed: bool,
+        convention: str = "paper",
+        *,
+        learn_temperature: bool = False,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
+    ) -> None:
         super().__init__()
-        self.temperature = check_temperature("temperature", temperature)
+        self._temperature = _check_float_temperature("temperature", temperature)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = check_choice("backend", backend, BACKENDS)
         self.gather_distributed = _check_flag("gather_distributed", gather_distributed)
         self.convention = check_choice("convention", convention, CONVENTIONS)
+        self.learn_temperature = _check_flag("learn_temperature", learn_temperature)
+        self.min_scale = check_positive("min_scale", min_scale)
+        self.max_scale = check_positive("max_scale", max_scale)
+        if self.min_scale >= self.max_scale:
+            raise ValueError(f"min_scale must be below max_scale; got min_scale={self.min_scale}, max_scale={self.max_scale}")
+        self.logit_scale = self._learnable("temperature", self._temperature)
+
+    def _learnable(self, name: str, temperature: float) -> Optional[nn.Parameter]:
+        """The log-scale parameter ``log(1/temperature)`` when the module learns its temperatures, else None."""
+        if not self.learn_temperature:
+            return None
+        if not 1.0 / self.max_scale <= temperature <= 1.0 / self.min_scale:
+            raise ValueError(
+                f"{name}={temperature} lies outside the learnable range [1/max_scale, 1/min_scale] = "
+                f"[{1.0 / self.max_scale:.4g}, {1.0 / self.min_scale:.4g}]; change it or min_scale/max_scale"
+            )
+        return nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+
+    def _value(self, logit_scale: Optional[Tensor], fixed: float) -> Union[float, Tensor]:
+        """The temperature of this forward pass: ``fixed``, or ``1 / clamp(exp(logit_scale), min_scale, max_scale)``."""
+        if logit_scale is None:
+            return fixed
+        return torch.exp(-logit_scale.clamp(math.log(self.min_scale), math.log(self.max_scale)))
+
+    @property
+    def temperature(self) -> Union[float, Tensor]:
+        """The temperature the next forward pass uses: the float given, or a 0-dim tensor computed from :attr:`logit_scale`."""
+        return self._value(self.logit_scale, self._temperature)
+
+    def _temperature_repr(self, value: float) -> str:
+        if not self.learn_temperature:
+            return f"{value}"
+        return f"{value} (learned, 1/t in [{self.min_scale}, {self.max_scale}])"
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, reduction={self.reduction!r}, convention={self.convention!r}, "
+            f"temperature={self._temperature_repr(self._temperature)}, reduction={self.reduction!r}, convention={self.convention!r}, "
             f"backend={self.backend!r}, gather_distributed={self.gather_distributed}"
         )
 
 
 class CLIPLoss(_ContrastiveOptions):
-    """Symmetric InfoNCE (row plus column cross-entropy): :func:`m3co_loss.functional.clip_loss`."""
+    """Symmetric InfoNCE (row plus column cross-entropy): :func:`m3co_loss.functional.clip_loss`.
 
-    def __init__(self, *, temperature: float = 0.1, reduction: str = "mean", backend: str = "auto", gather_distributed: bool = False) -> None:
-        super().__init__(temperature, reduction, backend, gather_distributed)
+    Args:
+        temperature: t > 0 (the initial value when learned).
+        learn_temperature: learn the temperature: a parameter ``logit_scale = log(1/t)``,
+            initialised from ``temperature``, clamped to ``[log(min_scale), log(max_scale)]``
+            in the forward pass (its gradient is zero outside). Default False: a fixed float.
+        min_scale, max_scale: the range of ``1/t`` while learning (1 and 100, as CLIP: ``t`` in
+            [0.01, 1]); ``temperature`` must lie within it.
+        reduction, backend, gather_distributed: as in :func:`~m3co_loss.functional.clip_loss`.
+
+    Raises:
+        ValueError, TypeError: an option out of range or of the wrong type (named).
+
+    Examples:
+        >>> import torch
+        >>> from m3co_loss import CLIPLoss
+        >>> criterion = CLIPLoss(temperature=0.07, learn_temperature=True)
+        >>> loss = criterion(torch.randn(8, 4), torch.randn(8, 4))
+        >>> loss.backward()
+        >>> criterion.logit_scale.grad is not None
+        True
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        learn_temperature: bool = False,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            temperature, reduction, backend, gather_distributed, learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale
+        )
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return F.clip_loss(
@@ -82,7 +180,10 @@ class ContrastiveLoss(_ContrastiveOptions):
     *Structured targets*.
 
     Args:
-        temperature: softmax temperature t > 0.
+        temperature: softmax temperature t > 0 (the initial value when learned).
+        learn_temperature: learn the temperature, as :class:`CLIPLoss` does: a parameter
+            ``logit_scale = log(1/t)`` clamped to ``[log(min_scale), log(max_scale)]``.
+        min_scale, max_scale: the range of ``1/t`` while learning (1 and 100: ``t`` in [0.01, 1]).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         convention: ``"paper"`` (sum of the two directions) or ``"reference"`` (their average).
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
@@ -103,9 +204,20 @@ class ContrastiveLoss(_ContrastiveOptions):
     """
 
     def __init__(
-        self, *, temperature: float = 0.1, reduction: str = "mean", convention: str = "paper", backend: str = "auto", gather_distributed: bool = False
+        self,
+        *,
+        temperature: float = 0.1,
+        learn_temperature: bool = False,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
+        reduction: str = "mean",
+        convention: str = "paper",
+        backend: str = "auto",
+        gather_distributed: bool = False,
     ) -> None:
-        super().__init__(temperature, reduction, backend, gather_distributed, convention)
+        super().__init__(
+            temperature, reduction, backend, gather_distributed, convention, learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale
+        )
 
     def forward(
         self, z_a: Tensor, z_b: Tensor, *, partners: Optional[Tensor] = None, weights: Optional[Tensor] = None, labels: Optional[Tensor] = None
@@ -137,17 +249,40 @@ class ContrastiveLoss(_ContrastiveOptions):
         )
 
 
+def _check_target_temperature(name: str, value: object) -> Optional[float]:
+    return None if value is None else _check_float_temperature(name, value)
+
+
 class MultiSClipLoss(_ContrastiveOptions):
     """MultiSClip over M >= 2 modalities: :func:`m3co_loss.functional.multisoftclip`.
 
-    ``temperature=None`` means 0.1 for ``convention="paper"`` and 0.125 (the released code's
-    value) for ``convention="reference"``.
+    Args:
+        temperature: t > 0 of the similarities; None means 0.1 for ``convention="paper"`` and
+            0.125 (the released code's value) for ``convention="reference"``.
+        target_temperature: t' of the soft targets ``softmax(p p^T / t')``, a fixed float;
+            None means ``temperature`` (and, when learned, the learned one).
+        detach_targets: treat the soft targets as constants (no gradient through them); False,
+            the paper's loss, lets them move (docs page ``maths``).
+        learn_temperature: learn the temperature: a parameter ``logit_scale = log(1/t)``,
+            initialised from ``temperature``, clamped to ``[log(min_scale), log(max_scale)]``
+            in the forward pass (its gradient is zero outside). Default False: a fixed float.
+        min_scale, max_scale: the range of ``1/t`` while learning (1 and 100, as CLIP: ``t`` in
+            [0.01, 1]); ``temperature`` must lie within it.
+        reduction, convention, backend, gather_distributed: as in :func:`~m3co_loss.functional.multisoftclip`.
+
+    Raises:
+        ValueError, TypeError: an option out of range or of the wrong type (named).
     """
 
     def __init__(
         self,
         *,
         temperature: Optional[float] = None,
+        target_temperature: Optional[float] = None,
+        detach_targets: bool = False,
+        learn_temperature: bool = False,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
         reduction: str = "mean",
         convention: str = "paper",
         backend: str = "auto",
@@ -156,17 +291,27 @@ class MultiSClipLoss(_ContrastiveOptions):
         check_choice("convention", convention, CONVENTIONS)
         if temperature is None:
             temperature = 0.1 if convention == "paper" else REFERENCE_MULTISCLIP_TEMPERATURE
-        super().__init__(temperature, reduction, backend, gather_distributed, convention)
+        super().__init__(
+            temperature, reduction, backend, gather_distributed, convention,
+            learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
+        )
+        self.target_temperature = _check_target_temperature("target_temperature", target_temperature)
+        self.detach_targets = _check_flag("detach_targets", detach_targets)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
         return F.multisoftclip(
             z,
             temperature=self.temperature,
+            target_temperature=self.target_temperature,
+            detach_targets=self.detach_targets,
             reduction=self.reduction,
             convention=self.convention,
             backend=self.backend,
             gather_distributed=self.gather_distributed,
         )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", target_temperature={self.target_temperature}, detach_targets={self.detach_targets}"
 
 
 class UniSMMCLoss(nn.Module):
@@ -174,7 +319,7 @@ class UniSMMCLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.07, gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = check_temperature("temperature", temperature)
+        self.temperature = _check_float_temperature("temperature", temperature)
         self.gather_distributed = _check_flag("gather_distributed", gather_distributed)
 
     def forward(self, r: Sequence[Tensor], logits: Sequence[Tensor], y: Tensor) -> Tensor:
@@ -215,6 +360,19 @@ class M3CoLoss(_ContrastiveOptions):
         temperature: M3Co temperature (paper 0.1).
         multisclip_temperature: MultiSClip temperature; None means 0.1 (paper) or 0.125
             (``convention="reference"``).
+        multisclip_target_temperature: temperature of MultiSClip's soft targets, a fixed float;
+            None means ``multisclip_temperature`` (learned with it when learned).
+        detach_targets: treat MultiSClip's soft targets as constants (see
+            :func:`~m3co_loss.functional.multisoftclip_pair`); False is the paper's loss.
+        learn_temperature: learn both temperatures, each as its own parameter:
+            :attr:`logit_scale` ``= log(1/temperature)`` for M3Co and
+            :attr:`multisclip_logit_scale` for MultiSClip (the two phases are different losses
+            with different default temperatures; each parameter gets gradient in its phase only,
+            so wrap the module in ``DistributedDataParallel`` with ``find_unused_parameters=True``
+            or as part of a model that does). Each is clamped in the forward pass to
+            ``[log(min_scale), log(max_scale)]``.
+        min_scale, max_scale: the range of ``1/t`` while learning (1 and 100, as CLIP); both
+            temperatures must lie within it.
         beta: weight of the contrastive term (paper 0.1).
         total_steps: length of training in the unit of :meth:`step` (epochs or iterations).
         m3co_fraction: share of ``total_steps`` spent on M3Co; None means 1/3 (paper) or
@@ -231,12 +389,18 @@ class M3CoLoss(_ContrastiveOptions):
     """
 
     step_count: Tensor
+    multisclip_logit_scale: Optional[nn.Parameter]
 
     def __init__(
         self,
         *,
         temperature: float = 0.1,
         multisclip_temperature: Optional[float] = None,
+        multisclip_target_temperature: Optional[float] = None,
+        detach_targets: bool = False,
+        learn_temperature: bool = False,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
         beta: float = 0.1,
         total_steps: Optional[int] = None,
         m3co_fraction: Optional[float] = None,
@@ -250,12 +414,18 @@ class M3CoLoss(_ContrastiveOptions):
         gather_distributed: bool = False,
         generator: Optional[torch.Generator] = None,
     ) -> None:
-        super().__init__(temperature, reduction, backend, gather_distributed, convention)
+        super().__init__(
+            temperature, reduction, backend, gather_distributed, convention,
+            learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
+        )
         reference = convention == "reference"
         self.partner = resolve_partner(partner, convention)
         if multisclip_temperature is None:
             multisclip_temperature = REFERENCE_MULTISCLIP_TEMPERATURE if reference else 0.1
-        self.multisclip_temperature = check_temperature("multisclip_temperature", multisclip_temperature)
+        self._multisclip_temperature = _check_float_temperature("multisclip_temperature", multisclip_temperature)
+        self.multisclip_logit_scale = self._learnable("multisclip_temperature", self._multisclip_temperature)
+        self.multisclip_target_temperature = _check_target_temperature("multisclip_target_temperature", multisclip_target_temperature)
+        self.detach_targets = _check_flag("detach_targets", detach_targets)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")
         self.beta = float(beta)
@@ -277,6 +447,11 @@ class M3CoLoss(_ContrastiveOptions):
         # phase itself is cached too: torch.compile guards on what forward() reads, and a guard
         # on the counter would recompile a compiled training step at every step().
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+
+    @property
+    def multisclip_temperature(self) -> Union[float, Tensor]:
+        """The MultiSClip temperature the next forward pass uses (a 0-dim tensor when learned)."""
+        return self._value(self.multisclip_logit_scale, self._multisclip_temperature)
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -356,11 +531,17 @@ class M3CoLoss(_ContrastiveOptions):
             plan: the :class:`MixupPlan` used for ``mixed``; drawn here when None.
             step: schedule position; default the counter advanced by :meth:`step`.
         """
-        z = F._check_modalities("z", z, min_rows=F._min_rows(F._spread(self.gather_distributed)))
+        z = F._check_modalities("z", z, min_rows=_min_rows(_spread(self.gather_distributed)))
         phase = self.phase(step)
-        options = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
+        options: Dict[str, Any] = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
         if phase == "multisclip":
-            loss = F.multisoftclip(z, temperature=self.multisclip_temperature, **options)
+            loss = F.multisoftclip(
+                z,
+                temperature=self.multisclip_temperature,
+                target_temperature=self.multisclip_target_temperature,
+                detach_targets=self.detach_targets,
+                **options,
+            )
         else:
             if plan is None:
                 if mixed is not None:
@@ -380,6 +561,7 @@ class M3CoLoss(_ContrastiveOptions):
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
-            + f", partner={self.partner!r}, multisclip_temperature={self.multisclip_temperature}, beta={self.beta}, "
+            + f", partner={self.partner!r}, multisclip_temperature={self._temperature_repr(self._multisclip_temperature)}, "
+            f"multisclip_target_temperature={self.multisclip_target_temperature}, detach_targets={self.detach_targets}, beta={self.beta}, "
             f"total_steps={self.total_steps}, m3co_fraction={self.m3co_fraction:.4g}, sampler={self.sampler!r}"
         )

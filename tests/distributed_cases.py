@@ -10,15 +10,21 @@ process the same case runs on the whole batch. The test compares the two.
 Mixing partners are local (raw inputs live on one rank): each rank draws its own plan, and the
 single-process reference uses the concatenation of the ranks' plans with every permutation
 offset by its rank's first row.
+
+Learned temperatures are parameters of the model (so that DDP averages their gradients like any
+other): a log-scale that the functional cases turn into a 0-dim temperature tensor, and the
+loss modules with ``learn_temperature=True`` as submodules. Their gradients are compared with
+the others, which also shows that every rank takes the same step.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import math
 import os
 import traceback
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -55,12 +61,31 @@ class Model(nn.Module):
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        # learned temperatures, added after the random draws: log(1/t) of the functional cases,
+        # and loss modules that learn theirs (options set per case by run_variant)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.2), dtype=torch.float64))
+        self.criteria = nn.ModuleDict(
+            {
+                "CLIPLoss": m3co_loss.CLIPLoss(temperature=0.2, learn_temperature=True),
+                "MultiSClipLoss": m3co_loss.MultiSClipLoss(temperature=0.2, target_temperature=0.3, learn_temperature=True),
+                "M3CoLoss": m3co_loss.M3CoLoss(temperature=0.2, multisclip_temperature=0.25, total_steps=3, learn_temperature=True),
+                "ContrastiveLoss": m3co_loss.ContrastiveLoss(temperature=0.2, learn_temperature=True),
+            }
+        )
+        self.criteria.to(torch.float64)
 
-    def forward(self, x, mixed=None, heads: bool = False):
+    @property
+    def temperature(self) -> torch.Tensor:
+        return torch.exp(-self.logit_scale)
+
+    def forward(self, x, mixed=None, heads: bool = False, loss: Optional[Callable] = None):
+        """The embeddings (and logits), or ``loss(self, z, z_mixed, logits)`` computed inside the
+        forward pass: DDP requires a parameter used for the loss (a learned temperature) to be
+        used there."""
         z = [enc(v) for enc, v in zip(self.encoders, x)]
         z_mixed = [enc(v) for enc, v in zip(self.encoders, mixed)] if mixed is not None else None
         logits = [head(v) for head, v in zip(self.heads, z)] if heads else None
-        return z, z_mixed, logits
+        return (z, z_mixed, logits) if loss is None else loss(self, z, z_mixed, logits)
 
 
 class Batch(NamedTuple):
@@ -99,6 +124,7 @@ class Case(NamedTuple):
     backends: tuple
     heads: bool  # whether the loss needs the classification heads
     loss: Callable  # (z, z_mixed, logits, y, plan, options) -> loss
+    learned: Optional[str] = None  # "functional": options get temperature=model.temperature; else a criterion's name
 
 
 def _m3co_pair(conv):
@@ -147,9 +173,14 @@ def global_partners(n: int, gather: bool, device=None):
     return partners, weights / weights.sum(1, keepdim=True)
 
 
+def _partner_kwargs(n: int, gather: bool) -> dict:
+    partners, weights = global_partners(n, gather)
+    return dict(partners=partners, weights=weights)
+
+
 def _targets(form, convention="paper", module=False):
     def loss(z, zm, lg, y, plan, o):
-        kw = dict(labels=y) if form == "labels" else dict(zip(("partners", "weights"), global_partners(z[0].shape[0], o["gather_distributed"])))
+        kw = dict(labels=y) if form == "labels" else _partner_kwargs(z[0].shape[0], o["gather_distributed"])
         if module:
             return m3co_loss.ContrastiveLoss(convention=convention, **o)(zm[0], z[1], **kw)
         return F.contrastive_loss(zm[0], z[1], convention=convention, **kw, **o)
@@ -163,6 +194,17 @@ def _unis(z, zm, lg, y, plan, o):
 
 def _unis_module(z, zm, lg, y, plan, o):
     return m3co_loss.UniSMMCLoss(temperature=0.5, gather_distributed=o["gather_distributed"])(z, lg, y)
+
+
+def _learned_module(name: str, call: Callable) -> Callable:
+    """A case on the model's criterion ``name`` (options["criterion"]), configured with the case's options."""
+
+    def case(z, zm, lg, y, plan, o):
+        criterion = o.pop("criterion")
+        criterion.reduction, criterion.backend, criterion.gather_distributed = o["reduction"], o["backend"], o["gather_distributed"]
+        return call(criterion, z, zm, plan)
+
+    return case
 
 
 ALL = ("mean", "sum", "none")
@@ -190,6 +232,38 @@ CASES = [
     Case("contrastive_loss[labels]", ("mean", "none"), BACKENDS, False, _targets("labels")),
     Case("ContrastiveLoss[partners, reference]", ("mean",), BACKENDS, False, _targets("partners", "reference", module=True)),
     Case("ContrastiveLoss[labels]", ("sum",), BACKENDS, False, _targets("labels", module=True)),
+    # learned temperatures: a 0-dim tensor that requires grad, and the modules' log-scales
+    Case("clip_loss[learned t]", ("mean",), BACKENDS, False, lambda z, zm, lg, y, plan, o: F.clip_loss(z[0], z[1], **o), "functional"),
+    Case("m3co[learned t]", ("none",), BACKENDS, False, _m3co("paper"), "functional"),
+    Case("multisoftclip[learned t]", ("mean",), BACKENDS, False, _msc("paper"), "functional"),
+    Case(
+        "multisoftclip_pair[learned t, tensor target t]",
+        ("sum",),
+        BACKENDS,
+        False,
+        lambda z, zm, lg, y, plan, o: F.multisoftclip_pair(z[0], z[1], target_temperature=o["temperature"] * 1.5, **o),
+        "functional",
+    ),
+    Case("CLIPLoss[learned t]", ("mean",), BACKENDS, False, _learned_module("CLIPLoss", lambda m, z, zm, plan: m(z[0], z[1])), "CLIPLoss"),
+    Case("MultiSClipLoss[learned t]", ("mean",), BACKENDS, False, _learned_module("MultiSClipLoss", lambda m, z, zm, plan: m(z)), "MultiSClipLoss"),
+    Case("M3CoLoss[learned t]", ("mean",), BACKENDS, False, _learned_module("M3CoLoss", lambda m, z, zm, plan: m(z, mixed=zm, plan=plan)), "M3CoLoss"),
+    Case(
+        "M3CoLoss[learned t, MultiSClip phase]",
+        ("mean",),
+        BACKENDS,
+        False,
+        _learned_module("M3CoLoss", lambda m, z, zm, plan: m(z, step=2)),
+        "M3CoLoss",
+    ),
+    Case("contrastive_loss[labels, learned t]", ("mean",), BACKENDS, False, _targets("labels"), "functional"),
+    Case(
+        "ContrastiveLoss[partners, learned t]",
+        ("mean",),
+        BACKENDS,
+        False,
+        _learned_module("ContrastiveLoss", lambda m, z, zm, plan: m(zm[0], z[1], **_partner_kwargs(z[0].shape[0], m.gather_distributed))),
+        "ContrastiveLoss",
+    ),
     Case("unis_mmc", ("-",), ("-",), True, _unis),
     Case("UniSMMCLoss", ("-",), ("-",), True, _unis_module),
 ]
@@ -213,14 +287,21 @@ def run_variant(model: nn.Module, case: Case, backend: str, reduction: str, batc
     if reduction != "-":
         options.update(reduction=reduction, backend=backend)
     mixed = [plan.mix(v, m) for m, v in enumerate(batch.x)]
-    z, z_mixed, logits = model(batch.x, mixed, heads=case.heads)
-    out = case.loss(z, z_mixed, logits, batch.y, plan, options)
+
+    def loss(module: Model, z, z_mixed, logits):
+        if case.learned == "functional":
+            options["temperature"] = module.temperature
+        elif case.learned is not None:
+            options["criterion"] = module.criteria[case.learned]
+        return case.loss(z, z_mixed, logits, batch.y, plan, options)
+
+    out = model(batch.x, mixed, heads=case.heads, loss=loss)
+    module = getattr(model, "module", model)
     # reduction="none": weight the per-sample values; world * local sum averages over ranks to
     # the single-process weighted sum, as a mean or sum reduction does.
     objective = world * (batch.weights * out).sum() if reduction == "none" else out
     model.zero_grad(set_to_none=True)
     objective.backward()
-    module = getattr(model, "module", model)
     grads = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in module.named_parameters()}
     return out.detach().clone(), grads
 

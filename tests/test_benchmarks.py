@@ -82,6 +82,23 @@ def test_targets_benchmark_writes_paired_and_memory_tables(tmp_path):
     assert rst.count(".. list-table::") == 2 and "pytorch-metric-learning was not measured" in rst
 
 
+def test_temperature_benchmark_writes_its_table(tmp_path):
+    bench = ROOT / "benchmarks" / "bench_temperature.py"
+    cmd = [sys.executable, str(bench), "--loss", "clip_loss", "multisoftclip_pair", "--n", "40", "--d", "8", "--rounds", "2", "--threads", "1"]
+    proc = subprocess.run([*cmd, "--out-dir", str(tmp_path), "--tag", "t"], capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [e["loss"] for e in entries] == ["clip_loss", "multisoftclip_pair"]
+    for entry in entries:
+        assert all(len(entry["times_s"][impl]) == 2 for impl in ("float", "tensor"))
+        assert entry["ratios"] == pytest.approx([t / f for t, f in zip(entry["times_s"]["tensor"], entry["times_s"]["float"])])
+        assert entry["max_abs_difference"] == 0.0  # the same number as a float and as a tensor: the same bits on the CPU
+        assert entry["temperature_grad"] != 0.0
+    assert "| clip_loss | tiled | 40 | 8 |" in (tmp_path / "t.md").read_text()
+    proc = subprocess.run([*cmd, "--temperature", "0.001"], capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode != 0 and "--temperature must lie in [0.01, 1]" in proc.stderr
+
+
 PEERS = ROOT / "benchmarks" / "bench_peers.py"
 
 

@@ -265,3 +265,39 @@ def test_unis_mmc_compiles_to_one_graph_and_equals_eager():
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     finally:
         m3co_loss.set_value_checks(previous)
+
+
+LEARNED = {
+    "CLIPLoss": lambda backend: m3co_loss.CLIPLoss(temperature=0.07, learn_temperature=True, backend=backend),
+    "MultiSClipLoss": lambda backend: MultiSClipLoss(target_temperature=0.2, learn_temperature=True, backend=backend),
+    "M3CoLoss": lambda backend: M3CoLoss(total_steps=3, learn_temperature=True, backend=backend, generator=torch.Generator().manual_seed(2)),
+}
+
+
+@pytest.mark.parametrize("name", list(LEARNED))
+@pytest.mark.parametrize("backend", ["dense", "tiled"])
+def test_learned_temperatures_compile_and_equal_eager(name, backend, small_tiles):
+    """A module that learns its temperature: the dense path compiles to one graph with the value
+    checks off (``fullgraph=True``), the tiled one around its kernels; values and every gradient,
+    the log-scale's included, equal eager mode's."""
+    criterion = LEARNED[name](backend).double()
+    z = embeddings(m=2)
+    with m3co_loss.value_checks(False):
+        plan = criterion.sample(9, 2) if name == "M3CoLoss" else None
+
+        def fn(z):
+            return criterion(z, plan=plan) if name == "M3CoLoss" else criterion(*z) if name == "CLIPLoss" else criterion(z)
+
+        expected = fn(z)
+        leaves = list(z) + list(criterion.parameters())
+        expected_grads = torch.autograd.grad(expected, leaves, allow_unused=True, materialize_grads=True)
+        if backend == "dense":
+            explained = torch._dynamo.explain(fn)(z)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+            torch._dynamo.reset()
+        got = torch.compile(fn, backend="aot_eager", fullgraph=backend == "dense")(z)
+        got_grads = torch.autograd.grad(got, leaves, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert float(expected_grads[len(z)].abs()) > 0  # the temperature is learned
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

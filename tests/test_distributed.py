@@ -8,6 +8,7 @@ the same cases run here, on one process, on the concatenated batch, to 1e-9.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import distributed_cases as cases
+from m3co_loss import backends
 from m3co_loss import distributed as dist_utils
 from m3co_loss import functional as F
 
@@ -23,6 +25,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(autouse=True)
+def restore_backend_config():
+    """The one-process references set small tiles in this process: later test modules get the defaults back."""
+    previous = backends.get_config()
+    yield
+    backends.set_config(**dataclasses.asdict(previous))
 WORLDS = sorted(cases.SCENARIOS)
 
 
@@ -74,6 +84,10 @@ def test_loss_and_ddp_gradients_equal_one_process(ranks_output, world, sizes, ca
         if reduction == "-":  # UniS-MMC returns the global batch's loss on every rank
             for r, value in enumerate(values):
                 assert_close(value, expected_value, f"rank {r}'s loss")
+    if case.learned is not None:  # the temperature is learned: its gradient is part of the comparison
+        scale = "multisclip_logit_scale" if "MultiSClip phase" in case.name else "logit_scale"
+        name = "logit_scale" if case.learned == "functional" else f"criteria.{case.learned}.{scale}"
+        assert float(expected_grads[name].abs()) > 1e-6, name
     for r, (_, grads) in enumerate(per_rank):
         for name, grad in expected_grads.items():
             assert_close(grads[name], grad, f"rank {r}, gradient of {name}")

@@ -1,4 +1,4 @@
-"""The shared training engine (examples/engine.py) on tiny generated tasks."""
+"""The shared training engine (examples/training/) on tiny generated tasks."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import engine  # noqa: E402
-from m3co_loss import M3CoLoss, MultiSClipLoss, UniSMMCLoss  # noqa: E402
+import training  # noqa: E402
+from m3co_loss import M3CoLoss, MixupSampler, MultiSClipLoss, UniSMMCLoss  # noqa: E402
+from m3co_loss.functional import CONVENTIONS  # noqa: E402
 
 
 def accuracy_metrics(y, prob):
@@ -31,10 +32,10 @@ def accuracy_metrics(y, prob):
 
 
 def tiny_model(dims=(6, 5), classes=3, width=8):
-    return engine.MultimodalClassifier(
-        [engine.mlp(d, width, width) for d in dims],
-        [engine.mlp(width, width, classes) for _ in dims],
-        engine.mlp(width * len(dims), width, classes),
+    return training.MultimodalClassifier(
+        [training.mlp(d, width, width) for d in dims],
+        [training.mlp(width, width, classes) for _ in dims],
+        training.mlp(width * len(dims), width, classes),
         encode_mixed_jointly=True,
     )
 
@@ -45,12 +46,12 @@ def tiny_data(n, seed, dims=(6, 5), classes=3):
     centers = torch.randn(classes, 4, generator=torch.Generator().manual_seed(7))
     signal = centers[y] + 0.7 * torch.randn(n, 4, generator=g)
     xs = [signal @ torch.randn(4, d, generator=torch.Generator().manual_seed(d)) + 0.5 * torch.randn(n, d, generator=g) for d in dims]
-    return engine.TensorMultimodalDataset(xs, y)
+    return training.TensorMultimodalDataset(xs, y)
 
 
 def tiny_task(n_train=60, n_test=30):
     train = tiny_data(n_train, 0)
-    return engine.Task(
+    return training.Task(
         name="tiny",
         num_classes=3,
         build_model=tiny_model,
@@ -66,14 +67,14 @@ def tiny_task(n_train=60, n_test=30):
 def config(**overrides):
     base = dict(epochs=6, lr=1e-2, step_size=3, holdout=0.25, progress=False, threads=1)
     base.update(overrides)
-    return engine.TrainConfig(**base)
+    return training.TrainConfig(**base)
 
 
-@pytest.mark.parametrize("convention", engine.CONVENTIONS)
-@pytest.mark.parametrize("method", sorted(engine.METHODS))
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("method", sorted(training.METHODS))
 def test_every_method_trains_and_reports_three_protocols(method, convention):
-    record = engine.train_seed(tiny_task(), config(method=method, convention=convention), seed=0)
-    assert set(record["protocols"]) == set(engine.PROTOCOLS)
+    record = training.train_seed(tiny_task(), config(method=method, convention=convention), seed=0)
+    assert set(record["protocols"]) == set(training.PROTOCOLS)
     for name, row in record["protocols"].items():
         assert 0 <= row["acc"] <= 1 and 0 <= row["mf1"] <= 1
     assert record["protocols"]["final"]["epoch"] == 5
@@ -84,7 +85,7 @@ def test_every_method_trains_and_reports_three_protocols(method, convention):
 
 
 def test_selection_follows_the_protocols():
-    record = engine.train_seed(tiny_task(), config(epochs=12, method="unimodal-sup"), seed=3)
+    record = training.train_seed(tiny_task(), config(epochs=12, method="unimodal-sup"), seed=3)
     h = record["history"]
     val_key = [(a, -l) for a, l in zip(h["val_acc"], h["val_loss"])]
     test_key = [(a, -l) for a, l in zip(h["test_acc"], h["test_loss"])]
@@ -100,29 +101,29 @@ def test_selection_follows_the_protocols():
 
 def test_scoring_test_once_with_kept_weights_matches_scoring_every_epoch():
     task = tiny_task()
-    every = engine.train_seed(task, config(epochs=8), seed=1)
-    once = engine.train_seed(task, config(epochs=8, test_every=0), seed=1)
+    every = training.train_seed(task, config(epochs=8), seed=1)
+    once = training.train_seed(task, config(epochs=8, test_every=0), seed=1)
     assert once["protocols"]["validation"] == every["protocols"]["validation"]
     assert once["protocols"]["final"] == every["protocols"]["final"]
     assert "best_on_test" not in once["protocols"]
     assert once["history"]["test_acc"][:-1] == [None] * 7
-    sparse = engine.train_seed(task, config(epochs=8, test_every=3), seed=1)
+    sparse = training.train_seed(task, config(epochs=8, test_every=3), seed=1)
     assert [e for e, a in zip(sparse["history"]["epoch"], sparse["history"]["test_acc"]) if a is not None] == [2, 5, 7]
     assert sparse["protocols"]["validation"] == every["protocols"]["validation"]
 
 
 def test_evaluation_schedule():
-    c = engine.TrainConfig(epochs=8, eval_every=3, test_every=5)
+    c = training.TrainConfig(epochs=8, eval_every=3, test_every=5)
     assert [e for e in range(8) if c.validation_due(e)] == [2, 5, 7]
     assert [e for e in range(8) if c.test_due(e)] == [4, 7]
-    assert [e for e in range(8) if engine.TrainConfig(epochs=8, test_every=0).test_due(e)] == [7]
+    assert [e for e in range(8) if training.TrainConfig(epochs=8, test_every=0).test_due(e)] == [7]
 
 
 def test_a_seed_is_deterministic_and_seeds_differ():
     task = tiny_task()
-    a = engine.train_seed(task, config(), seed=0)
-    b = engine.train_seed(task, config(), seed=0)
-    c = engine.train_seed(task, config(), seed=1)
+    a = training.train_seed(task, config(), seed=0)
+    b = training.train_seed(task, config(), seed=0)
+    c = training.train_seed(task, config(), seed=1)
     assert a["history"]["train_loss"] == b["history"]["train_loss"]
     assert a["protocols"] == b["protocols"]
     assert a["history"]["train_loss"] != c["history"]["train_loss"]
@@ -133,7 +134,7 @@ def test_the_objective_is_the_public_api_wired_as_a_user_would():
     model = tiny_model()
     data = tiny_data(10, 0)
     inputs, y = data.batch(None)
-    objective = engine.Objective("m3col", num_modalities=2, num_classes=3, epochs=6, seed=5)
+    objective = training.Objective("m3col", num_modalities=2, num_classes=3, epochs=6, seed=5)
     loss, parts = objective(model, inputs, y)
     # the same loss, written out by hand with the package's public API
     criterion = M3CoLoss(total_steps=6, generator=torch.Generator().manual_seed(5))
@@ -160,15 +161,15 @@ def test_reference_convention_mixes_embeddings_and_unis_mmc_uses_the_unimodal_he
     model = tiny_model()
     inputs, y = tiny_data(10, 0).batch(None)
     z = model.encode(inputs)
-    objective = engine.Objective("m3col", num_modalities=2, num_classes=3, epochs=6, convention="reference", seed=2)
+    objective = training.Objective("m3col", num_modalities=2, num_classes=3, epochs=6, convention="reference", seed=2)
     _, parts = objective(model, inputs, y)
     criterion = M3CoLoss(total_steps=6, convention="reference", generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(parts["m3co"], criterion(z))  # the criterion mixes z itself
-    objective = engine.Objective("unis-mmc", num_modalities=2, num_classes=3, epochs=6)
+    objective = training.Objective("unis-mmc", num_modalities=2, num_classes=3, epochs=6)
     _, parts = objective(model, inputs, y)
     logits = [h(e) for h, e in zip(model.heads, z)]
     torch.testing.assert_close(parts["unis_mmc"], 0.1 * UniSMMCLoss()(z, logits, y))
-    _, parts = engine.Objective("concat", num_modalities=2, num_classes=3, epochs=6)(model, inputs, y)
+    _, parts = training.Objective("concat", num_modalities=2, num_classes=3, epochs=6)(model, inputs, y)
     assert set(parts) == {"fusion_ce"}
 
 
@@ -176,9 +177,9 @@ def test_vanilla_mixup_mixes_every_modality_and_the_labels_with_one_partner():
     torch.manual_seed(0)
     model = tiny_model()
     inputs, y = tiny_data(12, 0).batch(None)
-    objective = engine.Objective("mixup", num_modalities=2, num_classes=3, epochs=6, seed=4)
+    objective = training.Objective("mixup", num_modalities=2, num_classes=3, epochs=6, seed=4)
     loss, parts = objective(model, inputs, y)
-    plan = engine.MixupSampler(generator=torch.Generator().manual_seed(4)).sample(12, 1)
+    plan = MixupSampler(generator=torch.Generator().manual_seed(4)).sample(12, 1)
     perm, lam = plan.perms[0], plan.lam[0].unsqueeze(1)
     z = [enc(lam * x + (1 - lam) * x[perm]) for enc, x in zip(model.encoders, inputs)]
     target = lam * F.one_hot(y, 3).float() + (1 - lam) * F.one_hot(y[perm], 3).float()
@@ -191,7 +192,7 @@ def test_forward_modes_and_their_errors():
     torch.manual_seed(0)
     model = tiny_model()
     inputs, y = tiny_data(6, 0).batch(None)
-    plan = engine.MixupSampler().sample(6, 2)
+    plan = MixupSampler().sample(6, 2)
     out = model(inputs, plan=plan, mix="inputs")
     torch.testing.assert_close(out.z_mixed[1], model.encoders[1](plan.mix(inputs[1], 1)))
     torch.testing.assert_close(out.fused, model.predict(inputs))
@@ -213,16 +214,16 @@ def test_forward_modes_and_their_errors():
 def test_gradient_accumulation_equals_the_full_batch_step(monkeypatch):
     task = tiny_task(n_train=40)
     grads = []
-    make_optimizer = engine.Trainer.build_optimizer
+    make_optimizer = training.Trainer.build_optimizer
 
     def recording_optimizer(self, model):
         optimizer = make_optimizer(self, model)
         optimizer.register_step_pre_hook(lambda *_: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
         return optimizer
 
-    monkeypatch.setattr(engine.Trainer, "build_optimizer", recording_optimizer)
-    engine.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0), seed=0)
-    engine.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0, batch_size=20, accumulate=2), seed=0)
+    monkeypatch.setattr(training.Trainer, "build_optimizer", recording_optimizer)
+    training.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0), seed=0)
+    training.train_seed(task, config(method="unimodal-sup", epochs=1, holdout=0, batch_size=20, accumulate=2), seed=0)
     assert len(grads) == 2  # one optimiser step each
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
@@ -244,7 +245,7 @@ def test_a_plain_dataset_through_a_dataloader_gives_the_in_memory_numbers():
     task = tiny_task()
     plain = dataclasses.replace(task, train=PlainDataset(task.train), test=PlainDataset(task.test))
     cfg = config(batch_size=16, accumulate=2, epochs=4)
-    fast, loaded = engine.train_seed(task, cfg, seed=2), engine.train_seed(plain, cfg, seed=2)
+    fast, loaded = training.train_seed(task, cfg, seed=2), training.train_seed(plain, cfg, seed=2)
     assert loaded["history"]["train_loss"] == pytest.approx(fast["history"]["train_loss"], rel=1e-6)
     assert loaded["protocols"]["validation"]["epoch"] == fast["protocols"]["validation"]["epoch"]
     assert loaded["protocols"]["final"] == pytest.approx(fast["protocols"]["final"])
@@ -253,10 +254,10 @@ def test_a_plain_dataset_through_a_dataloader_gives_the_in_memory_numbers():
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     task = tiny_task()
     cfg = config(epochs=9, checkpoint_every=1, resume=True)  # M3Co in epochs 0-2: the mixup generator matters
-    uninterrupted = engine.train_seed(task, cfg, seed=0)
+    uninterrupted = training.train_seed(task, cfg, seed=0)
     path = tmp_path / "seed0.pt"
     calls = {"n": 0}
-    original = engine.Objective.epoch_end
+    original = training.Objective.epoch_end
 
     def crash_in_epoch_2(self):
         calls["n"] += 1
@@ -264,39 +265,39 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path, monkeypa
             raise KeyboardInterrupt
         original(self)
 
-    monkeypatch.setattr(engine.Objective, "epoch_end", crash_in_epoch_2)
+    monkeypatch.setattr(training.Objective, "epoch_end", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        engine.train_seed(task, cfg, seed=0, checkpoint_path=path)
-    monkeypatch.setattr(engine.Objective, "epoch_end", original)
+        training.train_seed(task, cfg, seed=0, checkpoint_path=path)
+    monkeypatch.setattr(training.Objective, "epoch_end", original)
     assert torch.load(path, weights_only=False)["epoch"] == 1
-    resumed = engine.train_seed(task, cfg, seed=0, checkpoint_path=path)
+    resumed = training.train_seed(task, cfg, seed=0, checkpoint_path=path)
     assert resumed["history"] == uninterrupted["history"]
     assert resumed["protocols"] == uninterrupted["protocols"]
     with pytest.raises(ValueError, match="another configuration"):
-        engine.train_seed(task, dataclasses.replace(cfg, lr=0.5), seed=0, checkpoint_path=path)
+        training.train_seed(task, dataclasses.replace(cfg, lr=0.5), seed=0, checkpoint_path=path)
 
 
 def test_atomic_writes_keep_the_previous_file_when_writing_fails(tmp_path):
     target = tmp_path / "results.json"
-    engine.atomic_write_json(target, {"acc": 0.5})
+    training.atomic_write_json(target, {"acc": 0.5})
     with pytest.raises(TypeError):
-        engine.atomic_write_json(target, {"acc": 0.7, "bad": object()})  # fails mid-stream
+        training.atomic_write_json(target, {"acc": 0.7, "bad": object()})  # fails mid-stream
     assert json.loads(target.read_text()) == {"acc": 0.5}
     ckpt = tmp_path / "ckpt.pt"
-    engine.atomic_torch_save(ckpt, {"w": torch.ones(3)})
+    training.atomic_torch_save(ckpt, {"w": torch.ones(3)})
     with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
-        engine.atomic_torch_save(ckpt, {"w": torch.zeros(3), "f": lambda: 0})  # a lambda cannot be pickled
+        training.atomic_torch_save(ckpt, {"w": torch.zeros(3), "f": lambda: 0})  # a lambda cannot be pickled
     assert torch.equal(torch.load(ckpt)["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "results.json"]  # no temporary files left
 
 
 def test_atomic_json_writes_undefined_numbers_as_null_and_files_follow_the_umask(tmp_path):
     target = tmp_path / "results.json"
-    engine.atomic_write_json(target, {"auc": float("nan"), "rows": [1.0, float("inf")], "n": 3})
+    training.atomic_write_json(target, {"auc": float("nan"), "rows": [1.0, float("inf")], "n": 3})
     assert json.loads(target.read_text()) == {"auc": None, "rows": [1.0, None], "n": 3}
     mask = os.umask(0o022)
     try:
-        engine.atomic_write_text(tmp_path / "results.md", "x")
+        training.atomic_write_text(tmp_path / "results.md", "x")
     finally:
         os.umask(mask)
     assert (tmp_path / "results.md").stat().st_mode & 0o777 == 0o644  # mkstemp alone would give 0o600
@@ -306,7 +307,7 @@ def test_run_refuses_unusable_options_before_any_training(tmp_path, monkeypatch)
     def no_training(*args, **kwargs):
         raise AssertionError("trained before the options were checked")
 
-    monkeypatch.setattr(engine, "train_seed", no_training)
+    monkeypatch.setattr(training.seeds, "train_seed", no_training)
     task = tiny_task()  # 60 training samples, 3 classes
     cases = [
         (dict(cfg=config(holdout=58)), "between 3 and 57"),
@@ -316,36 +317,36 @@ def test_run_refuses_unusable_options_before_any_training(tmp_path, monkeypatch)
     ]
     (tmp_path / "afile").write_text("")
     for case, message in cases:
-        with pytest.raises(engine.ConfigError, match=message):
-            engine.run(task, case.get("cfg", config()), case.get("seeds", [0]), case.get("output_dir", tmp_path / "out"))
+        with pytest.raises(training.ConfigError, match=message):
+            training.run(task, case.get("cfg", config()), case.get("seeds", [0]), case.get("output_dir", tmp_path / "out"))
     one_member = dataclasses.replace(task, train_labels=torch.cat([torch.zeros(59, dtype=torch.long), torch.ones(1, dtype=torch.long)]))
-    with pytest.raises(engine.ConfigError, match=r"class\(es\) \[1\].*single sample"):
-        engine.run(one_member, config(), [0], tmp_path / "out")
+    with pytest.raises(training.ConfigError, match=r"class\(es\) \[1\].*single sample"):
+        training.run(one_member, config(), [0], tmp_path / "out")
 
 
 def test_changed_data_is_trained_again_and_recorded(tmp_path, monkeypatch):
     task = dataclasses.replace(tiny_task(), data_id="sha256:aaaa")
-    first = engine.run(task, config(epochs=2), [0], tmp_path)
+    first = training.run(task, config(epochs=2), [0], tmp_path)
     assert first["data_id"] == "sha256:aaaa"
     trained = []
-    original = engine.train_seed
-    monkeypatch.setattr(engine, "train_seed", lambda *a, **k: trained.append(1) or original(*a, **k))
-    engine.run(task, config(epochs=2), [0], tmp_path)
+    original = training.train_seed
+    monkeypatch.setattr(training.seeds, "train_seed", lambda *a, **k: trained.append(1) or original(*a, **k))
+    training.run(task, config(epochs=2), [0], tmp_path)
     assert trained == []  # same data: the finished seed is reused
-    again = engine.run(dataclasses.replace(task, data_id="sha256:bbbb"), config(epochs=2), [0], tmp_path)
+    again = training.run(dataclasses.replace(task, data_id="sha256:bbbb"), config(epochs=2), [0], tmp_path)
     assert trained == [1] and again["data_id"] == "sha256:bbbb"
 
 
 def test_resume_uses_an_existing_checkpoint_without_checkpoint_every(tmp_path):
     task, cfg = tiny_task(), config(epochs=6)
-    uninterrupted = engine.train_seed(task, cfg, seed=0)
+    uninterrupted = training.train_seed(task, cfg, seed=0)
     path = tmp_path / "checkpoints" / "seed0.pt"
     path.parent.mkdir(parents=True)
-    assert engine.Trainer(task, dataclasses.replace(cfg, checkpoint_every=1), 0, checkpoint_path=path).fit(stop_epoch=3) is None
-    stale = tmp_path / "seeds" / ".seed0.json.k3j9x2.tmp"  # what a run killed while writing leaves
+    assert training.Trainer(task, dataclasses.replace(cfg, checkpoint_every=1), 0, checkpoint_path=path).fit(stop_epoch=3) is None
+    stale = tmp_path / "seeds" / ".seed0.json.k3j9x2a_.tmp"  # what a run killed while writing leaves (mkstemp: 8 characters)
     stale.parent.mkdir()
     stale.write_text("{")
-    engine.run(task, dataclasses.replace(cfg, resume=True), [0], tmp_path)
+    training.run(task, dataclasses.replace(cfg, resume=True), [0], tmp_path)
     record = json.loads((tmp_path / "seeds" / "seed0.json").read_text())
     assert record["resumed_at_epoch"] == 3
     assert record["history"] == uninterrupted["history"] and record["protocols"] == uninterrupted["protocols"]
@@ -358,14 +359,14 @@ def test_best_common_epoch_is_one_epoch_for_every_seed():
 
     # each seed has a different lucky epoch; the common one is the best on average
     per_seed = [record([0.5, 0.9, 0.6, None]), record([0.5, 0.6, 0.8, None]), record([0.6, 0.7, 0.7, None])]
-    best = engine.best_common_epoch(per_seed)
+    best = training.report.best_common_epoch(per_seed)
     assert best["epoch"] == 10 and best["acc"]["mean"] == pytest.approx((0.9 + 0.6 + 0.7) / 3)
     assert best["acc"]["std"] == pytest.approx(np.std([0.9, 0.6, 0.7], ddof=1))
     assert best["acc"]["mean"] < np.mean([0.9, 0.8, 0.7])  # below the per-seed best-on-test reading
     tied = [record([0.7, 0.7, 0.7, 0.7])] * 2
-    assert engine.best_common_epoch(tied)["epoch"] == 0  # the earliest of equal epochs
-    assert engine.best_common_epoch([per_seed[0], {"history": {"epoch": [0, 5, 20, 30], "test_acc": [0.5] * 4}}]) is None
-    assert engine.best_common_epoch([record([None] * 4)]) is None and engine.best_common_epoch([{}]) is None
+    assert training.report.best_common_epoch(tied)["epoch"] == 0  # the earliest of equal epochs
+    assert training.report.best_common_epoch([per_seed[0], {"history": {"epoch": [0, 5, 20, 30], "test_acc": [0.5] * 4}}]) is None
+    assert training.report.best_common_epoch([record([None] * 4)]) is None and training.report.best_common_epoch([{}]) is None
 
 
 def test_an_undefined_metric_is_reported_as_null_not_lost(tmp_path):
@@ -373,7 +374,7 @@ def test_an_undefined_metric_is_reported_as_null_not_lost(tmp_path):
         return {**accuracy_metrics(y, prob), "mf1": float("nan")}
 
     task = dataclasses.replace(tiny_task(), metrics=metrics_with_an_undefined_one)
-    engine.run(task, config(epochs=2), [0, 1], tmp_path)
+    training.run(task, config(epochs=2), [0, 1], tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["protocols"]["final"]["mf1"] == {"mean": None, "std": None}
     assert 0 <= saved["protocols"]["final"]["acc"]["mean"] <= 1
@@ -381,18 +382,18 @@ def test_an_undefined_metric_is_reported_as_null_not_lost(tmp_path):
 
 def test_run_writes_results_and_skips_finished_seeds(tmp_path, monkeypatch):
     task = tiny_task()
-    results = engine.run(task, config(), [0, 1], tmp_path)
+    results = training.run(task, config(), [0, 1], tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert {"dataset", "method", "seeds", "protocols", "per_seed", "seconds"} <= set(saved)
     assert saved["seeds"] == [0, 1] and saved["optimistic_protocols"] == ["best_on_test"]
     histories = [json.loads((tmp_path / "seeds" / f"seed{s}.json").read_text())["history"] for s in (0, 1)]
-    assert saved["best_common_epoch"] == engine.best_common_epoch([{"history": h} for h in histories])
+    assert saved["best_common_epoch"] == training.report.best_common_epoch([{"history": h} for h in histories])
     common = saved["best_common_epoch"]
     index = histories[0]["epoch"].index(common["epoch"])
     assert common["acc"]["mean"] == pytest.approx(np.mean([h["test_acc"][index] for h in histories]))
     assert common["acc"]["mean"] <= saved["protocols"]["best_on_test"]["acc"]["mean"] + 1e-12
-    for name in engine.PROTOCOLS:
+    for name in training.PROTOCOLS:
         for metric in ("acc", "mf1"):
             stat = saved["protocols"][name][metric]
             assert 0 <= stat["mean"] <= 1 and stat["std"] >= 0
@@ -404,17 +405,17 @@ def test_run_writes_results_and_skips_finished_seeds(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished seed was trained again")
 
-    monkeypatch.setattr(engine, "train_seed", no_training)
-    again = engine.run(task, config(), [0, 1], tmp_path)
+    monkeypatch.setattr(training.seeds, "train_seed", no_training)
+    again = training.run(task, config(), [0, 1], tmp_path)
     assert again["protocols"] == results["protocols"]
 
 
 def test_parallel_workers_give_the_same_numbers(tmp_path):
     # three seeds on two workers: seed 1 is cut in two and handed over through a checkpoint
     task, cfg = tiny_task(), config(epochs=8)
-    assert [(p.index, p.start, p.stop) for p in engine.plan_seed_pieces(3, 8, 2) if p.stop - p.start < 8] == [(1, 0, 4), (1, 4, 8)]
-    serial = engine.run(task, cfg, [0, 1, 2], tmp_path / "serial")
-    parallel = engine.run(task, cfg, [0, 1, 2], tmp_path / "parallel", workers=2)
+    assert [(p.index, p.start, p.stop) for p in training.seeds.plan_seed_pieces(3, 8, 2) if p.stop - p.start < 8] == [(1, 0, 4), (1, 4, 8)]
+    serial = training.run(task, cfg, [0, 1, 2], tmp_path / "serial")
+    parallel = training.run(task, cfg, [0, 1, 2], tmp_path / "parallel", workers=2)
     assert parallel["protocols"] == serial["protocols"] and (parallel["workers"], serial["workers"]) == (2, 1)
     assert sorted(os.listdir(tmp_path / "parallel" / "seeds")) == ["seed0.json", "seed1.json", "seed2.json"]
     for seed in (0, 1, 2):
@@ -426,32 +427,32 @@ def test_parallel_workers_give_the_same_numbers(tmp_path):
 
 def test_a_stopped_seed_resumes_to_the_uninterrupted_run(tmp_path):
     task, cfg = tiny_task(), config(epochs=8)
-    uninterrupted = engine.train_seed(task, cfg, seed=3)
+    uninterrupted = training.train_seed(task, cfg, seed=3)
     path = tmp_path / "seed3.pt"
-    assert engine.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=2) is None  # inside the M3Co phase
+    assert training.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=2) is None  # inside the M3Co phase
     assert torch.load(path, weights_only=False)["epoch"] == 1
-    resumed = engine.Trainer(task, dataclasses.replace(cfg, resume=True), 3, checkpoint_path=path).fit()
+    resumed = training.Trainer(task, dataclasses.replace(cfg, resume=True), 3, checkpoint_path=path).fit()
     assert (resumed["protocols"], resumed["history"]) == (uninterrupted["protocols"], uninterrupted["history"])
     assert resumed["resumed_at_epoch"] == 2 and resumed["seconds"] > torch.load(path, weights_only=False)["seconds"] > 0
     with pytest.raises(ValueError, match="checkpoint_path"):
-        engine.Trainer(task, cfg, 3).fit(stop_epoch=2)
+        training.Trainer(task, cfg, 3).fit(stop_epoch=2)
     with pytest.raises(ValueError, match="stop_epoch"):
-        engine.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=9)
+        training.Trainer(task, cfg, 3, checkpoint_path=path).fit(stop_epoch=9)
 
 
 def test_weight_averaging_is_scored_and_survives_a_resume(tmp_path):
     task = tiny_task()
-    plain = engine.train_seed(task, config(), seed=1)
+    plain = training.train_seed(task, config(), seed=1)
     # a decay near 0 keeps the average at the last weights: the same scores as without averaging
-    nearly_plain = engine.train_seed(task, config(ema_decay=1e-9), seed=1)
+    nearly_plain = training.train_seed(task, config(ema_decay=1e-9), seed=1)
     assert nearly_plain["history"]["val_loss"] == pytest.approx(plain["history"]["val_loss"], rel=1e-5)
     assert nearly_plain["history"]["train_loss"] == plain["history"]["train_loss"]  # training is unchanged
     cfg = config(ema_decay=0.9, epochs=8)
-    averaged = engine.train_seed(task, cfg, seed=1)
-    assert averaged["history"]["val_loss"] != pytest.approx(engine.train_seed(task, config(epochs=8), seed=1)["history"]["val_loss"], rel=1e-3)
+    averaged = training.train_seed(task, cfg, seed=1)
+    assert averaged["history"]["val_loss"] != pytest.approx(training.train_seed(task, config(epochs=8), seed=1)["history"]["val_loss"], rel=1e-3)
     path = tmp_path / "seed1.pt"
-    assert engine.Trainer(task, cfg, 1, checkpoint_path=path).fit(stop_epoch=5) is None
-    resumed = engine.Trainer(task, dataclasses.replace(cfg, resume=True), 1, checkpoint_path=path).fit()
+    assert training.Trainer(task, cfg, 1, checkpoint_path=path).fit(stop_epoch=5) is None
+    resumed = training.Trainer(task, dataclasses.replace(cfg, resume=True), 1, checkpoint_path=path).fit()
     assert (resumed["protocols"], resumed["history"]) == (averaged["protocols"], averaged["history"])
     with pytest.raises(ValueError, match="ema_decay"):
         config(ema_decay=1.0).validate()
@@ -460,7 +461,7 @@ def test_weight_averaging_is_scored_and_survives_a_resume(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 6))
 def test_seed_pieces_share_the_work_evenly_and_never_overlap_a_seed(num_seeds, epochs, workers):
-    pieces = engine.plan_seed_pieces(num_seeds, epochs, workers)
+    pieces = training.seeds.plan_seed_pieces(num_seeds, epochs, workers)
     used = min(workers, num_seeds)
     loads = [sum(p.stop - p.start for p in pieces if p.worker == w) for w in range(used)]
     assert sum(loads) == num_seeds * epochs and max(loads) - min(loads) <= 1
@@ -481,25 +482,25 @@ def test_seed_pieces_share_the_work_evenly_and_never_overlap_a_seed(num_seeds, e
 def test_bad_options_are_named():
     for field_name, value in (("method", "m3co"), ("epochs", 0), ("convention", "released"), ("holdout", 1.5), ("batch_size", 1), ("gamma", 2.0)):
         with pytest.raises(ValueError, match=field_name):
-            engine.TrainConfig(**{field_name: value}).validate()
+            training.TrainConfig(**{field_name: value}).validate()
     with pytest.raises(ValueError, match="plateau"):
-        engine.train_seed(tiny_task(), config(scheduler="plateau", holdout=0), seed=0)
+        training.train_seed(tiny_task(), config(scheduler="plateau", holdout=0), seed=0)
     with pytest.raises(ValueError, match="seeds"):
-        engine.run(tiny_task(), config(), [0, 0], "unused")
+        training.run(tiny_task(), config(), [0, 0], "unused")
 
 
 def test_epoch_batch_sampler_shuffles_per_epoch_and_shards_over_ranks():
-    sampler = engine.EpochBatchSampler(10, 4, seed=1)
+    sampler = training.EpochBatchSampler(10, 4, seed=1)
     first = [i for batch in sampler for i in batch]
     assert sorted(first) == list(range(10)) and len(sampler) == 3
     sampler.set_epoch(1)
     assert [i for batch in sampler for i in batch] != first
     sampler.set_epoch(0)
     assert [i for batch in sampler for i in batch] == first
-    shards = [engine.EpochBatchSampler(10, None, shuffle=False, rank=r, world_size=3, pad=False) for r in range(3)]
+    shards = [training.EpochBatchSampler(10, None, shuffle=False, rank=r, world_size=3, pad=False) for r in range(3)]
     rows = [i for s in shards for batch in s for i in batch]
     assert sorted(rows) == list(range(10))
-    padded = [engine.EpochBatchSampler(10, 2, rank=r, world_size=3, seed=4) for r in range(3)]
+    padded = [training.EpochBatchSampler(10, 2, rank=r, world_size=3, seed=4) for r in range(3)]
     assert {len(s) for s in padded} == {2} and len({i for s in padded for b in s for i in b}) == 10
 
 
@@ -509,22 +510,22 @@ def test_compiled_training_step_trains_like_eager_and_resumes(tmp_path):
     the run matches eager mode to rounding, keeps eager-mode state-dict keys (a checkpoint resumes
     with or without compiling), and joins the fingerprint."""
     task = tiny_task()
-    eager = engine.train_seed(task, config(epochs=6), seed=2)
+    eager = training.train_seed(task, config(epochs=6), seed=2)
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = engine.train_seed(task, config(epochs=6, compile="aot_eager"), seed=2)
+    compiled = training.train_seed(task, config(epochs=6, compile="aot_eager"), seed=2)
     assert counters["stats"]["unique_graphs"] >= 2  # the M3Co and the MultiSClip phase were traced
     assert compiled["history"]["train_loss"] == pytest.approx(eager["history"]["train_loss"], rel=1e-4)
     assert compiled["history"]["val_loss"] == pytest.approx(eager["history"]["val_loss"], rel=1e-4)
     cfg = config(epochs=6, compile="aot_eager")
     path = tmp_path / "seed2.pt"
-    assert engine.Trainer(task, cfg, 2, checkpoint_path=path).fit(stop_epoch=3) is None
+    assert training.Trainer(task, cfg, 2, checkpoint_path=path).fit(stop_epoch=3) is None
     assert not any("_orig_mod" in key for key in torch.load(path, weights_only=False)["model"])
-    resumed = engine.Trainer(task, dataclasses.replace(cfg, resume=True), 2, checkpoint_path=path).fit()
+    resumed = training.Trainer(task, dataclasses.replace(cfg, resume=True), 2, checkpoint_path=path).fit()
     assert resumed["history"]["train_loss"] == pytest.approx(compiled["history"]["train_loss"], rel=1e-6)
     assert cfg.fingerprint() != config(epochs=6).fingerprint()
     assert config(epochs=6, compile=None).fingerprint() == config(epochs=6).fingerprint()
-    with pytest.raises(engine.ConfigError, match="compile"):
+    with pytest.raises(training.ConfigError, match="compile"):
         config(compile="no-such-backend").validate()

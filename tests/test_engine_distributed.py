@@ -1,4 +1,4 @@
-"""``--distributed`` in the example pipelines (examples/engine.py) under torchrun, on generated data.
+"""``--distributed`` in the example pipelines (examples/training/) under torchrun, on generated data.
 
 Two gloo processes train rosmap.py on a small generated dataset of ROSMAP's layout and must match
 one process on the same global batches (the objective is deterministic: no mixing plans), and an
@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import engine  # noqa: E402
+import training  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -43,11 +43,11 @@ def rosmap_like(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("batch_size", [4, None])
 def test_split_batches_give_every_rank_a_share_of_every_global_batch(batch_size):
     def sampler(rank, **options):
-        s = engine.EpochBatchSampler(10, batch_size, seed=3, rank=rank, world_size=3, split_batches=True, **options)
+        s = training.EpochBatchSampler(10, batch_size, seed=3, rank=rank, world_size=3, split_batches=True, **options)
         s.set_epoch(2)
         return s
 
-    single = engine.EpochBatchSampler(10, batch_size, seed=3)
+    single = training.EpochBatchSampler(10, batch_size, seed=3)
     single.set_epoch(2)
     shares = [list(sampler(r).batches()) for r in range(3)]
     assert {len(s) for s in shares} == {len(single)} and all(len(sampler(r)) == len(single) for r in range(3))

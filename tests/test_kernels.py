@@ -113,8 +113,15 @@ def test_multisoftclip_tiled_equals_dense(batch, t, convention, sizes, m, weight
 def test_m3co_and_clip_tiled_equal_dense(batch, t, convention, sizes):
     perms, lam = batch["perms"], batch["lam"]
     assert_backends_agree(
-        lambda *z, backend: F.m3co(list(z[:3]), list(z[3:]), perms, lam, temperature=t, convention=convention, backend=backend),
+        lambda *z, backend: F.m3co(list(z[:3]), list(z[3:]), perms, lam, temperature=t, convention=convention, partner="clean", backend=backend),
         batch["z"] + [x.flip(0) for x in batch["z"]],
+        batch["dtype"],
+        sizes,
+        t,
+    )
+    assert_backends_agree(
+        lambda *z, backend: F.m3co(list(z), None, perms, lam, temperature=t, convention=convention, partner="mixed", backend=backend),
+        batch["z"],
         batch["dtype"],
         sizes,
         t,

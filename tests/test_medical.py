@@ -1,4 +1,4 @@
-"""The MOGONET reader and the ROSMAP / BRCA pipelines (examples/mogonet.py, rosmap.py, brca.py)."""
+"""The MOGONET reader and the ROSMAP / BRCA pipelines (examples/omics.py, rosmap.py, brca.py)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-import engine  # noqa: E402
-import mogonet  # noqa: E402
+import training  # noqa: E402
+from training import omics  # noqa: E402
 from brca import BRCA  # noqa: E402
 from rosmap import ROSMAP  # noqa: E402
 
 
 def real_rosmap_dir():
-    for path in [Path("/work/shared/data/ROSMAP")] + mogonet.default_data_dirs("ROSMAP"):
+    for path in [Path("/work/shared/data/ROSMAP")] + training.datadir.default_data_dirs("ROSMAP"):
         if (path / "labels_tr.csv").is_file():
             return path
     return None
@@ -47,7 +47,7 @@ def write_mogonet(folder: Path, *, features=(7, 6, 5), n_train=40, n_test=20, cl
 
 
 def load(folder, **kw):
-    return mogonet.load_mogonet(folder, num_classes=kw.pop("num_classes", 2), **kw)
+    return omics.load_mogonet(folder, num_classes=kw.pop("num_classes", 2), **kw)
 
 
 # ----------------------------------------------------------------------------- reader
@@ -94,7 +94,7 @@ def test_reader_names_the_malformed_file(tmp_path, name, edit, message):
         (folder / name).unlink()
     else:
         _corrupt(folder, name, edit)
-    with pytest.raises(mogonet.MogonetFormatError, match=message):
+    with pytest.raises(omics.MogonetFormatError, match=message):
         load(folder)
 
 
@@ -109,21 +109,21 @@ def test_reader_ignores_a_byte_order_mark(tmp_path):
 
 
 def test_reader_checks_the_expected_feature_counts(tmp_path):
-    with pytest.raises(mogonet.MogonetFormatError, match=r"1_tr\.csv: 7 columns, expected 200"):
+    with pytest.raises(omics.MogonetFormatError, match=r"1_tr\.csv: 7 columns, expected 200"):
         load(write_mogonet(tmp_path), feature_counts=(200, 200, 200))
 
 
 def test_minmax_scaling_uses_the_training_set():
     train = np.array([[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]])
     test = np.array([[4.0, 6.0]])
-    tr, te = mogonet.minmax_scale(train, test)
+    tr, te = omics.minmax_scale(train, test)
     np.testing.assert_allclose(tr[:, 0], [0.0, 1.0, 0.5], atol=1e-9)
     np.testing.assert_allclose(tr[:, 1], 0.0)  # a constant feature stays finite (eps on the max)
     np.testing.assert_allclose(te, [[1.5, 1e10]], rtol=1e-6)
 
 
 def test_the_released_model_shapes():
-    model = mogonet.build_omics_model((200, 200, 200), 2, 1000, 1000)
+    model = omics.build_omics_model((200, 200, 200), 2, 1000, 1000)
     encoder = model.encoders[0]
     assert [type(m).__name__ for m in encoder] == ["Linear", "ReLU", "Linear"]  # no final ReLU
     assert tuple(encoder[0].weight.shape) == (1000, 200) and not encoder[0].bias.detach().any()
@@ -143,15 +143,15 @@ def rosmap_task(width=32):
         import tempfile
 
         folder = write_mogonet(Path(tempfile.mkdtemp()), features=(200, 200, 200), n_train=245, n_test=106)
-    data = mogonet.load_mogonet(folder, num_classes=2, feature_counts=(200, 200, 200))
-    return mogonet.make_task(small(ROSMAP, width), data), data
+    data = omics.load_mogonet(folder, num_classes=2, feature_counts=(200, 200, 200))
+    return omics.make_task(small(ROSMAP, width), data), data
 
 
 def test_rosmap_short_run_learns_and_is_deterministic():
     task, data = rosmap_task()
-    cfg = dataclasses.replace(mogonet.default_config(ROSMAP), epochs=40, step_size=20, progress=False, threads=1)
-    first = engine.train_seed(task, cfg, seed=0)
-    again = engine.train_seed(task, cfg, seed=0)
+    cfg = dataclasses.replace(omics.default_config(ROSMAP), epochs=40, step_size=20, progress=False, threads=1)
+    first = training.train_seed(task, cfg, seed=0)
+    again = training.train_seed(task, cfg, seed=0)
     assert first["protocols"] == again["protocols"] and first["history"] == again["history"]
     majority = max(np.mean(data.test_labels), 1 - np.mean(data.test_labels))
     # above chance: the majority-class rate and a coin's AUC
@@ -163,10 +163,10 @@ def test_rosmap_short_run_learns_and_is_deterministic():
 def test_rosmap_command_line_writes_the_results(tmp_path, capsys):
     folder = real_rosmap_dir() or write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
     out = tmp_path / "out"
-    mogonet.main(ROSMAP, ["--data-dir", str(folder), "--seeds", "0", "1", "--epochs", "3", "--output-dir", str(out), "--workers", "1", "--no-progress"])
+    omics.main(ROSMAP, ["--data-dir", str(folder), "--seeds", "0", "1", "--epochs", "3", "--output-dir", str(out), "--workers", "1", "--no-progress"])
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "ROSMAP" and results["method"] == "m3col" and results["seeds"] == [0, 1]
-    assert set(results["protocols"]) == set(engine.PROTOCOLS)
+    assert set(results["protocols"]) == set(training.PROTOCOLS)
     for row in results["protocols"].values():
         for metric in ("acc", "f1", "auc"):
             assert 0 <= row[metric]["mean"] <= 1 and row[metric]["std"] >= 0
@@ -180,15 +180,15 @@ def test_rosmap_command_line_writes_the_results(tmp_path, capsys):
 
 def test_missing_data_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("M3CO_DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(mogonet, "REPO_ROOT", tmp_path / "a" / "b")
+    monkeypatch.setattr(training.datadir, "REPO_ROOT", tmp_path / "a" / "b")
     with pytest.raises(SystemExit, match=r"(?s)No ROSMAP data found.*github.com/txWang/MOGONET.*--download"):
-        mogonet.main(ROSMAP, ["--output-dir", str(tmp_path / "out")])
+        omics.main(ROSMAP, ["--output-dir", str(tmp_path / "out")])
 
 
 def test_brca_shaped_generated_data_runs(tmp_path):
     folder = write_mogonet(tmp_path / "BRCA", features=(1000, 1000, 503), n_train=612, n_test=263, classes=5, fmt="%.3g")
     out = tmp_path / "out"
-    results = mogonet.main(
+    results = omics.main(
         BRCA,
         ["--data-dir", str(folder), "--seeds", "0", "--epochs", "4", "--output-dir", str(out), "--workers", "1", "--no-progress", "--method", "unis-mmc"],
     )
@@ -225,9 +225,9 @@ def test_download_verifies_checksums(tmp_path, http_folder):
         pytest.skip("the real ROSMAP files are needed to match the embedded checksums")
     url = http_folder(source)
     dest = tmp_path / "ROSMAP"
-    mogonet.main(ROSMAP, ["--download", str(dest), "--base-url", url])
+    omics.main(ROSMAP, ["--download", str(dest), "--base-url", url])
     assert sorted(p.name for p in dest.iterdir()) == sorted(ROSMAP.sha256)
-    assert all(mogonet.sha256_of(dest / name) == digest for name, digest in ROSMAP.sha256.items())
+    assert all(omics.sha256_of(dest / name) == digest for name, digest in ROSMAP.sha256.items())
     load(dest, feature_counts=(200, 200, 200))
     # a tampered file on the server is refused and not written
     tampered = tmp_path / "served"
@@ -236,10 +236,10 @@ def test_download_verifies_checksums(tmp_path, http_folder):
         handle.write("1.0\n")
     fresh = tmp_path / "fresh"
     with pytest.raises(SystemExit, match=r"labels_te\.csv: SHA-256 .* does not match"):
-        mogonet.download(ROSMAP, fresh, base_url=http_folder(tampered))
+        omics.download(ROSMAP, fresh, base_url=http_folder(tampered))
     assert not (fresh / "labels_te.csv").exists() and not list(fresh.glob(".*.part"))
     with pytest.raises(SystemExit, match="could not download"):
-        mogonet.download(ROSMAP, tmp_path / "empty", base_url=http_folder(tmp_path / "nothing-here"))
+        omics.download(ROSMAP, tmp_path / "empty", base_url=http_folder(tmp_path / "nothing-here"))
 
 
 # ----------------------------------------------------------------------------- tuning and the time floor
@@ -286,7 +286,7 @@ def test_grid_combines_the_methods_in_one_table(tmp_path, holdout):
     table = (out / "grid.md").read_text()
     assert "| `m3col` |" in table and "| `concat` |" in table
     common = grid["m3col"]["best_common_epoch"]
-    assert f"{engine.format_percent(common['acc'])} ({common['epoch']})" in table and "common-epoch* ACC (epoch)" in table
+    assert f"{training.report.format_percent(common['acc'])} ({common['epoch']})" in table and "common-epoch* ACC (epoch)" in table
     per_method = (out / "m3col" / "results.md").read_text()
     if holdout == "0":
         assert "no validation protocol" in table and "no honest figure" in per_method
@@ -330,21 +330,21 @@ def test_benchmark_times_the_seeds_and_how_well_they_fill_the_workers(tmp_path):
 
 
 def test_head_dropout_is_recorded_in_the_configuration():
-    args = mogonet.parse(ROSMAP, ["--output-dir", "x", "--dropout", "0.5"])
-    config = mogonet.config_from_args(ROSMAP, args)
-    released = mogonet.config_from_args(ROSMAP, mogonet.parse(ROSMAP, ["--output-dir", "x"]))
+    args = omics.parse(ROSMAP, ["--output-dir", "x", "--dropout", "0.5"])
+    config = omics.config_from_args(ROSMAP, args)
+    released = omics.config_from_args(ROSMAP, omics.parse(ROSMAP, ["--output-dir", "x"]))
     assert config.extra == {"dropout": 0.5} and released.extra == {}
     assert config.fingerprint() != released.fingerprint()
 
 
 def test_allocator_comparison_times_both_settings(tmp_path, monkeypatch):
-    import engine
+    import training
     import rosmap_bench
 
-    monkeypatch.setenv(engine.ALLOCATOR_ENV, "default")
-    assert engine.keep_freed_memory() is False  # switched off: nothing applied
-    monkeypatch.delenv(engine.ALLOCATOR_ENV)
-    if not engine.keep_freed_memory():
+    monkeypatch.setenv(training.cputune.ALLOCATOR_ENV, "default")
+    assert training.cputune.keep_freed_memory() is False  # switched off: nothing applied
+    monkeypatch.delenv(training.cputune.ALLOCATOR_ENV)
+    if not training.cputune.keep_freed_memory():
         pytest.skip("needs glibc's mallopt")
     folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
     record = rosmap_bench.main(["--output-dir", str(tmp_path / "bench"), "--allocator-rounds", "1", "--steps", "1", "--data-dir", str(folder), "--epochs", "3"])
@@ -380,17 +380,118 @@ def test_the_allocator_setting_does_not_change_the_numbers(tmp_path):
     import os
     import subprocess
 
-    import engine
+    import training
 
     folder = write_mogonet(tmp_path / "data", features=(200, 200, 200), n_train=245, n_test=106)
-    script = Path(engine.__file__).with_name("rosmap.py")
+    script = ROOT / "examples" / "rosmap.py"
     histories = {}
     for mode in ("default", "tuned"):
         out = tmp_path / mode
         subprocess.run(
             [sys.executable, str(script), "--data-dir", str(folder), "--seeds", "0", "--epochs", "4", "--workers", "1", "--no-progress", "--output-dir", str(out)],
-            env=dict(os.environ, **{engine.ALLOCATOR_ENV: mode}), check=True, capture_output=True,
+            env=dict(os.environ, **{training.cputune.ALLOCATOR_ENV: mode}), check=True, capture_output=True,
         )
         record = json.loads((out / "seeds" / "seed0.json").read_text())
         histories[mode] = (record["history"]["train_loss"], record["protocols"])
     assert histories["default"] == histories["tuned"]
+
+
+# ----------------------------------------------------------------------------- the released recipe
+
+
+def _scored_epochs(record):
+    return [e for e, acc in zip(record["history"]["epoch"], record["history"]["test_acc"]) if acc is not None]
+
+
+def test_released_recipe_scores_the_test_set_where_the_released_loop_does(tmp_path):
+    folder = write_mogonet(tmp_path / "data")
+    spec = dataclasses.replace(small(ROSMAP, 16), feature_counts=(7, 6, 5))
+    runs = {}
+    for recipe in ("package", "released"):
+        out = tmp_path / recipe
+        omics.main(spec, ["--data-dir", str(folder), "--seeds", "0", "--epochs", "23", "--holdout", "0", "--recipe", recipe,
+                              "--output-dir", str(out), "--workers", "1", "--no-progress", "--convention", "paper"])
+        runs[recipe] = json.loads((out / "seeds" / "seed0.json").read_text()), json.loads((out / "results.json").read_text())
+    package, released = runs["package"][0], runs["released"][0]
+    assert _scored_epochs(package) == [9, 19, 22]
+    assert _scored_epochs(released) == [0, 10, 20, 22]  # epoch % 10 == 0, and the last for `final`
+    assert released["protocols"]["best_on_test"]["epoch"] in (0, 10, 20)
+    assert released["protocols"]["final"]["epoch"] == 22
+    accs = dict(zip(released["history"]["epoch"], released["history"]["test_acc"]))
+    assert released["protocols"]["best_on_test"]["acc"] == max(accs[e] for e in (0, 10, 20))
+    config = runs["released"][1]["config"]
+    assert config["test_grid"] == "released" and config["extra"] == {"recipe": "released"}
+    assert config["step_size"] == 500  # the released StepLR, even with the paper's loss conventions
+    assert runs["package"][1]["config"]["step_size"] == 250
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--batch-size", "16"], "--recipe released: --batch-size does not apply"),
+        (["--scheduler", "none"], "--recipe released: --scheduler none does not apply"),
+        (["--test-every", "5"], "--recipe released: --test-every 5 does not apply"),
+        (["--method", "mixup", "--convention", "reference", "--mix-prob", "0.5"], "mix_prob must be None for mixup under the reference convention"),
+    ],
+)
+def test_released_recipe_refuses_what_it_cannot_honour_before_reading_data(tmp_path, options, message):
+    with pytest.raises(SystemExit) as caught:
+        omics.main(ROSMAP, ["--data-dir", str(tmp_path / "nothing"), "--recipe", "released", "--output-dir", str(tmp_path / "out")] + options)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+
+
+def test_reference_mixup_is_the_released_mixup_data():
+    """Under ``reference`` the mixup baseline draws one lam per batch from Beta(0.2, 0.2) and one
+    partner per row, mixes every row of every modality's input, and each head's loss is
+    ``lam * CE(y) + (1 - lam) * CE(y[perm])`` (model/model.py mixup_data / mixup_criterion)."""
+    import torch
+
+    torch.manual_seed(0)
+    n, dims = 12, (5, 4, 3)
+    model = omics.build_omics_model(dims, 2, 8, 8)
+    inputs = [torch.randn(n, d) for d in dims]
+    y = torch.arange(n) % 2
+    seen = []
+    forward = model.forward
+
+    def spy(inputs, **kw):
+        seen.append(kw)
+        return forward(inputs, **kw)
+
+    model.forward = spy
+    objective = training.Objective("mixup", num_modalities=3, num_classes=2, epochs=10, convention="reference", seed=3)
+    assert (objective.mixup_sampler.alpha, objective.mixup_sampler.mix_prob) == (training.objective.RELEASED_MIXUP_ALPHA, 1.0) == (0.2, 1.0)
+    lams = []
+    for _ in range(3):
+        loss, _ = objective(model, inputs, y)
+        plan = seen[-1]["plan"]
+        assert seen[-1]["mix"] == "inputs" and seen[-1]["classify"] == "mixed"
+        lam, perm = float(plan.lam[0, 0]), plan.perms[0]
+        assert torch.all(plan.lam == lam) and all(torch.equal(p, perm) for p in plan.perms)
+        mixed = [lam * x + (1 - lam) * x[perm] for x in inputs]
+        z = [enc(x) for enc, x in zip(model.encoders, mixed)]
+        logits = [head(e) for head, e in zip(model.heads, z)] + [model.fusion(torch.cat(z, 1))]
+        ce = torch.nn.functional.cross_entropy
+        expected = sum(lam * ce(out, y) + (1 - lam) * ce(out, y[perm]) for out in logits)
+        torch.testing.assert_close(loss, expected)
+        lams.append(lam)
+    assert len(set(lams)) == 3  # a fresh lam per batch
+
+
+def test_seed_statistics():
+    from training import stats as seed_stats
+
+    low, high = [0.80, 0.81, 0.82, 0.83, 0.84], [0.90, 0.91, 0.92, 0.93, 0.94]
+    assert seed_stats.permutation_p_value(low, high) == pytest.approx(2 / 252)  # only the split itself, both ways
+    assert seed_stats.permutation_p_value(low, low) == 1.0
+    lo, hi = seed_stats.bootstrap_interval(low, high)
+    assert lo <= -0.1 + 1e-12 and hi >= -0.1 - 1e-12 and hi < 0  # a shift of exactly 0.1 in every resample's reach
+    assert "-10.0 points" in seed_stats.describe(low, high) and "p = 0.01" in seed_stats.describe(low, high)
+    with pytest.raises(ValueError, match="at least two finite numbers"):
+        seed_stats.compare([0.5], high)
+    # Welch from summaries: the same p as from the values themselves
+    from scipy import stats
+
+    a, b = np.array(low), np.array(high) - 0.095
+    assert seed_stats.welch_p_value(a.mean(), a.std(ddof=1), 5, b.mean(), b.std(ddof=1), 5) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)

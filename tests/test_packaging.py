@@ -49,7 +49,9 @@ def only(folder: Path, pattern: str) -> Path:
 
 def test_build_prints_no_deprecation_warning(built):
     _, output = built
-    assert "deprecat" not in output.lower(), output
+    # File names such as m3co_loss/_deprecation.py appear in the copy log; the warnings do not name files.
+    warnings = [line for line in output.splitlines() if "deprecat" in line.lower() and "_deprecation.py" not in line]
+    assert not warnings, output
 
 
 def test_twine_check_accepts_both_distributions(dist):
@@ -165,3 +167,25 @@ def test_sdist_builds_and_installs_in_a_fresh_venv(dist, tmp_path):
     smoke = "import m3co_loss, torch; assert 'site-packages' in m3co_loss.__file__; print(float(m3co_loss.M3CoLoss()([torch.randn(8, 4), torch.randn(8, 4)])))"
     result = subprocess.run([str(python), "-c", smoke], capture_output=True, text=True, cwd=tmp_path, env=clean_env())
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_links_are_absolute_and_use_the_declared_urls():
+    """PyPI renders README.md without the repository: a relative link or image would break there."""
+    import re
+
+    block = (ROOT / "pyproject.toml").read_text().split("[project.urls]\n", 1)[1].split("\n\n", 1)[0]
+    urls = dict(re.findall(r'^(\w+) = "([^"]+)"$', block, flags=re.M))
+    repo, docs = urls["Repository"], urls["Documentation"]
+    raw = repo.replace("https://github.com/", "https://raw.githubusercontent.com/")
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert targets, "README.md has no links"
+    for target in targets:
+        assert target.startswith("https://"), f"README.md links to {target!r}: not absolute"
+        if "m3co-loss" in target:
+            assert target.startswith((repo, raw, docs.rstrip("/"))), f"{target!r} does not use the URLs in pyproject.toml"
+    for target in targets:
+        if target.startswith((f"{repo}/blob/main/", f"{raw}/main/")):
+            path = target.split("/main/", 1)[1]
+            assert (ROOT / path).exists(), f"README.md links to {path}, which is not in the repository"
+    assert len(README_LINES := readme.splitlines()) <= 160, f"README.md has {len(README_LINES)} lines"

@@ -1,4 +1,4 @@
-"""The measured tables in README.md and the docs are the stored result files, regenerated.
+"""The measured tables in the docs, and the figures README.md quotes, are the stored result files, regenerated.
 
 Each table is rebuilt from its JSON with the function that first wrote it, and its summary
 figures from the per-seed (or per-round) records they summarise. A figure edited by hand, or a
@@ -24,6 +24,7 @@ BENCH_RESULTS = ROOT / "benchmarks" / "results"
 README = (ROOT / "README.md").read_text()
 MEDICAL = (ROOT / "docs" / "medical.rst").read_text()
 QUICKSTART = (ROOT / "docs" / "quickstart.rst").read_text()
+BENCHMARKS = (ROOT / "docs" / "benchmarks.rst").read_text()
 
 
 def md_rows(text: str) -> list:
@@ -33,12 +34,6 @@ def md_rows(text: str) -> list:
         if line.startswith("|") and not set(line) <= set("|-: "):
             rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
     return rows
-
-
-def readme_block(tag: str) -> str:
-    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
-    assert start in README and end in README, f"README.md lost its {tag} markers"
-    return README[README.index(start) + len(start) : README.index(end)]
 
 
 def rst_list_tables(text: str) -> list:
@@ -60,12 +55,12 @@ def load(path: Path) -> dict:
 
 
 def assert_summaries_follow_the_seeds(results: dict) -> None:
-    import engine
+    import training
 
     for protocol, metrics in results["protocols"].items():
         for metric, stat in metrics.items():
             values = [seed["protocols"][protocol][metric] for seed in results["per_seed"]]
-            assert stat == pytest.approx(engine.mean_and_std(values), rel=1e-12), (results["method"], protocol, metric)
+            assert stat == pytest.approx(training.report.mean_and_std(values), rel=1e-12), (results["method"], protocol, metric)
 
 
 @pytest.mark.parametrize("folder, tag", [("rosmap_grid", "rosmap-table"), ("rosmap_released", "rosmap-released-table")])
@@ -78,7 +73,6 @@ def test_rosmap_grid_tables_are_the_stored_seeds(folder, tag):
     for results in rows.values():
         assert_summaries_follow_the_seeds(results)
     assert rosmap_grid.grid_markdown(rows, title=stored.splitlines()[0]) == stored
-    assert md_rows(readme_block(tag)) == md_rows(stored)
     assert md_rows(stored) in rst_list_tables(MEDICAL), f"docs/medical.rst lacks the table of {folder}/grid.md"
 
 
@@ -93,7 +87,6 @@ def test_rosmap_tuning_table_is_the_stored_seeds():
     assert rosmap_tune.choose(rows) == record["chosen"]
     stored = (folder / "tune.md").read_text()
     assert rosmap_tune.tune_markdown(rows, record["chosen"], title=stored.splitlines()[0]) == stored
-    assert md_rows(readme_block("rosmap-tune-table")) == md_rows(stored)
     assert md_rows(stored) in rst_list_tables(MEDICAL)
 
 
@@ -107,7 +100,7 @@ def test_kernel_tables_are_the_stored_measurements(tmp_path, tag, stem, paired):
     (bench_kernels.report_paired if paired else bench_kernels.report)(copy)
     for suffix in ("md", "rst"):
         assert (tmp_path / f"{stem}.{suffix}").read_text() == (BENCH_RESULTS / f"{stem}.{suffix}").read_text()
-    assert md_rows(readme_block(tag)) == md_rows((BENCH_RESULTS / f"{stem}.md").read_text())
+    assert f".. include:: ../benchmarks/results/{stem}.rst" in BENCHMARKS
 
 
 def test_compile_figures_are_the_stored_rounds():
@@ -123,14 +116,14 @@ def test_compile_figures_are_the_stored_rounds():
         assert entry["ratios"]["eager"] == pytest.approx(ratios, rel=1e-12)
         medians.append(_quartiles(ratios)[1])
     quoted = f"{min(medians):.2f}-{max(medians):.2f}"
-    assert quoted in README and quoted in QUICKSTART, quoted
+    assert quoted in " ".join(BENCHMARKS.split()) and quoted in QUICKSTART, quoted
 
 
 def test_quoted_best_rosmap_time_is_the_fastest_stored_run():
     runs = [load(path) for path in sorted((RESULTS / "rosmap_bench").glob("bench*.json"))]
     runs = [r for r in runs if r["method"] == "m3col" and len(r["seeds"]) == 5 and r["epochs"] == 500]
     best = f"the best time measured is {min(r['wall_seconds'] for r in runs):.0f} s"
-    assert best in README and best in " ".join(MEDICAL.split()), best
+    assert best in " ".join(BENCHMARKS.split()) and best in " ".join(MEDICAL.split()), best
 
 
 def test_quoted_rosmap_compile_figures_are_the_stored_rounds():
@@ -142,11 +135,28 @@ def test_quoted_rosmap_compile_figures_are_the_stored_rounds():
             assert phase["compiled_over_eager"] == pytest.approx([c / e for c, e in zip(times["compiled"], times["eager"])], rel=1e-12)
             medians.append(phase["ratio_quartiles"][1])
         compile_seconds.append(sum(p["first_compiled_call_seconds"] for p in record["phases"].values()))
-    assert f"took {min(medians):.2f}-{max(medians):.2f} of the eager time" in " ".join(README.split())
+    assert f"took {min(medians):.2f}-{max(medians):.2f} of the eager time" in " ".join(BENCHMARKS.split())
     warm, cold = compile_seconds
-    assert f"{warm:.0f} s per process with the cache warm and {cold:.0f} s cold" in " ".join(README.split())
+    assert f"{warm:.0f} s per process with the cache warm and {cold:.0f} s cold" in " ".join(BENCHMARKS.split())
     side = {impl: load(RESULTS / "rosmap_bench" / f"compile_side_by_side_{impl}.json")["seconds"] for impl in ("compiled", "eager")}
-    assert f"{side['compiled']:.0f} s compiled and {side['eager']:.0f} s eager" in " ".join(README.split())
+    assert f"{side['compiled']:.0f} s compiled and {side['eager']:.0f} s eager" in " ".join(BENCHMARKS.split())
+
+
+def test_released_loop_figures_are_the_stored_seeds():
+    import rosmap_released_loop as loop
+
+    record = load(RESULTS / "rosmap_released_loop" / "released_loop.json")
+    medical = " ".join(MEDICAL.split())
+    for variant in loop.VARIANTS:
+        runs = record["variants"][variant]
+        assert [run["seed"] for run in runs] == [0, 1, 2, 3, 4]
+        for run in runs:
+            assert [s["epoch"] for s in run["scores"]] == list(range(0, 500, 10))
+            assert {k: run[k] for k in ("best", "last")} == loop.best_and_last(run["scores"])
+        quoted = loop.describe(record, variant)
+        assert quoted in medical, quoted
+    sentence = loop.comparison(record, load(RESULTS / "rosmap_released" / "m3col.json"))
+    assert sentence in medical, sentence
 
 
 @pytest.mark.parametrize("stem", ["peers_cpu", "peers_cpu_target"])
@@ -169,4 +179,48 @@ def test_peers_tables_are_the_stored_measurements(tmp_path, stem):
         for name, ratios in entry.get("ratios", {}).items():
             per_round = [x / y for x, y in zip(impls[entry["base"]]["times_s"], impls[name]["times_s"])]
             assert ratios == pytest.approx(per_round, rel=1e-12), (entry["n"], entry["d"], name)
-    assert f".. include:: ../benchmarks/results/{stem}.rst" in (ROOT / "docs" / "kernels.rst").read_text()
+    assert f".. include:: ../benchmarks/results/{stem}.rst" in BENCHMARKS
+
+
+def percent(stat) -> str:
+    mean, std = stat["mean"], stat["std"]
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def test_readme_figures_are_the_stored_results():
+    """The reproduction status and the speed sentence of README.md, from the files they summarise."""
+    import statistics
+
+    readme = " ".join(README.split())
+    grid = load(RESULTS / "rosmap_grid" / "m3col.json")["protocols"]["validation"]["acc"]
+    released = load(RESULTS / "rosmap_released" / "m3col.json")["protocols"]["best_on_test"]["acc"]
+    loop = [run["best"]["acc"] for run in load(RESULTS / "rosmap_released_loop" / "released_loop.json")["variants"]["released"]]
+    loop_stat = {"mean": statistics.mean(loop), "std": statistics.stdev(loop)}
+    for stat in (grid, released, loop_stat):
+        assert f"{percent(stat)} %" in readme, percent(stat)
+    target = load(BENCH_RESULTS / "peers_cpu_target.json")["results"][0]
+    assert (target["n"], target["d"]) == (8192, 512)
+    time = statistics.median(target["ratios"]["open_clip"])
+    memory = target["impls"]["auto"]["extra_peak_bytes"] / target["impls"]["open_clip"]["extra_peak_bytes"]
+    assert f"took {time:.2f} of open_clip's `ClipLoss` time and {memory:.2f} of its extra memory" in readme
+
+
+def test_quoted_temperature_figures_are_the_stored_rounds():
+    import bench_temperature
+
+    page = " ".join(BENCHMARKS.split())
+    entries = []
+    for tag, losses in (("temperature_cpu", ["clip_loss", "m3co_pair", "multisoftclip_pair"]), ("temperature_targets_cpu", ["contrastive_loss[labels]", "m3co_pair"])):
+        data = load(BENCH_RESULTS / f"{tag}.json")
+        assert bench_temperature.report(data) == (BENCH_RESULTS / f"{tag}.md").read_text()
+        assert [entry["loss"] for entry in data["results"]] == losses
+        assert data["meta"]["threads"] == 2 and all(entry["max_abs_difference"] == 0.0 for entry in data["results"])
+        entries += data["results"]
+    for entry in entries:
+        times = entry["times_s"]
+        ratios = [t / f for t, f in zip(times["tensor"], times["float"])]
+        assert entry["ratios"] == pytest.approx(ratios, rel=1e-12)
+        low, median, high = bench_temperature._quartiles(ratios)
+        assert (entry["n"], entry["d"], entry["backend"]) == (8192, 512, "tiled")
+        quoted = f"``{entry['loss']}`` {median:.3f} [{low:.3f}, {high:.3f}]"
+        assert quoted in page, quoted

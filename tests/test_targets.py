@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,10 @@ def test_gradcheck(backend, form, t):
     inputs = [x.clone().requires_grad_(True) for x in (case.z_a, case.z_b)]
     kw = dict(temperature=t, backend=backend, reduction="none")
     assert torch.autograd.gradcheck(lambda a, b: F.contrastive_loss(a, b, **case.kwargs(), **kw), inputs)
+    # the temperature as a 0-dim tensor: its gradient too (the log-sum-exps' from t dF/dt = -<Q, dF/dQ>)
+    temperature = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    kw_t = dict(backend=backend, reduction="none")
+    assert torch.autograd.gradcheck(lambda a, b, t: F.contrastive_loss(a, b, **case.kwargs(), temperature=t, **kw_t), inputs + [temperature])
     if form == "partners":
         # the weights too: gradcheck moves their rows off a sum of 1, which the value checks would refuse
         w = case.weights.clone().requires_grad_(True)
@@ -339,6 +345,46 @@ def test_module_validates_its_options_and_forwards():
                            (dict(gather_distributed=1), TypeError), (dict(convention="released"), ValueError), (dict(temperature="0.1"), TypeError)):
         with pytest.raises(error, match=next(iter(options))):
             m3co_loss.ContrastiveLoss(**options)
+
+
+def test_a_tensor_temperature_gives_the_float_value_and_the_equation_gradient(backend):
+    case = make_target_case(7, 4, "labels", 2, seed=9)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    value = F.contrastive_loss(case.z_a, case.z_b, labels=case.labels, temperature=t, backend=backend, reduction="none")
+    assert torch.equal(value.detach(), F.contrastive_loss(case.z_a, case.z_b, labels=case.labels, temperature=0.3, backend=backend, reduction="none"))
+    # the literal equation differentiated by autograd, with T formed densely
+    (grad,) = torch.autograd.grad(value.sum(), t)
+    t_ref = t.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.stack(literal.structured(case.z_a, case.z_b, literal_targets(case), t_ref, "paper")).sum(), t_ref)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_module_learns_its_temperature():
+    a, b = _good()
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    criterion = m3co_loss.ContrastiveLoss(temperature=0.2, learn_temperature=True, max_scale=50.0, backend="tiled")
+    assert set(criterion.state_dict()) == {"logit_scale"} and "learned" in repr(criterion)
+    loss = criterion(a, b, labels=y)
+    (grad,) = torch.autograd.grad(loss, criterion.logit_scale)
+    t = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    (t_grad,) = torch.autograd.grad(F.contrastive_loss(a, b, labels=y, temperature=t, backend="tiled"), t)
+    torch.testing.assert_close(grad, -0.2 * t_grad.float())  # dt/ds = -t for s = log(1/t)
+    with pytest.raises(ValueError, match="learnable range"):
+        m3co_loss.ContrastiveLoss(temperature=0.001, learn_temperature=True)
+    with pytest.raises(TypeError, match="learn_temperature=True"):
+        m3co_loss.ContrastiveLoss(temperature=torch.tensor(0.1))
+
+
+def test_docs_temperature_recipe_runs_and_learns(capsys):
+    text = (HERE.parent / "docs" / "targets.rst").read_text()
+    match = re.search(r"\.\. learnable-temperature-targets[^\n]*\n\n\.\. code-block:: python\n\n((?:    [^\n]*\n|\n)+)", text)
+    assert match, "docs/targets.rst lost its learnable-temperature block"
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(textwrap.dedent(match.group(1)), "targets.rst", "exec"), namespace)
+    t = namespace["criterion"].temperature.item()
+    assert capsys.readouterr().out == f"temperature {t:.4f}\n"
+    assert abs(t - 0.1) > 1e-3 and 0.01 <= t <= 1.0
 
 
 # ----------------------------------------------------------------------------- Triton

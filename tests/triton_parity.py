@@ -1,7 +1,7 @@
 """Run by tests/test_triton.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported).
 
 Compares backend="triton" (Triton's CPU interpreter) with the dense reference on small float32
-batches, in value and gradient, with blocks of 16 so that every kernel loops over several
+batches, in value and gradient (a tensor temperature's included), with blocks of 16 so that every kernel loops over several
 ragged blocks. Prints one JSON object: {case: largest relative error}.
 """
 
@@ -50,6 +50,19 @@ def main() -> None:
         }
         for name, fn in cases.items():
             errors[f"{name} t={t}"] = relative_errors(fn, z, w)
+    # a temperature tensor that requires grad (its gradient compared too), and a separate target temperature
+    for t0 in (0.1, 0.02):
+        t = torch.tensor(t0)
+        tensor_cases = {
+            "m3co_pair": lambda a, b, t, backend: F.m3co_pair(a, b, perm, lam, temperature=t, backend=backend, reduction="none"),
+            "clip_loss": lambda a, b, t, backend: F.clip_loss(a, b, temperature=t, backend=backend, reduction="none"),
+            "multisoftclip_pair[target t]": lambda a, b, t, backend: F.multisoftclip_pair(
+                a, b, temperature=t, target_temperature=1.5 * t, backend=backend, reduction="none"),
+            "multisoftclip_reference[detached]": lambda a, b, t, backend: F.multisoftclip(
+                [a, b], temperature=t, detach_targets=True, backend=backend, reduction="none", convention="reference"),
+        }
+        for name, fn in tensor_cases.items():
+            errors[f"{name} tensor t={t0}"] = relative_errors(fn, [*z, t], w)
     # local rows != gathered rows (the shape of a distributed call): rows 5..11 of the batch
     a_full, b_full = (F.normalize(x) for x in z)
     lo, hi = 5, 12

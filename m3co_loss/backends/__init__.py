@@ -28,7 +28,7 @@ from torch import Tensor
 from .._validation import BACKENDS, check_choice
 from . import dense, tiled, triton
 from ._config import BackendConfig, config, get_config, set_config
-from ._interface import Backend, PairWeights, Rows
+from ._interface import Backend, PairWeights, Rows, Temperature
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +41,7 @@ __all__ = [
     "Rows",
     "Backend",
     "PairWeights",
+    "Temperature",
     "m3co_vector",
     "clip_vector",
     "multisoftclip_vector",
@@ -145,12 +146,13 @@ def _eager(impl: Backend, kernel: Kernel) -> Kernel:
 
 
 def m3co_vector(
-    a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, reference: bool = False, distributed: bool = False, backend: str = "auto"
+    a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False, backend: str = "auto"
 ) -> Tensor:
     """Per-sample M3Co L3(a -> b) of the local mixed rows ``a`` against the clean rows ``b``.
 
     See :func:`m3co_loss.functional.m3co_pair` for the loss. ``a`` and ``b`` hold L2-normalised
-    rows; ``distributed`` says that ``full`` was gathered over a process group of several ranks
+    rows; ``t`` is a float or a 0-dim tensor of their dtype and device (it may require grad);
+    ``distributed`` says that ``full`` was gathered over a process group of several ranks
     (``perm`` and ``lam`` are local). ``reference`` halves the vector (the released code's average
     of the two directions).
     """
@@ -158,7 +160,7 @@ def m3co_vector(
     return _eager(impl, impl.m3co_vector)(a, b, perm, lam, t, reference=reference, distributed=distributed)
 
 
-def clip_vector(a: Rows, b: Rows, t: float, *, distributed: bool = False, backend: str = "auto") -> Tensor:
+def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False, backend: str = "auto") -> Tensor:
     """Per-sample symmetric InfoNCE of the local rows (see :func:`m3co_loss.functional.clip_loss`)."""
     impl = _implementation(backend, a)
     return _eager(impl, impl.clip_vector)(a, b, t, distributed=distributed)
@@ -167,31 +169,38 @@ def clip_vector(a: Rows, b: Rows, t: float, *, distributed: bool = False, backen
 def multisoftclip_vector(
     a: Rows,
     b: Rows,
-    t: float,
+    t: Temperature,
     *,
     reference: bool,
     gather: Callable[[Tensor], Tensor],
     distributed: bool = False,
     backend: str = "auto",
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
 ) -> Tensor:
-    """Per-sample MultiSClip Ls(a; a, b) of the local rows, soft targets from ``a``.
+    """Per-sample MultiSClip Ls(a; a, b) of the local rows, soft targets ``softmax(a a^T / target_t)`` from ``a``.
 
     See :func:`m3co_loss.functional.multisoftclip_pair`. ``gather`` concatenates a per-row vector
-    over the process group in rank order (the identity on one process).
+    over the process group in rank order (the identity on one process). ``target_t`` None means
+    ``t``; ``detach_targets`` makes the soft targets constants.
     """
     impl = _implementation(backend, a)
-    return _eager(impl, impl.multisoftclip_vector)(a, b, t, reference=reference, gather=gather, distributed=distributed)
+    return _eager(impl, impl.multisoftclip_vector)(
+        a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
+    )
 
 
 def multisoftclip_pairs(
     rows: Sequence[Rows],
     weights: PairWeights,
-    t: float,
+    t: Temperature,
     *,
     reference: bool,
     gather: Optional[Callable[[Tensor], Tensor]] = None,
     distributed: bool = False,
     backend: str = "auto",
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
 ) -> Tensor:
     """``sum over pairs (a, b) in weights of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``.
 
@@ -199,14 +208,16 @@ def multisoftclip_pairs(
     directions (soft targets from a, from b). On one process both directions of a pair share
     ``S = p_a p_b^T / t`` (and the dense backend shares each modality's soft targets between
     pairs); with ``distributed`` every direction is one :func:`multisoftclip_vector`, which needs
-    ``gather``.
+    ``gather``. ``target_t`` and ``detach_targets`` are those of :func:`multisoftclip_vector`.
 
     Raises:
         ValueError: ``distributed`` without ``gather``.
     """
     impl = _implementation(backend, rows[0])
     if not distributed:
-        return _eager(impl, impl.multisoftclip_pairs)([r.local for r in rows], weights, t, reference=reference)
+        return _eager(impl, impl.multisoftclip_pairs)(
+            [r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets
+        )
     if gather is None:
         raise ValueError("gather is needed with distributed=True: it concatenates per-row vectors over the process group")
     vector = _eager(impl, impl.multisoftclip_vector)
@@ -215,7 +226,9 @@ def multisoftclip_pairs(
         pair: Optional[Tensor] = None
         for weight, targets, other in ((weight_a, rows[a], rows[b]), (weight_b, rows[b], rows[a])):
             if weight:
-                v = weight * vector(targets, other, t, reference=reference, gather=gather, distributed=True)
+                v = weight * vector(
+                    targets, other, t, reference=reference, gather=gather, distributed=True, target_t=target_t, detach_targets=detach_targets
+                )
                 pair = v if pair is None else pair + v
         assert pair is not None, f"both directions of the pair {(a, b)} have weight 0"
         total = pair if total is None else total + pair

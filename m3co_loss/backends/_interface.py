@@ -2,17 +2,21 @@
 
 A backend (:mod:`~m3co_loss.backends.dense`, :mod:`~m3co_loss.backends.tiled`,
 :mod:`~m3co_loss.backends.triton`) is a module with the four functions of :class:`Backend`.
-Each takes L2-normalised embeddings and the temperature ``t`` and returns the vector ``v`` of
+Each takes L2-normalised embeddings and the temperature ``t`` (a float, or a 0-dim tensor of the
+embeddings' dtype and device that may require grad) and returns the vector ``v`` of
 per-sample losses of this process's rows (its mean is the ``"mean"`` loss on one process).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Protocol, Sequence, Tuple
+from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 from torch import Tensor
 
-__all__ = ["Rows", "PairWeights", "Backend"]
+__all__ = ["Rows", "PairWeights", "Backend", "Temperature"]
+
+# A temperature: a float, or a 0-dim tensor of the embeddings' dtype and device (it may require grad).
+Temperature = Union[float, Tensor]
 
 # Unordered modality pair (a, b), a < b -> (weight of Ls(a; a, b), weight of Ls(b; a, b)).
 PairWeights = Mapping[Tuple[int, int], Sequence[float]]
@@ -35,16 +39,28 @@ class Rows(NamedTuple):
 class Backend(Protocol):
     """The per-sample loss vectors a backend computes (every backend module is one)."""
 
-    def m3co_vector(self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, reference: bool = False, distributed: bool = False) -> Tensor:
+    def m3co_vector(self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
         """M3Co L3(a -> b) of the local mixed rows ``a`` against the clean ``b`` (``reference`` halves it)."""
 
-    def clip_vector(self, a: Rows, b: Rows, t: float, *, distributed: bool = False) -> Tensor:
+    def clip_vector(self, a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
         """Symmetric InfoNCE of the local rows."""
 
     def multisoftclip_vector(
-        self, a: Rows, b: Rows, t: float, *, reference: bool, gather: Callable[[Tensor], Tensor], distributed: bool = False
+        self,
+        a: Rows,
+        b: Rows,
+        t: Temperature,
+        *,
+        reference: bool,
+        gather: Callable[[Tensor], Tensor],
+        distributed: bool = False,
+        target_t: Optional[Temperature] = None,
+        detach_targets: bool = False,
     ) -> Tensor:
-        """MultiSClip Ls(a; a, b), targets from ``a``; ``gather`` concatenates a per-row vector over the process group."""
+        """MultiSClip Ls(a; a, b), targets ``softmax(a a^T / target_t)`` from ``a`` (None: ``t``; constants when
+        ``detach_targets``); ``gather`` concatenates a per-row vector over the process group."""
 
-    def multisoftclip_pairs(self, p: Sequence[Tensor], weights: PairWeights, t: float, *, reference: bool) -> Tensor:
+    def multisoftclip_pairs(
+        self, p: Sequence[Tensor], weights: PairWeights, t: Temperature, *, reference: bool, target_t: Optional[Temperature] = None, detach_targets: bool = False
+    ) -> Tensor:
         """``sum over (a, b) in weights of w_a Ls(a; a, b) + w_b Ls(b; a, b)`` on one process (both directions share S)."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple, TypeVar, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["static_shift_ok", "blocks", "block_pairs", "scaled", "shifter", "Scratch", "span", "num_workers", "run_tiles", "first_order_only"]
+from ._interface import Temperature
+
+__all__ = ["Temperature", "host_value", "operand", "temperature_grad", "max_is_diagonal", "static_shift_ok", "blocks", "block_pairs", "scaled", "shifter", "Scratch", "span", "num_workers", "run_tiles", "first_order_only"]
 
 # Largest 2/t for which exp(S - 1/t) neither underflows a whole row nor overflows.
 _SAFE_SPAN: Dict[torch.dtype, float] = {torch.float32: 80.0, torch.float64: 600.0}
@@ -23,9 +25,50 @@ State = TypeVar("State")
 Backward = TypeVar("Backward", bound=Callable[..., Any])
 
 
-def static_shift_ok(t: float, dtype: torch.dtype) -> bool:
-    """Whether ``exp(S - 1/t)`` is safe in ``dtype``: the kernels may shift by the constant ``1/t``."""
-    return 2.0 / t <= _SAFE_SPAN.get(dtype, 80.0)
+def host_value(t: Temperature) -> Optional[float]:
+    """The value of ``t`` on the host when reading it costs no device synchronisation, else None.
+
+    A float, or a tensor on the CPU, is read; a tensor on an accelerator is not: the kernels
+    then take the paths that need no value (exact maxima instead of the static shift).
+    """
+    if isinstance(t, Tensor):
+        return float(t.detach()) if t.device.type == "cpu" else None
+    return float(t)
+
+
+def operand(t: Temperature) -> Temperature:
+    """What the kernels compute with: the host value when it is free to read, else the detached tensor."""
+    value = host_value(t)
+    return value if value is not None else cast(Tensor, t).detach()
+
+
+def temperature_grad(t: Temperature, pairs: Sequence[Tuple[Tensor, Tensor]]) -> Tensor:
+    """``dL/dt = -(1/t) sum <x, dL/dx>`` over ``pairs`` (operand, its gradient) of the bilinear forms ``x . y / t``.
+
+    Scaling ``1/t`` by ``c`` equals scaling one operand of every bilinear form by ``c``, hence
+    ``t dL/dt = -sum <x, dL/dx>`` over one operand per form (docs page ``maths``). ``torch.dot``
+    of the flattened matrices needs no N x D temporary.
+    """
+    total = sum(torch.dot(x.reshape(-1), dx.reshape(-1)) for x, dx in pairs)
+    return -cast(Tensor, total) / operand(t)
+
+
+def max_is_diagonal(t: Optional[float], q: Tensor) -> bool:
+    """Whether ``|q_i|^2 / t`` is a safe row maximum of ``q k^T / t`` (q's rows among k's) in ``q``'s dtype.
+
+    In exact arithmetic it is the maximum (Cauchy-Schwarz); a computed entry differs from it by
+    at most ``2 (D + 2) u / t`` (u the unit roundoff). While that is at most 1, every shifted
+    exponent is at most ``e`` and the diagonal one at least ``1/e``; for smaller ``t`` (or no
+    host value) the kernels shift by exact row maxima instead.
+    """
+    if t is None:
+        return False
+    return 2.0 * (q.shape[1] + 2) * (torch.finfo(q.dtype).eps / 2) / t <= 1.0
+
+
+def static_shift_ok(t: Optional[float], dtype: torch.dtype) -> bool:
+    """Whether ``exp(S - 1/t)`` is safe in ``dtype``: the kernels may shift by the constant ``1/t`` (None: value unknown, no)."""
+    return t is not None and 2.0 / t <= _SAFE_SPAN.get(dtype, 80.0)
 
 
 def blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:

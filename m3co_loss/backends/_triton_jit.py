@@ -3,7 +3,13 @@
 Each kernel is a ``triton.jit`` function launched by :mod:`m3co_loss.backends.triton`, whose
 docstring describes the algorithms. Their parameters are raw pointers, sizes and strides, and
 ``tl.constexpr`` block sizes, as Triton expects (Triton reads the annotations, so they carry no
-Python type annotations).
+Python type annotations). The scale ``1/t`` (``INV_T``) and the value coefficient ``gamma/t``
+(``COEF``) are read from one-element device tensors, so that a temperature held in a tensor
+(a learnable one) reaches the kernels without a host synchronisation.
+
+Exponents of quantities that cannot be positive in exact arithmetic (``S - lse``, ``G - max``)
+are clamped at 0: when 1/t is huge their rounding error can be positive and large, and the
+clamp keeps the factors within [0, 1].
 """
 
 import triton
@@ -41,10 +47,11 @@ def _accumulate(OUT, w, V, rows, cols, row_ok, col_ok, D, stride_out, stride_v,
 
 
 @triton.jit
-def row_lse_kernel(Q, K, OUT, n, N, D, inv_t, stride_q, stride_k,
+def row_lse_kernel(Q, K, OUT, INV_T, n, N, D, stride_q, stride_k,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < n
+    inv_t = tl.load(INV_T)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     for start in range(0, N, BN):
@@ -59,11 +66,12 @@ def row_lse_kernel(Q, K, OUT, n, N, D, inv_t, stride_q, stride_k,
 
 
 @triton.jit
-def lse_grad_kernel(Q, K, R, C, GR, GC, DQ, n, N, D, inv_t, stride_q, stride_k, stride_dq,
+def lse_grad_kernel(Q, K, R, C, GR, GC, DQ, INV_T, n, N, D, stride_q, stride_k, stride_dq,
                     HAS_R: tl.constexpr, HAS_C: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < n
+    inv_t = tl.load(INV_T)
     if HAS_R:
         r = tl.load(R + rows, mask=row_ok, other=0.0)
         gr = tl.load(GR + rows, mask=row_ok, other=0.0)
@@ -73,43 +81,53 @@ def lse_grad_kernel(Q, K, R, C, GR, GC, DQ, n, N, D, inv_t, stride_q, stride_k, 
         s = _scores(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k, BM, BN, BD) * inv_t
         a = tl.zeros((BM, BN), dtype=tl.float32)
         if HAS_R:
-            a += gr[:, None] * tl.exp(s - r[:, None])
+            a += gr[:, None] * tl.exp(tl.minimum(s - r[:, None], 0.0))
         if HAS_C:
             c = tl.load(C + cols, mask=col_ok, other=0.0)
             gc = tl.load(GC + cols, mask=col_ok, other=0.0)
-            a += gc[None, :] * tl.exp(s - c[None, :])
+            a += gc[None, :] * tl.exp(tl.minimum(s - c[None, :], 0.0))
         a = tl.where(row_ok[:, None] & col_ok[None, :], a * inv_t, 0.0)
         _accumulate(DQ, a, K, rows, cols, row_ok, col_ok, D, stride_dq, stride_k, BM, BN, BD)
 
 
 @triton.jit
-def soft_fwd_kernel(Q, K, U, VQ, VK, SHIFT, Y, NORM, n, N, D, DV, inv_t, coef,
+def soft_fwd_kernel(Q, K, U, VQ, VK, SHIFT, Y, NORM, INV_T, COEF, n, N, D, DV,
                     stride_q, stride_k, stride_vq, stride_vk,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Online softmax over the columns: the running row maximum of G is the shift, stored in SHIFT."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < n
-    shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)
+    inv_t = tl.load(INV_T)
+    coef = tl.load(COEF)
+    m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     norm = tl.zeros((BM,), dtype=tl.float32)
     num = tl.zeros((BM,), dtype=tl.float32)
     for start in range(0, N, BN):
         cols = start + tl.arange(0, BN)
         col_ok = cols < N
         g = _scores(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k, BM, BN, BD) * inv_t
-        e = tl.where(col_ok[None, :], tl.exp(g - shift[:, None]), 0.0)
+        g = tl.where(col_ok[None, :], g, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(g, 1))
+        rescale = tl.exp(m_i - m_new)
+        e = tl.exp(g - m_new[:, None])
         z = _scores(VQ, VK, rows, cols, row_ok, col_ok, DV, stride_vq, stride_vk, BM, BN, BD)
         u = tl.load(U + cols, mask=col_ok, other=0.0)
-        norm += tl.sum(e, 1)
-        num += tl.sum(e * (u[None, :] + coef * z), 1)
+        norm = norm * rescale + tl.sum(e, 1)
+        num = num * rescale + tl.sum(e * (u[None, :] + coef * z), 1)
+        m_i = m_new
     tl.store(Y + rows, num / norm, mask=row_ok)
     tl.store(NORM + rows, norm, mask=row_ok)
+    tl.store(SHIFT + rows, m_i, mask=row_ok)
 
 
 @triton.jit
-def soft_bwd_rows_kernel(Q, K, U, VQ, VK, SHIFT, NORM, Y, G, DQ, DVQ, n, N, D, DV, inv_t, coef,
+def soft_bwd_rows_kernel(Q, K, U, VQ, VK, SHIFT, NORM, Y, G, DQ, DVQ, INV_T, COEF, n, N, D, DV,
                          stride_q, stride_k, stride_vq, stride_vk, stride_dq, stride_dvq,
-                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         HAS_DQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < n
+    inv_t = tl.load(INV_T)
+    coef = tl.load(COEF)
     shift = tl.load(SHIFT + rows, mask=row_ok, other=0.0)
     scale = tl.load(G + rows, mask=row_ok, other=0.0) / tl.load(NORM + rows, mask=row_ok, other=1.0)
     y = tl.load(Y + rows, mask=row_ok, other=0.0)
@@ -118,20 +136,23 @@ def soft_bwd_rows_kernel(Q, K, U, VQ, VK, SHIFT, NORM, Y, G, DQ, DVQ, n, N, D, D
         col_ok = cols < N
         ok = row_ok[:, None] & col_ok[None, :]
         g = _scores(Q, K, rows, cols, row_ok, col_ok, D, stride_q, stride_k, BM, BN, BD) * inv_t
-        pg = tl.where(ok, tl.exp(g - shift[:, None]) * scale[:, None], 0.0)  # g_i P_il
+        pg = tl.where(ok, tl.exp(tl.minimum(g - shift[:, None], 0.0)) * scale[:, None], 0.0)  # g_i P_il
         z = _scores(VQ, VK, rows, cols, row_ok, col_ok, DV, stride_vq, stride_vk, BM, BN, BD)
-        u = tl.load(U + cols, mask=col_ok, other=0.0)
-        dg = pg * (u[None, :] + coef * z - y[:, None])
-        _accumulate(DQ, dg * inv_t, K, rows, cols, row_ok, col_ok, D, stride_dq, stride_k, BM, BN, BD)
+        if HAS_DQ:
+            u = tl.load(U + cols, mask=col_ok, other=0.0)
+            dg = pg * (u[None, :] + coef * z - y[:, None])
+            _accumulate(DQ, dg * inv_t, K, rows, cols, row_ok, col_ok, D, stride_dq, stride_k, BM, BN, BD)
         _accumulate(DVQ, pg * coef, VK, rows, cols, row_ok, col_ok, DV, stride_dvq, stride_vk, BM, BN, BD)
 
 
 @triton.jit
-def soft_bwd_cols_kernel(Q, K, U, VQ, VK, SHIFT, NORM, Y, G, DK, DVK, DU, n, N, D, DV, inv_t, coef,
+def soft_bwd_cols_kernel(Q, K, U, VQ, VK, SHIFT, NORM, Y, G, DK, DVK, DU, INV_T, COEF, n, N, D, DV,
                          stride_q, stride_k, stride_vq, stride_vk, stride_dk, stride_dvk,
-                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                         HAS_DK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     cols = tl.program_id(0) * BN + tl.arange(0, BN)  # this program's rows of k
     col_ok = cols < N
+    inv_t = tl.load(INV_T)
+    coef = tl.load(COEF)
     u = tl.load(U + cols, mask=col_ok, other=0.0)
     du = tl.zeros((BN,), dtype=tl.float32)
     for start in range(0, n, BM):
@@ -142,10 +163,11 @@ def soft_bwd_cols_kernel(Q, K, U, VQ, VK, SHIFT, NORM, Y, G, DK, DVK, DU, n, N, 
         scale = tl.load(G + rows, mask=row_ok, other=0.0) / tl.load(NORM + rows, mask=row_ok, other=1.0)
         y = tl.load(Y + rows, mask=row_ok, other=0.0)
         g = _scores(K, Q, cols, rows, col_ok, row_ok, D, stride_k, stride_q, BN, BM, BD) * inv_t  # G^T
-        pg = tl.where(ok, tl.exp(g - shift[None, :]) * scale[None, :], 0.0)  # (g_i P_il)^T
+        pg = tl.where(ok, tl.exp(tl.minimum(g - shift[None, :], 0.0)) * scale[None, :], 0.0)  # (g_i P_il)^T
         z = _scores(VK, VQ, cols, rows, col_ok, row_ok, DV, stride_vk, stride_vq, BN, BM, BD)
-        dg = pg * (u[:, None] + coef * z - y[None, :])
-        _accumulate(DK, dg * inv_t, Q, cols, rows, col_ok, row_ok, D, stride_dk, stride_q, BN, BM, BD)
+        if HAS_DK:
+            dg = pg * (u[:, None] + coef * z - y[None, :])
+            _accumulate(DK, dg * inv_t, Q, cols, rows, col_ok, row_ok, D, stride_dk, stride_q, BN, BM, BD)
         _accumulate(DVK, pg * coef, VQ, cols, rows, col_ok, row_ok, DV, stride_dvk, stride_vq, BN, BM, BD)
         du += tl.sum(pg, 1)
     tl.store(DU + cols, du, mask=col_ok)

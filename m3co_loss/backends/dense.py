@@ -1,6 +1,6 @@
 """The dense backend: the readable reference, one N x N similarity matrix per term.
 
-Each function forms ``S = p_a p_b^T / t`` (this process's rows against the gathered batch) and
+Each function forms ``S = p_a p_b^T / t`` (``t`` a float or a 0-dim tensor, differentiated by autograd) (this process's rows against the gathered batch) and
 takes its row and column log-sum-exps with :func:`torch.logsumexp`. Memory is O(N^2); below
 :attr:`~m3co_loss.backends.BackendConfig.auto_tiled_min_n` columns it is also the fastest
 backend, and the only one that can be differentiated twice. Every op is traced by
@@ -14,12 +14,12 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._interface import PairWeights, Rows
+from ._interface import PairWeights, Rows, Temperature
 
 __all__ = ["m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"]
 
 
-def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, reference: bool = False, distributed: bool = False) -> Tensor:
+def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
     """Per-sample M3Co L3(a -> b) of the local mixed rows (paper Eq. 6; halved when ``reference``)."""
     n = a.local.shape[0]
     rows = torch.arange(n, device=a.local.device)
@@ -36,7 +36,7 @@ def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, refere
     return 0.5 * v if reference else v
 
 
-def clip_vector(a: Rows, b: Rows, t: float, *, distributed: bool = False) -> Tensor:
+def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
     """Per-sample symmetric InfoNCE of the local rows."""
     n = a.local.shape[0]
     rows = torch.arange(n, device=a.local.device)
@@ -49,15 +49,29 @@ def clip_vector(a: Rows, b: Rows, t: float, *, distributed: bool = False) -> Ten
     return r + c - 2 * s[rows, a.offset + rows]
 
 
+def _soft_targets(x: Tensor, full: Tensor, target_t: Temperature, detach: bool) -> Tensor:
+    """``softmax_row(x full^T / target_t)``; constants when ``detach``."""
+    w = torch.softmax((x / target_t) @ full.T, dim=1)
+    return w.detach() if detach else w
+
+
 def multisoftclip_vector(
-    a: Rows, b: Rows, t: float, *, reference: bool, gather: Callable[[Tensor], Tensor], distributed: bool = False
+    a: Rows,
+    b: Rows,
+    t: Temperature,
+    *,
+    reference: bool,
+    gather: Callable[[Tensor], Tensor],
+    distributed: bool = False,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
 ) -> Tensor:
-    """Per-sample MultiSClip Ls(a; a, b) of the local rows (targets from a, paper Eq. 9)."""
+    """Per-sample MultiSClip Ls(a; a, b) of the local rows (targets from a at ``target_t``, paper Eq. 9)."""
     s_rows = (a.local / t) @ b.full.T  # s_rows[i, l] = S[i, l]
     s_cols = (b.local / t) @ a.full.T if distributed else s_rows.T  # s_cols[i, l] = S[l, i]
     r = torch.logsumexp(s_rows, dim=1)
     c = torch.logsumexp(s_cols, dim=1)
-    w = torch.softmax((a.local / t) @ a.full.T, dim=1)  # soft targets W[i, l]
+    w = _soft_targets(a.local, a.full, t if target_t is None else target_t, detach_targets)  # soft targets W[i, l]
     if reference:
         # Both directions weight query i by the target distribution W[i, :].
         return 0.5 * (c + r - (w * s_cols).sum(1) - (w * s_rows).sum(1))
@@ -65,20 +79,29 @@ def multisoftclip_vector(
     return c + (w * (r_full.unsqueeze(0) - 2 * s_cols)).sum(1)
 
 
-def multisoftclip_pairs(p: Sequence[Tensor], weights: PairWeights, t: float, *, reference: bool) -> Tensor:
+def multisoftclip_pairs(
+    p: Sequence[Tensor],
+    weights: PairWeights,
+    t: Temperature,
+    *,
+    reference: bool,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
+) -> Tensor:
     """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``, on one process.
 
     Relies on two identities: the two directions of a pair share ``S = p_a p_b^T / t`` (the
     direction with targets from b uses ``S^T``, whose row and column log-sum-exps are those of
     ``S`` swapped), and every term with targets from modality m shares
-    ``W_m = softmax(p_m p_m^T / t)``. So M(M-1)/2 cross and at most M target matrices are formed,
+    ``W_m = softmax(p_m p_m^T / target_t)``. So M(M-1)/2 cross and at most M target matrices are formed,
     instead of two matrices per directed term (for M = 3, 6 instead of 12).
     """
     targets: Dict[int, Tensor] = {}
+    target_t = t if target_t is None else target_t
 
     def soft_targets(m: int) -> Tensor:
         if m not in targets:
-            targets[m] = torch.softmax((p[m] / t) @ p[m].T, dim=1)
+            targets[m] = _soft_targets(p[m], p[m], target_t, detach_targets)
         return targets[m]
 
     total: Optional[Tensor] = None

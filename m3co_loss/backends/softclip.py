@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._config import get_config
-from ._tiling import Scratch, block_pairs, first_order_only, num_workers, run_tiles, scaled, shifter, span
+from ._tiling import Scratch, Temperature, block_pairs, first_order_only, host_value, num_workers, run_tiles, scaled, shifter, span, temperature_grad
 
 __all__ = ["SoftClip", "SoftClipCoefficients", "soft_clip"]
 
@@ -90,21 +90,31 @@ def _accumulate_products(acc: Tensor, rows: slice, cols: slice, diag: bool, e: T
 class SoftClip(torch.autograd.Function):
     r"""Fused single-process MultiSClip vector of both directions of a pair (see the module docstring).
 
-    ``forward(a, b, t, coefficients) -> v`` with ``a``, ``b`` the L2-normalised (N, D)
-    embeddings and ``coefficients`` a :class:`SoftClipCoefficients`. Needs the static shift
-    (``2/t`` within the exponent range of the dtype).
+    ``forward(a, b, t, target_t, coefficients, detach_targets) -> v`` with ``a``, ``b`` the
+    L2-normalised (N, D) embeddings, ``S = A B^T / t``, soft targets ``softmax(A A^T / target_t)``
+    and ``softmax(B B^T / target_t)``, and ``coefficients`` a :class:`SoftClipCoefficients`.
+    Needs the static shift (``2/t`` and ``2/target_t`` within the exponent range of the dtype)
+    and so the temperatures' values: floats or CPU tensors. A tensor temperature's gradient
+    comes from the operands' (docs page ``maths``); ``target_t`` may be ``t`` itself.
+    ``detach_targets`` treats the soft targets as constants.
     """
 
     @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor, t: float, coef: SoftClipCoefficients) -> Tensor:
+    def forward(ctx: Any, a: Tensor, b: Tensor, t: Temperature, target_t: Temperature, coef: SoftClipCoefficients, detach_targets: bool) -> Tensor:
         """Pass 1: r, c, normalisers and weighted sums of S; pass 2 (paper): W r and the column sums of W."""
         a, b = a.detach().contiguous(), b.detach().contiguous()
+        ts, tt = host_value(t), host_value(target_t)
+        assert ts is not None and tt is not None, "SoftClip needs the temperatures' values (floats or CPU tensors)"
         n = a.shape[0]
         config = get_config()
         size = min(config.tile_square, n)
         use_a, use_b = coef.uses_a, coef.uses_b
         ones = a.new_ones(size)
-        a_s, a_h, b_s, b_h = scaled(a, t), shifter(a, t), scaled(b, t), shifter(b, t)
+        a_s, a_h, b_s, b_h = scaled(a, ts), shifter(a, ts), scaled(b, ts), shifter(b, ts)
+        # the soft targets' operands: the same tensors (and bits) when both temperatures are equal
+        same = tt == ts
+        ta_s, ta_h = (a_s, a_h) if same or not use_a else (scaled(a, tt), shifter(a, tt))
+        tb_s, tb_h = (b_s, b_h) if same or not use_b else (scaled(b, tt), shifter(b, tt))
         tasks = list(block_pairs(n, size))
         workers = num_workers(a, len(tasks), config.parallel_workers)
 
@@ -122,7 +132,7 @@ class SoftClip(torch.autograd.Function):
                 u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
                 tmp = scratch(4, h, w)
                 if use_a:
-                    p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
+                    p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
                     n_a[rows].addmv_(p, ones[:w])
                     if not diag:
                         n_a[cols].addmv_(p.T, ones[:h])
@@ -131,7 +141,7 @@ class SoftClip(torch.autograd.Function):
                     if coef.za:
                         _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
                 if use_b:
-                    q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
+                    q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
                     n_b[rows].addmv_(q, ones[:w])
                     if not diag:
                         n_b[cols].addmv_(q.T, ones[:h])
@@ -149,17 +159,17 @@ class SoftClip(torch.autograd.Function):
             return [sums]
 
         rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = run_tiles(tasks, pass_one, workers, setup_one)[0]
-        r = rho.log_().add_(1.0 / t)
-        c = kappa.log_().add_(1.0 / t)
+        r = rho.log_().add_(1.0 / ts)
+        c = kappa.log_().add_(1.0 / ts)
         # Pass 2: W r needs the final r; the same products give the column sums of W.
         omega_a = omega_b = a.new_zeros(0)
         y_a, y_b = a.new_zeros(n), a.new_zeros(n)
         if coef.ka or coef.kb:
             targets: List[Tuple[Tensor, Tensor, Tensor]] = []
             if coef.ka:
-                targets.append((torch.stack([r, n_a.reciprocal()], 1), a_s, a_h))
+                targets.append((torch.stack([r, n_a.reciprocal()], 1), ta_s, ta_h))
             if coef.kb:
-                targets.append((torch.stack([c, n_b.reciprocal()], 1), b_s, b_h))
+                targets.append((torch.stack([c, n_b.reciprocal()], 1), tb_s, tb_h))
 
             def setup_two() -> Tuple[Tensor, List[Tensor]]:
                 return a.new_empty(size * size), [a.new_zeros(n, 2) for _ in targets]
@@ -192,23 +202,31 @@ class SoftClip(torch.autograd.Function):
             (t_b_u, n_b, coef.zb, y_b),
         ):
             if weight:
-                y -= weight * (acc / norm + 1.0 / t)
+                y -= weight * (acc / norm + 1.0 / ts)
         v: Tensor = coef.col * c + coef.row * r + y_a + y_b
-        ctx.save_for_backward(a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h)
-        ctx.t, ctx.coef, ctx.config = t, coef, config
+        ctx.save_for_backward(a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h)
+        ctx.t, ctx.target_t, ctx.coef, ctx.config, ctx.detach_targets = ts, tt, coef, config, detach_targets
+        # one tensor in both places: its gradient is the sum of both parts, taken in one piece
+        ctx.shared = isinstance(t, Tensor) and target_t is t
         return v
 
     @staticmethod
     @first_order_only
-    def backward(ctx: Any, g: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
+    def backward(ctx: Any, g: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         """Recompute S, S^T and the target tiles per block pair; see the module docstring."""
         if g is None:
-            return None, None, None, None
-        a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h = ctx.saved_tensors
-        t, coef, config = ctx.t, ctx.coef, ctx.config
+            return None, None, None, None, None, None
+        a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h = ctx.saved_tensors
+        t, tt, coef, config = ctx.t, ctx.target_t, ctx.coef, ctx.config
+        need_t, need_tt = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         n = a.shape[0]
         size = min(config.tile_square, n)
         use_a, use_b = coef.uses_a, coef.uses_b
+        # (dG + dG^T) A / target_t: the soft targets' share of the gradient, absent when they are constants
+        hold_a, hold_b = use_a and not ctx.detach_targets, use_b and not ctx.detach_targets
+        # The temperatures' gradients need <A, dS B / t> apart from the targets' share when they
+        # are two (docs page ``kernels``); dS B then goes to an accumulator of its own.
+        split = (need_t or need_tt) and not ctx.shared and (hold_a or hold_b)
         tasks = list(block_pairs(n, size))
         workers = num_workers(a, len(tasks), config.parallel_workers)
         g = g.contiguous()
@@ -216,51 +234,57 @@ class SoftClip(torch.autograd.Function):
         gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
         g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
         if coef.ka:  # sum_i g_i W^a_il
-            g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(a_s, a_h, gamma_a, size, tasks, workers))
+            g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(ta_s, ta_h, gamma_a, size, tasks, workers))
         if coef.kb:
-            g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(b_s, b_h, gamma_b, size, tasks, workers))
-        # Every tile below is a derivative with respect to S or G, and dA = (dS B + H A) / t: the
-        # 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
+            g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(tb_s, tb_h, gamma_b, size, tasks, workers))
+        # Every tile below is a derivative with respect to S or G, and dA = dS B / t + H A / target_t:
+        # the 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
         alpha = (g_row / t) * torch.exp(1.0 / t - r)
         beta = (g_col / t) * torch.exp(1.0 / t - c)
         ones = torch.ones_like(g)
+        same = tt == t
         # (dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)], R of rank 4:
         # R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l, y~ = y + (x + z) / t.
         if use_a:
+            xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a  # dS factors (1/t)
+            hxa, hza = (xga, zga) if same else ((coef.xa / tt) * gamma_a, (coef.za / tt) * gamma_a)  # H factors (1/target_t)
             ya = y_a + (coef.xa + coef.za) / t
-            left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(t)
+            left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(tt)
             right_a = torch.stack([r, gamma_a, ones, -gamma_a * ya], 1)
-            xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a
         if use_b:
-            yb = y_b + (coef.xb + coef.zb) / t
-            left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(t)
-            right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
             xgb, zgb = (coef.xb / t) * gamma_b, (coef.zb / t) * gamma_b
+            hxb, hzb = (xgb, zgb) if same else ((coef.xb / tt) * gamma_b, (coef.zb / tt) * gamma_b)
+            yb = y_b + (coef.xb + coef.zb) / t
+            left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(tt)
+            right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
 
-        def setup() -> Tuple[Scratch, Tensor, Tensor]:
-            return Scratch(a, 7, size, size), torch.zeros_like(a), torch.zeros_like(b)
+        def setup() -> Tuple[Scratch, Tensor, Tensor, Tensor]:
+            da = torch.zeros_like(a)
+            return Scratch(a, 7, size, size), da, torch.zeros_like(b), torch.zeros_like(a) if split else da
 
-        def work(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor, Tensor]) -> List[Tensor]:
-            scratch, da, db = state
+        def work(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor, Tensor, Tensor]) -> List[Optional[Tensor]]:
+            scratch, da, db, da_s = state  # da_s: dS B / t (da itself unless split)
             for rows, cols, diag in my_tasks:
                 h, w = span(rows), span(cols)
                 s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
                 u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
                 if use_a:
-                    p = torch.mm(a_s[rows], a_h[cols].T, out=scratch(2, h, w)).exp_()
+                    p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
+                if hold_a:
                     ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
                     if coef.xa:
-                        ha.addcmul_(u, xga[rows, None], value=-1).addcmul_(s, xga[None, cols], value=-1)
+                        ha.addcmul_(u, hxa[rows, None], value=-1).addcmul_(s, hxa[None, cols], value=-1)
                     if coef.za:
-                        ha.addcmul_(u, zga[None, cols], value=-1).addcmul_(s, zga[rows, None], value=-1)
+                        ha.addcmul_(u, hza[None, cols], value=-1).addcmul_(s, hza[rows, None], value=-1)
                     ha.mul_(p)
                 if use_b:
-                    q = torch.mm(b_s[rows], b_h[cols].T, out=scratch(3, h, w)).exp_()
+                    q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
+                if hold_b:
                     hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
                     if coef.xb:
-                        hb.addcmul_(s, xgb[rows, None], value=-1).addcmul_(u, xgb[None, cols], value=-1)
+                        hb.addcmul_(s, hxb[rows, None], value=-1).addcmul_(u, hxb[None, cols], value=-1)
                     if coef.zb:
-                        hb.addcmul_(s, zgb[None, cols], value=-1).addcmul_(u, zgb[rows, None], value=-1)
+                        hb.addcmul_(s, hzb[None, cols], value=-1).addcmul_(u, hzb[rows, None], value=-1)
                     hb.mul_(q)
                 # dS on block (I, K)
                 ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
@@ -274,11 +298,11 @@ class SoftClip(torch.autograd.Function):
                         ds.addcmul_(q, zgb[None, cols], value=-1)
                     if coef.xb:
                         ds.addcmul_(q, xgb[rows, None], value=-1)
-                da[rows].addmm_(ds, b[cols])
+                da_s[rows].addmm_(ds, b[cols])
                 db[cols].addmm_(ds.T, a[rows])
-                if use_a:
+                if hold_a:
                     da[rows].addmm_(ha, a[cols])
-                if use_b:
+                if hold_b:
                     db[rows].addmm_(hb, b[cols])
                 if diag:
                     continue
@@ -294,16 +318,28 @@ class SoftClip(torch.autograd.Function):
                         du.addcmul_(q, zgb[rows, None], value=-1)
                     if coef.xb:
                         du.addcmul_(q, xgb[None, cols], value=-1)
-                da[cols].addmm_(du.T, b[rows])
+                da_s[cols].addmm_(du.T, b[rows])
                 db[rows].addmm_(du, a[cols])
-                if use_a:
+                if hold_a:
                     da[cols].addmm_(ha.T, a[rows])
-                if use_b:
+                if hold_b:
                     db[cols].addmm_(hb.T, b[rows])
-            return [da, db]
+            return [da, db, da_s if split else None]
 
-        da, db = run_tiles(tasks, work, workers, setup)
-        return da, db, None, None
+        da, db, da_s = run_tiles(tasks, work, workers, setup)
+        dt = dtt = None
+        if split:
+            # t dL/dt = -<A, dS B / t>; target_t dL/dtarget_t = -(<A, dA> + <B, dB>) / 2 + <A, dS B / t>
+            s_part = torch.dot(a.reshape(-1), da_s.reshape(-1))
+            da += da_s
+            if need_t:
+                dt = -s_part / t
+            if need_tt:
+                dtt = temperature_grad(tt, [(a, da), (b, db)]) / 2 + s_part / tt
+        elif need_t:
+            # one temperature, or constant targets: t dL/dt = -(<A, dA> + <B, dB>) / 2
+            dt = temperature_grad(t, [(a, da), (b, db)]) / 2
+        return da, db, dt, dtt, None, None
 
 
 def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: Sequence[_BlockPair], workers: int) -> Tensor:
@@ -325,7 +361,15 @@ def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, ta
     return out
 
 
-def soft_clip(a: Tensor, b: Tensor, t: float, coefficients: SoftClipCoefficients) -> Tensor:
-    """The fused per-sample MultiSClip vector of both directions of a pair (:class:`SoftClip`)."""
-    v: Tensor = SoftClip.apply(a, b, t, coefficients)  # type: ignore[no-untyped-call]
+def soft_clip(
+    a: Tensor,
+    b: Tensor,
+    t: Temperature,
+    coefficients: SoftClipCoefficients,
+    *,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
+) -> Tensor:
+    """The fused per-sample MultiSClip vector of both directions of a pair (:class:`SoftClip`; ``target_t`` None: ``t``)."""
+    v: Tensor = SoftClip.apply(a, b, t, t if target_t is None else target_t, coefficients, detach_targets)  # type: ignore[no-untyped-call]
     return v

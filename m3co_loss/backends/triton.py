@@ -8,10 +8,14 @@ fused Triton kernel that never writes an N x N tile to memory:
   row log-sum-exps of ``S^T`` (a second launch with the operands swapped). Backward:
   ``dq = A k / t`` with ``A_ik = g^r_i e^{S_ik - r_i} + g^c_k e^{S_ik - c_k}``, one program per
   block of rows; ``dk`` is the same kernel on ``S^T``.
-* :class:`SoftTargetSum`: ``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma/t) vq_i . vk_l)``
-  with the exact row maximum ``|q_i|^2 / t``. Backward: a row kernel (``dq``, ``dvq``) and a
-  column kernel (``dk``, ``dvk``, ``du``) that recompute the tiles of ``P`` and
-  ``dG_il = g_i P_il (X_il - y_i)``.
+* :class:`SoftTargetSum`: ``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma/t_v) vq_i . vk_l)``
+  by online softmax (the running row maximum is kept for the backward pass). Backward: a row
+  kernel (``dq``, ``dvq``) and a column kernel (``dk``, ``dvk``, ``du``) that recompute the tiles
+  of ``P`` and ``dG_il = g_i P_il (X_il - y_i)``.
+
+A temperature may be a 0-dim tensor (a learnable one): the kernels read ``1/t`` from a device
+tensor (no host synchronisation), and its gradient comes from the operands' gradients,
+``dL/dt = -<q, dL/dq> / t`` (docs page ``maths``).
 
 Each program owns a block of rows of its outputs and accumulates ``w @ V`` into them chunk by
 chunk of the embedding dimension, so any D works without holding a (block x D) accumulator in
@@ -36,8 +40,8 @@ import torch
 from torch import Tensor
 
 from ._config import BackendConfig, get_config
-from ._tiling import first_order_only
-from ._interface import PairWeights, Rows
+from ._tiling import first_order_only, temperature_grad
+from ._interface import PairWeights, Rows, Temperature
 from .tiled import StreamingBackend
 
 __all__ = [
@@ -73,23 +77,35 @@ def _grid(size: int, block: int) -> Tuple[int]:
     return ((size + block - 1) // block,)
 
 
-def _row_lse(q: Tensor, k: Tensor, t: float, config: BackendConfig) -> Tensor:
+def _on_device(value: Temperature, like: Tensor) -> Tensor:
+    """A one-element float32 tensor on ``like``'s device holding ``value`` (a float, or a 0-dim tensor read there)."""
+    if isinstance(value, Tensor):
+        return value.detach().to(torch.float32).reshape(1)
+    return like.new_full((1,), value, dtype=torch.float32)
+
+
+def _ratio(x: float, t: Temperature) -> Temperature:
+    """``x / t`` (a float for a float ``t``: the kernels' scalars then keep the bits of a float argument)."""
+    return x / t.detach() if isinstance(t, Tensor) else x / t
+
+
+def _row_lse(q: Tensor, k: Tensor, inv_t: Tensor, config: BackendConfig) -> Tensor:
     bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     out = q.new_empty(q.shape[0])
     _jit().row_lse_kernel[_grid(q.shape[0], bm)](
-        q, k, out, q.shape[0], k.shape[0], q.shape[1], 1.0 / t, q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd
+        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd
     )
     return out
 
 
-def _lse_grad(q: Tensor, k: Tensor, r: Tensor, c: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], t: float, config: BackendConfig) -> Tensor:
+def _lse_grad(q: Tensor, k: Tensor, r: Tensor, c: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], inv_t: Tensor, config: BackendConfig) -> Tensor:
     """``dq = A k / t`` for ``S = q k^T / t``; ``g_r`` or ``g_c`` may be None."""
     bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     dq = torch.zeros_like(q)
     dummy = q.new_zeros(1)
     _jit().lse_grad_kernel[_grid(q.shape[0], bm)](
-        q, k, r, c if g_c is not None else dummy, g_r if g_r is not None else dummy, g_c if g_c is not None else dummy, dq,
-        q.shape[0], k.shape[0], q.shape[1], 1.0 / t, q.stride(0), k.stride(0), dq.stride(0),
+        q, k, r, c if g_c is not None else dummy, g_r if g_r is not None else dummy, g_c if g_c is not None else dummy, dq, inv_t,
+        q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), dq.stride(0),
         HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd,
     )
     return dq
@@ -99,89 +115,100 @@ class LogSumExp(torch.autograd.Function):
     """Triton version of :class:`m3co_loss.backends.tiled.LogSumExp` (float32): ``(r, c)`` of ``q k^T / t``."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, t: float, with_cols: bool) -> Tuple[Tensor, Tensor]:
+    def forward(ctx: Any, q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
         """Row log-sum-exps, and the column ones as the rows of ``S^T``."""
         _check_float32(q, k)
         config = get_config()
         q, k = q.contiguous(), k.contiguous()
-        r = _row_lse(q, k, t, config)
-        c = _row_lse(k, q, t, config) if with_cols else q.new_zeros(0)
-        ctx.save_for_backward(q, k, r, c)
-        ctx.t, ctx.with_cols, ctx.config = t, with_cols, config
+        inv_t = _on_device(_ratio(1.0, t), q)
+        r = _row_lse(q, k, inv_t, config)
+        c = _row_lse(k, q, inv_t, config) if with_cols else q.new_zeros(0)
+        ctx.save_for_backward(q, k, r, c, inv_t)
+        ctx.t, ctx.with_cols, ctx.config = t.detach() if isinstance(t, Tensor) else t, with_cols, config
         ctx.set_materialize_grads(False)
         return r, c
 
     @staticmethod
     @first_order_only
-    def backward(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], None, None]:
-        """``dq = A k / t`` (rows of S) and ``dk = A^T q / t`` (rows of S^T)."""
-        q, k, r, c = ctx.saved_tensors
+    def backward(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
+        """``dq = A k / t`` (rows of S) and ``dk = A^T q / t`` (rows of S^T); ``dt = -<q, dq> / t``."""
+        q, k, r, c, inv_t = ctx.saved_tensors
         g_c = g_c.contiguous() if ctx.with_cols and g_c is not None else None
         g_r = g_r.contiguous() if g_r is not None else None
         if g_r is None and g_c is None:
             return None, None, None, None
         if g_c is None:
             c = r.new_zeros(k.shape[0])  # unused by the kernels (HAS_C / HAS_R are False)
-        dq = _lse_grad(q, k, r, c, g_r, g_c, ctx.t, ctx.config)
-        dk = _lse_grad(k, q, c, r, g_c, g_r, ctx.t, ctx.config)
-        return dq, dk, None, None
+        dq = _lse_grad(q, k, r, c, g_r, g_c, inv_t, ctx.config)
+        dk = _lse_grad(k, q, c, r, g_c, g_r, inv_t, ctx.config)
+        dt = temperature_grad(ctx.t, [(q, dq)]) if ctx.needs_input_grad[2] else None
+        return dq, dk, dt, None
 
 
 class SoftTargetSum(torch.autograd.Function):
     """Triton version of :class:`m3co_loss.backends.tiled.SoftTargetSum` (float32)."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: float, gamma: float) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature) -> Tensor:
         """One program per block of rows: online sums of ``E`` and ``E X`` (no N x N tile stored)."""
         _check_float32(q, k, u, vq, vk)
         config = get_config()
         bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
         q, k, u, vq, vk = (x.contiguous() for x in (q, k, u, vq, vk))
         n, N = q.shape[0], k.shape[0]
-        shift = (q * q).sum(1) / t
-        y, norm = q.new_empty(n), q.new_empty(n)
+        inv_t = _on_device(_ratio(1.0, t), q)
+        coef = _on_device(_ratio(gamma, t_v), q)
+        shift, y, norm = q.new_empty(n), q.new_empty(n), q.new_empty(n)
         _jit().soft_fwd_kernel[_grid(n, bm)](
-            q, k, u, vq, vk, shift, y, norm, n, N, q.shape[1], vq.shape[1], 1.0 / t, gamma / t,
+            q, k, u, vq, vk, shift, y, norm, inv_t, coef, n, N, q.shape[1], vq.shape[1],
             q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd,
         )
-        ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y)
-        ctx.t, ctx.gamma, ctx.config = t, gamma, config
+        ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y, inv_t, coef)
+        ctx.t = t.detach() if isinstance(t, Tensor) else t
+        ctx.t_v = t_v.detach() if isinstance(t_v, Tensor) else t_v
+        ctx.config = config
         return y
 
     @staticmethod
     @first_order_only
-    def backward(ctx: Any, g: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None, None]:
-        """Row kernel for ``dq, dvq``; column kernel for ``dk, dvk, du``."""
-        q, k, u, vq, vk, shift, norm, y = ctx.saved_tensors
-        t, gamma, config = ctx.t, ctx.gamma, ctx.config
+    def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
+        """Row kernel for ``dq, dvq``; column kernel for ``dk, dvk, du``; the temperatures' from ``dq`` and ``dvq``."""
+        q, k, u, vq, vk, shift, norm, y, inv_t, coef = ctx.saved_tensors
+        config = ctx.config
         bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+        need_q, need_k, _, _, _, need_t, _, need_t_v = ctx.needs_input_grad
+        need_logits = need_q or need_k or need_t  # detached soft targets need no dG
         g = g.contiguous()
         n, N, D, DV = q.shape[0], k.shape[0], q.shape[1], vq.shape[1]
         dq, dk, dvq, dvk, du = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vq), torch.zeros_like(vk), torch.zeros_like(u)
         common = (u, vq, vk, shift, norm, y, g)
         jit = _jit()
         jit.soft_bwd_rows_kernel[_grid(n, bm)](
-            q, k, *common, dq, dvq, n, N, D, DV, 1.0 / t, gamma / t,
+            q, k, *common, dq, dvq, inv_t, coef, n, N, D, DV,
             q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dq.stride(0), dvq.stride(0),
-            BM=bm, BN=bn, BD=bd,
+            HAS_DQ=need_logits, BM=bm, BN=bn, BD=bd,
         )
         jit.soft_bwd_cols_kernel[_grid(N, bn)](
-            q, k, *common, dk, dvk, du, n, N, D, DV, 1.0 / t, gamma / t,
+            q, k, *common, dk, dvk, du, inv_t, coef, n, N, D, DV,
             q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dk.stride(0), dvk.stride(0),
-            BM=bm, BN=bn, BD=bd,
+            HAS_DK=need_logits, BM=bm, BN=bn, BD=bd,
         )
-        return dq, dk, du, dvq, dvk, None, None
+        dt = temperature_grad(ctx.t, [(q, dq)]) if need_t else None
+        dt_v = temperature_grad(ctx.t_v, [(vq, dvq)]) if need_t_v else None
+        return (dq if need_logits else None), (dk if need_logits else None), du, dvq, dvk, dt, None, dt_v
 
 
-def logsumexp(q: Tensor, k: Tensor, t: float, with_cols: bool) -> Tuple[Tensor, Tensor]:
+def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
     """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (:class:`LogSumExp`)."""
     r, c = LogSumExp.apply(q, k, t, with_cols)  # type: ignore[no-untyped-call]
     return r, c
 
 
-def soft_target_sum(q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: float, gamma: float) -> Tensor:
-    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t) vq_i . vk_l)`` (:class:`SoftTargetSum`)."""
-    y: Tensor = SoftTargetSum.apply(q, k, u, vq, vk, t, gamma)  # type: ignore[no-untyped-call]
+def soft_target_sum(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Optional[Temperature] = None
+) -> Tensor:
+    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (:class:`SoftTargetSum`; ``t_v`` None: ``t``)."""
+    y: Tensor = SoftTargetSum.apply(q, k, u, vq, vk, t, gamma, t if t_v is None else t_v)  # type: ignore[no-untyped-call]
     return y
 
 
@@ -191,28 +218,50 @@ _BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=False)
 # The backend interface as plain functions (``torch.compiler.disable`` wraps functions, not bound methods).
 
 
-def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: float, *, reference: bool = False, distributed: bool = False) -> Tensor:
+def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
     """Per-sample M3Co L3(a -> b) of the local mixed rows (Triton kernels; see :meth:`StreamingBackend.m3co_vector`)."""
     return _BACKEND.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
 
 
-def clip_vector(a: Rows, b: Rows, t: float, *, distributed: bool = False) -> Tensor:
+def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
     """Per-sample symmetric InfoNCE of the local rows (Triton kernels)."""
     return _BACKEND.clip_vector(a, b, t, distributed=distributed)
 
 
 def multisoftclip_vector(
-    a: Rows, b: Rows, t: float, *, reference: bool, gather: Callable[[Tensor], Tensor], distributed: bool = False
+    a: Rows,
+    b: Rows,
+    t: Temperature,
+    *,
+    reference: bool,
+    gather: Callable[[Tensor], Tensor],
+    distributed: bool = False,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
 ) -> Tensor:
     """Per-sample MultiSClip Ls(a; a, b) of the local rows, targets from a (Triton kernels)."""
-    return _BACKEND.multisoftclip_vector(a, b, t, reference=reference, gather=gather, distributed=distributed)
+    return _BACKEND.multisoftclip_vector(
+        a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
+    )
 
 
-def multisoftclip_pair_vector(a: Tensor, b: Tensor, t: float, weight_a: float, weight_b: float, *, reference: bool) -> Tensor:
+def multisoftclip_pair_vector(
+    a: Tensor,
+    b: Tensor,
+    t: Temperature,
+    weight_a: float,
+    weight_b: float,
+    *,
+    reference: bool,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
+) -> Tensor:
     """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _BACKEND.multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference)
+    return _BACKEND.multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
 
 
-def multisoftclip_pairs(p: Sequence[Tensor], weights: PairWeights, t: float, *, reference: bool) -> Tensor:
+def multisoftclip_pairs(
+    p: Sequence[Tensor], weights: PairWeights, t: Temperature, *, reference: bool, target_t: Optional[Temperature] = None, detach_targets: bool = False
+) -> Tensor:
     """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _BACKEND.multisoftclip_pairs(p, weights, t, reference=reference)
+    return _BACKEND.multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)

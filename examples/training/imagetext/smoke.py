@@ -55,20 +55,28 @@ def _text(name: str, rng: np.random.Generator) -> str:
 
 
 def make_food101(root, *, per_class: Dict[str, int] = None, classes: Sequence[str] = FOOD_CLASSES, seed: int = 0) -> Path:
-    """UPMC Food-101 layout under ``root``; ``per_class`` = pairs per class and split (default train 16, test 6)."""
+    """Food-101 under ``root`` in both layouts: UPMC's (``texts/<split>_titles.csv``, with one pair
+    without image and one without text per split) and the authors' released one (``<split>.csv``
+    and ``texts_txt/<class>/<id>.txt``, complete pairs only, texts with capitals, digits and
+    punctuation); ``per_class`` = pairs per class and split (default train 16, test 6)."""
     per_class = per_class or {"train": 16, "test": 6}
     root = Path(root)
     rng = np.random.default_rng(seed)
     (root / "texts").mkdir(parents=True, exist_ok=True)
     for split, count in per_class.items():
-        rows = []
+        rows, released = [], [["id", "text", "annotation", "label"]]
         for label, name in enumerate(classes):
             folder = root / "images" / split / name
             folder.mkdir(parents=True, exist_ok=True)
+            (root / "texts_txt" / name).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 file_name = f"{name}_{i}.jpg"
                 _image(label, len(classes), rng).save(folder / file_name, quality=90)
                 rows.append([file_name, _text(name, rng), name])
+                released.append([file_name, rows[-1][1], name, label])
+                (root / "texts_txt" / name / f"{name}_{i}.txt").write_text(f"{rows[-1][1].title()} - Recipe #{i}: 100% yum!\n", encoding="utf-8")
+        with open(root / f"{split}.csv", "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows(released)
         rows.append([f"{classes[0]}_no_image.jpg", _text(classes[0], rng), classes[0]])  # image file missing
         _image(0, len(classes), rng).save(root / "images" / split / classes[0] / f"{classes[0]}_no_text.jpg")
         rows.append([f"{classes[0]}_no_text.jpg", "", classes[0]])  # empty text

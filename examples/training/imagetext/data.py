@@ -1,10 +1,11 @@
 """Readers, datasets and batching for the image-text reproductions (UPMC Food-101, N24News).
 
-The readers take the layouts of the public releases (SPEC section 9):
+The readers take the layouts of the public releases:
 
 * UPMC Food-101: ``images/{train,test}/<class>/<file>.jpg`` and ``texts/{train,test}_titles.csv``
   whose rows are ``image file name, text, class name``. The 5000-sample validation split is
-  held out from the training set with a fixed seed.
+  held out from the training set with a fixed seed. (The authors' own layout, with texts in
+  ``texts_txt/``, is read by ``food101_released.py``.)
 * N24News: ``news/nytimes_{train,dev,test}.json`` (a JSON list of records with ``headline``,
   ``abstract``, ``caption``, ``article``, ``image_id`` and ``section``) and
   ``imgs/<image_id>.jpg``; the label is ``section``.
@@ -80,7 +81,13 @@ class ImageTextSplits:
         return sizes + dropped
 
 
-def _listing(folder: Path) -> frozenset:
+def check_validation_size(validation_size) -> None:
+    """Raise ValueError unless ``validation_size`` (training pairs held out for validation) is an int >= 1."""
+    if isinstance(validation_size, bool) or not isinstance(validation_size, int) or validation_size < 1:
+        raise ValueError(f"validation_size must be an int >= 1; got {validation_size!r}")
+
+
+def folder_listing(folder: Path) -> frozenset:
     """File names in ``folder`` (empty if it does not exist): one listdir instead of one stat per sample."""
     try:
         return frozenset(os.listdir(folder))
@@ -132,7 +139,7 @@ def read_food101_split(root, split: str) -> Tuple[List[Tuple[Path, str, str]], D
                 if not file_name or not class_name:
                     raise DataError(f"{csv_path}, line {line_no}: empty image file name or class name")
                 if class_name not in listings:
-                    listings[class_name] = _listing(image_root / class_name)
+                    listings[class_name] = folder_listing(image_root / class_name)
                 if file_name not in listings[class_name]:
                     dropped["missing_image"] += 1
                 elif not text:
@@ -167,8 +174,7 @@ def load_food101(root, *, validation_size: int = FOOD101_VALIDATION_SIZE, split_
     training seeds, so every run selects its epoch on the same pairs). Classes are the sorted
     class names of the training split.
     """
-    if isinstance(validation_size, bool) or not isinstance(validation_size, int) or validation_size < 1:
-        raise ValueError(f"validation_size must be an int >= 1; got {validation_size!r}")
+    check_validation_size(validation_size)
     root = Path(root)
     train_rows, train_dropped = read_food101_split(root, "train")
     test_rows, test_dropped = read_food101_split(root, "test")
@@ -210,7 +216,7 @@ def read_n24news_split(root, split: str, *, text_field: str = "headline") -> Tup
         raise DataError(f"{json_path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
     if not isinstance(records, list):
         raise DataError(f"{json_path}: expected a JSON list of records; got a {type(records).__name__}")
-    images = _listing(image_root)
+    images = folder_listing(image_root)
     rows: List[Tuple[Path, str, str]] = []
     dropped = {"missing_image": 0, "missing_text": 0}
     for index, record in enumerate(records):

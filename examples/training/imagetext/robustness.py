@@ -24,8 +24,8 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 import torch
 from sklearn.metrics import accuracy_score
 from torch import Tensor
+from training.data import move_to
 
-import engine
 
 __all__ = ["NoiseStats", "noise_statistics", "robustness_report", "CORRUPTIBLE"]
 
@@ -102,7 +102,7 @@ def _predict(model, batches, *, device, replace: Sequence[str], stats: Optional[
     generator = torch.Generator().manual_seed(seed)
     labels, probabilities = [], []
     for inputs, y in batches:
-        inputs = engine.move_to(inputs, device)
+        inputs = move_to(inputs, device)
         substitutes = {m: stats.noise(m, inputs, model, generator) for m in replace}
         with autocast():
             logits = model.classify(model.encode_replaced(inputs, substitutes), unimodal=False)[1]

@@ -6,7 +6,7 @@
   run on given token embeddings (``inputs_embeds``): that is where the paper's text mixup and
   the text-noise evaluation enter.
 * :class:`ImageEncoder`: a Hugging Face ViT (first token) or, with ``backend="timm"``, a timm
-  model (its pooled features); the matching :class:`~imagetext_data.ImageTransform` comes with it.
+  model (its pooled features); the matching :class:`~training.imagetext.data.ImageTransform` comes with it.
 * :func:`mlp_head`: the released 3-layer classifier ``Linear-ReLU-Dropout-Linear-ReLU-Linear``.
 """
 
@@ -19,8 +19,8 @@ from typing import Mapping, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-import engine
-from imagetext_data import ImageTransform
+from training.imagetext.data import ImageTransform
+from training.model import MultimodalClassifier, xavier_normal_init
 
 __all__ = [
     "TextEncoder",
@@ -163,7 +163,7 @@ class ImageEncoder(nn.Module):
         except (OSError, ValueError) as err:
             raise EncoderLoadError(f"cannot load an image encoder from {name_or_path!r} (--image-encoder): {err}") from err
         self.out_dim = int(self.model.config.hidden_size)
-        self._preprocess = _vit_preprocessing(name_or_path, self.model.config)
+        self._preprocess = vit_preprocessing(name_or_path, self.model.config)
 
     def transform(self, *, horizontal_flip: bool = False) -> ImageTransform:
         size, mean, std, resample = self._preprocess
@@ -180,7 +180,7 @@ class ImageEncoder(nn.Module):
 _PIL_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
-def _vit_preprocessing(name_or_path: str, config) -> Tuple[Tuple[int, int], tuple, tuple, str]:
+def vit_preprocessing(name_or_path: str, config) -> Tuple[Tuple[int, int], tuple, tuple, str]:
     """Size, mean, std and resampling of the model's saved image processor (ViT defaults without one)."""
     transformers = _quiet_transformers()
     size = (int(config.image_size), int(config.image_size))
@@ -200,12 +200,6 @@ def _vit_preprocessing(name_or_path: str, config) -> Tuple[Tuple[int, int], tupl
     return size, mean, std, resample
 
 
-def _xavier(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_normal_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 def mlp_head(in_dim: int, hidden: int, num_classes: int, *, dropout: float = 0.0) -> nn.Sequential:
     """``Linear(in, hidden)-ReLU-Dropout-Linear(hidden, hidden)-ReLU-Linear(hidden, classes)``, Xavier-normal init.
 
@@ -221,7 +215,7 @@ def mlp_head(in_dim: int, hidden: int, num_classes: int, *, dropout: float = 0.0
         nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )
-    head.apply(_xavier)
+    head.apply(xavier_normal_init)
     return head
 
 
@@ -235,7 +229,7 @@ def mixed_attention_mask(mask: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
     return torch.where((lam < 1).unsqueeze(1), torch.maximum(mask, mask[perm]), mask)
 
 
-class ImageTextClassifier(engine.MultimodalClassifier):
+class ImageTextClassifier(MultimodalClassifier):
     """The engine's model (encoder + head per modality, fusion head) for an image and a text.
 
     Modality 0 is the image (inputs: normalised pixels), modality 1 the text (inputs: the

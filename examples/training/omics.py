@@ -29,9 +29,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-import engine
+from training import recipes
+from training import cli, datadir
+from training.config import ConfigError, Task, TrainConfig
+from training.data import TensorMultimodalDataset
+from training.model import MultimodalClassifier, mlp
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_VIEWS = 3
 SCALE_EPS = 1e-10  # added to the training max, as in the reference pipeline
 MOGONET_COMMIT = "9ed714f5c6f3e5a30178202e5d09d763fce67398"
@@ -180,15 +183,15 @@ def minmax_scale(train: np.ndarray, *others: np.ndarray) -> Tuple[np.ndarray, ..
 # ----------------------------------------------------------------------------- model and metrics
 
 
-def build_omics_model(feature_counts: Sequence[int], num_classes: int, emb_dim: int, post_dim: int, dropout: float = 0.0) -> engine.MultimodalClassifier:
+def build_omics_model(feature_counts: Sequence[int], num_classes: int, emb_dim: int, post_dim: int, dropout: float = 0.0) -> MultimodalClassifier:
     """The released medical model: per view ``Linear-ReLU-Linear`` encoders (no final ReLU), 2-layer
     MLP heads per view and a 2-layer MLP fusion head on the concatenated embeddings; xavier-normal
     weights and zero biases. The released code defines a Dropout(0.5) in the heads but never
     applies it, hence ``dropout=0`` by default."""
-    encoders = [engine.mlp(d, emb_dim, emb_dim) for d in feature_counts]
-    heads = [engine.mlp(emb_dim, post_dim, num_classes, dropout=dropout) for _ in feature_counts]
-    fusion = engine.mlp(emb_dim * len(feature_counts), post_dim, num_classes, dropout=dropout)
-    return engine.MultimodalClassifier(encoders, heads, fusion, encode_mixed_jointly=True)
+    encoders = [mlp(d, emb_dim, emb_dim) for d in feature_counts]
+    heads = [mlp(emb_dim, post_dim, num_classes, dropout=dropout) for _ in feature_counts]
+    fusion = mlp(emb_dim * len(feature_counts), post_dim, num_classes, dropout=dropout)
+    return MultimodalClassifier(encoders, heads, fusion, encode_mixed_jointly=True)
 
 
 def binary_metrics(y: np.ndarray, prob: np.ndarray) -> Dict[str, float]:
@@ -221,18 +224,18 @@ METRICS = {
 }
 
 
-def make_task(spec: MogonetSpec, data: MogonetData, *, dropout: float = 0.0) -> engine.Task:
+def make_task(spec: MogonetSpec, data: MogonetData, *, dropout: float = 0.0) -> Task:
     """An engine task from checked data: features scaled with the training set's min and max."""
     scaled = [minmax_scale(tr, te) for tr, te in zip(data.train, data.test)]
     as_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # noqa: E731
-    train = engine.TensorMultimodalDataset([as_tensor(tr) for tr, _ in scaled], torch.from_numpy(data.train_labels))
-    test = engine.TensorMultimodalDataset([as_tensor(te) for _, te in scaled], torch.from_numpy(data.test_labels))
+    train = TensorMultimodalDataset([as_tensor(tr) for tr, _ in scaled], torch.from_numpy(data.train_labels))
+    test = TensorMultimodalDataset([as_tensor(te) for _, te in scaled], torch.from_numpy(data.test_labels))
     metrics, labels = METRICS[spec.metrics]
     counts = tuple(x.shape[1] for x in data.train)
     digest = hashlib.sha256()
     for array in (*data.train, data.train_labels, *data.test, data.test_labels):
         digest.update(np.ascontiguousarray(array).tobytes())
-    return engine.Task(
+    return Task(
         name=spec.name,
         num_classes=spec.num_classes,
         build_model=functools.partial(build_omics_model, counts, spec.num_classes, spec.emb_dim, spec.post_dim, dropout),
@@ -253,32 +256,19 @@ def make_task(spec: MogonetSpec, data: MogonetData, *, dropout: float = 0.0) -> 
 # ----------------------------------------------------------------------------- data location and download
 
 
-def default_data_dirs(name: str) -> List[Path]:
-    """Where a dataset is looked for: ``$M3CO_DATA_DIR/NAME``, then ``../shared/data/NAME`` beside
-    the repository (and one level further up, for a git worktree nested in a folder)."""
-    dirs = []
-    if os.environ.get("M3CO_DATA_DIR"):
-        dirs.append(Path(os.environ["M3CO_DATA_DIR"]) / name)
-    dirs += [REPO_ROOT.parent / "shared" / "data" / name, REPO_ROOT.parent.parent / "shared" / "data" / name]
-    return dirs
-
-
 def find_data_dir(spec: MogonetSpec, data_dir: Optional[Path]) -> Path:
-    if data_dir is not None:
-        return Path(data_dir)
-    candidates = default_data_dirs(spec.name)
-    for path in candidates:
-        if (path / "labels_tr.csv").is_file():
-            return path
+    """``--data-dir``, else the first default folder (:func:`training.datadir.default_data_dirs`) holding the dataset."""
     how = (
         f"download it with `python examples/{spec.name.lower()}.py --download DIR` (checksums verified) and pass --data-dir DIR"
         if spec.sha256
         else "fetch its CSV files into a folder and pass --data-dir DIR"
     )
-    raise SystemExit(
-        f"No {spec.name} data found (looked in {', '.join(str(p) for p in candidates)}).\n"
-        f"{spec.name} is distributed with MOGONET: https://github.com/txWang/MOGONET/tree/main/{spec.name} (MIT licence); "
-        f"{how}, or set M3CO_DATA_DIR to a folder holding {spec.name}/."
+    return datadir.find_data_dir(
+        spec.name,
+        data_dir,
+        holds_data=lambda path: (path / "labels_tr.csv").is_file(),
+        how_to_get=f"{spec.name} is distributed with MOGONET: https://github.com/txWang/MOGONET/tree/main/{spec.name} (MIT licence); "
+        f"{how}, or set M3CO_DATA_DIR to a folder holding {spec.name}/.",
     )
 
 
@@ -332,18 +322,21 @@ def download(spec: MogonetSpec, dest: Path, *, base_url: Optional[str] = None, t
 # ----------------------------------------------------------------------------- command line
 
 
-def default_config(spec: MogonetSpec) -> engine.TrainConfig:
+def default_config(spec: MogonetSpec) -> TrainConfig:
     """The released settings: 500 full-batch epochs, Adam, weight decay 1e-4, StepLR gamma 0.2.
 
-    The validation split is scored every epoch; the test set every 10 epochs, as the released
-    code's training loop does (this is what ``best_on_test`` selects over)."""
-    return engine.TrainConfig(
+    The validation split is scored every epoch and the test set every 10 epochs: after epochs
+    9, 19, ..., 499 (0-based), the scores ``best_on_test`` selects among. The released loop
+    scores after epochs 0, 10, ..., 490 instead (``epoch % 10 == 0``); ``--recipe released``
+    does that."""
+    return TrainConfig(
         epochs=500, lr=spec.lr, weight_decay=1e-4, scheduler="step", step_size=250, gamma=0.2, holdout=0.2, eval_every=1, test_every=10
     )
 
 
 # StepLR step: 250 epochs in the paper, 500 in the released code (no decay within 500 epochs).
 STEP_SIZES = {"paper": 250, "reference": 500}
+RELEASED_STEP_SIZE = 500  # train_medical.py:36-38, whatever the loss convention
 
 
 def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
@@ -351,11 +344,12 @@ def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
         prog=f"{spec.name.lower()}.py",
         description=f"M3CoL and its ablations on {spec.name} (MOGONET layout); results under three evaluation protocols.",
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help=f"folder with the {spec.name} CSVs (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
-    parser.add_argument("--download", type=Path, metavar="DIR", default=None, help="download the CSVs into DIR, verify their SHA-256, and exit")
+    parser.add_argument("--data-dir", type=cli.path_argument("folder"), default=None, help=f"folder with the {spec.name} CSVs (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
+    parser.add_argument("--download", type=cli.path_argument("folder"), metavar="DIR", default=None, help="download the CSVs into DIR, verify their SHA-256, and exit")
     parser.add_argument("--base-url", default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
-    parser.add_argument("--dropout", type=engine.dropout_rate, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
-    engine.add_arguments(parser, default_config(spec))
+    parser.add_argument("--dropout", type=cli.dropout_rate, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
+    recipes.add_recipe_argument(parser, recipes.MEDICAL_RELEASED)
+    cli.add_arguments(parser, default_config(spec))
     return parser
 
 
@@ -368,13 +362,34 @@ def parse(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> argparse.N
     return parser.parse_args(argv)
 
 
-def config_from_args(spec: MogonetSpec, args: argparse.Namespace) -> engine.TrainConfig:
-    """The run's configuration; a head dropout other than the released 0 is recorded in ``extra``
-    (so that it is in results.json and in the fingerprint that decides which seeds are reused)."""
-    config = engine.config_from_args(args, default_config(spec), step_sizes=STEP_SIZES)
+def check_passed_on(spec: MogonetSpec, argv: Sequence[str]) -> None:
+    """Check the options a sweep passes on to each run before the first run starts (argparse's exit 2 names a bad one)."""
+    parse(spec, list(argv) + ["--output-dir", "unused"])
+
+
+def sweep_parser(spec: MogonetSpec, description: str) -> argparse.ArgumentParser:
+    """The parser of a script that runs this pipeline several times into ``--output-dir``/NAME, passing other options on."""
+    parser = argparse.ArgumentParser(description=description, epilog=cli.PASSTHROUGH_EPILOG.format(script=f"examples/{spec.name.lower()}.py"))
+    parser.add_argument("--output-dir", type=cli.output_folder, required=True)
+    return parser
+
+
+def config_from_args(spec: MogonetSpec, args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration; a head dropout other than the released 0 and ``--recipe released``
+    are recorded in ``extra`` (so that they are in results.json and in the fingerprint that
+    decides which seeds are reused). Raises :class:`ConfigError` for an option the
+    recipe cannot honour."""
+    recipes.check_medical(args)
+    released = args.recipe == "released"
+    step_sizes = {c: RELEASED_STEP_SIZE for c in STEP_SIZES} if released else STEP_SIZES
+    config = cli.config_from_args(args, default_config(spec), step_sizes=step_sizes)
+    extra = dict(config.extra)
     if args.dropout:
-        config = dataclasses.replace(config, extra={**config.extra, "dropout": args.dropout})
-    return config
+        extra["dropout"] = args.dropout
+    if released:
+        extra["recipe"] = "released"
+        config = dataclasses.replace(config, test_grid="released")
+    return dataclasses.replace(config, extra=extra).validate()
 
 
 def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[dict]:
@@ -385,7 +400,7 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
         return None
     try:
         config = config_from_args(spec, args)  # options first: a bad one fails before the data is read
-    except engine.ConfigError as err:
+    except ConfigError as err:
         raise SystemExit(f"{spec.name}: {err}") from None
     data_dir = find_data_dir(spec, args.data_dir)
     try:
@@ -393,4 +408,4 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
     except MogonetFormatError as err:
         raise SystemExit(f"{spec.name}: {err}") from None
     task = make_task(spec, data, dropout=args.dropout)
-    return engine.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
+    return cli.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
