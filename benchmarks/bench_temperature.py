@@ -34,17 +34,20 @@ from m3co_loss import MixupSampler
 from m3co_loss import functional as F
 
 HERE = Path(__file__).resolve().parent
-LOSSES = ("clip_loss", "m3co_pair", "multisoftclip_pair")
+LOSSES = ("clip_loss", "m3co_pair", "multisoftclip_pair", "contrastive_loss[labels]")
 IMPLS = ("float", "tensor")
 
 
 def loss_function(loss: str, n: int, backend: str, generator: torch.Generator):
-    """The loss as a function of ``(z_a, z_b, temperature)``; M3Co's plan is drawn once, outside the timed passes."""
+    """The loss as a function of ``(z_a, z_b, temperature)``; M3Co's plan and the labels (10 classes) are drawn once,
+    outside the timed passes (``m3co_pair`` runs the partners path of ``contrastive_loss``)."""
     plan = MixupSampler(generator=generator).sample(n, 2)
+    labels = torch.randint(0, 10, (n,), generator=generator)
     functions = {
         "clip_loss": lambda a, b, t: F.clip_loss(a, b, temperature=t, backend=backend),
         "m3co_pair": lambda a, b, t: F.m3co_pair(plan.mix(a, 0), b, plan.perms[0], plan.lam[0], temperature=t, backend=backend),
         "multisoftclip_pair": lambda a, b, t: F.multisoftclip_pair(a, b, temperature=t, backend=backend),
+        "contrastive_loss[labels]": lambda a, b, t: F.contrastive_loss(a, b, labels=labels, temperature=t, backend=backend),
     }
     return functions[loss]
 
@@ -143,7 +146,7 @@ def main(argv=None) -> dict:
     data = dict(meta=meta, results=[])
     for loss in args.loss:
         for n in args.n:
-            print(f"{loss:18s} N={n:5d} D={args.d} ...", end=" ", flush=True)
+            print(f"{loss:24s} N={n:5d} D={args.d} ...", end=" ", flush=True)
             entry = measure(loss, n, args.d, args.temperature, args.backend, args.rounds)
             print("tensor/float {1:.3f} [{0:.3f}, {2:.3f}]".format(*entry["ratio_quartiles"]), flush=True)
             data["results"].append(entry)

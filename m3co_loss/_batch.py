@@ -1,22 +1,35 @@
-"""What every loss of :mod:`m3co_loss.functional` does to its embeddings before the kernels.
+"""What every loss call shares: normalisation, the process-group layout, the reduction.
 
-Normalisation to unit rows in the compute dtype, the row counts of the ranks of a process group
-and the gathering of their rows, and the reduction of the per-sample vector (``functional``
-imports these names; see its module docstring for the distributed scaling).
+:mod:`m3co_loss.functional` and :mod:`m3co_loss._targets` build each call from these steps:
+check the arguments (:func:`_check_common`, :func:`_check_pair`), find the layout of the batch
+over the process group (:func:`_batch_layout`), bring the temperatures to the embeddings'
+dtype and device (:func:`_temperatures`), normalise and gather the embeddings
+(:func:`_prepare`), compute the per-sample vector, and reduce it (:func:`_reduce`); see
+:mod:`m3co_loss.functional`'s module docstring for the distributed scaling.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional, Sequence
+from typing import ContextManager, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as dist_utils
-from ._validation import has_values, value_checks_enabled
-from .backends import Rows
+from .backends import Rows, Temperature
+from ._validation import (
+    CONVENTIONS,
+    REDUCTIONS,
+    check_choice,
+    check_embeddings,
+    check_same_device,
+    check_temperature,
+    has_values,
+    resolve_temperature,
+    value_checks_enabled,
+)
 
 __all__ = ["normalize"]
 
@@ -57,9 +70,10 @@ def _compute_dtype(zs: Sequence[Tensor]) -> torch.dtype:
 class _Batch(NamedTuple):
     """What every modality of one call shares: process-group layout and reduction scale."""
 
-    sizes: tuple  # rows per rank
+    sizes: Tuple[int, ...]  # rows per rank
     rank: int
     dtype: torch.dtype  # of the normalised embeddings (every input of the call is promoted to it)
+    extra: Tuple[Tuple[int, ...], ...] = ()  # per rank, the integers the call asked _batch_layout to share
 
     @property
     def distributed(self) -> bool:
@@ -93,34 +107,36 @@ def _min_rows(spread: bool) -> int:
     return 0 if spread else 2
 
 
-def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str) -> _Batch:
+def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence[int] = ()) -> _Batch:
     """Every rank's row count, after checking that all ranks agree on D and dtype.
 
     ``zs`` are the embeddings of the call (all of one shape). Every rank receives the same
     table, so every rank raises the same error (no rank is left waiting in a collective).
+    ``extra`` are integers of this rank that every rank needs (e.g. the outcome of its value
+    checks): they travel in the same collective and come back, per rank, in ``extra``.
     """
     z = zs[0]
     if not spread:
-        return _Batch((z.shape[0],), 0, _compute_dtype(zs))
+        return _Batch((z.shape[0],), 0, _compute_dtype(zs), (tuple(extra),))
     dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
-    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code], z.device)
+    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, *extra], z.device)
     sizes = tuple(row[0] for row in table)
-    for r, (_, d, c) in enumerate(table):
+    for r, (_, d, c, *_) in enumerate(table):
         if d != table[0][1]:
             raise ValueError(f"{name} has D = {d} on rank {r} but D = {table[0][1]} on rank 0; every rank must pass the same D")
         if c != table[0][2]:
             raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
     if sum(sizes) < 2:
         raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
-    return _Batch(sizes, dist_utils.rank(), dtype)
+    return _Batch(sizes, dist_utils.rank(), dtype, tuple(tuple(row[3:]) for row in table))
 
 
 def _dtype_name(code: int) -> str:
     return str(_GATHER_DTYPES[code]) if 0 <= code < len(_GATHER_DTYPES) else "an unsupported dtype"
 
 
-def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
+def _prepare(zs: Sequence[Tensor], layout: _Batch) -> List[Rows]:
     """Normalised rows of each tensor, gathered over the process group in one collective."""
     ps = [normalize(z, layout.dtype) for z in zs]
     if not layout.distributed:
@@ -130,7 +146,7 @@ def _prepare(zs: Sequence[Tensor], layout: _Batch) -> list:
     return [Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
 
 
-def _no_autocast(device: torch.device):
+def _no_autocast(device: torch.device) -> ContextManager[object]:
     # The losses choose their own precision: matmuls under an outer autocast region would
     # otherwise run in bfloat16/float16 and lose the float32 accumulation promised above.
     try:
@@ -149,3 +165,27 @@ def _reduce(v: Tensor, reduction: str, layout: _Batch) -> Tensor:
     if reduction == "sum":
         return v.sum() * world if world > 1 else v.sum()
     return v.sum() * (world / layout.total) if world > 1 else v.mean()
+
+
+def _check_common(temperature: object, reduction: object, convention: object) -> Temperature:
+    t = check_temperature("temperature", temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("convention", convention, CONVENTIONS)
+    return t
+
+
+def _temperatures(
+    temperature: Temperature, layout: _Batch, device: torch.device, target_temperature: Optional[Temperature] = None
+) -> Tuple[Temperature, Temperature]:
+    """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``."""
+    t = resolve_temperature("temperature", temperature, layout.dtype, device)
+    if target_temperature is None:
+        return t, t
+    return t, resolve_temperature("target_temperature", target_temperature, layout.dtype, device)
+
+
+def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> Tuple[Tensor, Tensor]:
+    z_a = check_embeddings(name_a, z_a, min_rows=min_rows)
+    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows)
+    check_same_device((name_a, name_b), (z_a, z_b))
+    return z_a, z_b

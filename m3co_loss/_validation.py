@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -225,6 +225,83 @@ def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
     if _VALUE_CHECKS and has_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] (NaN is not allowed)")
     return lam
+
+
+def _check_index_tensor(name: str, x: object, shape: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape {shape}; got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype; got {x.dtype}")
+    return x
+
+
+def check_partners(name: str, partners: object, n: int, device: torch.device) -> Tensor:
+    """An integer tensor of shape (N, K), K >= 1: column indices (their range is checked by the caller)."""
+    partners = _check_index_tensor(name, partners, f"({n}, K)")
+    if partners.dim() != 2 or partners.shape[0] != n or partners.shape[1] < 1:
+        hint = "; for one partner per row pass partners[:, None]" if partners.shape == (n,) else ""
+        raise ValueError(f"{name} must have shape ({n}, K) with K >= 1, one row of column indices per sample; got {tuple(partners.shape)}{hint}")
+    if partners.device != device:
+        raise ValueError(f"{name} is on {partners.device} but the embeddings are on {device}")
+    return partners.long()
+
+
+def check_target_weights(name: str, weights: object, shape: Tuple[int, ...], device: torch.device) -> Tensor:
+    """A floating tensor of ``shape`` (that of the partners); its values are checked by :func:`target_weights_problem`."""
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"{name} must be a floating torch.Tensor of shape {shape}; got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype; got {weights.dtype}")
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of partners, {tuple(shape)}, one weight per partner; got {tuple(weights.shape)}")
+    if weights.device != device:
+        raise ValueError(f"{name} is on {weights.device} but the embeddings are on {device}")
+    return weights
+
+
+def target_weights_tolerance(dtype: torch.dtype, k: int) -> float:
+    """How far a row of K target weights may sum from 1: ``4 K eps``.
+
+    ``eps`` is the machine epsilon of ``dtype``, but at least float32's (1.19e-7): weights made in
+    float32 and cast to float64 pass. So 4.8e-7 K for float32 and float64, 3.9e-3 K for float16,
+    3.1e-2 K for bfloat16.
+    """
+    eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return 4.0 * k * eps
+
+
+# Codes of target_weights_problem, shared over a process group as integers.
+WEIGHTS_OK, WEIGHTS_NOT_FINITE, WEIGHTS_NEGATIVE, WEIGHTS_NOT_NORMALISED = 0, 1, 2, 3
+
+
+def target_weights_problem(weights: Tensor) -> tuple[int, str]:
+    """``(code, detail)``: the first problem of the rows of ``weights`` (N, K), ``(WEIGHTS_OK, "")`` if none.
+
+    Reads the data: call it only with value checks on.
+    """
+    if not has_values(weights) or weights.numel() == 0:
+        return WEIGHTS_OK, ""
+    weights = weights.detach()
+    if not all_finite(weights):
+        return WEIGHTS_NOT_FINITE, ""
+    if bool((weights < 0).any()):
+        row = int((weights < 0).any(1).nonzero()[0])
+        return WEIGHTS_NEGATIVE, f"; row {row} holds {weights[row].tolist()}"
+    deviation = (weights.double().sum(1) - 1).abs()
+    worst = int(deviation.argmax())
+    if float(deviation[worst]) > target_weights_tolerance(weights.dtype, weights.shape[1]):
+        return WEIGHTS_NOT_NORMALISED, f"; row {worst} sums to {float(weights[worst].double().sum()):.9g}"
+    return WEIGHTS_OK, ""
+
+
+def check_labels(name: str, labels: object, n: int, device: torch.device) -> Tensor:
+    """An integer tensor of shape (N,) (non-negative: checked by the caller, which may share it over ranks)."""
+    labels = _check_index_tensor(name, labels, f"({n},)")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one class label per sample; got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the embeddings are on {device}")
+    return labels.long()
 
 
 def check_sequence(name: str, value: object, *, min_len: int = 2) -> list:

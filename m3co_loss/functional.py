@@ -13,6 +13,9 @@ Notation (see the docs' maths page): ``r = lse_row(S)``, ``c = lse_col(S)``, ``j
 * :func:`multisoftclip_pair` (paper Eq. 9) with ``W = softmax_row(p_a p_a^T / t)``:
   ``v_i = c_i + sum_l W_il r_l - 2 sum_l W_il S_li``
 * :func:`clip_loss`: ``v_i = r_i + c_i - 2 S_ii``
+* :func:`contrastive_loss` (any targets ``T`` with a few positives per row: partners with
+  weights, or class labels): ``v_i = r_i + sum_k T_ik c_k - 2 sum_k T_ik S_ik``; M3Co is its
+  case ``T_i = lam_i e_i + (1-lam_i) e_j``, and :func:`m3co_pair` computes through it.
 
 ``convention="reference"`` computes what the authors' released code computes (docs page
 ``conventions``): each directed term is the *average* of its two directions, MultiSClip
@@ -38,7 +41,7 @@ averaging yields the single-process gradient (docs: *Scaling out*).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -50,8 +53,11 @@ from ._batch import (  # noqa: F401  (the layout helpers are part of this module
     _NORM_SAFE_MIN,
     _Batch,
     _batch_layout,
+    _check_common,
+    _check_pair,
     _compute_dtype,
     _dtype_name,
+    _temperatures,
     _min_rows,
     _no_autocast,
     _prepare,
@@ -59,7 +65,7 @@ from ._batch import (  # noqa: F401  (the layout helpers are part of this module
     _spread,
     normalize,
 )
-from .backends import Rows, Temperature
+from ._targets import contrastive_loss, partners_vector
 from ._validation import (
     CONVENTIONS,
     REDUCTIONS,
@@ -75,9 +81,9 @@ from ._validation import (
     has_values,
     min_temperature,
     resolve_partner,
-    resolve_temperature,
     value_checks_enabled,
 )
+from .backends import Rows, Temperature
 
 __all__ = [
     "m3co_pair",
@@ -85,6 +91,7 @@ __all__ = [
     "multisoftclip_pair",
     "multisoftclip",
     "clip_loss",
+    "contrastive_loss",
     "unis_mmc",
     "normalize",
     "min_temperature",
@@ -98,7 +105,10 @@ LamArg = Union[Tensor, Sequence[Tensor]]
 
 
 def _m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, reference: bool, layout: _Batch, backend: str) -> Tensor:
-    return backends.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=layout.distributed, backend=backend)
+    # M3Co's targets: lam_i on i, 1 - lam_i on perm[i] (added when they coincide), local to the rank.
+    partners = torch.stack([torch.arange(perm.shape[0], device=perm.device), perm], dim=1)
+    weights = torch.stack([lam, 1 - lam], dim=1)
+    return partners_vector(a, b, partners, weights, t, reference=reference, layout=layout, backend=backend, local=True, rows_sum_to_one=True)
 
 
 def _clip_vector(a: Rows, b: Rows, t: Temperature, layout: _Batch, backend: str) -> Tensor:
@@ -116,31 +126,7 @@ def _multisoftclip_vector(
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_common(temperature, reduction, convention) -> Temperature:
-    t = check_temperature("temperature", temperature)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("convention", convention, CONVENTIONS)
-    return t
-
-
-def _temperatures(
-    temperature: Temperature, layout: _Batch, device: torch.device, target_temperature: Optional[Temperature] = None
-) -> tuple[Temperature, Temperature]:
-    """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``."""
-    t = resolve_temperature("temperature", temperature, layout.dtype, device)
-    if target_temperature is None:
-        return t, t
-    return t, resolve_temperature("target_temperature", target_temperature, layout.dtype, device)
-
-
-def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> tuple[Tensor, Tensor]:
-    z_a = check_embeddings(name_a, z_a, min_rows=min_rows)
-    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows)
-    check_same_device((name_a, name_b), (z_a, z_b))
-    return z_a, z_b
-
-
-def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2) -> list:
+def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2) -> List[Tensor]:
     zs = check_sequence(name, zs)
     first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows)
     out = [first]
@@ -150,7 +136,7 @@ def _check_modalities(name: str, zs: object, *, n: Optional[int] = None, d: Opti
     return out
 
 
-def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> list:
+def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> List[Tensor]:
     """lam as one (N,) tensor shared by all modalities, an (M, N) tensor or a list of M tensors."""
     if isinstance(lam, Tensor) and lam.dim() == 2:
         if lam.shape[0] != num:
@@ -166,7 +152,7 @@ def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> li
     return [check_lam(f"lam[{m}]", x, n, device) for m, x in enumerate(lams)]
 
 
-def _directed_pairs(num: int, convention: str) -> list:
+def _directed_pairs(num: int, convention: str) -> List[Tuple[int, int, float]]:
     """(a, b, weight) for every directed term a -> b of the aggregate loss."""
     if convention == "reference":
         # Released code: modality m against m+1 (mod M), one direction each; for M = 2 this

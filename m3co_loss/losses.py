@@ -17,7 +17,7 @@ the gradients of the parameters used there), like any other parameter (docs page
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,7 @@ from ._validation import (
 )
 from .mixup import MixupPlan, MixupSampler
 
-__all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "UniSMMCLoss"]
+__all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "ContrastiveLoss", "UniSMMCLoss"]
 
 # The released code's MultiSClip temperature and M3Co share of training (docs page ``conventions``).
 REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
@@ -68,11 +68,11 @@ class _ContrastiveOptions(nn.Module):
 
     def __init__(
         self,
-        temperature,
-        reduction,
-        backend,
-        gather_distributed,
-        convention="paper",
+        temperature: float,
+        reduction: str,
+        backend: str,
+        gather_distributed: bool,
+        convention: str = "paper",
         *,
         learn_temperature: bool = False,
         min_scale: float = 1.0,
@@ -168,6 +168,84 @@ class CLIPLoss(_ContrastiveOptions):
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return F.clip_loss(
             z_a, z_b, temperature=self.temperature, reduction=self.reduction, backend=self.backend, gather_distributed=self.gather_distributed
+        )
+
+
+class ContrastiveLoss(_ContrastiveOptions):
+    """Contrastive loss with structured targets: :func:`m3co_loss.functional.contrastive_loss`.
+
+    The targets come with each batch: ``forward(z_a, z_b, partners=..., weights=...)`` (mixing
+    partners, e.g. MixCo or M3Co), ``forward(z_a, z_b, labels=...)`` (every sample of the same
+    class a positive) or ``forward(z_a, z_b)`` (CLIP's identity targets). See the docs page
+    *Structured targets*.
+
+    Args:
+        temperature: softmax temperature t > 0 (the initial value when learned).
+        learn_temperature: learn the temperature, as :class:`CLIPLoss` does: a parameter
+            ``logit_scale = log(1/t)`` clamped to ``[log(min_scale), log(max_scale)]``.
+        min_scale, max_scale: the range of ``1/t`` while learning (1 and 100: ``t`` in [0.01, 1]).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        convention: ``"paper"`` (sum of the two directions) or ``"reference"`` (their average).
+        backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
+        gather_distributed: contrast against the rows of every rank (partners then hold global
+            column indices).
+
+    Raises:
+        ValueError: an option out of range (named).
+        TypeError: an option of the wrong type (named).
+
+    Examples:
+        >>> import torch
+        >>> from m3co_loss import ContrastiveLoss
+        >>> criterion = ContrastiveLoss(temperature=0.07)
+        >>> z_a, z_b = torch.randn(6, 8), torch.randn(6, 8)
+        >>> criterion(z_a, z_b, labels=torch.tensor([0, 0, 1, 1, 2, 2])).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        learn_temperature: bool = False,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
+        reduction: str = "mean",
+        convention: str = "paper",
+        backend: str = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            temperature, reduction, backend, gather_distributed, convention, learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale
+        )
+
+    def forward(
+        self, z_a: Tensor, z_b: Tensor, *, partners: Optional[Tensor] = None, weights: Optional[Tensor] = None, labels: Optional[Tensor] = None
+    ) -> Tensor:
+        """The loss of one batch with its targets (at most one of the two forms).
+
+        Args:
+            z_a: (N, D) embeddings of the rows.
+            z_b: (N, D) embeddings of the columns.
+            partners: (N, K) integer column indices (global over ranks with ``gather_distributed``).
+            weights: (N, K) non-negative weights of the partners, rows summing to 1; ``None``:
+                1/K each. Only with ``partners``.
+            labels: (N,) non-negative integer class labels.
+
+        Raises:
+            ValueError, TypeError: as :func:`m3co_loss.functional.contrastive_loss`, naming the argument.
+        """
+        return F.contrastive_loss(
+            z_a,
+            z_b,
+            partners=partners,
+            weights=weights,
+            labels=labels,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            convention=self.convention,
+            backend=self.backend,
+            gather_distributed=self.gather_distributed,
         )
 
 
@@ -455,7 +533,7 @@ class M3CoLoss(_ContrastiveOptions):
         """
         z = F._check_modalities("z", z, min_rows=_min_rows(_spread(self.gather_distributed)))
         phase = self.phase(step)
-        options = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
+        options: Dict[str, Any] = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
         if phase == "multisclip":
             loss = F.multisoftclip(
                 z,

@@ -31,6 +31,7 @@ from torch import nn
 
 import m3co_loss
 from m3co_loss import backends
+from m3co_loss import distributed as dist_utils
 from m3co_loss import functional as F
 from m3co_loss.mixup import MixupPlan, MixupSampler
 
@@ -68,6 +69,7 @@ class Model(nn.Module):
                 "CLIPLoss": m3co_loss.CLIPLoss(temperature=0.2, learn_temperature=True),
                 "MultiSClipLoss": m3co_loss.MultiSClipLoss(temperature=0.2, target_temperature=0.3, learn_temperature=True),
                 "M3CoLoss": m3co_loss.M3CoLoss(temperature=0.2, multisclip_temperature=0.25, total_steps=3, learn_temperature=True),
+                "ContrastiveLoss": m3co_loss.ContrastiveLoss(temperature=0.2, learn_temperature=True),
             }
         )
         self.criteria.to(torch.float64)
@@ -154,6 +156,38 @@ def _m3co_module_multisclip_phase(z, zm, lg, y, plan, o):
     return m3co_loss.M3CoLoss(total_steps=3, **o)(z, step=2)
 
 
+def global_partners(n: int, gather: bool, device=None):
+    """(partners, weights) of this rank's n rows as *global* column indices, a function of the global row.
+
+    Global row g contrasts with g, (3g + 1) mod N and (g + 2) mod N (a repeat when two coincide),
+    weighted (1 + g mod 3, 1, g mod 2) / total: partners cross ranks, as contrastive_loss allows.
+    """
+    if gather and dist_utils.world_size() > 1:
+        sizes = dist_utils.all_gather_sizes(n, torch.device("cpu"))
+        offset, total = sum(sizes[: dist_utils.rank()]), sum(sizes)
+    else:
+        offset, total = 0, n
+    g = torch.arange(offset, offset + n)
+    partners = torch.stack([g, (3 * g + 1) % total, (g + 2) % total], 1)
+    weights = torch.stack([1.0 + g % 3, torch.ones(n, dtype=torch.long), g % 2], 1).to(torch.float64)
+    return partners, weights / weights.sum(1, keepdim=True)
+
+
+def _partner_kwargs(n: int, gather: bool) -> dict:
+    partners, weights = global_partners(n, gather)
+    return dict(partners=partners, weights=weights)
+
+
+def _targets(form, convention="paper", module=False):
+    def loss(z, zm, lg, y, plan, o):
+        kw = dict(labels=y) if form == "labels" else _partner_kwargs(z[0].shape[0], o["gather_distributed"])
+        if module:
+            return m3co_loss.ContrastiveLoss(convention=convention, **o)(zm[0], z[1], **kw)
+        return F.contrastive_loss(zm[0], z[1], convention=convention, **kw, **o)
+
+    return loss
+
+
 def _unis(z, zm, lg, y, plan, o):
     return F.unis_mmc(z, lg, y, gather_distributed=o["gather_distributed"])
 
@@ -194,6 +228,10 @@ CASES = [
     Case("M3CoLoss[MultiSClip phase]", ("mean",), BACKENDS, False, _m3co_module_multisclip_phase),
     Case("MultiSClipLoss", ("sum",), BACKENDS, False, lambda z, zm, lg, y, plan, o: m3co_loss.MultiSClipLoss(**o)(z)),
     Case("CLIPLoss", ("none",), BACKENDS, False, lambda z, zm, lg, y, plan, o: m3co_loss.CLIPLoss(**o)(z[0], z[1])),
+    Case("contrastive_loss[partners]", ALL, BACKENDS, False, _targets("partners")),
+    Case("contrastive_loss[labels]", ("mean", "none"), BACKENDS, False, _targets("labels")),
+    Case("ContrastiveLoss[partners, reference]", ("mean",), BACKENDS, False, _targets("partners", "reference", module=True)),
+    Case("ContrastiveLoss[labels]", ("sum",), BACKENDS, False, _targets("labels", module=True)),
     # learned temperatures: a 0-dim tensor that requires grad, and the modules' log-scales
     Case("clip_loss[learned t]", ("mean",), BACKENDS, False, lambda z, zm, lg, y, plan, o: F.clip_loss(z[0], z[1], **o), "functional"),
     Case("m3co[learned t]", ("none",), BACKENDS, False, _m3co("paper"), "functional"),
@@ -216,6 +254,15 @@ CASES = [
         False,
         _learned_module("M3CoLoss", lambda m, z, zm, plan: m(z, step=2)),
         "M3CoLoss",
+    ),
+    Case("contrastive_loss[labels, learned t]", ("mean",), BACKENDS, False, _targets("labels"), "functional"),
+    Case(
+        "ContrastiveLoss[partners, learned t]",
+        ("mean",),
+        BACKENDS,
+        False,
+        _learned_module("ContrastiveLoss", lambda m, z, zm, plan: m(zm[0], z[1], **_partner_kwargs(z[0].shape[0], m.gather_distributed))),
+        "ContrastiveLoss",
     ),
     Case("unis_mmc", ("-",), ("-",), True, _unis),
     Case("UniSMMCLoss", ("-",), ("-",), True, _unis_module),
@@ -294,6 +341,15 @@ def _error_cases(rank: int, world: int) -> dict:
     out["D differs"] = _expect_error(lambda: F.multisoftclip([torch.randn(3, dim, dtype=d)] * 2, gather_distributed=True))
     dtype = torch.float32 if rank == world - 1 else d
     out["dtype differs"] = _expect_error(lambda: F.clip_loss(torch.randn(3, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype), gather_distributed=True))
+    # value problems of one rank's targets: every rank raises (none is left waiting in the gather)
+    x = torch.randn(3, 4, dtype=d)
+    last = rank == world - 1
+    out["partners out of range"] = _expect_error(
+        lambda: F.contrastive_loss(x, x, partners=torch.full((3, 1), 3 * world if last else 0), gather_distributed=True))
+    weights = torch.tensor([[0.5, 0.7]] * 3 if rank == 0 else [[0.5, 0.5]] * 3, dtype=d)
+    out["weights off"] = _expect_error(
+        lambda: F.contrastive_loss(x, x, partners=torch.zeros(3, 2, dtype=torch.long), weights=weights, gather_distributed=True))
+    out["negative label"] = _expect_error(lambda: F.contrastive_loss(x, x, labels=torch.tensor([0, -1 if last else 1, 2]), gather_distributed=True))
     return out
 
 

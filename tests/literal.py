@@ -141,6 +141,43 @@ def m3co_released(z, perms, lams, t):
     return total
 
 
+def targets_from_partners(n, partners, weights):
+    """The dense target matrix T[i][k] = sum_j weights[i][j] [partners[i][j] = k], entry by entry."""
+    T = [[0.0] * n for _ in range(len(partners))]
+    for i in range(len(partners)):
+        for j in range(len(partners[i])):
+            k = int(partners[i][j])
+            T[i][k] = T[i][k] + weights[i][j]
+    return T
+
+
+def targets_from_labels(labels):
+    """T[i][k] = 1 / #{l : y_l = y_i} when y_k = y_i, else 0."""
+    n = len(labels)
+    T = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        same = [k for k in range(n) if int(labels[k]) == int(labels[i])]
+        for k in same:
+            T[i][k] = 1.0 / len(same)
+    return T
+
+
+def structured(z_a, z_b, T, t, convention="paper"):
+    """Per-sample values v_i = sum_k T_ik [(lse_row(S)_i - S_ik) + (lse_col(S)_k - S_ik)], S = p_a p_b^T / t
+    (``reference``: half of it), as a list of scalars."""
+    S = similarity(normalize(z_a), normalize(z_b), t)
+    n = len(S)
+    values = []
+    for i in range(n):
+        v = 0
+        for k in range(n):
+            if isinstance(T[i][k], float) and T[i][k] == 0.0:
+                continue
+            v = v + T[i][k] * ((lse_row(S, i) - S[i][k]) + (lse_col(S, k) - S[i][k]))
+        values.append(v / 2 if convention == "reference" else v)
+    return values
+
+
 def multisoftclip(z, t, convention):
     M = len(z)
     if convention == "paper":

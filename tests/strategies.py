@@ -86,3 +86,66 @@ def cases(draw, *, modalities=2, min_n=2, max_n=8, max_d=6, dtype=torch.float64,
 
 
 temperatures = st.sampled_from([0.05, 0.1, 0.125, 0.5, 1.0])
+
+
+@dataclass
+class TargetCase:
+    """Two embeddings and one form of structured targets (``partners``/``weights``, ``labels`` or neither)."""
+
+    z_a: torch.Tensor
+    z_b: torch.Tensor
+    form: str  # "partners", "uniform" (partners, weights=None), "labels" or "identity"
+    partners: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.z_a.shape[0]
+
+    def kwargs(self) -> dict:
+        """The target arguments of ``contrastive_loss``."""
+        if self.form == "labels":
+            return dict(labels=self.labels)
+        if self.form in ("partners", "uniform"):
+            return dict(partners=self.partners, weights=self.weights)
+        return {}
+
+
+def make_target_case(n: int, d: int, form: str, k: int, seed: int, dtype=torch.float64) -> TargetCase:
+    """Random targets: K partners per row drawn with repeats (and the row itself often among them),
+    weights normalised from random draws with some exact zeros; labels from up to N // 2 + 1 classes
+    with one class that has a single member."""
+    g = torch.Generator().manual_seed(seed)
+    z_a, z_b = (torch.randn(n, d, generator=g, dtype=dtype) for _ in range(2))
+    case = TargetCase(z_a, z_b, form)
+    if form in ("partners", "uniform"):
+        partners = torch.randint(0, n, (n, k), generator=g)
+        own = torch.rand(n, generator=g) < 0.5
+        partners[own, 0] = torch.arange(n)[own]  # many rows contrast with their own column too
+        if k > 1:  # a repeated partner: its weights add up
+            partners[0, 1] = partners[0, 0]
+        case.partners = partners
+        if form == "partners":
+            w = torch.rand(n, k, generator=g, dtype=dtype)
+            w[torch.rand(n, k, generator=g) < 0.2] = 0.0
+            w[:, 0] += 0.1  # every row keeps a positive weight
+            case.weights = w / w.sum(1, keepdim=True)
+    elif form == "labels":
+        classes = int(torch.randint(1, n // 2 + 2, (1,), generator=g))
+        labels = torch.randint(0, classes, (n,), generator=g) * 3  # labels need not be 0..C-1
+        labels[-1] = 3 * classes + 7  # a class with one member
+        case.labels = labels[torch.randperm(n, generator=g)]
+    return case
+
+
+@st.composite
+def target_cases(draw, *, forms=("partners", "labels", "uniform", "identity"), min_n=2, max_n=9, max_d=5, dtype=torch.float64):
+    return make_target_case(
+        draw(st.integers(min_n, max_n)),
+        draw(st.integers(1, max_d)),
+        draw(st.sampled_from(list(forms))),
+        draw(st.integers(1, 4)),
+        draw(st.integers(0, 2**31 - 1)),
+        dtype=dtype,
+    )

@@ -65,6 +65,23 @@ def test_compile_benchmark_writes_its_table(tmp_path):
     assert "| clip_loss | 16 | 4 |" in (tmp_path / "t.md").read_text()
 
 
+def test_targets_benchmark_writes_paired_and_memory_tables(tmp_path):
+    bench = ROOT / "benchmarks" / "bench_targets.py"
+    cmd = [sys.executable, str(bench), "--paired", "--memory", "--impl", "partners", "m3co_pair", "labels", "--n", "48", "--d", "8",
+           "--rounds", "2", "--repeats", "1", "--threads", "1", "--classes", "3", "--out-dir", str(tmp_path), "--tag", "t"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads((tmp_path / "t_paired.json").read_text())["results"]
+    times = entry["times_s"]
+    assert entry["status"] == "ok" and all(len(times[impl]) == 2 for impl in ("partners", "m3co_pair", "labels"))
+    assert entry["ratios"]["labels"] == pytest.approx([x / y for x, y in zip(times["partners"], times["labels"])])
+    memory = json.loads((tmp_path / "t_memory.json").read_text())["results"]
+    assert {r["impl"] for r in memory} == {"partners", "m3co_pair", "labels"} and all(r["status"] == "ok" for r in memory)
+    assert "| labels | 48 | 8 |" in (tmp_path / "t_memory.md").read_text()
+    rst = (tmp_path / "t_paired.rst").read_text() + (tmp_path / "t_memory.rst").read_text()
+    assert rst.count(".. list-table::") == 2 and "pytorch-metric-learning was not measured" in rst
+
+
 def test_temperature_benchmark_writes_its_table(tmp_path):
     bench = ROOT / "benchmarks" / "bench_temperature.py"
     cmd = [sys.executable, str(bench), "--loss", "clip_loss", "multisoftclip_pair", "--n", "40", "--d", "8", "--rounds", "2", "--threads", "1"]

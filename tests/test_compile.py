@@ -47,6 +47,10 @@ def losses(backend):
     def mixed(z):
         return [plan.mix(x, m) for m, x in enumerate(z)]
 
+    partners = torch.stack([torch.arange(9), plan.perms[0], plan.perms[1]], 1)
+    weights = torch.softmax(torch.linspace(-1, 1, 27, dtype=torch.float64).reshape(9, 3), 1)
+    labels = torch.tensor([4, 0, 4, 2, 0, 4, 9, 2, 2])
+
     return {
         "m3co": lambda z: F.m3co(mixed(z), z, plan.perms, plan.lam, backend=backend),
         "m3co-reference": lambda z: F.m3co(mixed(z), z, plan.perms, plan.lam, convention="reference", backend=backend),
@@ -55,6 +59,9 @@ def losses(backend):
         "multisoftclip-reference": lambda z: F.multisoftclip(z, convention="reference", backend=backend),
         "multisoftclip_pair": lambda z: F.multisoftclip_pair(z[0], z[1], reduction="none", backend=backend).sum(),
         "clip_loss": lambda z: F.clip_loss(z[0], z[1], backend=backend),
+        "contrastive_loss[partners]": lambda z: F.contrastive_loss(z[0], z[1], partners=partners, weights=weights, reduction="none", backend=backend).sum(),
+        "contrastive_loss[labels]": lambda z: F.contrastive_loss(z[0], z[1], labels=labels, convention="reference", backend=backend),
+        "contrastive_loss[identity]": lambda z: F.contrastive_loss(z[0], z[1], backend=backend),
     }
 
 

@@ -100,6 +100,13 @@ def test_inconsistent_inputs_raise_the_same_clear_error_on_every_rank(ranks_outp
         assert errors["one row in all"].startswith("ValueError: z_a must hold at least 2 samples over all ranks"), (r, errors)
         assert errors["D differs"].startswith("ValueError: z has D = 5 on rank"), (r, errors)
         assert errors["dtype differs"].startswith("TypeError: z_a is promoted to torch.float32 on rank"), (r, errors)
+        last = world - 1
+        assert errors["partners out of range"] == (
+            f"ValueError: partners on rank {last} must hold column indices in [0, {3 * world}) "
+            f"(global indices: N = {3 * world} rows over all ranks); got {3 * world}"), (r, errors)
+        assert errors["weights off"].startswith("ValueError: weights on rank 0: every row must sum to 1"), (r, errors)
+        assert errors["weights off"].endswith("; row 0 sums to 1.2") == (r == 0), (r, errors)  # the details: on the rank that has them
+        assert errors["negative label"] == f"ValueError: labels on rank {last} must be non-negative class indices; got -1", (r, errors)
 
 
 # ----------------------------------------------------------------------------- no process group
