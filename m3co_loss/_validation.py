@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -304,7 +304,7 @@ def check_labels(name: str, labels: object, n: int, device: torch.device) -> Ten
     return labels.long()
 
 
-def check_sequence(name: str, value: object, *, min_len: int = 2) -> list:
+def check_sequence(name: str, value: object, *, min_len: int = 2) -> List[Any]:
     if isinstance(value, Tensor) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a list or tuple of tensors, one per modality; got {type(value).__name__}")
     if len(value) < min_len:

@@ -41,7 +41,7 @@ averaging yields the single-process gradient (docs: *Scaling out*).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -291,17 +291,18 @@ def m3co(
     perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]
     lams = _per_modality_lam(lam, num, n, device)
     # Only the embeddings that enter a term are normalised and gathered.
-    used = list(mixed) + (list(clean) if partner == "clean" else [])
+    used = list(mixed) + (list(clean) if partner == "clean" and clean is not None else [])
     layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed")
     t, _ = _temperatures(t, layout, device)
     reference = convention == "reference"
     with _no_autocast(device):
         rows = _prepare(used, layout)
         partners = rows[num:] if partner == "clean" else rows[:num]
-        total = None
+        total: Optional[Tensor] = None
         for a, b, weight in _directed_pairs(num, convention):
             v = _m3co_vector(rows[a], partners[b], perms[a], lams[a].to(rows[a].local.dtype), t, reference, layout, backend)
             total = weight * v if total is None else total + weight * v
+        assert total is not None, "two modalities make at least one term"
         return _reduce(total, reduction, layout)
 
 
@@ -392,7 +393,7 @@ def multisoftclip(
         # (soft_clip_loss(preds=a, targs=b)); in the paper both orders are summed. Group the
         # directed terms by unordered pair: both directions share S = p_a p_b^T / t, which the
         # fused kernel then computes once.
-        weights: dict = {}
+        weights: Dict[Tuple[int, int], List[float]] = {}
         for a, b, weight in _directed_pairs(len(z), convention):
             targets, other = (b, a) if reference else (a, b)
             key = (min(targets, other), max(targets, other))
@@ -469,7 +470,7 @@ def unis_mmc(
     logits = check_sequence("logits", logits)
     if len(logits) != len(r):
         raise ValueError(f"logits holds {len(logits)} tensors but r holds {len(r)} modalities")
-    num_classes = None
+    num_classes = 0
     for m, lg in enumerate(logits):
         if not isinstance(lg, Tensor) or not lg.is_floating_point():
             raise TypeError(f"logits[{m}] must be a floating torch.Tensor of shape (N, C)")

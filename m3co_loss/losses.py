@@ -501,7 +501,7 @@ class M3CoLoss(_ContrastiveOptions):
     def _refresh_phase(self) -> None:
         self._current_phase = self.phase(self._host_step_count)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if has_values(self.step_count):
             self._set_host_step_count(int(self.step_count))  # one read per load, not per step
