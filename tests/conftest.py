@@ -5,7 +5,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(__file__))
+# The tests live in folders that mirror the repository (core, backends, distributed, examples,
+# benchmarks, docs, packaging); the shared helpers (literal transcriptions, strategies, the
+# distributed and Triton cases) stay here, and the example and benchmark scripts are imported
+# by module name, as they import each other.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for folder in (os.path.join(ROOT, "benchmarks"), os.path.join(ROOT, "examples"), TESTS):
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 settings.register_profile(
     "ci",

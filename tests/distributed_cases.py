@@ -1,4 +1,4 @@
-"""Loss cases run by the ranks that tests/test_distributed.py spawns, and on one process for reference.
+"""Loss cases run by the ranks that tests/distributed/test_distributed.py spawns, and on one process for reference.
 
 A *scenario* is a list of row counts, one per rank: rank r holds rows
 ``offset_r .. offset_r + sizes[r]`` of one global batch (rank 0's rows first). Each case

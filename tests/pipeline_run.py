@@ -1,4 +1,4 @@
-"""A tiny pipeline on generated data with the engine's command line, for tests/test_pipeline_io.py.
+"""A tiny pipeline on generated data with the engine's command line, for tests/examples/test_pipeline_io.py.
 
     python tests/pipeline_run.py --output-dir OUT --seeds 0 --epochs 4 [engine options]
         [--pause-at-epoch E --gate FILE]

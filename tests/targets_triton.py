@@ -1,4 +1,4 @@
-"""Run by tests/test_targets.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported).
+"""Run by tests/core/test_targets.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported).
 
 A hypothesis property: for random structured targets (partners with random K and repeats,
 uniform partners, labels with a one-member class, identity), temperatures and batch sizes that
@@ -44,7 +44,7 @@ def value_and_grads(case, t, tensor_t, convention, backend):
 def check(case, t, tensor_t, convention):
     dense, tiled, triton = (value_and_grads(case, t, tensor_t, convention, b) for b in ("dense", "tiled", "triton"))
     # Gradients of p_a . p_b / t are of size 1/t before the normalisation's projection, which
-    # turns their rounding into an absolute error of that size over the row norm (tests/test_kernels.py).
+    # turns their rounding into an absolute error of that size over the row norm (tests/backends/test_kernels.py).
     smallest = max(1e-3, float(min(x.norm(dim=1).min() for x in (case.z_a, case.z_b))))
     error = 0.0
     for expected in (dense, tiled):

@@ -1,4 +1,4 @@
-"""Run by tests/test_triton.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported).
+"""Run by tests/backends/test_triton.py in a subprocess with TRITON_INTERPRET=1 (set before triton is imported).
 
 Compares backend="triton" (Triton's CPU interpreter) with the dense reference on small float32
 batches, in value and gradient (a tensor temperature's included), with blocks of 16 so that every kernel loops over several

@@ -12,9 +12,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[2]
 
 import training  # noqa: E402
 from training.imagetext import released as released_imagetext  # noqa: E402

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+ROOT = Path(__file__).resolve().parents[2]
 
 import training  # noqa: E402
 from training import omics  # noqa: E402
@@ -245,6 +244,7 @@ def test_download_verifies_checksums(tmp_path, http_folder):
 # ----------------------------------------------------------------------------- tuning and the time floor
 
 
+@pytest.mark.slow
 def test_tuning_chooses_on_the_held_out_split_only(tmp_path):
     import rosmap_tune
 
@@ -296,6 +296,7 @@ def test_grid_combines_the_methods_in_one_table(tmp_path, holdout):
         assert "| val. ACC |" in table and "val. split ACC" in table
 
 
+@pytest.mark.slow
 def test_time_floor_counts_the_schedule(tmp_path):
     import rosmap_bench
 
@@ -314,6 +315,7 @@ def test_time_floor_counts_the_schedule(tmp_path):
     assert json.loads((tmp_path / "bench" / "floor.json").read_text())["floor"]["flops_total"] == floor["flops_total"]
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_seeds_and_how_well_they_fill_the_workers(tmp_path):
     import rosmap_bench
 
@@ -337,6 +339,7 @@ def test_head_dropout_is_recorded_in_the_configuration():
     assert config.fingerprint() != released.fingerprint()
 
 
+@pytest.mark.slow
 def test_allocator_comparison_times_both_settings(tmp_path, monkeypatch):
     import training
     import rosmap_bench
@@ -356,6 +359,7 @@ def test_allocator_comparison_times_both_settings(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bench" / "allocator.json").read_text())["rounds"] == 1
 
 
+@pytest.mark.slow
 def test_compile_comparison_times_both_phases(tmp_path, monkeypatch):
     import os
 
@@ -376,6 +380,7 @@ def test_compile_comparison_times_both_phases(tmp_path, monkeypatch):
     assert stored["backend"] == "aot_eager" and stored["inductor_cache"] == "empty at the start"
 
 
+@pytest.mark.slow
 def test_the_allocator_setting_does_not_change_the_numbers(tmp_path):
     import os
     import subprocess

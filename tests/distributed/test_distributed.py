@@ -135,6 +135,7 @@ def test_helpers_without_a_process_group():
         F.clip_loss(torch.randn(1, 4), torch.randn(1, 4), gather_distributed=True)
 
 
+@pytest.mark.slow
 def test_group_of_one_process_is_one_process(tmp_path):
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))

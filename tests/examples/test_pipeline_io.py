@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+ROOT = Path(__file__).resolve().parents[2]
 
 import training  # noqa: E402
 import pipeline_run  # noqa: E402
@@ -51,6 +50,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> No
 # ----------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_holds_the_folder_and_a_killed_run_frees_it(tmp_path):
     out, gate = tmp_path / "out", tmp_path / "gate"
     task = pipeline_run.tiny_task()

@@ -11,7 +11,7 @@ from m3co_loss import CLIPLoss, M3CoLoss, MultiSClipLoss, UniSMMCLoss
 from m3co_loss import functional as F
 from readme import drop_in_snippet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def embeddings(n=8, d=5, m=2, seed=0):

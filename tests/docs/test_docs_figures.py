@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("matplotlib")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "docs"))
 
 import figures  # noqa: E402

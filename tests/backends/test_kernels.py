@@ -207,6 +207,7 @@ def test_distributed_entry_points_equal_single_process(batch, t, sizes, conventi
 
 
 @given(batch=batches(min_n=3), t=temperatures, convention=st.sampled_from(CONVENTIONS), ranks=st.integers(2, 3), seed=st.integers(0, 1000))
+@pytest.mark.slow
 def test_dense_distributed_entry_points_equal_single_process(batch, t, convention, ranks, seed):
     """The dense vectors index the gathered columns by the local rows' offset."""
     # float64 only: dense float32 on slices of the batch rounds its products differently from

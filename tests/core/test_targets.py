@@ -22,7 +22,7 @@ from m3co_loss import backends
 from m3co_loss import functional as F
 from strategies import make_target_case, target_cases, temperatures
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/, where triton_parity.py lives
 CONVENTIONS = ["paper", "reference"]
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -233,7 +233,7 @@ def test_half_precision_inputs_at_scale_100_are_finite(backend, dtype):
 
 def test_rank_rows_against_the_global_batch_on_one_process(small_tiles):
     """The vectors of a rank's rows (sizes (4, 7)) equal the single-process ones: partners and labels
-    index the global columns. The gather is simulated (tests/test_distributed.py runs process groups)."""
+    index the global columns. The gather is simulated (tests/distributed/test_distributed.py runs process groups)."""
     from m3co_loss._batch import _Batch, _prepare
     from m3co_loss._targets import _lse, labels_vector, partners_vector
 

@@ -375,7 +375,7 @@ def test_backends_dispatch_the_temperatures():
 
 def quickstart_block() -> str:
     """The code block after the ``.. learnable-temperature`` comment of docs/quickstart.rst."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "quickstart.rst").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "quickstart.rst").read_text()
     match = re.search(r"\.\. learnable-temperature[^\n]*\n\n\.\. code-block:: python\n\n((?:    [^\n]*\n|\n)+)", text)
     assert match, "docs/quickstart.rst lost its learnable-temperature block"
     return textwrap.dedent(match.group(1))

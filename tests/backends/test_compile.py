@@ -176,6 +176,7 @@ def test_compiled_step_follows_a_changed_schedule():
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler on CPU")
+@pytest.mark.slow
 def test_inductor_compiles_the_schedule_and_matches_eager():
     """The default backend (inductor, generated C++ on CPU), float32, both phases of ``M3CoLoss``
     and ``MultiSClipLoss``; inductor fuses and reorders sums, so the match is to float32 rounding."""
@@ -235,6 +236,7 @@ def _compiled_rank(rank: int, world: int, store_path: str, out_dir: str) -> None
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_gathering_losses_compile_on_a_process_group(tmp_path):
     import torch.multiprocessing as mp
 

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 from readme import drop_in_snippet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

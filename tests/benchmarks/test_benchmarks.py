@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_kernels.py"
 
 
@@ -21,6 +21,7 @@ def _bench(*args: str, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_fresh_process_figures_and_report(tmp_path):
     proc = _bench("--loss", "m3co_pair", "--impl", "textbook", "tiled", "floor", out=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -34,6 +35,7 @@ def test_fresh_process_figures_and_report(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_paired_mode_records_per_round_ratios(tmp_path):
     proc = _bench("--loss", "multisoftclip_pair", "--impl", "tiled", "floor", "--paired", out=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -53,6 +55,7 @@ def test_unknown_implementation_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler on CPU")
+@pytest.mark.slow
 def test_compile_benchmark_writes_its_table(tmp_path):
     bench = ROOT / "benchmarks" / "bench_compile.py"
     cmd = [sys.executable, str(bench), "--loss", "clip_loss", "--n", "16", "--d", "4", "--rounds", "2", "--threads", "1", "--out-dir", str(tmp_path), "--tag", "t"]
@@ -102,6 +105,7 @@ def test_temperature_benchmark_writes_its_table(tmp_path):
 PEERS = ROOT / "benchmarks" / "bench_peers.py"
 
 
+@pytest.mark.slow
 def test_peers_benchmark_checks_values_and_reports_failing_peers(tmp_path):
     # an info_nce that fails to import stands in for a broken install: it must be reported, not dropped
     broken = tmp_path / "broken"

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+ROOT = Path(__file__).resolve().parents[2]
 
 import training  # noqa: E402
 
@@ -71,6 +70,7 @@ def run(args, *, processes: int = 0, cwd: Path):
     return result
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_on_the_same_global_batches(rosmap_like, tmp_path):
     # Global batches of 11 rows (32 = 11 + 11 + 10: ranks hold 6/5 or 5/5), two micro-batches per
     # optimiser step, a gathered MultiSClip term and scaled cross-entropies.
@@ -93,6 +93,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(rosmap_like, tm
     assert two_results["protocols"]["final"]["acc"] == one["protocols"]["final"]["acc"]
 
 
+@pytest.mark.slow
 def test_m3co_with_checkpoints_under_torchrun(rosmap_like, tmp_path):
     out = tmp_path / "m3co"
     args = ["--data-dir", str(rosmap_like), "--seeds", "0", "--epochs", "2", "--method", "only-m3co", "--holdout", "0", "--test-every", "1"]

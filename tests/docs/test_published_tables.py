@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "examples" / "results"
 BENCH_RESULTS = ROOT / "benchmarks" / "results"

@@ -14,7 +14,7 @@ import pytest
 
 import m3co_loss
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 sys.path.insert(0, str(ROOT / "scripts"))
 import release_version  # noqa: E402
