@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import m3co_loss
-from bench_kernels import _quartiles, _save, _write_text
+from common import quartiles, save_json, write_text
 from m3co_loss import MixupSampler
 from m3co_loss import functional as F
 
@@ -99,7 +99,7 @@ def measure(loss: str, n: int, d: int, rounds: int) -> dict:
         times_s=times,
         median_s={impl: statistics.median(t) for impl, t in times.items()},
         ratios=ratios,
-        ratio_quartiles={other: _quartiles(r) for other, r in ratios.items()},
+        ratio_quartiles={other: quartiles(r) for other, r in ratios.items()},
     )
 
 
@@ -146,8 +146,8 @@ def main(argv=None) -> dict:
             entry = measure(loss, n, args.d, args.rounds)
             print("compiled/eager {1:.2f} [{0:.2f}, {2:.2f}]".format(*entry["ratio_quartiles"]["eager"]), flush=True)
             data["results"].append(entry)
-            _save(args.out_dir / f"{args.tag}.json", data)
-            _write_text(args.out_dir / f"{args.tag}.md", report(data))
+            save_json(args.out_dir / f"{args.tag}.json", data)
+            write_text(args.out_dir / f"{args.tag}.md", report(data))
     return data
 
 

@@ -46,18 +46,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from common import cpu_name, extra_peak_bytes, load_results, memory_baseline, memory_total, quartiles, save_json, uptime
+from kernels_report import IMPLS, LOSSES, report, report_paired
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-LOSSES = ("m3co_pair", "multisoftclip_pair", "m3co", "multisoftclip")
-IMPLS = ("textbook", "dense", "tiled", "triton", "floor")
 GRID_N = (1024, 4096, 8192, 16384, 32768, 65536)
 GRID_D = (256, 768)
 DTYPES = ("float32", "bfloat16")
@@ -139,7 +138,7 @@ def _leaves(loss: str, inp):
     return [x.detach().clone().requires_grad_(True) for x in xs]
 
 
-def _floor_products(loss: str, inp, strip: int):
+def floor_products(loss: str, inp, strip: int):
     """The loss's matrix products, strip by strip, into preallocated buffers."""
     import torch
 
@@ -195,7 +194,7 @@ def worker(args) -> dict:
 
     def make_step(inp, impl=impl):
         if impl == "floor":
-            return _floor_products(loss, inp, args.strip)
+            return floor_products(loss, inp, args.strip)
 
         def step():
             leaves = _leaves(loss, inp)
@@ -222,31 +221,6 @@ def worker(args) -> dict:
     return dict(times_s=times, median_s=statistics.median(times), extra_peak_bytes=extra_peak_bytes(device, base))
 
 
-def memory_baseline(device) -> int:
-    """The memory held now, the reference of :func:`extra_peak_bytes` (CUDA: its peak counter is reset).
-
-    CPU: the process's peak resident set (``ru_maxrss``), so call it once the inputs exist and a
-    warm-up ran; CUDA: the bytes allocated by tensors.
-    """
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def extra_peak_bytes(device, baseline: int) -> int:
-    """Peak memory since :func:`memory_baseline` returned ``baseline``, above it."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated() - baseline)
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
-
-
 def _paired_worker(args, make_step, inp) -> dict:
     """Every implementation of ``args.impl`` on the same inputs, one timed pass each per round."""
     import torch
@@ -267,20 +241,11 @@ def _paired_worker(args, make_step, inp) -> dict:
     return dict(paired_times_s=times)
 
 
-def _quartiles(xs: list) -> tuple:
-    """(first quartile, median, third quartile), interpolated between the sorted values."""
-    import statistics
-
-    if len(xs) < 2:
-        return (xs[0],) * 3
-    return tuple(statistics.quantiles(xs, n=4, method="inclusive"))
-
-
 def drive_paired(args) -> None:
     """One process per (loss, N, D) running the implementations in rotation; per-round ratios."""
     path = Path(args.out_dir) / f"{args.tag}_paired.json"
-    data = _load(path)
-    data["meta"] = dict(_meta(args), mode="paired")
+    data = load_results(path)
+    data["meta"] = dict(machine_meta(args), mode="paired")
     done = {f"{r['device']}|{r['loss']}|{r['n']}|{r['d']}": r for r in data["results"]}
     for loss in args.loss:
         for n in args.n:
@@ -291,78 +256,24 @@ def drive_paired(args) -> None:
                 print(f"{loss:18s} paired {'/'.join(impls)} N={n:6d} D={d:4d} ...", end=" ", flush=True)
                 result = _run_one(args, loss, ",".join(impls), n, d)
                 entry = dict(device=args.device, loss=loss, n=n, d=d, impls=impls, status=result["status"],
-                             load_before=result["load_before"], load_after=result["load_after"], uptime=_uptime())
+                             load_before=result["load_before"], load_after=result["load_after"], uptime=uptime())
                 if result["status"] != "ok":
                     entry["reason"] = result["reason"]
                     print(result["reason"], flush=True)
                 else:
                     times = result["paired_times_s"]
                     entry["times_s"] = times
-                    entry["median_s"] = {i: _quartiles(times[i])[1] for i in impls}
+                    entry["median_s"] = {i: quartiles(times[i])[1] for i in impls}
                     entry["ratios"] = {
                         other: [x / y for x, y in zip(times["tiled"], times[other])] for other in impls if other != "tiled"
                     }
-                    entry["ratio_quartiles"] = {other: _quartiles(r) for other, r in entry["ratios"].items()}
+                    entry["ratio_quartiles"] = {other: quartiles(r) for other, r in entry["ratios"].items()}
                     print("  ".join(f"tiled/{o} {q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]" for o, q in entry["ratio_quartiles"].items()),
                           flush=True)
                 done[f"{args.device}|{loss}|{n}|{d}"] = entry
                 data["results"] = list(done.values())
-                _save(path, data)
+                save_json(path, data)
     report_paired(path)
-
-
-def report_paired(path: Path) -> None:
-    data = _load(path)
-    meta = data.get("meta", {})
-    lines = [
-        f"# Paired kernel timings ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}{_dtype_note(meta)})",
-        "",
-        "One process per row runs the implementations in rotation on the same inputs (one forward + backward pass each per"
-        " round, the order reversed every other round). Ratios are per round, `tiled time / other time`: median"
-        " [first quartile, third quartile]. Times: median seconds per pass.",
-        "",
-        "| loss | N | D | rounds | textbook s | tiled s | floor s | tiled/textbook | tiled/floor | load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    fmt_q = lambda q: f"{q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]" if q else ""  # noqa: E731
-    for r in sorted(data["results"], key=lambda r: (r["device"], LOSSES.index(r["loss"]), r["d"], r["n"])):
-        if r["status"] != "ok":
-            lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {r['status']}: {r.get('reason', '')} | | | | | | |")
-            continue
-        med, q = r["median_s"], r["ratio_quartiles"]
-        cell = lambda i: f"{med[i]:.3f}" if i in med else ""  # noqa: E731
-        lines.append(
-            f"| {r['loss']} | {r['n']} | {r['d']} | {len(r['times_s']['tiled'])} | {cell('textbook')} | {cell('tiled')} | {cell('floor')} "
-            f"| {fmt_q(q.get('textbook'))} | {fmt_q(q.get('floor'))} | {r['load_before'][0]:.1f} |"
-        )
-    _write(path.with_suffix(".md"), "\n".join(lines) + "\n")
-    _write(path.with_suffix(".rst"), _paired_rst(data, fmt_q))
-
-
-def _paired_rst(data: dict, fmt_q) -> str:
-    """The paired table as reStructuredText for the docs."""
-    meta = data.get("meta", {})
-    head = ["loss", "N", "D", "rounds", "tiled / textbook", "tiled / floor", "tiled s", "floor s"]
-    rows = []
-    for r in sorted(data["results"], key=lambda r: (r["device"], LOSSES.index(r["loss"]), r["d"], r["n"])):
-        if r["status"] != "ok":
-            continue
-        q, med = r["ratio_quartiles"], r["median_s"]
-        rows.append([r["loss"], str(r["n"]), str(r["d"]), str(len(r["times_s"]["tiled"])), fmt_q(q.get("textbook")),
-                     fmt_q(q.get("floor")), f"{med['tiled']:.3f}", f"{med['floor']:.3f}" if "floor" in med else ""])
-    out = [
-        f"Paired timings on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch"
-        f" threads, torch {meta.get('torch', '?')}: one process per row, the implementations in rotation on the same inputs;"
-        " per-round ratios, median [first quartile, third quartile].",
-        "",
-        ".. list-table::",
-        "   :header-rows: 1",
-        "",
-    ]
-    for row in [head] + rows:
-        out.append("   * - " + row[0])
-        out += [f"     - {cell or ' '}" for cell in row[1:]]
-    return "\n".join(out) + "\n"
 
 
 class _null:
@@ -380,51 +291,12 @@ def _key(r) -> str:
     return f"{r['device']}|{r['loss']}|{r['impl']}|{r['n']}|{r['d']}"
 
 
-def _load(path: Path) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    return {"meta": {}, "results": []}
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically (a temporary file, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _save(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=1))
-
-
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _meta(args) -> dict:
+def machine_meta(args) -> dict:
     import torch
 
     meta = dict(
         machine=platform.platform(),
-        processor=_cpu_name(),
+        processor=cpu_name(),
         cpu_count=os.cpu_count(),
         torch=torch.__version__,
         threads=args.threads,
@@ -432,7 +304,7 @@ def _meta(args) -> dict:
         dtype=args.dtype,
         repeats=args.repeats,
         temperature=TEMPERATURE,
-        memory_total_bytes=_mem_available(),
+        memory_total_bytes=memory_total(),
     )
     if args.device == "cuda" and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name()
@@ -477,8 +349,8 @@ def _run_one(args, loss, impl, n, d) -> dict:
 def drive(args) -> None:
     """Measure every (loss, N, D) configuration; implementations alternate within each round."""
     path = Path(args.out_dir) / f"{args.tag}.json"
-    data = _load(path)
-    data["meta"] = _meta(args)
+    data = load_results(path)
+    data["meta"] = machine_meta(args)
     done = {_key(r): r for r in data["results"]}
     configs = [(loss, n, d) for n in args.n for d in args.d for loss in args.loss]
     for loss, n, d in configs:
@@ -504,7 +376,7 @@ def drive(args) -> None:
                 entry["loads"].append(result["load_before"][0])
                 entry.setdefault("load_before", result["load_before"])
                 entry["load_after"] = result["load_after"]
-                entry["uptime"] = _uptime()
+                entry["uptime"] = uptime()
                 if result["status"] != "ok":
                     entry.update(status=result["status"], reason=result["reason"])
                     print(result["reason"], flush=True)
@@ -517,142 +389,8 @@ def drive(args) -> None:
         for entry in entries.values():
             done[_key(entry)] = entry
         data["results"] = list(done.values())
-        _save(path, data)
+        save_json(path, data)
     report(path)
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _fmt_time(r) -> str:
-    if r is None:
-        return ""
-    if r["status"] == "ok":
-        return f"{r['median_s']:.3f}"
-    return "skip" if r["status"] == "skipped" else r["status"]
-
-
-def _fmt_mem(r) -> str:
-    if r is None or r["status"] != "ok":
-        return ""
-    return f"{r['extra_peak_bytes'] / 2**20:.0f}"
-
-
-def _ratio(x, y) -> str:
-    if x is None or y is None or x["status"] != "ok" or y["status"] != "ok" or y["median_s"] <= 0:
-        return ""
-    return f"{x['median_s'] / y['median_s']:.2f}"
-
-
-def _mem_ratio(x, y) -> str:
-    if x is None or y is None or x["status"] != "ok" or y["status"] != "ok" or y["extra_peak_bytes"] <= 0:
-        return ""
-    return f"{x['extra_peak_bytes'] / y['extra_peak_bytes']:.2f}"
-
-
-def report(path: Path) -> None:
-    data = _load(path)
-    results = data["results"]
-    stale = False
-    for r in results:  # medians are a function of the recorded passes (older files took the upper middle one)
-        if r.get("times_s") and r.get("median_s") != statistics.median(r["times_s"]):
-            r["median_s"], stale = statistics.median(r["times_s"]), True
-    if stale:
-        _save(path, data)
-    index = {(r["device"], r["loss"], r["impl"], r["n"], r["d"]): r for r in results}
-    configs = sorted({(r["device"], r["loss"], r["n"], r["d"]) for r in results}, key=lambda c: (c[0], LOSSES.index(c[1]), c[3], c[2]))
-    meta = data.get("meta", {})
-    lines = [
-        f"# Kernel benchmarks ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}{_dtype_note(meta)})",
-        "",
-        "Forward + backward wall time (seconds; median over `passes` timed passes: 3 per fresh process, in one or more"
-        " processes that alternate with the other implementations) and extra peak memory (MiB, the largest over those"
-        " processes). `floor` is the bare matrix products the loss needs.",
-        "Ratios: tiled time / textbook time, tiled time / floor time, tiled memory / textbook memory."
-        " `load` is the mean 1-minute load average before the tiled processes (the machine has "
-        f"{meta.get('cpu_count', '?')} cores).",
-        "",
-        "| loss | N | D | textbook s | dense s | tiled s | triton s | floor s | tiled/textbook | tiled/floor | textbook MiB | dense MiB | tiled MiB | mem tiled/textbook | passes | load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for device, loss, n, d in configs:
-        get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
-        tb, de, ti, tr, fl = (get(i) for i in IMPLS)
-        load = f"{sum(ti['loads']) / len(ti['loads']):.1f}" if ti is not None and ti.get("loads") else ""
-        lines.append(
-            f"| {loss} | {n} | {d} | {_fmt_time(tb)} | {_fmt_time(de)} | {_fmt_time(ti)} | {_fmt_time(tr)} | {_fmt_time(fl)} "
-            f"| {_ratio(ti, tb)} | {_ratio(ti, fl)} | {_fmt_mem(tb)} | {_fmt_mem(de)} | {_fmt_mem(ti)} | {_mem_ratio(ti, tb)} "
-            f"| {len(ti.get('times_s', [])) if ti else ''} | {load} |"
-        )
-    skipped = [r for r in results if r["status"] != "ok"]
-    if skipped:
-        lines += ["", "Not measured:", ""]
-        lines += [f"- {r['loss']} {r['impl']} N={r['n']} D={r['d']}: {r['status']} ({r.get('reason', '')})" for r in skipped]
-    _write(path.with_suffix(".md"), "\n".join(lines) + "\n")
-    _write(path.with_suffix(".rst"), _rst(path, data, index, configs))
-    _plot(path, results)
-
-
-def _dtype_note(meta: dict) -> str:
-    dtype = meta.get("dtype", "float32")
-    return "" if dtype == "float32" else f", {dtype}"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
-    """The table as reStructuredText for the docs (docs/benchmarks.rst includes it)."""
-    meta = data.get("meta", {})
-    loads = [x for r in data["results"] for x in r.get("loads", [])]
-    head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",
-            "textbook MiB", "tiled MiB", "memory tiled / textbook"]
-    rows = []
-    for device, loss, n, d in configs:
-        get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
-        tb, de, ti, fl = get("textbook"), get("dense"), get("tiled"), get("floor")
-        rows.append([loss, str(n), str(d), _fmt_time(tb), _fmt_time(de), _fmt_time(ti), _fmt_time(fl), _ratio(ti, tb), _ratio(ti, fl),
-                     _fmt_mem(tb), _fmt_mem(ti), _mem_ratio(ti, tb)])
-    out = [
-        f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch threads, "
-        f"torch {meta.get('torch', '?')}, {meta.get('dtype', 'float32')}, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
-        f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs), "
-        "so ratios within a row are more reliable than absolute times. Times in seconds (forward + backward, median over "
-        "3 passes per fresh process, in one or more processes alternating with the other implementations), memory in MiB "
-        "above the baseline; empty cells were not measured, ``skip`` cells did not fit "
-        f"(see ``{path.with_suffix('.md').name}``).",
-        "",
-        ".. list-table::",
-        "   :header-rows: 1",
-        "",
-    ]
-    for row in [head] + rows:
-        out.append("   * - " + (row[0] or " "))
-        out += [f"     - {cell or ' '}" for cell in row[1:]]
-    return "\n".join(out) + "\n"
-
-
-def _plot(path: Path, results) -> None:
-    """``<tag>.png``: time and memory against N per (loss, D), drawn by the docs' figure code."""
-    if not any(r["status"] == "ok" for r in results):
-        return
-    sys.path.insert(0, str(ROOT / "docs"))
-    import figures  # docs/figures.py: the docs draw the same panels from the stored JSON
-
-    points = figures.kernel_points(path)
-    meta = _load(path).get("meta", {})
-    title = f"{meta.get('processor', '?')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}"
-    figures.save_png(figures.kernel_overview_figure(points, title=title), path.with_suffix(".png"), dpi=100)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import peers
 import peers_report
-from bench_kernels import _cpu_name, _load, _mem_available, _quartiles, _save, _uptime, extra_peak_bytes, memory_baseline
+from common import cpu_name, extra_peak_bytes, load_results, memory_baseline, memory_total, quartiles, save_json, uptime
 from peers import IMPLS, TEMPERATURE
 
 HERE = Path(__file__).resolve().parent
@@ -271,7 +271,7 @@ def measure(args, n: int, d: int, history: list, unavailable: dict) -> dict:
         print(f"  N={n:6d} D={d:4d} paired, {rounds} rounds of {len(runnable)} ...", end=" ", flush=True)
         result = _run(args, "paired", runnable, n, d, rounds=rounds, timeout=3 * (rounds + 1) * total + 300)
         _record_paired(args, entry, runnable, result)
-    entry.update(load_after=list(os.getloadavg()), uptime=_uptime())
+    entry.update(load_after=list(os.getloadavg()), uptime=uptime())
     return entry
 
 
@@ -307,17 +307,17 @@ def _record_paired(args, entry: dict, runnable: list, result: dict) -> None:
         entry["base"] = base
         entry["ratios"] = {name: [x / y for x, y in zip(result["times_s"][base], times)]
                            for name, times in result["times_s"].items() if name != base}
-        entry["ratio_quartiles"] = {name: _quartiles(r) for name, r in entry["ratios"].items()}
+        entry["ratio_quartiles"] = {name: quartiles(r) for name, r in entry["ratios"].items()}
     print("  ".join(f"{base}/{name} {q[1]:.2f}" for name, q in entry.get("ratio_quartiles", {}).items()), flush=True)
 
 
 def _meta(args) -> dict:
     import torch
 
-    meta = dict(machine=platform.platform(), processor=_cpu_name(), cpu_count=os.cpu_count(), torch=torch.__version__,
+    meta = dict(machine=platform.platform(), processor=cpu_name(), cpu_count=os.cpu_count(), torch=torch.__version__,
                 threads=args.threads, device=args.device, dtype=args.dtype, temperature=TEMPERATURE,
                 rounds=args.rounds, min_rounds=args.min_rounds, budget_seconds=args.budget_seconds,
-                max_memory_gib=args.max_memory_gib, memory_total_bytes=_mem_available(),
+                max_memory_gib=args.max_memory_gib, memory_total_bytes=memory_total(),
                 value_tolerance=VALUE_TOLERANCE[args.dtype], grad_tolerance=GRAD_TOLERANCE[args.dtype],
                 versions={name: peers.version(impl.distribution) for name, impl in IMPLS.items() if impl.distribution},
                 alignment={name: IMPLS[name].alignment for name in IMPLS})
@@ -328,7 +328,7 @@ def _meta(args) -> dict:
 
 def drive(args) -> Path:
     path = Path(args.out_dir) / f"{args.tag}.json"
-    data = _load(path)
+    data = load_results(path)
     old_meta = data.get("meta", {})
     data["meta"] = dict(_meta(args), runs=old_meta.get("runs", []))
     data["meta"]["runs"].append(dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), load_start=list(os.getloadavg()),
@@ -343,9 +343,9 @@ def drive(args) -> Path:
             done[key] = measure(args, n, d, _history(list(done.values())), unavailable)
             data["results"] = sorted(done.values(), key=lambda r: (r["device"], r["dtype"], r["n"], r["d"]))
             data["meta"]["runs"][-1].update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), load_end=list(os.getloadavg()))
-            _save(path, data)
+            save_json(path, data)
     if data["results"]:
-        _save(path, data)
+        save_json(path, data)
         peers_report.report(path)
     return path
 

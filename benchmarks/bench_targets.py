@@ -51,7 +51,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_kernels as bk  # noqa: E402  (the fresh-process machinery: memory, quartiles, atomic writes, meta)
+import bench_kernels as bk  # noqa: E402  (the machine's description, the repository root)
+import common  # noqa: E402  (memory, quartiles, atomic writes)
 
 IMPLS = ("partners", "m3co_pair", "m3co_pair_previous", "partners8", "labels", "labels_dense", "clip", "pml")
 PAIRED_DEFAULT = ("partners", "m3co_pair", "m3co_pair_previous", "labels", "clip")
@@ -165,13 +166,13 @@ def worker(args) -> dict:
     _step(impl, _inputs(16 if impl == "pml" else 64, d, args.classes, device))()
     inp = _inputs(n, d, args.classes, device)
     step = _step(impl, inp)
-    base = bk.memory_baseline(device)
+    base = common.memory_baseline(device)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return dict(times_s=times, median_s=statistics.median(times), extra_peak_bytes=bk.extra_peak_bytes(device, base))
+    return dict(times_s=times, median_s=statistics.median(times), extra_peak_bytes=common.extra_peak_bytes(device, base))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -186,7 +187,7 @@ def _run(args, mode: str, impls, n: int, d: int, repeats: int) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(status="timeout", reason=f"over {args.timeout} s", load_before=load_before, load_after=os.getloadavg())
-    out = dict(load_before=load_before, load_after=os.getloadavg(), uptime=bk._uptime())
+    out = dict(load_before=load_before, load_after=os.getloadavg(), uptime=common.uptime())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -195,14 +196,14 @@ def _run(args, mode: str, impls, n: int, d: int, repeats: int) -> dict:
 
 
 def _meta(args) -> dict:
-    meta = bk._meta(argparse.Namespace(threads=args.threads, device=args.device, dtype="float32", repeats=args.repeats))
+    meta = bk.machine_meta(argparse.Namespace(threads=args.threads, device=args.device, dtype="float32", repeats=args.repeats))
     meta.update(temperature=TEMPERATURE, classes=args.classes)
     return meta
 
 
 def drive_paired(args) -> None:
     path = Path(args.out_dir) / f"{args.tag}_paired.json"
-    data = bk._load(path)
+    data = common.load_results(path)
     data["meta"] = dict(_meta(args), mode="paired", rounds=args.rounds)
     done = {f"{r['n']}|{r['d']}": r for r in data["results"]}
     impls = [i for i in args.impl if i != "pml" and i != "labels_dense"]
@@ -221,11 +222,11 @@ def drive_paired(args) -> None:
                 entry["median_s"] = {i: statistics.median(times[i]) for i in impls}
                 base = impls[0]
                 entry["ratios"] = {other: [x / y for x, y in zip(times[base], times[other])] for other in impls[1:]}
-                entry["ratio_quartiles"] = {other: bk._quartiles(r) for other, r in entry["ratios"].items()}
+                entry["ratio_quartiles"] = {other: common.quartiles(r) for other, r in entry["ratios"].items()}
                 print("  ".join(f"{base}/{o} {q[1]:.3f}" for o, q in entry["ratio_quartiles"].items()), flush=True)
             done[f"{n}|{d}"] = entry
             data["results"] = list(done.values())
-            bk._save(path, data)
+            common.save_json(path, data)
     report(args.out_dir, args.tag)
 
 
@@ -246,7 +247,7 @@ def _pml_estimate(args, d: int, targets) -> dict:
 
 def drive_memory(args) -> None:
     path = Path(args.out_dir) / f"{args.tag}_memory.json"
-    data = bk._load(path)
+    data = common.load_results(path)
     data["meta"] = dict(_meta(args), mode="memory")
     done = {f"{r['impl']}|{r['n']}|{r['d']}": r for r in data["results"] if "impl" in r}
     for d in args.d:
@@ -261,10 +262,10 @@ def drive_memory(args) -> None:
                       flush=True)
                 done[f"{impl}|{n}|{d}"] = entry
                 data["results"] = list(done.values())
-                bk._save(path, data)
+                common.save_json(path, data)
         if "pml" in args.impl:
             data.setdefault("pml", {})[str(d)] = _pml_estimate(args, d, args.n)
-            bk._save(path, data)
+            common.save_json(path, data)
     report(args.out_dir, args.tag)
 
 
@@ -342,7 +343,7 @@ def report(out_dir, tag: str) -> None:
     out_dir = Path(out_dir)
     paired, memory = out_dir / f"{tag}_paired.json", out_dir / f"{tag}_memory.json"
     if paired.exists():
-        data = bk._load(paired)
+        data = common.load_results(paired)
         meta = data["meta"]
         intro = (f"Paired timings on {meta['processor']} ({meta['cpu_count']} cores), {meta['threads']} torch threads, torch "
                  f"{meta['torch']}, {meta['device']}, float32, t = {meta['temperature']}, labels over {meta['classes']} classes: "
@@ -353,10 +354,10 @@ def report(out_dir, tag: str) -> None:
         for heading, head, rows in _paired_tables(data):
             md += ["", f"## {heading}", ""] + (_md(head, rows, 1) if head else [])
             rst += ["", f"{heading}:", ""] + (_rst(head, rows) if head else [])
-        bk._write(paired.with_suffix(".md"), "\n".join(md) + "\n")
-        bk._write(paired.with_suffix(".rst"), "\n".join(rst) + "\n")
+        common.write_text(paired.with_suffix(".md"), "\n".join(md) + "\n")
+        common.write_text(paired.with_suffix(".rst"), "\n".join(rst) + "\n")
     if memory.exists():
-        data = bk._load(memory)
+        data = common.load_results(memory)
         meta = data["meta"]
         intro = (f"Extra peak memory on {meta['processor']} ({meta['cpu_count']} cores), {meta['threads']} torch threads, torch "
                  f"{meta['torch']}, {meta['device']}, float32, labels over {meta['classes']} classes: one fresh process per row "
@@ -367,8 +368,8 @@ def report(out_dir, tag: str) -> None:
         md = ["# Structured targets: extra peak memory", "", intro.replace("``", "`"), ""] + _md(head, rows, 1)
         md += [x for note in notes for x in ("", note.replace("``", "`"))]
         rst = [intro, ""] + _rst(head, rows) + [x for note in notes for x in ("", note)]
-        bk._write(memory.with_suffix(".md"), "\n".join(md) + "\n")
-        bk._write(memory.with_suffix(".rst"), "\n".join(rst) + "\n")
+        common.write_text(memory.with_suffix(".md"), "\n".join(md) + "\n")
+        common.write_text(memory.with_suffix(".rst"), "\n".join(rst) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench_kernels import _quartiles, _save, _write_text
+from common import quartiles, save_json, write_text
 from m3co_loss import MixupSampler
 from m3co_loss import functional as F
 
@@ -88,7 +88,7 @@ def measure(loss: str, n: int, d: int, temperature: float, backend: str, rounds:
         times_s=times,
         median_s={impl: statistics.median(t) for impl, t in times.items()},
         ratios=ratios,
-        ratio_quartiles=_quartiles(ratios),
+        ratio_quartiles=quartiles(ratios),
     )
 
 
@@ -150,8 +150,8 @@ def main(argv=None) -> dict:
             entry = measure(loss, n, args.d, args.temperature, args.backend, args.rounds)
             print("tensor/float {1:.3f} [{0:.3f}, {2:.3f}]".format(*entry["ratio_quartiles"]), flush=True)
             data["results"].append(entry)
-            _save(args.out_dir / f"{args.tag}.json", data)
-            _write_text(args.out_dir / f"{args.tag}.md", report(data))
+            save_json(args.out_dir / f"{args.tag}.json", data)
+            write_text(args.out_dir / f"{args.tag}.md", report(data))
     return data
 
 

@@ -219,6 +219,6 @@ def load(name: str, device) -> tuple[Callable, str]:
 
 def floor_step(a, b, *, strip: int = 1024) -> Callable[[], None]:
     """The GEMM floor of the CLIP loss: bench_kernels' floor of ``m3co_pair`` (the same three products)."""
-    from bench_kernels import _floor_products
+    from bench_kernels import floor_products
 
-    return _floor_products("m3co_pair", {"z": [a.detach(), b.detach()]}, strip)
+    return floor_products("m3co_pair", {"z": [a.detach(), b.detach()]}, strip)

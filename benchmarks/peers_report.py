@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench_kernels import _load, _quartiles, _write_text
+from common import load_results, quartiles, write_text
 from peers import IMPLS
 
 # Targets: at N >= LARGE_N, auto at most TIME_LARGE of the fastest comparable peer's time and
@@ -65,10 +65,10 @@ def targets(data: dict) -> list:
             out.append(row)
             continue
         per_round = entry["ratios"][peer]
-        row.update(peer=peer, time=_quartiles(per_round), auto_s=impls["auto"]["median_s"], peer_s=impls[peer]["median_s"])
+        row.update(peer=peer, time=quartiles(per_round), auto_s=impls["auto"]["median_s"], peer_s=impls[peer]["median_s"])
         twin = same_path(entry)
         if twin:
-            row["noise"], row["twin"] = _quartiles(entry["ratios"][twin]), twin
+            row["noise"], row["twin"] = quartiles(entry["ratios"][twin]), twin
         if "extra_peak_bytes" in impls["auto"] and impls[peer].get("extra_peak_bytes"):
             row["memory"] = impls["auto"]["extra_peak_bytes"] / impls[peer]["extra_peak_bytes"]
             row["auto_mib"], row["peer_mib"] = (impls[x]["extra_peak_bytes"] / 2**20 for x in ("auto", peer))
@@ -92,7 +92,7 @@ def _closing_note(entry: dict, row: dict) -> str:
     if not row["met_time"]:
         if "floor" in ratios:
             floor_over_peer = [a / r for a, r in zip(ratios[row["peer"]], ratios["floor"])]
-            to_floor, floor_peer = _quartiles(ratios["floor"])[1], _quartiles(floor_over_peer)[1]
+            to_floor, floor_peer = quartiles(ratios["floor"])[1], quartiles(floor_over_peer)[1]
             notes.append(f"time: auto is {to_floor:.2f}x the GEMM floor, which takes {floor_peer:.2f} of the peer's time; "
                          f"meeting {limit:g} needs auto within {limit / floor_peer:.2f}x of the floor")
         else:
@@ -101,7 +101,7 @@ def _closing_note(entry: dict, row: dict) -> str:
         if other:
             per_round = lambda name: [a / b for a, b in zip(ratios[row["peer"]], ratios[name])]  # noqa: E731 - name / peer
             notes.append("in the same rounds " + ", ".join(
-                f"{name} took {_quartiles(per_round(name))[1]:.2f} of the peer's time" for name in other))
+                f"{name} took {quartiles(per_round(name))[1]:.2f} of the peer's time" for name in other))
     if row["n"] >= LARGE_N and not row["met_memory"] and "memory" in row:
         notes.append(f"memory: {row['auto_mib']:.0f} MiB, 1/5 of the peer's is {MEMORY_LARGE * row['peer_mib']:.0f} MiB")
     return "; ".join(notes)
@@ -309,9 +309,9 @@ def plot(data: dict, png: Path) -> None:
 def report(path: Path) -> None:
     """Write ``<stem>.md``, ``<stem>.rst`` and ``<stem>.png`` from the JSON at ``path``."""
     path = Path(path)
-    data = _load(path)
-    _write_text(path.with_suffix(".md"), markdown(data))
-    _write_text(path.with_suffix(".rst"), rst(data, path.with_suffix(".png").name))
+    data = load_results(path)
+    write_text(path.with_suffix(".md"), markdown(data))
+    write_text(path.with_suffix(".rst"), rst(data, path.with_suffix(".png").name))
     try:
         plot(data, path.with_suffix(".png"))
     except ImportError:  # matplotlib is in the examples extra; the tables do not need it

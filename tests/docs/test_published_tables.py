@@ -103,7 +103,7 @@ def test_kernel_tables_are_the_stored_measurements(tmp_path, tag, stem, paired):
 
 def test_compile_figures_are_the_stored_rounds():
     import bench_compile
-    from bench_kernels import _quartiles
+    from common import quartiles
 
     data = load(BENCH_RESULTS / "compile_cpu.json")
     assert bench_compile.report(data) == (BENCH_RESULTS / "compile_cpu.md").read_text()
@@ -112,7 +112,7 @@ def test_compile_figures_are_the_stored_rounds():
         times = entry["times_s"]
         ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
         assert entry["ratios"]["eager"] == pytest.approx(ratios, rel=1e-12)
-        medians.append(_quartiles(ratios)[1])
+        medians.append(quartiles(ratios)[1])
     quoted = f"{min(medians):.2f}-{max(medians):.2f}"
     assert quoted in " ".join(BENCHMARKS.split()) and quoted in QUICKSTART, quoted
 
@@ -218,7 +218,7 @@ def test_quoted_temperature_figures_are_the_stored_rounds():
         times = entry["times_s"]
         ratios = [t / f for t, f in zip(times["tensor"], times["float"])]
         assert entry["ratios"] == pytest.approx(ratios, rel=1e-12)
-        low, median, high = bench_temperature._quartiles(ratios)
+        low, median, high = bench_temperature.quartiles(ratios)
         assert (entry["n"], entry["d"], entry["backend"]) == (8192, 512, "tiled")
         quoted = f"``{entry['loss']}`` {median:.3f} [{low:.3f}, {high:.3f}]"
         assert quoted in page, quoted
