@@ -190,8 +190,10 @@ def multisoftclip_pairs(
     """
     impl = _implementation(backend, rows[0])
     if not distributed:
+        # the Triton kernels choose their products' precision from the inputs' dtype
+        extra = {"source_dtype": rows[0].source_dtype} if impl is triton else {}
         return impl.multisoftclip_pairs(
-            [r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets
+            [r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets, **extra
         )
     if gather is None:
         raise ValueError("gather is needed with distributed=True: it concatenates per-row vectors over the process group")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from ._config import BackendConfig
+from ._config import PRECISIONS, BackendConfig
 from ._interface import Temperature
 
 __all__ = ["Temperature", "split_temperature", "join_temperature", "encode_config", "decode_config", "fake_config", "host_value", "operand", "temperature_grad", "max_is_diagonal", "static_shift_ok", "blocks", "block_pairs", "scaled", "shifter", "Scratch", "span", "num_workers", "run_tiles", "first_order_only"]
@@ -50,13 +50,15 @@ def encode_config(config: BackendConfig) -> Tensor:
     A kernel's backward pass must use the tile sizes of its forward pass, and under
     ``torch.compile`` only tensors travel from one operator to the other.
     """
-    return torch.tensor([int(getattr(config, field.name)) for field in _CONFIG_FIELDS], dtype=torch.int64)
+    values = dataclasses.replace(config, precision=PRECISIONS.index(config.precision))  # type: ignore[arg-type]
+    return torch.tensor([int(getattr(values, field.name)) for field in _CONFIG_FIELDS], dtype=torch.int64)
 
 
 def decode_config(encoded: Tensor) -> BackendConfig:
     """The inverse of :func:`encode_config`."""
     options: Dict[str, Any] = {field.name: int(value) for field, value in zip(_CONFIG_FIELDS, encoded.tolist())}
     options["parallel_workers"] = bool(options["parallel_workers"])
+    options["precision"] = PRECISIONS[options["precision"]]
     return BackendConfig(**options)
 
 

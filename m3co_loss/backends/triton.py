@@ -19,11 +19,17 @@ tensor (no host synchronisation), and its gradient comes from the operands' grad
 
 Each program owns a block of rows of its outputs and accumulates ``w @ V`` into them chunk by
 chunk of the embedding dimension, so any D works without holding a (block x D) accumulator in
-registers. Products run in IEEE float32 (``input_precision="ieee"``, no TF32), so results agree
-with the torch backends to float32 rounding. Float64 inputs use the tiled torch kernels.
+registers. The products run in the precision of the option ``precision`` of
+:class:`~m3co_loss.backends.BackendConfig` (default ``"auto"``: float16 and bfloat16 inputs in
+their own precision, for which the loss vectors take the inputs' dtype from
+:class:`~m3co_loss.backends.Rows`; float32 ones on TF32 tensor cores when
+``torch.backends.cuda.matmul.allow_tf32`` is True, IEEE float32 otherwise), always accumulated
+in float32 with float32 log-sum-exp and softmax state; with IEEE products the results agree with
+the torch backends to float32 rounding.
 
-The kernels take float32 tensors; the dispatch (:mod:`m3co_loss.backends`) runs other
-dtypes on the tiled backend. Block sizes are read from :func:`m3co_loss.backends.get_config`
+The kernels take float32 tensors (the losses normalise half-precision embeddings to float32
+rows; the kernels round them back for the products); the dispatch (:mod:`m3co_loss.backends`)
+runs float64 on the tiled backend. Block sizes are read from :func:`m3co_loss.backends.get_config`
 (``triton_block_m``, ``triton_block_n``, ``triton_block_d``) once per forward pass; the
 backward pass uses the same values. The ``triton`` package is imported on the first kernel
 launch, not with this module. The kernels are tested for exactness with Triton's CPU
@@ -32,6 +38,7 @@ interpreter (``TRITON_INTERPRET=1``); docs/kernels.rst says what is measured on 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from types import ModuleType
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -73,6 +80,24 @@ def _check_float32(*tensors: Tensor) -> None:
             raise TypeError(f"the Triton kernels take float32 tensors; got {x.dtype} (backend='triton' runs other dtypes on the tiled kernels)")
 
 
+_HINTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _hint(source_dtype: Optional[torch.dtype]) -> str:
+    """The precision that ``precision="auto"`` takes for embeddings given in ``source_dtype``: their own if half, else "auto"."""
+    return _HINTS.get(source_dtype, "auto") if source_dtype is not None else "auto"
+
+
+def _resolved(config: BackendConfig, hint: str = "auto") -> BackendConfig:
+    """``config`` with ``precision="auto"`` resolved: the half precision of ``hint``, else TF32 when torch
+    allows it for its own float32 products, else IEEE."""
+    if config.precision != "auto":
+        return config
+    if hint == "auto":
+        hint = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dataclasses.replace(config, precision=hint)
+
+
 def _grid(size: int, block: int) -> Tuple[int]:
     return ((size + block - 1) // block,)
 
@@ -93,7 +118,7 @@ def _row_lse(q: Tensor, k: Tensor, inv_t: Tensor, config: BackendConfig) -> Tens
     bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     out = q.new_empty(q.shape[0])
     _jit().row_lse_kernel[_grid(q.shape[0], bm)](
-        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd
+        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd, PREC=config.precision
     )
     return out
 
@@ -106,7 +131,7 @@ def _lse_grad(q: Tensor, k: Tensor, r: Tensor, c: Tensor, g_r: Optional[Tensor],
     _jit().lse_grad_kernel[_grid(q.shape[0], bm)](
         q, k, r, c if g_c is not None else dummy, g_r if g_r is not None else dummy, g_c if g_c is not None else dummy, dq, inv_t,
         q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), dq.stride(0),
-        HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd,
+        HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd, PREC=config.precision,
     )
     return dq
 
@@ -133,10 +158,10 @@ class LogSumExp(torch.autograd.Function):
         return dq, dk, dt, None
 
 
-def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor, BackendConfig]:
-    """The forward pass of :class:`LogSumExp` on contiguous ``q``, ``k``: ``(r, c, config)``."""
+def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool, hint: str = "auto") -> Tuple[Tensor, Tensor, BackendConfig]:
+    """The forward pass of :class:`LogSumExp` on contiguous ``q``, ``k``: ``(r, c, config)`` (``hint``: see :func:`_resolved`)."""
     _check_float32(q, k)
-    config = get_config()
+    config = _resolved(get_config(), hint)  # the backward pass keeps this precision
     inv_t = _on_device(_ratio(1.0, t), q)
     r = _row_lse(q, k, inv_t, config)
     c = _row_lse(k, q, inv_t, config) if with_cols else q.new_zeros(0)
@@ -188,11 +213,11 @@ class SoftTargetSum(torch.autograd.Function):
 
 
 def soft_target_sum_forward(
-    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature, hint: str = "auto"
 ) -> Tuple[Tensor, Tensor, Tensor, BackendConfig]:
     """The forward pass of :class:`SoftTargetSum` on contiguous operands: ``(y, shift, norm, config)``."""
     _check_float32(q, k, u, vq, vk)
-    config = get_config()
+    config = _resolved(get_config(), hint)  # the backward pass keeps this precision
     bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     n, N = q.shape[0], k.shape[0]
     inv_t = _on_device(_ratio(1.0, t), q)
@@ -200,7 +225,7 @@ def soft_target_sum_forward(
     shift, y, norm = q.new_empty(n), q.new_empty(n), q.new_empty(n)
     _jit().soft_fwd_kernel[_grid(n, bm)](
         q, k, u, vq, vk, shift, y, norm, inv_t, coef, n, N, q.shape[1], vq.shape[1],
-        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd,
+        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd, PREC=config.precision,
     )
     return y, shift, norm, config
 
@@ -221,12 +246,12 @@ def soft_target_sum_backward(
     jit.soft_bwd_rows_kernel[_grid(n, bm)](
         q, k, *common, dq, dvq, inv_t, coef, n, N, D, DV,
         q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dq.stride(0), dvq.stride(0),
-        HAS_DQ=need_logits, BM=bm, BN=bn, BD=bd,
+        HAS_DQ=need_logits, BM=bm, BN=bn, BD=bd, PREC=config.precision,
     )
     jit.soft_bwd_cols_kernel[_grid(N, bn)](
         q, k, *common, dk, dvk, du, inv_t, coef, n, N, D, DV,
         q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dk.stride(0), dvk.stride(0),
-        HAS_DK=need_logits, BM=bm, BN=bn, BD=bd,
+        HAS_DK=need_logits, BM=bm, BN=bn, BD=bd, PREC=config.precision,
     )
     dt = temperature_grad(t, [(q, dq)]) if need_t else None
     dt_v = temperature_grad(t_v, [(vq, dvq)]) if need_t_v else None
@@ -238,13 +263,13 @@ def soft_target_sum_backward(
 
 
 @torch.library.custom_op("m3co_loss::triton_logsumexp", mutates_args=())
-def _lse_op(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    r, c, config = lse_forward(q.contiguous(), k.contiguous(), join_temperature(t, t_value), with_cols)
+def _lse_op(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool, hint: str) -> Tuple[Tensor, Tensor, Tensor]:
+    r, c, config = lse_forward(q.contiguous(), k.contiguous(), join_temperature(t, t_value), with_cols, hint)
     return r, c, encode_config(config)
 
 
 @_lse_op.register_fake
-def _(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool, hint: str) -> Tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape[0]), q.new_empty(k.shape[0] if with_cols else 0), fake_config()
 
 
@@ -263,7 +288,7 @@ def _(q: Tensor, k: Tensor, *rest: Any) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _lse_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
-    q, k, t, t_value, with_cols = inputs
+    q, k, t, t_value, with_cols, hint = inputs
     r, c, config = output
     ctx.save_for_backward(q, k, r, c, config, t)
     ctx.t_value, ctx.with_cols = t_value, with_cols
@@ -274,11 +299,11 @@ def _lse_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) ->
 @first_order_only
 def _lse_autograd(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor], *unused: Any) -> Tuple[Optional[Tensor], ...]:
     if g_r is None and g_c is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     q, k, r, c, config, t = ctx.saved_tensors
     need_t = ctx.needs_input_grad[2]
     dq, dk, dt = _lse_backward_op(q, k, r, c, config, g_r, g_c, t, ctx.t_value, ctx.with_cols, need_t)
-    return dq, dk, (dt if need_t else None), None, None
+    return dq, dk, (dt if need_t else None), None, None, None
 
 
 _lse_op.register_autograd(_lse_autograd, setup_context=_lse_setup)
@@ -286,10 +311,10 @@ _lse_op.register_autograd(_lse_autograd, setup_context=_lse_setup)
 
 @torch.library.custom_op("m3co_loss::triton_soft_target_sum", mutates_args=())
 def _soft_op(
-    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float, hint: str
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     q, k, u, vq, vk = (x.contiguous() for x in (q, k, u, vq, vk))
-    y, shift, norm, config = soft_target_sum_forward(q, k, u, vq, vk, join_temperature(t, t_value), gamma, join_temperature(t_v, t_v_value))
+    y, shift, norm, config = soft_target_sum_forward(q, k, u, vq, vk, join_temperature(t, t_value), gamma, join_temperature(t_v, t_v_value), hint)
     return y, shift, norm, encode_config(config)
 
 
@@ -318,7 +343,7 @@ def _(q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, *rest: Any) -> Tu
 
 
 def _soft_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
-    q, k, u, vq, vk, t, t_value, gamma, t_v, t_v_value = inputs
+    q, k, u, vq, vk, t, t_value, gamma, t_v, t_v_value, hint = inputs
     y, shift, norm, config = output
     ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y, config, t, t_v)
     ctx.t_value, ctx.gamma, ctx.t_v_value = t_value, gamma, t_v_value
@@ -328,32 +353,43 @@ def _soft_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -
 @first_order_only
 def _soft_autograd(ctx: Any, g: Tensor, *unused: Any) -> Tuple[Optional[Tensor], ...]:
     q, k, u, vq, vk, shift, norm, y, config, t, t_v = ctx.saved_tensors
-    need_q, need_k, _, _, _, need_t, _, _, need_t_v, _ = ctx.needs_input_grad
+    need_q, need_k, _, _, _, need_t, _, _, need_t_v, _, _ = ctx.needs_input_grad
     need_logits = need_q or need_k or need_t  # detached soft targets need no dG
     dq, dk, du, dvq, dvk, dt, dt_v = _soft_backward_op(
         q, k, u, vq, vk, shift, norm, y, config, g, t, ctx.t_value, ctx.gamma, t_v, ctx.t_v_value, need_logits, need_t, need_t_v
     )
-    return (dq if need_logits else None), (dk if need_logits else None), du, dvq, dvk, (dt if need_t else None), None, None, (dt_v if need_t_v else None), None
+    return (dq if need_logits else None), (dk if need_logits else None), du, dvq, dvk, (dt if need_t else None), None, None, (dt_v if need_t_v else None), None, None
 
 
 _soft_op.register_autograd(_soft_autograd, setup_context=_soft_setup)
 
 
-def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
-    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (the custom operator ``m3co_loss::triton_logsumexp``)."""
-    r, c, _ = _lse_op(q, k, *split_temperature(t), with_cols)
+def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool, *, hint: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (the custom operator ``m3co_loss::triton_logsumexp``).
+
+    ``hint``: the precision ``precision="auto"`` takes (``"bf16"``, ``"fp16"``: the embeddings came in it).
+    """
+    r, c, _ = _lse_op(q, k, *split_temperature(t), with_cols, hint)
     return r, c
 
 
 def soft_target_sum(
-    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Optional[Temperature] = None
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Optional[Temperature] = None, *, hint: str = "auto"
 ) -> Tensor:
     """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (``t_v`` None: ``t``; the operator ``m3co_loss::triton_soft_target_sum``)."""
-    y: Tensor = _soft_op(q, k, u, vq, vk, *split_temperature(t), float(gamma), *split_temperature(t if t_v is None else t_v))[0]
+    y: Tensor = _soft_op(q, k, u, vq, vk, *split_temperature(t), float(gamma), *split_temperature(t if t_v is None else t_v), hint)[0]
     return y
 
 
-_BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=False)
+# one instance per precision hint: ``precision="auto"`` multiplies half-precision inputs in their own precision
+_BACKENDS = {
+    hint: StreamingBackend(functools.partial(logsumexp, hint=hint), functools.partial(soft_target_sum, hint=hint), fused_softclip=False)
+    for hint in ("auto", "bf16", "fp16")
+}
+
+
+def _backend(source_dtype: Optional[torch.dtype]) -> StreamingBackend:
+    return _BACKENDS[_hint(source_dtype)]
 
 
 # The backend interface as plain functions.
@@ -361,12 +397,12 @@ _BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=False)
 
 def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
     """Per-sample M3Co L3(a -> b) of the local mixed rows (Triton kernels; see :meth:`StreamingBackend.m3co_vector`)."""
-    return _BACKEND.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
+    return _backend(a.source_dtype).m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
 
 
 def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
     """Per-sample symmetric InfoNCE of the local rows (Triton kernels)."""
-    return _BACKEND.clip_vector(a, b, t, distributed=distributed)
+    return _backend(a.source_dtype).clip_vector(a, b, t, distributed=distributed)
 
 
 def multisoftclip_vector(
@@ -381,7 +417,7 @@ def multisoftclip_vector(
     detach_targets: bool = False,
 ) -> Tensor:
     """Per-sample MultiSClip Ls(a; a, b) of the local rows, targets from a (Triton kernels)."""
-    return _BACKEND.multisoftclip_vector(
+    return _backend(a.source_dtype).multisoftclip_vector(
         a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
     )
 
@@ -396,13 +432,21 @@ def multisoftclip_pair_vector(
     reference: bool,
     target_t: Optional[Temperature] = None,
     detach_targets: bool = False,
+    source_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _BACKEND.multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
+    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels; ``source_dtype`` as in :class:`Rows`)."""
+    return _backend(source_dtype).multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
 
 
 def multisoftclip_pairs(
-    p: Sequence[Tensor], weights: PairWeights, t: Temperature, *, reference: bool, target_t: Optional[Temperature] = None, detach_targets: bool = False
+    p: Sequence[Tensor],
+    weights: PairWeights,
+    t: Temperature,
+    *,
+    reference: bool,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
+    source_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _BACKEND.multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
+    return _backend(source_dtype).multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
