@@ -1,13 +1,14 @@
-"""The dense losses eager and under ``torch.compile`` (inductor), side by side in one process.
+"""The losses eager and under ``torch.compile`` (inductor), side by side in one process.
 
 For each loss and N, one process builds the inputs once and runs three implementations in
 rotation, one forward+backward pass each per round (the order reversed every other round), so
 that every ratio is taken between passes seconds apart on a machine whose speed drifts:
 
-* ``eager-checks``: the dense backend as a user gets it by default (value checks on);
-* ``eager``: the dense backend with value checks off;
+* ``eager-checks``: the loss on ``--backend`` (dense by default) as a user gets it (value checks on);
+* ``eager``: the same with value checks off;
 * ``compiled``: ``torch.compile`` of the same call (default backend, inductor), value checks off,
-  so that the loss is one graph (with checks on, each check is a graph break).
+  so that the loss is one graph (with checks on, each check is a graph break); on the tiled
+  backend the kernels are custom operators inside that graph.
 
 It records the first compiled call's seconds (tracing and code generation), the per-round
 ratios ``compiled / eager`` and ``compiled / eager-checks`` with their quartiles, and the largest
@@ -18,6 +19,7 @@ Results go to ``<out-dir>/<tag>.json`` (rewritten atomically after every figure)
 Example::
 
     python benchmarks/bench_compile.py --n 256 1024 2048 --d 256 --rounds 9
+    python benchmarks/bench_compile.py --backend tiled --loss clip_loss m3co_pair multisoftclip_pair --n 4096 --tag compile_cpu_tiled
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ LOSSES = ("m3co_pair", "m3co", "multisoftclip_pair", "multisoftclip", "clip_loss
 IMPLS = ("eager-checks", "eager", "compiled")
 
 
-def loss_function(loss: str, n: int, generator: torch.Generator):
-    """(number of modalities, function of the embeddings) for ``loss``, dense backend; M3Co's
+def loss_function(loss: str, n: int, generator: torch.Generator, backend: str = "dense"):
+    """(number of modalities, function of the embeddings) for ``loss`` on ``backend``; M3Co's
     mixing plan is drawn once, outside the timed passes."""
     modalities = 3 if loss in ("m3co", "multisoftclip") else 2
     plan = MixupSampler(generator=generator).sample(n, modalities)
@@ -50,19 +52,19 @@ def loss_function(loss: str, n: int, generator: torch.Generator):
         return [plan.mix(x, m) for m, x in enumerate(z)]
 
     functions = {
-        "m3co_pair": lambda z: F.m3co_pair(mixed(z)[0], z[1], plan.perms[0], plan.lam[0], backend="dense"),
-        "m3co": lambda z: F.m3co(mixed(z), z, plan.perms, plan.lam, backend="dense"),
-        "multisoftclip_pair": lambda z: F.multisoftclip_pair(z[0], z[1], backend="dense"),
-        "multisoftclip": lambda z: F.multisoftclip(z, backend="dense"),
-        "clip_loss": lambda z: F.clip_loss(z[0], z[1], backend="dense"),
+        "m3co_pair": lambda z: F.m3co_pair(mixed(z)[0], z[1], plan.perms[0], plan.lam[0], backend=backend),
+        "m3co": lambda z: F.m3co(mixed(z), z, plan.perms, plan.lam, backend=backend),
+        "multisoftclip_pair": lambda z: F.multisoftclip_pair(z[0], z[1], backend=backend),
+        "multisoftclip": lambda z: F.multisoftclip(z, backend=backend),
+        "clip_loss": lambda z: F.clip_loss(z[0], z[1], backend=backend),
     }
     return modalities, functions[loss]
 
 
-def measure(loss: str, n: int, d: int, rounds: int) -> dict:
+def measure(loss: str, n: int, d: int, rounds: int, backend: str = "dense") -> dict:
     torch._dynamo.reset()
     generator = torch.Generator().manual_seed(0)
-    modalities, fn = loss_function(loss, n, generator)
+    modalities, fn = loss_function(loss, n, generator, backend)
     z = [torch.randn(n, d, generator=generator).requires_grad_() for _ in range(modalities)]
     compiled = torch.compile(fn, dynamic=False)
 
@@ -105,8 +107,9 @@ def measure(loss: str, n: int, d: int, rounds: int) -> dict:
 
 def report(data: dict) -> str:
     meta = data["meta"]
+    backend = meta.get("backend", "dense")
     lines = [
-        f"Dense losses, forward + backward, float32, {meta['threads']} CPU thread(s), torch {meta['torch']}; "
+        f"{'Dense' if backend == 'dense' else 'Tiled-backend'} losses, forward + backward, float32, {meta['threads']} CPU thread(s), torch {meta['torch']}; "
         f"{meta['rounds']} rounds, the three implementations alternating in each. Times: medians (ms). "
         "Ratios: median [quartiles] of the per-round ratios. `compile s`: the first compiled call (tracing and code generation). "
         "`max diff`: the largest difference of the compiled loss and gradients from eager.",
@@ -131,6 +134,7 @@ def main(argv=None) -> dict:
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default="dense", choices=("dense", "tiled"))
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--tag", default="compile_cpu")
     args = p.parse_args(argv)
@@ -138,12 +142,12 @@ def main(argv=None) -> dict:
         p.error("--rounds, --d and --threads must be >= 1 and every --n >= 2")
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(torch=torch.__version__, threads=args.threads, rounds=args.rounds, machine=platform.processor() or platform.machine())
+    meta = dict(torch=torch.__version__, threads=args.threads, rounds=args.rounds, machine=platform.processor() or platform.machine(), backend=args.backend)
     data = dict(meta=meta, results=[])
     for loss in args.loss:
         for n in args.n:
             print(f"{loss:18s} N={n:5d} D={args.d} ...", end=" ", flush=True)
-            entry = measure(loss, n, args.d, args.rounds)
+            entry = measure(loss, n, args.d, args.rounds, args.backend)
             print("compiled/eager {1:.2f} [{0:.2f}, {2:.2f}]".format(*entry["ratio_quartiles"]["eager"]), flush=True)
             data["results"].append(entry)
             save_json(args.out_dir / f"{args.tag}.json", data)

@@ -186,7 +186,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from m3co_loss import backends
 
-    backends.set_config(tile_rows=args.tile_rows or None, tile_cols=args.tile_cols or None, tile_square=args.tile_square or None)
+    backends.set_config(tile_rows=args.tile_rows or None, tile_cols=args.tile_cols or None, tile_square=args.tile_square or None, precision=args.precision)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = args.dtype
@@ -302,6 +302,7 @@ def machine_meta(args) -> dict:
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
+        precision=args.precision,
         repeats=args.repeats,
         temperature=TEMPERATURE,
         memory_total_bytes=memory_total(),
@@ -327,7 +328,7 @@ def _skip_reason(args, loss: str, impl: str, n: int) -> str | None:
 def _run_one(args, loss, impl, n, d) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--loss", loss, "--impl", impl,
            "--n", str(n), "--d", str(d), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--device", args.device, "--dtype", args.dtype, "--strip", str(args.strip)] + (["--paired"] if args.paired else [])
+           "--device", args.device, "--dtype", args.dtype, "--precision", args.precision, "--strip", str(args.strip)] + (["--paired"] if args.paired else [])
     for flag, value in (("--tile-rows", args.tile_rows), ("--tile-cols", args.tile_cols), ("--tile-square", args.tile_square)):
         if value:
             cmd += [flag, str(value)]
@@ -411,6 +412,8 @@ def _parse(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype of the embeddings (the package accumulates bfloat16 in float32); default tag gets a suffix")
+    p.add_argument("--precision", default="auto", choices=("auto", "ieee", "tf32", "bf16", "fp16"),
+                   help="precision of the Triton kernels' products (m3co_loss.backends.set_config(precision=...))")
     p.add_argument("--strip", type=int, default=1024, help="rows per strip of the floor's products")
     p.add_argument("--tile-rows", type=int, default=0, help="tile_rows of m3co_loss.backends.set_config (tile sweeps; use with --tag)")
     p.add_argument("--tile-cols", type=int, default=0, help="tile_cols of m3co_loss.backends.set_config")

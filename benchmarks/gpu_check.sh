@@ -146,8 +146,13 @@ kernels() {
   # dry run: each code path once (triton is recorded as skipped without a GPU)
   [ "$DRY" = 0 ] || run=(--n 64 --d 8 --repeats 1 --timeout 120 --impl tiled triton floor)
   local dtype
+  # float32 at the default precision (IEEE unless torch allows TF32); bfloat16 with the Triton
+  # products on bfloat16 tensor cores (float32 accumulation)
+  local dtype precision
   for dtype in float32 bfloat16; do
-    "$VPY" "$ROOT/benchmarks/bench_kernels.py" --device "$DEVICE" --dtype "$dtype" --loss m3co_pair \
+    precision=auto
+    [ "$dtype" = bfloat16 ] && precision=bf16
+    "$VPY" "$ROOT/benchmarks/bench_kernels.py" --device "$DEVICE" --dtype "$dtype" --precision "$precision" --loss m3co_pair \
       "${run[@]}" --out-dir "$OUT" || return
   done
   [ "$DRY" = 0 ] || return 0

@@ -140,10 +140,10 @@ def _prepare(zs: Sequence[Tensor], layout: _Batch) -> List[Rows]:
     """Normalised rows of each tensor, gathered over the process group in one collective."""
     ps = [normalize(z, layout.dtype) for z in zs]
     if not layout.distributed:
-        return [Rows(p, p, 0) for p in ps]
+        return [Rows(p, p, 0, z.dtype) for p, z in zip(ps, zs)]
     widths = [p.shape[1] for p in ps]
     full = layout.gather(torch.cat(ps, dim=1) if len(ps) > 1 else ps[0])
-    return [Rows(p, f, layout.offset) for p, f in zip(ps, torch.split(full, widths, dim=1))]
+    return [Rows(p, f, layout.offset, z.dtype) for p, f, z in zip(ps, torch.split(full, widths, dim=1), zs)]
 
 
 def _no_autocast(device: torch.device) -> ContextManager[object]:

@@ -9,8 +9,9 @@
 
 :func:`choose_backend` resolves ``backend="auto"`` and checks an explicit choice with
 :func:`available`; the functions below dispatch to the backend module, which computes the
-vector of per-sample losses of this process's rows. The ``"tiled"`` and ``"triton"`` backends
-run eagerly under ``torch.compile`` (one graph break per call), the dense one is traced.
+vector of per-sample losses of this process's rows. Under ``torch.compile`` every backend is
+traced into the caller's graph: the tiled and Triton kernels are ``torch.library`` custom
+operators (namespace ``m3co_loss``) with their own backward operators and fake implementations.
 
 Tuning: :func:`get_config`, :func:`set_config` and the context manager :func:`config` read and
 set the tile sizes, the CPU worker threads, the ``"auto"`` threshold and the Triton block sizes
@@ -20,7 +21,7 @@ set the tile sizes, the CPU worker threads, the ``"auto"`` threshold and the Tri
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, TypeVar, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -47,9 +48,6 @@ __all__ = [
     "multisoftclip_vector",
     "multisoftclip_pairs",
 ]
-
-Kernel = TypeVar("Kernel", bound=Callable[..., Any])
-
 
 def available(backend: str, device: Union[torch.device, str, None] = None) -> bool:
     """Whether ``backend`` can run on ``device`` (default: on this machine at all).
@@ -122,29 +120,6 @@ def _implementation(backend: str, rows: Rows) -> Backend:
     return tiled
 
 
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
-_EAGER_KERNELS: Dict[Callable[..., Any], Callable[..., Any]] = {}
-
-
-def _eager(impl: Backend, kernel: Kernel) -> Kernel:
-    """``kernel``, excluded from tracing under ``torch.compile`` unless it belongs to the dense backend.
-
-    The tiled and Triton kernels run worker threads, ``out=`` tile buffers and loops over tiles,
-    which dynamo would split into many small graphs. Excluded, a compiled caller breaks its graph
-    once per kernel call and the kernel runs eagerly.
-
-    The wrappers are made on the first trace, not at import: ``torch.compiler.disable`` imports
-    dynamo (seconds), which a program that never compiles should not pay for. The first trace
-    also breaks at that call; later traces find the wrapper in the cache.
-    """
-    if impl is dense or not _is_compiling():
-        return kernel
-    wrapped = _EAGER_KERNELS.get(kernel)
-    if wrapped is None:
-        wrapped = _EAGER_KERNELS[kernel] = torch.compiler.disable(kernel)  # type: ignore[no-untyped-call]
-    return wrapped  # type: ignore[return-value]  # not typing.cast: traced by dynamo, that call drops the wrapper
-
-
 def m3co_vector(
     a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False, backend: str = "auto"
 ) -> Tensor:
@@ -157,13 +132,13 @@ def m3co_vector(
     of the two directions).
     """
     impl = _implementation(backend, a)
-    return _eager(impl, impl.m3co_vector)(a, b, perm, lam, t, reference=reference, distributed=distributed)
+    return impl.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
 
 
 def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False, backend: str = "auto") -> Tensor:
     """Per-sample symmetric InfoNCE of the local rows (see :func:`m3co_loss.functional.clip_loss`)."""
     impl = _implementation(backend, a)
-    return _eager(impl, impl.clip_vector)(a, b, t, distributed=distributed)
+    return impl.clip_vector(a, b, t, distributed=distributed)
 
 
 def multisoftclip_vector(
@@ -185,7 +160,7 @@ def multisoftclip_vector(
     ``t``; ``detach_targets`` makes the soft targets constants.
     """
     impl = _implementation(backend, a)
-    return _eager(impl, impl.multisoftclip_vector)(
+    return impl.multisoftclip_vector(
         a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
     )
 
@@ -215,12 +190,14 @@ def multisoftclip_pairs(
     """
     impl = _implementation(backend, rows[0])
     if not distributed:
-        return _eager(impl, impl.multisoftclip_pairs)(
-            [r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets
+        # the Triton kernels choose their products' precision from the inputs' dtype
+        extra = {"source_dtype": rows[0].source_dtype} if impl is triton else {}
+        return impl.multisoftclip_pairs(
+            [r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets, **extra
         )
     if gather is None:
         raise ValueError("gather is needed with distributed=True: it concatenates per-row vectors over the process group")
-    vector = _eager(impl, impl.multisoftclip_vector)
+    vector = impl.multisoftclip_vector
     total: Optional[Tensor] = None
     for (a, b), (weight_a, weight_b) in weights.items():
         pair: Optional[Tensor] = None

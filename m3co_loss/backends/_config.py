@@ -18,7 +18,7 @@ import numbers
 import threading
 from typing import Iterator, Optional
 
-__all__ = ["BackendConfig", "get_config", "set_config", "config"]
+__all__ = ["BackendConfig", "PRECISIONS", "get_config", "set_config", "config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,15 @@ class BackendConfig:
         triton_block_m: rows of the score tile of one Triton program step (64).
         triton_block_n: columns of that tile (64).
         triton_block_d: chunk of the embedding dimension loaded per step (64).
+        precision: the precision of the Triton kernels' matrix products, always accumulated in
+            float32 with float32 log-sum-exp and softmax state: ``"auto"`` (float16 and bfloat16
+            inputs in their own precision; float32 ones on TF32 tensor cores when
+            ``torch.backends.cuda.matmul.allow_tf32`` is True, IEEE float32 otherwise: the
+            choice torch makes for its own float32 products), ``"ieee"``, ``"tf32"``, ``"bf16"``
+            or ``"fp16"`` (the operands rounded to bfloat16 or float16 for the product; the
+            softmax weights of the weighted sums to bfloat16 in both, for float32's exponent
+            range). The tolerances of each are on the docs page ``kernels``. The tiled backend's
+            products follow torch's own settings (on CUDA, ``allow_tf32``).
 
     The tile sizes change the order of floating-point sums and hence the last bits of the
     results, never more; sweep them with ``benchmarks/bench_kernels.py --tile-rows/--tile-cols/--tile-square``.
@@ -52,11 +61,14 @@ class BackendConfig:
     triton_block_m: int = 64
     triton_block_n: int = 64
     triton_block_d: int = 64
+    precision: str = "auto"
 
 
+PRECISIONS = ("auto", "ieee", "tf32", "bf16", "fp16")
 _POSITIVE_INTS = ("tile_rows", "tile_cols", "tile_square", "auto_tiled_min_n")
 _TRITON_BLOCKS = ("triton_block_m", "triton_block_n", "triton_block_d")
 _FLAGS = ("parallel_workers",)
+_CHOICES = {"precision": PRECISIONS}
 _OPTIONS = tuple(field.name for field in dataclasses.fields(BackendConfig))
 
 _lock = threading.Lock()
@@ -75,6 +87,12 @@ def get_config() -> BackendConfig:
 
 
 def _check_option(name: str, value: object) -> object:
+    if name in _CHOICES:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str; got {type(value).__name__}")
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, _CHOICES[name]))}; got {value!r}")
+        return value
     if name in _FLAGS:
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -118,6 +136,7 @@ def set_config(
     triton_block_m: Optional[int] = None,
     triton_block_n: Optional[int] = None,
     triton_block_d: Optional[int] = None,
+    precision: Optional[str] = None,
 ) -> BackendConfig:
     """Change tuning options for the whole process; the options left at None keep their values.
 
@@ -125,6 +144,7 @@ def set_config(
         tile_rows, tile_cols, tile_square, auto_tiled_min_n: positive ints (see :class:`BackendConfig`).
         parallel_workers: a bool.
         triton_block_m, triton_block_n, triton_block_d: powers of two >= 16.
+        precision: ``"auto"``, ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"``.
 
     Returns:
         The configuration before the call, which :func:`set_config` accepts back
@@ -132,7 +152,8 @@ def set_config(
 
     Raises:
         TypeError: an option of the wrong type (a bool for a size, a float, ...).
-        ValueError: a size below 1, or a Triton block that is not a power of two >= 16. Nothing
+        ValueError: a size below 1, a Triton block that is not a power of two >= 16, or an
+            unknown precision. Nothing
             is changed when any option is invalid.
 
     Examples:
@@ -152,6 +173,7 @@ def set_config(
             triton_block_m=triton_block_m,
             triton_block_n=triton_block_n,
             triton_block_d=triton_block_d,
+            precision=precision,
         )
     )
 
@@ -167,6 +189,7 @@ def config(
     triton_block_m: Optional[int] = None,
     triton_block_n: Optional[int] = None,
     triton_block_d: Optional[int] = None,
+    precision: Optional[str] = None,
 ) -> Iterator[BackendConfig]:
     """Set tuning options inside a ``with`` block; on exit the options it set get their previous values back.
 
@@ -189,6 +212,7 @@ def config(
         triton_block_m=triton_block_m,
         triton_block_n=triton_block_n,
         triton_block_d=triton_block_d,
+        precision=precision,
     )
     previous = _replace(options)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
 __all__ = ["Rows", "PairWeights", "Backend", "Temperature"]
@@ -29,11 +30,15 @@ class Rows(NamedTuple):
         local: (n, D) rows of this process.
         full: (N, D) rows of every process, in rank order (``local`` itself on one process).
         offset: index of ``local[0]`` in ``full`` (0 on one process).
+        source_dtype: dtype of the embeddings as the caller passed them, before they were
+            normalised to float32 at least (None: unknown). With ``precision="auto"`` the
+            Triton kernels multiply float16 and bfloat16 inputs in their own precision.
     """
 
     local: Tensor
     full: Tensor
     offset: int  # index of local[0] inside full
+    source_dtype: Optional[torch.dtype] = None
 
 
 class Backend(Protocol):

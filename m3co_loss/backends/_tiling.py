@@ -6,6 +6,7 @@ worker threads.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, cast
@@ -13,9 +14,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
+from ._config import PRECISIONS, BackendConfig
 from ._interface import Temperature
 
-__all__ = ["Temperature", "host_value", "operand", "temperature_grad", "max_is_diagonal", "static_shift_ok", "blocks", "block_pairs", "scaled", "shifter", "Scratch", "span", "num_workers", "run_tiles", "first_order_only"]
+__all__ = ["Temperature", "split_temperature", "join_temperature", "encode_config", "decode_config", "fake_config", "host_value", "operand", "temperature_grad", "max_is_diagonal", "static_shift_ok", "blocks", "block_pairs", "scaled", "shifter", "Scratch", "span", "num_workers", "run_tiles", "first_order_only"]
 
 # Largest 2/t for which exp(S - 1/t) neither underflows a whole row nor overflows.
 _SAFE_SPAN: Dict[torch.dtype, float] = {torch.float32: 80.0, torch.float64: 600.0}
@@ -23,6 +25,46 @@ _SAFE_SPAN: Dict[torch.dtype, float] = {torch.float32: 80.0, torch.float64: 600.
 Task = TypeVar("Task")
 State = TypeVar("State")
 Backward = TypeVar("Backward", bound=Callable[..., Any])
+
+
+def split_temperature(t: Temperature) -> Tuple[Optional[Tensor], float]:
+    """A temperature as the arguments of a custom operator: ``(tensor, 0.0)`` or ``(None, float)``.
+
+    A schema has no "float or tensor" type; a float stays a float (not a tensor), so that the
+    kernels keep the bits of a float argument and a compiled graph holds it as a constant.
+    """
+    return (t, 0.0) if isinstance(t, Tensor) else (None, float(t))
+
+
+def join_temperature(tensor: Optional[Tensor], value: float) -> Temperature:
+    """The inverse of :func:`split_temperature`."""
+    return value if tensor is None else tensor
+
+
+_CONFIG_FIELDS = dataclasses.fields(BackendConfig)
+
+
+def encode_config(config: BackendConfig) -> Tensor:
+    """The options of ``config`` as a CPU tensor of ints: an output of a forward operator that its backward reads.
+
+    A kernel's backward pass must use the tile sizes of its forward pass, and under
+    ``torch.compile`` only tensors travel from one operator to the other.
+    """
+    values = dataclasses.replace(config, precision=PRECISIONS.index(config.precision))  # type: ignore[arg-type]
+    return torch.tensor([int(getattr(values, field.name)) for field in _CONFIG_FIELDS], dtype=torch.int64)
+
+
+def decode_config(encoded: Tensor) -> BackendConfig:
+    """The inverse of :func:`encode_config`."""
+    options: Dict[str, Any] = {field.name: int(value) for field, value in zip(_CONFIG_FIELDS, encoded.tolist())}
+    options["parallel_workers"] = bool(options["parallel_workers"])
+    options["precision"] = PRECISIONS[options["precision"]]
+    return BackendConfig(**options)
+
+
+def fake_config() -> Tensor:
+    """What :func:`encode_config` returns, for a fake (meta) implementation."""
+    return torch.empty(len(_CONFIG_FIELDS), dtype=torch.int64, device="cpu")
 
 
 def host_value(t: Temperature) -> Optional[float]:

@@ -39,8 +39,25 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._config import get_config
-from ._tiling import Scratch, Temperature, block_pairs, first_order_only, host_value, num_workers, run_tiles, scaled, shifter, span, temperature_grad
+from ._config import BackendConfig, get_config
+from ._tiling import (
+    Scratch,
+    Temperature,
+    block_pairs,
+    decode_config,
+    encode_config,
+    fake_config,
+    first_order_only,
+    host_value,
+    join_temperature,
+    num_workers,
+    run_tiles,
+    scaled,
+    shifter,
+    span,
+    split_temperature,
+    temperature_grad,
+)
 
 __all__ = ["SoftClip", "SoftClipCoefficients", "soft_clip"]
 
@@ -103,109 +120,9 @@ class SoftClip(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, b: Tensor, t: Temperature, target_t: Temperature, coef: SoftClipCoefficients, detach_targets: bool) -> Tensor:
         """Pass 1: r, c, normalisers and weighted sums of S; pass 2 (paper): W r and the column sums of W."""
         a, b = a.detach().contiguous(), b.detach().contiguous()
-        ts, tt = host_value(t), host_value(target_t)
-        assert ts is not None and tt is not None, "SoftClip needs the temperatures' values (floats or CPU tensors)"
-        n = a.shape[0]
-        config = get_config()
-        size = min(config.tile_square, n)
-        use_a, use_b = coef.uses_a, coef.uses_b
-        ones = a.new_ones(size)
-        a_s, a_h, b_s, b_h = scaled(a, ts), shifter(a, ts), scaled(b, ts), shifter(b, ts)
-        # the soft targets' operands: the same tensors (and bits) when both temperatures are equal
-        same = tt == ts
-        ta_s, ta_h = (a_s, a_h) if same or not use_a else (scaled(a, tt), shifter(a, tt))
-        tb_s, tb_h = (b_s, b_h) if same or not use_b else (scaled(b, tt), shifter(b, tt))
-        tasks = list(block_pairs(n, size))
-        workers = num_workers(a, len(tasks), config.parallel_workers)
-
-        def setup_one() -> Tuple[Scratch, Tensor]:
-            return Scratch(a, 5, size, size), a.new_zeros(8, n)
-
-        def pass_one(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor]) -> List[Tensor]:
-            scratch, sums = state
-            # sum_k e^{S_ik - 1/t}, sum_i e^{S_ik - 1/t}, softmax normalisers of the targets, and
-            # sum_l E_il (S_li - 1/t), sum_l E_il (S_il - 1/t) for each target matrix
-            rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = sums
-            for rows, cols, diag in my_tasks:
-                h, w = span(rows), span(cols)
-                s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
-                u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
-                tmp = scratch(4, h, w)
-                if use_a:
-                    p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
-                    n_a[rows].addmv_(p, ones[:w])
-                    if not diag:
-                        n_a[cols].addmv_(p.T, ones[:h])
-                    if coef.xa:
-                        _accumulate_products(t_a_u, rows, cols, diag, p, u, s, tmp, ones)
-                    if coef.za:
-                        _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
-                if use_b:
-                    q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
-                    n_b[rows].addmv_(q, ones[:w])
-                    if not diag:
-                        n_b[cols].addmv_(q.T, ones[:h])
-                    if coef.xb:
-                        _accumulate_products(t_b_s, rows, cols, diag, q, s, u, tmp, ones)
-                    if coef.zb:
-                        _accumulate_products(t_b_u, rows, cols, diag, q, u, s, tmp, ones)
-                e = s.exp_()
-                rho[rows].addmv_(e, ones[:w])
-                kappa[cols].addmv_(e.T, ones[:h])
-                if not diag:
-                    e = u.exp_()
-                    kappa[rows].addmv_(e, ones[:w])
-                    rho[cols].addmv_(e.T, ones[:h])
-            return [sums]
-
-        rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = run_tiles(tasks, pass_one, workers, setup_one)[0]
-        r = rho.log_().add_(1.0 / ts)
-        c = kappa.log_().add_(1.0 / ts)
-        # Pass 2: W r needs the final r; the same products give the column sums of W.
-        omega_a = omega_b = a.new_zeros(0)
-        y_a, y_b = a.new_zeros(n), a.new_zeros(n)
-        if coef.ka or coef.kb:
-            targets: List[Tuple[Tensor, Tensor, Tensor]] = []
-            if coef.ka:
-                targets.append((torch.stack([r, n_a.reciprocal()], 1), ta_s, ta_h))
-            if coef.kb:
-                targets.append((torch.stack([c, n_b.reciprocal()], 1), tb_s, tb_h))
-
-            def setup_two() -> Tuple[Tensor, List[Tensor]]:
-                return a.new_empty(size * size), [a.new_zeros(n, 2) for _ in targets]
-
-            def pass_two(my_tasks: Sequence[_BlockPair], state: Tuple[Tensor, List[Tensor]]) -> List[Tensor]:
-                buf, out = state
-                for rows, cols, diag in my_tasks:
-                    h, w = span(rows), span(cols)
-                    for acc, (values, x_s, x_h) in zip(out, targets):
-                        p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: h * w].view(h, w)).exp_()
-                        acc[rows].addmm_(p, values[cols])
-                        if not diag:
-                            acc[cols].addmm_(p.T, values[rows])
-                return out
-
-            sums = iter(run_tiles(tasks, pass_two, workers, setup_two))
-            if coef.ka:
-                pr_a = next(sums)
-                y_a += coef.ka * pr_a[:, 0] / n_a
-                omega_a = pr_a[:, 1]
-            if coef.kb:
-                pr_b = next(sums)
-                y_b += coef.kb * pr_b[:, 0] / n_b
-                omega_b = pr_b[:, 1]
-        # sum_l W_il S_.. = (sum_l E_il (S_.. - 1/t)) / n_i + 1/t
-        for acc, norm, weight, y in (
-            (t_a_u, n_a, coef.xa, y_a),
-            (t_a_s, n_a, coef.za, y_a),
-            (t_b_s, n_b, coef.xb, y_b),
-            (t_b_u, n_b, coef.zb, y_b),
-        ):
-            if weight:
-                y -= weight * (acc / norm + 1.0 / ts)
-        v: Tensor = coef.col * c + coef.row * r + y_a + y_b
-        ctx.save_for_backward(a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h)
-        ctx.t, ctx.target_t, ctx.coef, ctx.config, ctx.detach_targets = ts, tt, coef, config, detach_targets
+        v, stats, config = softclip_forward(a, b, t, target_t, coef)
+        ctx.save_for_backward(a, b, *stats)
+        ctx.t, ctx.target_t, ctx.coef, ctx.config, ctx.detach_targets = host_value(t), host_value(target_t), coef, config, detach_targets
         # one tensor in both places: its gradient is the sum of both parts, taken in one piece
         ctx.shared = isinstance(t, Tensor) and target_t is t
         return v
@@ -216,130 +133,281 @@ class SoftClip(torch.autograd.Function):
         """Recompute S, S^T and the target tiles per block pair; see the module docstring."""
         if g is None:
             return None, None, None, None, None, None
-        a, b, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h = ctx.saved_tensors
-        t, tt, coef, config = ctx.t, ctx.target_t, ctx.coef, ctx.config
-        need_t, need_tt = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        n = a.shape[0]
-        size = min(config.tile_square, n)
-        use_a, use_b = coef.uses_a, coef.uses_b
-        # (dG + dG^T) A / target_t: the soft targets' share of the gradient, absent when they are constants
-        hold_a, hold_b = use_a and not ctx.detach_targets, use_b and not ctx.detach_targets
-        # The temperatures' gradients need <A, dS B / t> apart from the targets' share when they
-        # are two (docs page ``kernels``); dS B then goes to an accumulator of its own.
-        split = (need_t or need_tt) and not ctx.shared and (hold_a or hold_b)
-        tasks = list(block_pairs(n, size))
-        workers = num_workers(a, len(tasks), config.parallel_workers)
-        g = g.contiguous()
-        uniform = bool((g == g[0]).all())
-        gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
-        g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
-        if coef.ka:  # sum_i g_i W^a_il
-            g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(ta_s, ta_h, gamma_a, size, tasks, workers))
+        a, b, *stats = ctx.saved_tensors
+        da, db, dt, dtt = softclip_backward(
+            a, b, SoftClipStats(*stats), ctx.config, ctx.t, ctx.target_t, ctx.coef, g,
+            detach_targets=ctx.detach_targets, shared=ctx.shared, need_t=ctx.needs_input_grad[2], need_tt=ctx.needs_input_grad[3],
+        )
+        return da, db, dt, dtt
+
+
+class SoftClipStats(NamedTuple):
+    """The O(N) statistics of a :class:`SoftClip` forward pass that its backward pass reads."""
+
+    r: Tensor
+    c: Tensor
+    n_a: Tensor
+    n_b: Tensor
+    y_a: Tensor
+    y_b: Tensor
+    omega_a: Tensor
+    omega_b: Tensor
+
+
+def _operands(a: Tensor, b: Tensor, ts: float, tt: float, coef: SoftClipCoefficients) -> Tuple[Tensor, ...]:
+    """``a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h``: the augmented operands of S (at ``t``) and of the targets (at ``target_t``)."""
+    a_s, a_h, b_s, b_h = scaled(a, ts), shifter(a, ts), scaled(b, ts), shifter(b, ts)
+    # the soft targets' operands: the same tensors (and bits) when both temperatures are equal
+    same = tt == ts
+    ta_s, ta_h = (a_s, a_h) if same or not coef.uses_a else (scaled(a, tt), shifter(a, tt))
+    tb_s, tb_h = (b_s, b_h) if same or not coef.uses_b else (scaled(b, tt), shifter(b, tt))
+    return a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h
+
+
+def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature, coef: SoftClipCoefficients) -> Tuple[Tensor, SoftClipStats, BackendConfig]:
+    """The forward pass of :class:`SoftClip` on detached contiguous ``a``, ``b``: ``(v, statistics, config)``."""
+    ts, tt = host_value(t), host_value(target_t)
+    assert ts is not None and tt is not None, "SoftClip needs the temperatures' values (floats or CPU tensors)"
+    n = a.shape[0]
+    config = get_config()
+    size = min(config.tile_square, n)
+    use_a, use_b = coef.uses_a, coef.uses_b
+    ones = a.new_ones(size)
+    a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h = _operands(a, b, ts, tt, coef)
+    tasks = list(block_pairs(n, size))
+    workers = num_workers(a, len(tasks), config.parallel_workers)
+
+    def setup_one() -> Tuple[Scratch, Tensor]:
+        return Scratch(a, 5, size, size), a.new_zeros(8, n)
+
+    def pass_one(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor]) -> List[Tensor]:
+        scratch, sums = state
+        # sum_k e^{S_ik - 1/t}, sum_i e^{S_ik - 1/t}, softmax normalisers of the targets, and
+        # sum_l E_il (S_li - 1/t), sum_l E_il (S_il - 1/t) for each target matrix
+        rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = sums
+        for rows, cols, diag in my_tasks:
+            h, w = span(rows), span(cols)
+            s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
+            u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+            tmp = scratch(4, h, w)
+            if use_a:
+                p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
+                n_a[rows].addmv_(p, ones[:w])
+                if not diag:
+                    n_a[cols].addmv_(p.T, ones[:h])
+                if coef.xa:
+                    _accumulate_products(t_a_u, rows, cols, diag, p, u, s, tmp, ones)
+                if coef.za:
+                    _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
+            if use_b:
+                q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
+                n_b[rows].addmv_(q, ones[:w])
+                if not diag:
+                    n_b[cols].addmv_(q.T, ones[:h])
+                if coef.xb:
+                    _accumulate_products(t_b_s, rows, cols, diag, q, s, u, tmp, ones)
+                if coef.zb:
+                    _accumulate_products(t_b_u, rows, cols, diag, q, u, s, tmp, ones)
+            e = s.exp_()
+            rho[rows].addmv_(e, ones[:w])
+            kappa[cols].addmv_(e.T, ones[:h])
+            if not diag:
+                e = u.exp_()
+                kappa[rows].addmv_(e, ones[:w])
+                rho[cols].addmv_(e.T, ones[:h])
+        return [sums]
+
+    rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = run_tiles(tasks, pass_one, workers, setup_one)[0]
+    r = rho.log_().add_(1.0 / ts)
+    c = kappa.log_().add_(1.0 / ts)
+    # Pass 2: W r needs the final r; the same products give the column sums of W.
+    omega_a = omega_b = a.new_zeros(0)
+    y_a, y_b = a.new_zeros(n), a.new_zeros(n)
+    if coef.ka or coef.kb:
+        targets: List[Tuple[Tensor, Tensor, Tensor]] = []
+        if coef.ka:
+            targets.append((torch.stack([r, n_a.reciprocal()], 1), ta_s, ta_h))
         if coef.kb:
-            g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(tb_s, tb_h, gamma_b, size, tasks, workers))
-        # Every tile below is a derivative with respect to S or G, and dA = dS B / t + H A / target_t:
-        # the 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
-        alpha = (g_row / t) * torch.exp(1.0 / t - r)
-        beta = (g_col / t) * torch.exp(1.0 / t - c)
-        ones = torch.ones_like(g)
-        same = tt == t
-        # (dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)], R of rank 4:
-        # R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l, y~ = y + (x + z) / t.
-        if use_a:
-            xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a  # dS factors (1/t)
-            hxa, hza = (xga, zga) if same else ((coef.xa / tt) * gamma_a, (coef.za / tt) * gamma_a)  # H factors (1/target_t)
-            ya = y_a + (coef.xa + coef.za) / t
-            left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(tt)
-            right_a = torch.stack([r, gamma_a, ones, -gamma_a * ya], 1)
-        if use_b:
-            xgb, zgb = (coef.xb / t) * gamma_b, (coef.zb / t) * gamma_b
-            hxb, hzb = (xgb, zgb) if same else ((coef.xb / tt) * gamma_b, (coef.zb / tt) * gamma_b)
-            yb = y_b + (coef.xb + coef.zb) / t
-            left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(tt)
-            right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
+            targets.append((torch.stack([c, n_b.reciprocal()], 1), tb_s, tb_h))
 
-        def setup() -> Tuple[Scratch, Tensor, Tensor, Tensor]:
-            da = torch.zeros_like(a)
-            return Scratch(a, 7, size, size), da, torch.zeros_like(b), torch.zeros_like(a) if split else da
+        def setup_two() -> Tuple[Tensor, List[Tensor]]:
+            return a.new_empty(size * size), [a.new_zeros(n, 2) for _ in targets]
 
-        def work(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor, Tensor, Tensor]) -> List[Optional[Tensor]]:
-            scratch, da, db, da_s = state  # da_s: dS B / t (da itself unless split)
+        def pass_two(my_tasks: Sequence[_BlockPair], state: Tuple[Tensor, List[Tensor]]) -> List[Tensor]:
+            buf, out = state
             for rows, cols, diag in my_tasks:
                 h, w = span(rows), span(cols)
-                s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
-                u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
-                if use_a:
-                    p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
-                if hold_a:
-                    ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
-                    if coef.xa:
-                        ha.addcmul_(u, hxa[rows, None], value=-1).addcmul_(s, hxa[None, cols], value=-1)
-                    if coef.za:
-                        ha.addcmul_(u, hza[None, cols], value=-1).addcmul_(s, hza[rows, None], value=-1)
-                    ha.mul_(p)
-                if use_b:
-                    q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
-                if hold_b:
-                    hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
-                    if coef.xb:
-                        hb.addcmul_(s, hxb[rows, None], value=-1).addcmul_(u, hxb[None, cols], value=-1)
-                    if coef.zb:
-                        hb.addcmul_(s, hzb[None, cols], value=-1).addcmul_(u, hzb[rows, None], value=-1)
-                    hb.mul_(q)
-                # dS on block (I, K)
-                ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
-                if use_a:
-                    if coef.xa:
-                        ds.addcmul_(p, xga[None, cols], value=-1)
-                    if coef.za:
-                        ds.addcmul_(p, zga[rows, None], value=-1)
-                if use_b:
-                    if coef.zb:
-                        ds.addcmul_(q, zgb[None, cols], value=-1)
-                    if coef.xb:
-                        ds.addcmul_(q, xgb[rows, None], value=-1)
-                da_s[rows].addmm_(ds, b[cols])
-                db[cols].addmm_(ds.T, a[rows])
-                if hold_a:
-                    da[rows].addmm_(ha, a[cols])
-                if hold_b:
-                    db[rows].addmm_(hb, b[cols])
-                if diag:
-                    continue
-                # dS on block (K, I), held transposed like U
-                du = u.exp_().mul_(torch.add(beta[rows, None], alpha[None, cols], out=scratch(6, h, w)))
-                if use_a:
-                    if coef.xa:
-                        du.addcmul_(p, xga[rows, None], value=-1)
-                    if coef.za:
-                        du.addcmul_(p, zga[None, cols], value=-1)
-                if use_b:
-                    if coef.zb:
-                        du.addcmul_(q, zgb[rows, None], value=-1)
-                    if coef.xb:
-                        du.addcmul_(q, xgb[None, cols], value=-1)
-                da_s[cols].addmm_(du.T, b[rows])
-                db[rows].addmm_(du, a[cols])
-                if hold_a:
-                    da[cols].addmm_(ha.T, a[rows])
-                if hold_b:
-                    db[cols].addmm_(hb.T, b[rows])
-            return [da, db, da_s if split else None]
+                for acc, (values, x_s, x_h) in zip(out, targets):
+                    p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: h * w].view(h, w)).exp_()
+                    acc[rows].addmm_(p, values[cols])
+                    if not diag:
+                        acc[cols].addmm_(p.T, values[rows])
+            return out
 
-        da, db, da_s = run_tiles(tasks, work, workers, setup)
-        dt = dtt = None
-        if split:
-            # t dL/dt = -<A, dS B / t>; target_t dL/dtarget_t = -(<A, dA> + <B, dB>) / 2 + <A, dS B / t>
-            s_part = torch.dot(a.reshape(-1), da_s.reshape(-1))
-            da += da_s
-            if need_t:
-                dt = -s_part / t
-            if need_tt:
-                dtt = temperature_grad(tt, [(a, da), (b, db)]) / 2 + s_part / tt
-        elif need_t:
-            # one temperature, or constant targets: t dL/dt = -(<A, dA> + <B, dB>) / 2
-            dt = temperature_grad(t, [(a, da), (b, db)]) / 2
-        return da, db, dt, dtt, None, None
+        sums = iter(run_tiles(tasks, pass_two, workers, setup_two))
+        if coef.ka:
+            pr_a = next(sums)
+            y_a += coef.ka * pr_a[:, 0] / n_a
+            omega_a = pr_a[:, 1]
+        if coef.kb:
+            pr_b = next(sums)
+            y_b += coef.kb * pr_b[:, 0] / n_b
+            omega_b = pr_b[:, 1]
+    # sum_l W_il S_.. = (sum_l E_il (S_.. - 1/t)) / n_i + 1/t
+    for acc, norm, weight, y in (
+        (t_a_u, n_a, coef.xa, y_a),
+        (t_a_s, n_a, coef.za, y_a),
+        (t_b_s, n_b, coef.xb, y_b),
+        (t_b_u, n_b, coef.zb, y_b),
+    ):
+        if weight:
+            y -= weight * (acc / norm + 1.0 / ts)
+    v: Tensor = coef.col * c + coef.row * r + y_a + y_b
+    return v, SoftClipStats(r, c, n_a, n_b, y_a, y_b, omega_a, omega_b), config
+
+
+def softclip_backward(
+    a: Tensor,
+    b: Tensor,
+    stats: SoftClipStats,
+    config: BackendConfig,
+    t: float,
+    tt: float,
+    coef: SoftClipCoefficients,
+    g: Tensor,
+    *,
+    detach_targets: bool,
+    shared: bool,
+    need_t: bool,
+    need_tt: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The backward pass of :class:`SoftClip`: ``(da, db, dt, dtarget_t)`` (``t``, ``tt``: the temperatures' values).
+
+    ``shared``: the two temperatures are one tensor (its gradient is returned as ``dt``).
+    """
+    r, c, n_a, n_b, y_a, y_b, omega_a, omega_b = stats
+    a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h = _operands(a, b, t, tt, coef)
+    n = a.shape[0]
+    size = min(config.tile_square, n)
+    use_a, use_b = coef.uses_a, coef.uses_b
+    # (dG + dG^T) A / target_t: the soft targets' share of the gradient, absent when they are constants
+    hold_a, hold_b = use_a and not detach_targets, use_b and not detach_targets
+    # The temperatures' gradients need <A, dS B / t> apart from the targets' share when they
+    # are two (docs page ``kernels``); dS B then goes to an accumulator of its own.
+    split = (need_t or need_tt) and not shared and (hold_a or hold_b)
+    tasks = list(block_pairs(n, size))
+    workers = num_workers(a, len(tasks), config.parallel_workers)
+    g = g.contiguous()
+    uniform = bool((g == g[0]).all())
+    gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
+    g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
+    if coef.ka:  # sum_i g_i W^a_il
+        g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(ta_s, ta_h, gamma_a, size, tasks, workers))
+    if coef.kb:
+        g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(tb_s, tb_h, gamma_b, size, tasks, workers))
+    # Every tile below is a derivative with respect to S or G, and dA = dS B / t + H A / target_t:
+    # the 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
+    alpha = (g_row / t) * torch.exp(1.0 / t - r)
+    beta = (g_col / t) * torch.exp(1.0 / t - c)
+    ones = torch.ones_like(g)
+    same = tt == t
+    # (dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)], R of rank 4:
+    # R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l, y~ = y + (x + z) / t.
+    if use_a:
+        xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a  # dS factors (1/t)
+        hxa, hza = (xga, zga) if same else ((coef.xa / tt) * gamma_a, (coef.za / tt) * gamma_a)  # H factors (1/target_t)
+        ya = y_a + (coef.xa + coef.za) / t
+        left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(tt)
+        right_a = torch.stack([r, gamma_a, ones, -gamma_a * ya], 1)
+    if use_b:
+        xgb, zgb = (coef.xb / t) * gamma_b, (coef.zb / t) * gamma_b
+        hxb, hzb = (xgb, zgb) if same else ((coef.xb / tt) * gamma_b, (coef.zb / tt) * gamma_b)
+        yb = y_b + (coef.xb + coef.zb) / t
+        left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(tt)
+        right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
+
+    def setup() -> Tuple[Scratch, Tensor, Tensor, Tensor]:
+        da = torch.zeros_like(a)
+        return Scratch(a, 7, size, size), da, torch.zeros_like(b), torch.zeros_like(a) if split else da
+
+    def work(my_tasks: Sequence[_BlockPair], state: Tuple[Scratch, Tensor, Tensor, Tensor]) -> List[Optional[Tensor]]:
+        scratch, da, db, da_s = state  # da_s: dS B / t (da itself unless split)
+        for rows, cols, diag in my_tasks:
+            h, w = span(rows), span(cols)
+            s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
+            u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+            if use_a:
+                p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
+            if hold_a:
+                ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
+                if coef.xa:
+                    ha.addcmul_(u, hxa[rows, None], value=-1).addcmul_(s, hxa[None, cols], value=-1)
+                if coef.za:
+                    ha.addcmul_(u, hza[None, cols], value=-1).addcmul_(s, hza[rows, None], value=-1)
+                ha.mul_(p)
+            if use_b:
+                q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
+            if hold_b:
+                hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
+                if coef.xb:
+                    hb.addcmul_(s, hxb[rows, None], value=-1).addcmul_(u, hxb[None, cols], value=-1)
+                if coef.zb:
+                    hb.addcmul_(s, hzb[None, cols], value=-1).addcmul_(u, hzb[rows, None], value=-1)
+                hb.mul_(q)
+            # dS on block (I, K)
+            ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
+            if use_a:
+                if coef.xa:
+                    ds.addcmul_(p, xga[None, cols], value=-1)
+                if coef.za:
+                    ds.addcmul_(p, zga[rows, None], value=-1)
+            if use_b:
+                if coef.zb:
+                    ds.addcmul_(q, zgb[None, cols], value=-1)
+                if coef.xb:
+                    ds.addcmul_(q, xgb[rows, None], value=-1)
+            da_s[rows].addmm_(ds, b[cols])
+            db[cols].addmm_(ds.T, a[rows])
+            if hold_a:
+                da[rows].addmm_(ha, a[cols])
+            if hold_b:
+                db[rows].addmm_(hb, b[cols])
+            if diag:
+                continue
+            # dS on block (K, I), held transposed like U
+            du = u.exp_().mul_(torch.add(beta[rows, None], alpha[None, cols], out=scratch(6, h, w)))
+            if use_a:
+                if coef.xa:
+                    du.addcmul_(p, xga[rows, None], value=-1)
+                if coef.za:
+                    du.addcmul_(p, zga[None, cols], value=-1)
+            if use_b:
+                if coef.zb:
+                    du.addcmul_(q, zgb[rows, None], value=-1)
+                if coef.xb:
+                    du.addcmul_(q, xgb[None, cols], value=-1)
+            da_s[cols].addmm_(du.T, b[rows])
+            db[rows].addmm_(du, a[cols])
+            if hold_a:
+                da[cols].addmm_(ha.T, a[rows])
+            if hold_b:
+                db[cols].addmm_(hb.T, b[rows])
+        return [da, db, da_s if split else None]
+
+    da, db, da_s = run_tiles(tasks, work, workers, setup)
+    dt = dtt = None
+    if split:
+        # t dL/dt = -<A, dS B / t>; target_t dL/dtarget_t = -(<A, dA> + <B, dB>) / 2 + <A, dS B / t>
+        s_part = torch.dot(a.reshape(-1), da_s.reshape(-1))
+        da += da_s
+        if need_t:
+            dt = -s_part / t
+        if need_tt:
+            dtt = temperature_grad(tt, [(a, da), (b, db)]) / 2 + s_part / tt
+    elif need_t:
+        # one temperature, or constant targets: t dL/dt = -(<A, dA> + <B, dB>) / 2
+        dt = temperature_grad(t, [(a, da), (b, db)]) / 2
+    return da, db, dt, dtt
 
 
 def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: Sequence[_BlockPair], workers: int) -> Tensor:
@@ -361,6 +429,71 @@ def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, ta
     return out
 
 
+# The kernel as a custom operator (see the operators of :mod:`m3co_loss.backends.tiled`).
+
+
+@torch.library.custom_op("m3co_loss::softclip", mutates_args=())
+def _softclip_op(
+    a: Tensor, b: Tensor, t: Optional[Tensor], t_value: float, target_t: Optional[Tensor], target_t_value: float, coef: List[float], detach_targets: bool, shared: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a, b = a.detach().contiguous(), b.detach().contiguous()
+    v, stats, config = softclip_forward(a, b, join_temperature(t, t_value), join_temperature(target_t, target_t_value), SoftClipCoefficients(*coef))
+    # the statistics are views of shared accumulators; an operator's outputs must not overlap
+    r, c, n_a, n_b, y_a, y_b, omega_a, omega_b = (x.clone() for x in stats)
+    return v, r, c, n_a, n_b, y_a, y_b, omega_a, omega_b, encode_config(config)
+
+
+@_softclip_op.register_fake
+def _(a: Tensor, b: Tensor, t: Optional[Tensor], t_value: float, target_t: Optional[Tensor], target_t_value: float, coef: List[float], detach_targets: bool, shared: bool) -> Tuple[Tensor, ...]:
+    n = a.shape[0]
+    weights = SoftClipCoefficients(*coef)
+    vectors = tuple(a.new_empty(n) for _ in range(7))
+    return (*vectors, a.new_empty(n if weights.ka else 0), a.new_empty(n if weights.kb else 0), fake_config())
+
+
+@torch.library.custom_op("m3co_loss::softclip_backward", mutates_args=())
+def _softclip_backward_op(
+    a: Tensor, b: Tensor, stats: List[Tensor], config: Tensor, g: Tensor, t: Optional[Tensor], t_value: float, target_t: Optional[Tensor], target_t_value: float,
+    coef: List[float], detach_targets: bool, shared: bool, need_t: bool, need_tt: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    a, b = a.detach().contiguous(), b.detach().contiguous()
+    ts, tt = host_value(join_temperature(t, t_value)), host_value(join_temperature(target_t, target_t_value))
+    assert ts is not None and tt is not None, "SoftClip needs the temperatures' values (floats or CPU tensors)"
+    da, db, dt, dtt = softclip_backward(
+        a, b, SoftClipStats(*stats), decode_config(config), ts, tt, SoftClipCoefficients(*coef), g.contiguous(),
+        detach_targets=detach_targets, shared=shared, need_t=need_t, need_tt=need_tt,
+    )
+    return da, db, a.new_zeros(()) if dt is None else dt, a.new_zeros(()) if dtt is None else dtt
+
+
+@_softclip_backward_op.register_fake
+def _(a: Tensor, b: Tensor, *rest: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return a.new_empty(a.shape), b.new_empty(b.shape), a.new_empty(()), a.new_empty(())
+
+
+def _softclip_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    a, b, t, t_value, target_t, target_t_value, coef, detach_targets, shared = inputs
+    ctx.save_for_backward(a, b, t, target_t, *output[1:])
+    ctx.t_value, ctx.target_t_value, ctx.coef, ctx.detach_targets, ctx.shared = t_value, target_t_value, coef, detach_targets, shared
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+@first_order_only
+def _softclip_autograd(ctx: Any, g: Optional[Tensor], *unused: Any) -> Tuple[Optional[Tensor], ...]:
+    if g is None:
+        return (None,) * 9
+    a, b, t, target_t, *stats, config = ctx.saved_tensors
+    need_a, need_b, need_t, _, need_tt, *_ = ctx.needs_input_grad
+    da, db, dt, dtt = _softclip_backward_op(
+        a, b, stats, config, g, t, ctx.t_value, target_t, ctx.target_t_value, ctx.coef, ctx.detach_targets, ctx.shared, need_t, need_tt
+    )
+    return (da if need_a else None), (db if need_b else None), (dt if need_t else None), None, (dtt if need_tt else None), None, None, None, None
+
+
+_softclip_op.register_autograd(_softclip_autograd, setup_context=_softclip_setup)
+
+
 def soft_clip(
     a: Tensor,
     b: Tensor,
@@ -370,6 +503,13 @@ def soft_clip(
     target_t: Optional[Temperature] = None,
     detach_targets: bool = False,
 ) -> Tensor:
-    """The fused per-sample MultiSClip vector of both directions of a pair (:class:`SoftClip`; ``target_t`` None: ``t``)."""
-    v: Tensor = SoftClip.apply(a, b, t, t if target_t is None else target_t, coefficients, detach_targets)  # type: ignore[no-untyped-call]
+    """The fused per-sample MultiSClip vector of both directions of a pair (``target_t`` None: ``t``).
+
+    The custom operator ``m3co_loss::softclip`` (the computation of :class:`SoftClip`), which
+    ``torch.compile`` keeps in its graph.
+    """
+    target_t = t if target_t is None else target_t
+    # one tensor in both places: its gradient is the sum of both parts, taken in one piece
+    shared = isinstance(t, Tensor) and target_t is t
+    v: Tensor = _softclip_op(a, b, *split_temperature(t), *split_temperature(target_t), [float(x) for x in coefficients], detach_targets, shared)[0]
     return v

@@ -50,10 +50,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 import torch
 from torch import Tensor
 
-from ._config import get_config
+from ._config import BackendConfig, get_config
 from ._interface import PairWeights, Rows
+from ._streaming import StreamingBackend
 from ._tiling import (
     Scratch,
+    decode_config,
+    encode_config,
+    fake_config,
+    join_temperature,
+    split_temperature,
     Temperature,
     blocks,
     first_order_only,
@@ -67,7 +73,6 @@ from ._tiling import (
     static_shift_ok,
     temperature_grad,
 )
-from .softclip import SoftClipCoefficients, soft_clip
 
 __all__ = [
     "LogSumExp",
@@ -100,54 +105,9 @@ class LogSumExp(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
         """Stream over tiles; save only the inputs and the O(n + N) log-sum-exps."""
         q, k = q.contiguous(), k.contiguous()
-        n, N = q.shape[0], k.shape[0]
-        config = get_config()
-        tile_rows, tile_cols = config.tile_rows, config.tile_cols
-        rows, cols = min(tile_rows, n), min(tile_cols, N)
-        ts, value = operand(t), host_value(t)
-        static = static_shift_ok(value, q.dtype)
-        row_shift: Union[float, Tensor]
-        col_shift: Union[float, Tensor]
-        if static:
-            assert value is not None  # the static shift needs the value
-            ones = q.new_ones(max(rows, cols))
-            q_aug, k_aug = scaled(q, value), shifter(k, value)
-            tasks = [(i0, i1, k0, k1) for i0, i1 in blocks(n, tile_rows) for k0, k1 in blocks(N, tile_cols)]
-
-            def setup() -> Tuple[Scratch, Tensor, Optional[Tensor]]:
-                return Scratch(q, 1, rows, cols), q.new_zeros(n), q.new_zeros(N) if with_cols else None
-
-            def work(my_tasks: Sequence[_Tile], state: Any) -> List[Optional[Tensor]]:
-                scratch, row_sum, col_sum = state
-                for i0, i1, k0, k1 in my_tasks:
-                    e = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
-                    row_sum[i0:i1].addmv_(e, ones[: k1 - k0])
-                    if with_cols:
-                        col_sum[k0:k1].addmv_(e.T, ones[: i1 - i0])
-                return [row_sum, col_sum]
-
-            row_sum, col_sum = run_tiles(tasks, work, num_workers(q, len(tasks), config.parallel_workers), setup)
-            col_sum = col_sum if with_cols else q.new_zeros(0)
-            row_shift = col_shift = 1.0 / ts
-        else:
-            scratch = Scratch(q, 1, rows, cols)
-            row_sum = q.new_zeros(n)
-            col_sum = q.new_zeros(N) if with_cols else q.new_zeros(0)
-            qs = q / ts
-            row_shift, col_shift = _maxima(qs, k, with_cols, tile_rows, tile_cols)
-            for i0, i1 in blocks(n, tile_rows):
-                for k0, k1 in blocks(N, tile_cols):
-                    s = torch.mm(qs[i0:i1], k[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0))
-                    row_sum[i0:i1] += (s - row_shift[i0:i1, None]).exp_().sum(1)
-                    if with_cols:
-                        col_sum[k0:k1] += (s - col_shift[None, k0:k1]).exp_().sum(0)
-        r = row_sum.log_().add_(row_shift)
-        c = col_sum.log_().add_(col_shift) if with_cols else col_sum
-        # the augmented operands are kept for the backward pass: rebuilding them costs two
-        # O(N D) allocations whose page faults are a visible share of a step
-        augmented = (q_aug, k_aug) if static else ()
-        ctx.save_for_backward(q, k, r, c, *augmented)
-        ctx.t, ctx.static, ctx.with_cols, ctx.config = ts, static, with_cols, config
+        r, c, augmented, config = lse_forward(q, k, t, with_cols)
+        ctx.save_for_backward(q, k, r, c, *(augmented or ()))
+        ctx.t, ctx.with_cols, ctx.config = operand(t), with_cols, config
         ctx.set_materialize_grads(False)
         return r, c
 
@@ -156,67 +116,139 @@ class LogSumExp(torch.autograd.Function):
     def backward(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
         """Recompute each tile and accumulate ``dq = A k / t`` and ``dk = A^T q / t``; ``dt = -<q, dq> / t``."""
         q, k, r, c, *augmented = ctx.saved_tensors
-        t = ctx.t
-        with_cols = ctx.with_cols and g_c is not None
-        if g_r is None and not with_cols:
-            return None, None, None, None
-        n, N = q.shape[0], k.shape[0]
-        config = ctx.config
-        tile_rows, tile_cols = config.tile_rows, config.tile_cols
-        rows, cols = min(tile_rows, n), min(tile_cols, N)
-        if ctx.static:
-            # A_ik / t = exp(S_ik - 1/t) (alpha_i + beta_k); 1/t - r_i <= 2/t keeps both factors
-            # finite. The 1/t of dq = A k / t rides on alpha and beta.
-            alpha = (g_r / t) * torch.exp(1.0 / t - r) if g_r is not None else None
-            beta = (g_c / t) * torch.exp(1.0 / t - c) if with_cols else None
-            q_aug, k_aug = augmented
-            row_blocks = list(blocks(n, tile_rows))
-            # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
-            # few row blocks the tiles are split instead and every worker keeps its own dq.
-            by_rows = len(row_blocks) >= torch.get_num_threads()
-            if by_rows:
-                tasks = [[(i0, i1, k0, k1) for k0, k1 in blocks(N, tile_cols)] for i0, i1 in row_blocks]
-                shared_dq = torch.zeros_like(q)
-            else:
-                tasks = [[(i0, i1, k0, k1)] for i0, i1 in row_blocks for k0, k1 in blocks(N, tile_cols)]
-
-            def setup() -> Tuple[Scratch, Tensor, Tensor]:
-                return Scratch(q, 2, rows, cols), shared_dq if by_rows else torch.zeros_like(q), torch.zeros_like(k)
-
-            def work(my_tasks: Sequence[List[_Tile]], state: Tuple[Scratch, Tensor, Tensor]) -> List[Optional[Tensor]]:
-                scratch, dq, dk = state
-                for i0, i1, k0, k1 in (tile for group in my_tasks for tile in group):
-                    a = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
-                    if alpha is not None and beta is not None:
-                        a.mul_(torch.add(alpha[i0:i1, None], beta[None, k0:k1], out=scratch(1, i1 - i0, k1 - k0)))
-                    elif alpha is not None:
-                        a.mul_(alpha[i0:i1, None])
-                    else:  # alpha and beta are not both None
-                        a.mul_(cast(Tensor, beta)[None, k0:k1])
-                    dq[i0:i1].addmm_(a, k[k0:k1])
-                    dk[k0:k1].addmm_(a.T, q[i0:i1])
-                return [None if by_rows else dq, dk]
-
-            dq, dk = run_tiles(tasks, work, num_workers(q, len(tasks), config.parallel_workers), setup)
-            dq = shared_dq if by_rows else dq
-        else:
-            scratch = Scratch(q, 2, rows, cols)
-            dq = torch.zeros_like(q)
-            dk = torch.zeros_like(k)
-            qs = q / t
-            for i0, i1 in blocks(n, tile_rows):
-                for k0, k1 in blocks(N, tile_cols):
-                    s = torch.mm(qs[i0:i1], k[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0))
-                    a = torch.zeros_like(s)
-                    if g_r is not None:
-                        a += (s - r[i0:i1, None]).exp_().mul_(g_r[i0:i1, None])
-                    if with_cols:
-                        a += (s - c[None, k0:k1]).exp_().mul_(cast(Tensor, g_c)[None, k0:k1])
-                    dq[i0:i1].addmm_(a, k[k0:k1])
-                    dk[k0:k1].addmm_(a.T, q[i0:i1])
-            dq, dk = dq.div_(t), dk.div_(t)
-        dt = temperature_grad(t, [(q, dq)]) if ctx.needs_input_grad[2] else None
+        dq, dk, dt = lse_backward(q, k, r, c, tuple(augmented) or None, ctx.t, ctx.with_cols, g_r, g_c, ctx.config, ctx.needs_input_grad[2])
         return dq, dk, dt, None
+
+
+def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]], BackendConfig]:
+    """The forward pass of :class:`LogSumExp` on contiguous ``q``, ``k``: ``(r, c, augmented operands or None, config)``.
+
+    The augmented operands ``[q / t | 1]`` and ``[k | -1/t]`` of the static shift are returned
+    for the backward pass (None where the temperature needs exact maxima).
+    """
+    n, N = q.shape[0], k.shape[0]
+    config = get_config()
+    tile_rows, tile_cols = config.tile_rows, config.tile_cols
+    rows, cols = min(tile_rows, n), min(tile_cols, N)
+    ts, value = operand(t), host_value(t)
+    static = static_shift_ok(value, q.dtype)
+    row_shift: Union[float, Tensor]
+    col_shift: Union[float, Tensor]
+    if static:
+        assert value is not None  # the static shift needs the value
+        ones = q.new_ones(max(rows, cols))
+        q_aug, k_aug = scaled(q, value), shifter(k, value)
+        tasks = [(i0, i1, k0, k1) for i0, i1 in blocks(n, tile_rows) for k0, k1 in blocks(N, tile_cols)]
+
+        def setup() -> Tuple[Scratch, Tensor, Optional[Tensor]]:
+            return Scratch(q, 1, rows, cols), q.new_zeros(n), q.new_zeros(N) if with_cols else None
+
+        def work(my_tasks: Sequence[_Tile], state: Any) -> List[Optional[Tensor]]:
+            scratch, row_sum, col_sum = state
+            for i0, i1, k0, k1 in my_tasks:
+                e = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
+                row_sum[i0:i1].addmv_(e, ones[: k1 - k0])
+                if with_cols:
+                    col_sum[k0:k1].addmv_(e.T, ones[: i1 - i0])
+            return [row_sum, col_sum]
+
+        row_sum, col_sum = run_tiles(tasks, work, num_workers(q, len(tasks), config.parallel_workers), setup)
+        col_sum = col_sum if with_cols else q.new_zeros(0)
+        row_shift = col_shift = 1.0 / ts
+    else:
+        scratch = Scratch(q, 1, rows, cols)
+        row_sum = q.new_zeros(n)
+        col_sum = q.new_zeros(N) if with_cols else q.new_zeros(0)
+        qs = q / ts
+        row_shift, col_shift = _maxima(qs, k, with_cols, tile_rows, tile_cols)
+        for i0, i1 in blocks(n, tile_rows):
+            for k0, k1 in blocks(N, tile_cols):
+                s = torch.mm(qs[i0:i1], k[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0))
+                row_sum[i0:i1] += (s - row_shift[i0:i1, None]).exp_().sum(1)
+                if with_cols:
+                    col_sum[k0:k1] += (s - col_shift[None, k0:k1]).exp_().sum(0)
+    r = row_sum.log_().add_(row_shift)
+    c = col_sum.log_().add_(col_shift) if with_cols else col_sum
+    # the augmented operands are kept for the backward pass: rebuilding them costs two
+    # O(N D) allocations whose page faults are a visible share of a step
+    return r, c, ((q_aug, k_aug) if static else None), config
+
+
+def lse_backward(
+    q: Tensor,
+    k: Tensor,
+    r: Tensor,
+    c: Tensor,
+    augmented: Optional[Tuple[Tensor, Tensor]],
+    t_given: Temperature,
+    with_cols: bool,
+    g_r: Optional[Tensor],
+    g_c: Optional[Tensor],
+    config: BackendConfig,
+    need_t: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The backward pass of :class:`LogSumExp`: ``(dq, dk, dt)`` (``dt`` None unless ``need_t``; all None without gradients)."""
+    t = operand(t_given)
+    with_cols = with_cols and g_c is not None
+    if g_r is None and not with_cols:
+        return None, None, None
+    n, N = q.shape[0], k.shape[0]
+    tile_rows, tile_cols = config.tile_rows, config.tile_cols
+    rows, cols = min(tile_rows, n), min(tile_cols, N)
+    if static_shift_ok(host_value(t_given), q.dtype):
+        # A_ik / t = exp(S_ik - 1/t) (alpha_i + beta_k); 1/t - r_i <= 2/t keeps both factors
+        # finite. The 1/t of dq = A k / t rides on alpha and beta.
+        alpha = (g_r / t) * torch.exp(1.0 / t - r) if g_r is not None else None
+        beta = (cast(Tensor, g_c) / t) * torch.exp(1.0 / t - c) if with_cols else None
+        assert augmented is not None, "the static shift saves the augmented operands"
+        q_aug, k_aug = augmented
+        row_blocks = list(blocks(n, tile_rows))
+        # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
+        # few row blocks the tiles are split instead and every worker keeps its own dq.
+        by_rows = len(row_blocks) >= torch.get_num_threads()
+        if by_rows:
+            tasks = [[(i0, i1, k0, k1) for k0, k1 in blocks(N, tile_cols)] for i0, i1 in row_blocks]
+            shared_dq = torch.zeros_like(q)
+        else:
+            tasks = [[(i0, i1, k0, k1)] for i0, i1 in row_blocks for k0, k1 in blocks(N, tile_cols)]
+
+        def setup() -> Tuple[Scratch, Tensor, Tensor]:
+            return Scratch(q, 2, rows, cols), shared_dq if by_rows else torch.zeros_like(q), torch.zeros_like(k)
+
+        def work(my_tasks: Sequence[List[_Tile]], state: Tuple[Scratch, Tensor, Tensor]) -> List[Optional[Tensor]]:
+            scratch, dq, dk = state
+            for i0, i1, k0, k1 in (tile for group in my_tasks for tile in group):
+                a = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
+                if alpha is not None and beta is not None:
+                    a.mul_(torch.add(alpha[i0:i1, None], beta[None, k0:k1], out=scratch(1, i1 - i0, k1 - k0)))
+                elif alpha is not None:
+                    a.mul_(alpha[i0:i1, None])
+                else:  # alpha and beta are not both None
+                    a.mul_(cast(Tensor, beta)[None, k0:k1])
+                dq[i0:i1].addmm_(a, k[k0:k1])
+                dk[k0:k1].addmm_(a.T, q[i0:i1])
+            return [None if by_rows else dq, dk]
+
+        dq, dk = run_tiles(tasks, work, num_workers(q, len(tasks), config.parallel_workers), setup)
+        dq = shared_dq if by_rows else dq
+    else:
+        scratch = Scratch(q, 2, rows, cols)
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(k)
+        qs = q / t
+        for i0, i1 in blocks(n, tile_rows):
+            for k0, k1 in blocks(N, tile_cols):
+                s = torch.mm(qs[i0:i1], k[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0))
+                a = torch.zeros_like(s)
+                if g_r is not None:
+                    a += (s - r[i0:i1, None]).exp_().mul_(g_r[i0:i1, None])
+                if with_cols:
+                    a += (s - c[None, k0:k1]).exp_().mul_(cast(Tensor, g_c)[None, k0:k1])
+                dq[i0:i1].addmm_(a, k[k0:k1])
+                dk[k0:k1].addmm_(a.T, q[i0:i1])
+        dq, dk = dq.div_(t), dk.div_(t)
+    dt = temperature_grad(t, [(q, dq)]) if need_t else None
+    return dq, dk, dt
 
 
 def _maxima(qs: Tensor, k: Tensor, with_cols: bool, tile_rows: int, tile_cols: int) -> Tuple[Tensor, Tensor]:
@@ -252,233 +284,259 @@ class SoftTargetSum(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature) -> Tensor:
         """Accumulate ``O = E [1 | u | vk]`` tile by tile and return ``y``."""
         q, k, vq, vk, u = (x.contiguous() for x in (q, k, vq, vk, u))
-        ts, coef = operand(t), gamma / operand(t_v)
-        qs = q / ts
-        n, N = q.shape[0], k.shape[0]
-        config = get_config()
-        tile_rows, tile_cols = config.tile_rows, config.tile_cols
-        if max_is_diagonal(host_value(t), q):
-            shift = (q * q).sum(1) / ts
-        else:
-            shift = _maxima(qs, k, False, tile_rows, tile_cols)[0]
-        values = torch.cat([torch.ones_like(u)[:, None], u[:, None], vk], dim=1)  # [1 | u | vk]
-        out = q.new_zeros(n, values.shape[1])
-        for i0, i1 in blocks(n, tile_rows):
-            qi = qs[i0:i1]
-            for k0, k1 in blocks(N, tile_cols):
-                e = (qi @ k[k0:k1].T).sub_(shift[i0:i1, None]).exp_()
-                out[i0:i1].addmm_(e, values[k0:k1])
-        norm = out[:, 0]
-        mean_vk = out[:, 2:] / norm[:, None]  # (W vk)_i
-        y = out[:, 1] / norm + coef * (vq * mean_vk).sum(1)
+        y, shift, norm, mean_vk, config = soft_target_sum_forward(q, k, u, vq, vk, t, gamma, t_v)
         ctx.save_for_backward(q, k, u, vq, vk, shift, norm, mean_vk, y)
-        ctx.t, ctx.t_v, ctx.coef, ctx.config = ts, operand(t_v), coef, config
+        ctx.t, ctx.t_v, ctx.gamma, ctx.config = operand(t), operand(t_v), gamma, config
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Recompute each tile of ``P``; see the module docstring for the gradient formulas."""
-        q, k, u, vq, vk, shift, norm, mean_vk, y = ctx.saved_tensors
-        t, coef = ctx.t, ctx.coef
-        n, N = q.shape[0], k.shape[0]
-        tile_rows, tile_cols = ctx.config.tile_rows, ctx.config.tile_cols
         need_q, need_k, _, _, _, need_t, _, need_t_v = ctx.needs_input_grad
         # the softmax's operands and temperature need the tiles of dG; detached soft targets do not
         need_logits = need_q or need_k or need_t
-        qs = q / t
-        scale = g / norm  # P_il g_i = E_il g_i / norm_i
-        left = torch.cat([coef * vq, torch.ones_like(y)[:, None], -y[:, None]], dim=1)
-        right = torch.cat([vk, u[:, None], torch.ones_like(u)[:, None]], dim=1)  # left . right = X_il - y_i
-        vq_aug = torch.cat([torch.ones_like(y)[:, None], coef * vq], dim=1)
-        dq = torch.zeros_like(q) if need_logits else None
-        dk = torch.zeros_like(k) if need_logits else None
-        du_dvk = q.new_zeros(N, vq_aug.shape[1])
-        for i0, i1 in blocks(n, tile_rows):
-            qi = qs[i0:i1]
-            for k0, k1 in blocks(N, tile_cols):
-                kk = k[k0:k1]
-                pg = (qi @ kk.T).sub_(shift[i0:i1, None]).exp_().mul_(scale[i0:i1, None])
-                du_dvk[k0:k1].addmm_(pg.T, vq_aug[i0:i1])
-                if dq is not None and dk is not None:
-                    dg = (left[i0:i1] @ right[k0:k1].T).mul_(pg)
-                    dq[i0:i1].addmm_(dg, kk)
-                    dk[k0:k1].addmm_(dg.T, qi)
-        if dq is not None:
-            dq.div_(t)
-        dvq = (coef * g)[:, None] * mean_vk
-        dt = temperature_grad(ctx.t, [(q, cast(Tensor, dq))]) if need_t else None
-        dt_v = temperature_grad(ctx.t_v, [(vq, dvq)]) if need_t_v else None
-        return dq, dk, du_dvk[:, 0], dvq, du_dvk[:, 1:], dt, None, dt_v
+        q, k, u, vq, vk, shift, norm, mean_vk, y = ctx.saved_tensors
+        dq, dk, du, dvq, dvk, dt, dt_v = soft_target_sum_backward(
+            q, k, u, vq, vk, shift, norm, mean_vk, y, ctx.t, ctx.gamma, ctx.t_v, g, ctx.config, need_logits=need_logits, need_t=need_t, need_t_v=need_t_v
+        )
+        return dq, dk, du, dvq, dvk, dt, None, dt_v
+
+
+def soft_target_sum_forward(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, BackendConfig]:
+    """The forward pass of :class:`SoftTargetSum` on contiguous operands: ``(y, shift, norm, mean_vk, config)``."""
+    ts, coef = operand(t), gamma / operand(t_v)
+    qs = q / ts
+    n, N = q.shape[0], k.shape[0]
+    config = get_config()
+    tile_rows, tile_cols = config.tile_rows, config.tile_cols
+    if max_is_diagonal(host_value(t), q):
+        shift = (q * q).sum(1) / ts
+    else:
+        shift = _maxima(qs, k, False, tile_rows, tile_cols)[0]
+    values = torch.cat([torch.ones_like(u)[:, None], u[:, None], vk], dim=1)  # [1 | u | vk]
+    out = q.new_zeros(n, values.shape[1])
+    for i0, i1 in blocks(n, tile_rows):
+        qi = qs[i0:i1]
+        for k0, k1 in blocks(N, tile_cols):
+            e = (qi @ k[k0:k1].T).sub_(shift[i0:i1, None]).exp_()
+            out[i0:i1].addmm_(e, values[k0:k1])
+    norm = out[:, 0]
+    mean_vk = out[:, 2:] / norm[:, None]  # (W vk)_i
+    y = out[:, 1] / norm + coef * (vq * mean_vk).sum(1)
+    return y, shift, norm, mean_vk, config
+
+
+def soft_target_sum_backward(
+    q: Tensor,
+    k: Tensor,
+    u: Tensor,
+    vq: Tensor,
+    vk: Tensor,
+    shift: Tensor,
+    norm: Tensor,
+    mean_vk: Tensor,
+    y: Tensor,
+    t_given: Temperature,
+    gamma: float,
+    t_v: Temperature,
+    g: Tensor,
+    config: BackendConfig,
+    *,
+    need_logits: bool,
+    need_t: bool,
+    need_t_v: bool,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The backward pass of :class:`SoftTargetSum`: ``(dq, dk, du, dvq, dvk, dt, dt_v)``.
+
+    ``dq`` and ``dk`` are None unless ``need_logits`` (the soft targets' operands or temperature
+    need a gradient); ``dt``, ``dt_v`` are None unless asked for.
+    """
+    t, coef = operand(t_given), gamma / operand(t_v)
+    n, N = q.shape[0], k.shape[0]
+    tile_rows, tile_cols = config.tile_rows, config.tile_cols
+    qs = q / t
+    scale = g / norm  # P_il g_i = E_il g_i / norm_i
+    left = torch.cat([coef * vq, torch.ones_like(y)[:, None], -y[:, None]], dim=1)
+    right = torch.cat([vk, u[:, None], torch.ones_like(u)[:, None]], dim=1)  # left . right = X_il - y_i
+    vq_aug = torch.cat([torch.ones_like(y)[:, None], coef * vq], dim=1)
+    dq = torch.zeros_like(q) if need_logits else None
+    dk = torch.zeros_like(k) if need_logits else None
+    du_dvk = q.new_zeros(N, vq_aug.shape[1])
+    for i0, i1 in blocks(n, tile_rows):
+        qi = qs[i0:i1]
+        for k0, k1 in blocks(N, tile_cols):
+            kk = k[k0:k1]
+            pg = (qi @ kk.T).sub_(shift[i0:i1, None]).exp_().mul_(scale[i0:i1, None])
+            du_dvk[k0:k1].addmm_(pg.T, vq_aug[i0:i1])
+            if dq is not None and dk is not None:
+                dg = (left[i0:i1] @ right[k0:k1].T).mul_(pg)
+                dq[i0:i1].addmm_(dg, kk)
+                dk[k0:k1].addmm_(dg.T, qi)
+    if dq is not None:
+        dq.div_(t)
+    dvq = (coef * g)[:, None] * mean_vk
+    dt = temperature_grad(t, [(q, cast(Tensor, dq))]) if need_t else None
+    dt_v = temperature_grad(t_v, [(vq, dvq)]) if need_t_v else None
+    return dq, dk, du_dvk[:, 0], dvq, du_dvk[:, 1:], dt, dt_v
+
+
+# ----------------------------------------------------------------------------- operators
+#
+# The kernels as ``torch.library`` custom operators, so that ``torch.compile`` keeps a loss in
+# one graph: dynamo sees one opaque call per kernel (its fake implementation gives the output
+# shapes), and AOT autograd one call of the backward operator. A forward operator returns what
+# its backward needs (its statistics and the tuning options it ran with) as extra outputs.
+
+
+def _new_like(x: Tensor, *shape: int) -> Tensor:
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("m3co_loss::tiled_logsumexp", mutates_args=())
+def _lse_op(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k = q.contiguous(), k.contiguous()
+    r, c, augmented, config = lse_forward(q, k, join_temperature(t, t_value), with_cols)
+    if augmented is None:  # exact maxima need no augmented operands; the outputs keep their shapes (never touched)
+        augmented = (_new_like(q, q.shape[0], q.shape[1] + 1), _new_like(k, k.shape[0], k.shape[1] + 1))
+    return r, c, augmented[0], augmented[1], encode_config(config)
+
+
+@_lse_op.register_fake
+def _(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n, N, D = q.shape[0], k.shape[0], q.shape[1]
+    return _new_like(q, n), _new_like(q, N if with_cols else 0), _new_like(q, n, D + 1), _new_like(k, N, D + 1), fake_config()
+
+
+@torch.library.custom_op("m3co_loss::tiled_logsumexp_backward", mutates_args=())
+def _lse_backward_op(
+    q: Tensor, k: Tensor, r: Tensor, c: Tensor, q_aug: Tensor, k_aug: Tensor, config: Tensor,
+    g_r: Optional[Tensor], g_c: Optional[Tensor], t: Optional[Tensor], t_value: float, with_cols: bool, need_t: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    q, k = q.contiguous(), k.contiguous()
+    dq, dk, dt = lse_backward(q, k, r, c, (q_aug, k_aug), join_temperature(t, t_value), with_cols, g_r, g_c, decode_config(config), need_t)
+    # zeros stand for "no gradient" (None), which an operator cannot return
+    return (torch.zeros_like(q) if dq is None else dq), (torch.zeros_like(k) if dk is None else dk), (q.new_zeros(()) if dt is None else dt)
+
+
+@_lse_backward_op.register_fake
+def _(q: Tensor, k: Tensor, r: Tensor, c: Tensor, q_aug: Tensor, k_aug: Tensor, config: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], t: Optional[Tensor], t_value: float, with_cols: bool, need_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _new_like(q, *q.shape), _new_like(k, *k.shape), _new_like(q)
+
+
+def _lse_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    q, k, t, t_value, with_cols = inputs
+    r, c, q_aug, k_aug, config = output
+    ctx.save_for_backward(q, k, r, c, q_aug, k_aug, config, t)
+    ctx.t_value, ctx.with_cols = t_value, with_cols
+    ctx.mark_non_differentiable(q_aug, k_aug, config)
+    ctx.set_materialize_grads(False)
+
+
+@first_order_only
+def _lse_autograd(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor], *unused: Any) -> Tuple[Optional[Tensor], ...]:
+    if g_r is None and g_c is None:
+        return None, None, None, None, None
+    q, k, r, c, q_aug, k_aug, config, t = ctx.saved_tensors
+    need_t = ctx.needs_input_grad[2]
+    dq, dk, dt = _lse_backward_op(q, k, r, c, q_aug, k_aug, config, g_r, g_c, t, ctx.t_value, ctx.with_cols, need_t)
+    return dq, dk, (dt if need_t else None), None, None
+
+
+_lse_op.register_autograd(_lse_autograd, setup_context=_lse_setup)
+
+
+@torch.library.custom_op("m3co_loss::tiled_soft_target_sum", mutates_args=())
+def _soft_op(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, vq, vk, u = (x.contiguous() for x in (q, k, vq, vk, u))
+    y, shift, norm, mean_vk, config = soft_target_sum_forward(q, k, u, vq, vk, join_temperature(t, t_value), gamma, join_temperature(t_v, t_v_value))
+    return y, shift, norm.clone(), mean_vk, encode_config(config)
+
+
+@_soft_op.register_fake
+def _(q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n = q.shape[0]
+    return _new_like(q, n), _new_like(q, n), _new_like(q, n), _new_like(q, n, vk.shape[1]), fake_config()
+
+
+@torch.library.custom_op("m3co_loss::tiled_soft_target_sum_backward", mutates_args=())
+def _soft_backward_op(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, shift: Tensor, norm: Tensor, mean_vk: Tensor, y: Tensor, config: Tensor, g: Tensor,
+    t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float, need_logits: bool, need_t: bool, need_t_v: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, vq, vk, u = (x.contiguous() for x in (q, k, vq, vk, u))
+    dq, dk, du, dvq, dvk, dt, dt_v = soft_target_sum_backward(
+        q, k, u, vq, vk, shift, norm, mean_vk, y, join_temperature(t, t_value), gamma, join_temperature(t_v, t_v_value), g, decode_config(config),
+        need_logits=need_logits, need_t=need_t, need_t_v=need_t_v,
+    )
+    zero = q.new_zeros(())
+    return (
+        torch.zeros_like(q) if dq is None else dq, torch.zeros_like(k) if dk is None else dk, du.clone(), dvq, dvk.clone(),
+        zero if dt is None else dt, zero.clone() if dt_v is None else dt_v,
+    )
+
+
+@_soft_backward_op.register_fake
+def _(q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, *rest: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _new_like(q, *q.shape), _new_like(k, *k.shape), _new_like(q, k.shape[0]), _new_like(q, *vq.shape), _new_like(q, *vk.shape), _new_like(q), _new_like(q)
+
+
+def _soft_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    q, k, u, vq, vk, t, t_value, gamma, t_v, t_v_value = inputs
+    y, shift, norm, mean_vk, config = output
+    ctx.save_for_backward(q, k, u, vq, vk, shift, norm, mean_vk, y, config, t, t_v)
+    ctx.t_value, ctx.gamma, ctx.t_v_value = t_value, gamma, t_v_value
+    ctx.mark_non_differentiable(shift, norm, mean_vk, config)
+
+
+@first_order_only
+def _soft_autograd(ctx: Any, g: Tensor, *unused: Any) -> Tuple[Optional[Tensor], ...]:
+    q, k, u, vq, vk, shift, norm, mean_vk, y, config, t, t_v = ctx.saved_tensors
+    need_q, need_k, _, _, _, need_t, _, _, need_t_v, _ = ctx.needs_input_grad
+    # the softmax's operands and temperature need the tiles of dG; detached soft targets do not
+    need_logits = need_q or need_k or need_t
+    dq, dk, du, dvq, dvk, dt, dt_v = _soft_backward_op(
+        q, k, u, vq, vk, shift, norm, mean_vk, y, config, g, t, ctx.t_value, ctx.gamma, t_v, ctx.t_v_value, need_logits, need_t, need_t_v
+    )
+    return (dq if need_logits else None), (dk if need_logits else None), du, dvq, dvk, (dt if need_t else None), None, None, (dt_v if need_t_v else None), None
+
+
+_soft_op.register_autograd(_soft_autograd, setup_context=_soft_setup)
 
 
 # ----------------------------------------------------------------------------- primitives
 
-LogSumExpFn = Callable[[Tensor, Tensor, Temperature, bool], Tuple[Tensor, Tensor]]
-SoftTargetSumFn = Callable[..., Tensor]
-
 
 def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
-    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (:class:`LogSumExp`).
+    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t``.
 
     ``t`` is a float or a 0-dim tensor of ``q``'s dtype and device, which may require grad.
+    The custom operator ``m3co_loss::tiled_logsumexp`` (the computation of :class:`LogSumExp`,
+    which ``torch.compile`` keeps in its graph).
     """
-    r, c = LogSumExp.apply(q, k, t, with_cols)  # type: ignore[no-untyped-call]
+    r, c, *_ = _lse_op(q, k, *split_temperature(t), with_cols)
     return r, c
 
 
 def soft_target_sum(
     q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Optional[Temperature] = None
 ) -> Tensor:
-    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (:class:`SoftTargetSum`; ``t_v`` None: ``t``)."""
-    y: Tensor = SoftTargetSum.apply(q, k, u, vq, vk, t, gamma, t if t_v is None else t_v)  # type: ignore[no-untyped-call]
-    return y
+    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (``t_v`` None: ``t``).
 
-
-# ----------------------------------------------------------------------------- loss vectors
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _detached(t: Temperature) -> Temperature:
-    return t.detach() if isinstance(t, Tensor) else t
-
-
-class StreamingBackend:
-    """The per-sample loss vectors of a backend, written over its two O(N D)-memory primitives.
-
-    Every temperature is a float or a 0-dim tensor (which may require grad); MultiSClip takes a
-    separate ``target_t`` for its soft targets (None: ``t``) and ``detach_targets``, which makes
-    the soft targets constants (no gradient through them, to the embeddings or a temperature).
-
-    Args:
-        logsumexp: ``(q, k, t, with_cols) -> (r, c)``, like :func:`logsumexp`.
-        soft_target_sum: ``(q, k, u, vq, vk, t, gamma, t_v) -> y``, like :func:`soft_target_sum`.
-        fused_softclip: whether single-process MultiSClip runs the fused
-            :class:`~m3co_loss.backends.softclip.SoftClip` (when the temperatures allow its
-            static shift) instead of the two primitives.
+    The custom operator ``m3co_loss::tiled_soft_target_sum`` (the computation of :class:`SoftTargetSum`).
     """
-
-    def __init__(self, logsumexp: LogSumExpFn, soft_target_sum: SoftTargetSumFn, *, fused_softclip: bool) -> None:
-        self.logsumexp = logsumexp
-        self.soft_target_sum = soft_target_sum
-        self.fused_softclip = fused_softclip
-
-    def __repr__(self) -> str:
-        names = (f"{getattr(f, '__module__', '?')}.{getattr(f, '__name__', f)}" for f in (self.logsumexp, self.soft_target_sum))
-        return f"StreamingBackend({', '.join(names)}, fused_softclip={self.fused_softclip})"
-
-    def _fused(self, a: Tensor, t: Temperature, target_t: Temperature, distributed: bool) -> bool:
-        """Whether the fused single-process MultiSClip kernel applies (both temperatures on the host and large enough)."""
-        if not self.fused_softclip or distributed:
-            return False
-        return static_shift_ok(host_value(t), a.dtype) and static_shift_ok(host_value(target_t), a.dtype)
-
-    def _row_col_lse(self, a: Rows, b: Rows, t: Temperature, distributed: bool) -> Tuple[Tensor, Tensor]:
-        """r_i = lse_k S[i, k] for local rows i, c_i = lse_l S[l, i] for local columns i."""
-        # Decided by the process group, not by row counts: a rank that holds the whole batch must
-        # still route its gradient through the gather, or the ranks holding no row wait for it.
-        if not distributed:  # one process: one pass gives both
-            return self.logsumexp(a.local, b.local, t, True)
-        r, _ = self.logsumexp(a.local, b.full, t, False)
-        c, _ = self.logsumexp(b.local, a.full, t, False)
-        return r, c
-
-    def m3co_vector(
-        self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False
-    ) -> Tensor:
-        """Per-sample M3Co L3(a -> b) of the local mixed rows; see :func:`m3co_loss.functional.m3co_pair`."""
-        r, c = self._row_col_lse(a, b, t, distributed)
-        # lam_i S_ii + (1 - lam_i) S_ij = a_i . (lam_i b_i + (1 - lam_i) b_j) / t: one gathered dot product
-        target = (a.local * torch.lerp(b.local[perm], b.local, lam[:, None])).sum(1) / t
-        v = r + torch.lerp(c[perm], c, lam) - 2 * target
-        return 0.5 * v if reference else v
-
-    def clip_vector(self, a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
-        """Per-sample symmetric InfoNCE of the local rows."""
-        r, c = self._row_col_lse(a, b, t, distributed)
-        return r + c - 2 * (a.local * b.local).sum(1) / t
-
-    def multisoftclip_vector(
-        self,
-        a: Rows,
-        b: Rows,
-        t: Temperature,
-        *,
-        reference: bool,
-        gather: Callable[[Tensor], Tensor],
-        distributed: bool = False,
-        target_t: Optional[Temperature] = None,
-        detach_targets: bool = False,
-    ) -> Tensor:
-        """Per-sample MultiSClip Ls(a; a, b) of the local rows (targets from a, at ``target_t``)."""
-        target_t = t if target_t is None else target_t
-        if self._fused(a.local, t, target_t, distributed):
-            coefficients = SoftClipCoefficients.for_directions(1.0, 0.0, reference)
-            return soft_clip(a.local, b.local, t, coefficients, target_t=target_t, detach_targets=detach_targets)
-        r, c = self._row_col_lse(a, b, t, distributed)
-        # the soft targets' operands: softmax_l(a_i . a_l / target_t)
-        q, k, tq = (a.local.detach(), a.full.detach(), _detached(target_t)) if detach_targets else (a.local, a.full, target_t)
-        if reference:
-            # sum_l W_il (S_li + S_il) = sum_l W_il [b_i, a_i] . [a_l, b_l] / t
-            y = self.soft_target_sum(q, k, torch.zeros_like(a.full[:, 0]), torch.cat([b.local, a.local], 1), torch.cat([a.full, b.full], 1), tq, 1.0, t)
-            return 0.5 * (c + r - y)
-        # sum_l W_il (r_l - 2 S_li), S_li = b_i . a_l / t
-        y = self.soft_target_sum(q, k, gather(r), b.local, a.full, tq, -2.0, t)
-        return c + y
-
-    def multisoftclip_pair_vector(
-        self,
-        a: Tensor,
-        b: Tensor,
-        t: Temperature,
-        weight_a: float,
-        weight_b: float,
-        *,
-        reference: bool,
-        target_t: Optional[Temperature] = None,
-        detach_targets: bool = False,
-    ) -> Tensor:
-        """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` for one process, sharing S between the directions."""
-        target_t = t if target_t is None else target_t
-        if self._fused(a, t, target_t, False):
-            coefficients = SoftClipCoefficients.for_directions(weight_a, weight_b, reference)
-            return soft_clip(a, b, t, coefficients, target_t=target_t, detach_targets=detach_targets)
-        total: Optional[Tensor] = None
-        for weight, targets, other in ((weight_a, a, b), (weight_b, b, a)):
-            if weight:
-                v = weight * self.multisoftclip_vector(
-                    Rows(targets, targets, 0), Rows(other, other, 0), t, reference=reference, gather=_identity, target_t=target_t, detach_targets=detach_targets
-                )
-                total = v if total is None else total + v
-        assert total is not None, "both weights are zero"
-        return total
-
-    def multisoftclip_pairs(
-        self,
-        p: Sequence[Tensor],
-        weights: PairWeights,
-        t: Temperature,
-        *,
-        reference: bool,
-        target_t: Optional[Temperature] = None,
-        detach_targets: bool = False,
-    ) -> Tensor:
-        """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``, one fused call per pair."""
-        total: Optional[Tensor] = None
-        for (a, b), (weight_a, weight_b) in weights.items():
-            v = self.multisoftclip_pair_vector(p[a], p[b], t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
-            total = v if total is None else total + v
-        assert total is not None, "weights hold no pair"
-        return total
+    y: Tensor = _soft_op(q, k, u, vq, vk, *split_temperature(t), float(gamma), *split_temperature(t if t_v is None else t_v))[0]
+    return y
 
 
 _BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=True)
 
 
-# The backend interface as plain functions (``torch.compiler.disable`` wraps functions, not bound methods).
+# The backend interface as plain functions.
 
 
 def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:

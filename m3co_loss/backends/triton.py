@@ -19,11 +19,17 @@ tensor (no host synchronisation), and its gradient comes from the operands' grad
 
 Each program owns a block of rows of its outputs and accumulates ``w @ V`` into them chunk by
 chunk of the embedding dimension, so any D works without holding a (block x D) accumulator in
-registers. Products run in IEEE float32 (``input_precision="ieee"``, no TF32), so results agree
-with the torch backends to float32 rounding. Float64 inputs use the tiled torch kernels.
+registers. The products run in the precision of the option ``precision`` of
+:class:`~m3co_loss.backends.BackendConfig` (default ``"auto"``: float16 and bfloat16 inputs in
+their own precision, for which the loss vectors take the inputs' dtype from
+:class:`~m3co_loss.backends.Rows`; float32 ones on TF32 tensor cores when
+``torch.backends.cuda.matmul.allow_tf32`` is True, IEEE float32 otherwise), always accumulated
+in float32 with float32 log-sum-exp and softmax state; with IEEE products the results agree with
+the torch backends to float32 rounding.
 
-The kernels take float32 tensors; the dispatch (:mod:`m3co_loss.backends`) runs other
-dtypes on the tiled backend. Block sizes are read from :func:`m3co_loss.backends.get_config`
+The kernels take float32 tensors (the losses normalise half-precision embeddings to float32
+rows; the kernels round them back for the products); the dispatch (:mod:`m3co_loss.backends`)
+runs float64 on the tiled backend. Block sizes are read from :func:`m3co_loss.backends.get_config`
 (``triton_block_m``, ``triton_block_n``, ``triton_block_d``) once per forward pass; the
 backward pass uses the same values. The ``triton`` package is imported on the first kernel
 launch, not with this module. The kernels are tested for exactness with Triton's CPU
@@ -32,6 +38,7 @@ interpreter (``TRITON_INTERPRET=1``); docs/kernels.rst says what is measured on 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from types import ModuleType
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -40,9 +47,9 @@ import torch
 from torch import Tensor
 
 from ._config import BackendConfig, get_config
-from ._tiling import first_order_only, temperature_grad
+from ._tiling import decode_config, encode_config, fake_config, first_order_only, join_temperature, split_temperature, temperature_grad
 from ._interface import PairWeights, Rows, Temperature
-from .tiled import StreamingBackend
+from ._streaming import StreamingBackend
 
 __all__ = [
     "LogSumExp",
@@ -73,6 +80,24 @@ def _check_float32(*tensors: Tensor) -> None:
             raise TypeError(f"the Triton kernels take float32 tensors; got {x.dtype} (backend='triton' runs other dtypes on the tiled kernels)")
 
 
+_HINTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _hint(source_dtype: Optional[torch.dtype]) -> str:
+    """The precision that ``precision="auto"`` takes for embeddings given in ``source_dtype``: their own if half, else "auto"."""
+    return _HINTS.get(source_dtype, "auto") if source_dtype is not None else "auto"
+
+
+def _resolved(config: BackendConfig, hint: str = "auto") -> BackendConfig:
+    """``config`` with ``precision="auto"`` resolved: the half precision of ``hint``, else TF32 when torch
+    allows it for its own float32 products, else IEEE."""
+    if config.precision != "auto":
+        return config
+    if hint == "auto":
+        hint = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dataclasses.replace(config, precision=hint)
+
+
 def _grid(size: int, block: int) -> Tuple[int]:
     return ((size + block - 1) // block,)
 
@@ -93,7 +118,7 @@ def _row_lse(q: Tensor, k: Tensor, inv_t: Tensor, config: BackendConfig) -> Tens
     bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     out = q.new_empty(q.shape[0])
     _jit().row_lse_kernel[_grid(q.shape[0], bm)](
-        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd
+        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd, PREC=config.precision
     )
     return out
 
@@ -106,7 +131,7 @@ def _lse_grad(q: Tensor, k: Tensor, r: Tensor, c: Tensor, g_r: Optional[Tensor],
     _jit().lse_grad_kernel[_grid(q.shape[0], bm)](
         q, k, r, c if g_c is not None else dummy, g_r if g_r is not None else dummy, g_c if g_c is not None else dummy, dq, inv_t,
         q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), dq.stride(0),
-        HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd,
+        HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd, PREC=config.precision,
     )
     return dq
 
@@ -117,13 +142,9 @@ class LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
         """Row log-sum-exps, and the column ones as the rows of ``S^T``."""
-        _check_float32(q, k)
-        config = get_config()
         q, k = q.contiguous(), k.contiguous()
-        inv_t = _on_device(_ratio(1.0, t), q)
-        r = _row_lse(q, k, inv_t, config)
-        c = _row_lse(k, q, inv_t, config) if with_cols else q.new_zeros(0)
-        ctx.save_for_backward(q, k, r, c, inv_t)
+        r, c, config = lse_forward(q, k, t, with_cols)
+        ctx.save_for_backward(q, k, r, c)
         ctx.t, ctx.with_cols, ctx.config = t.detach() if isinstance(t, Tensor) else t, with_cols, config
         ctx.set_materialize_grads(False)
         return r, c
@@ -132,17 +153,36 @@ class LogSumExp(torch.autograd.Function):
     @first_order_only
     def backward(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
         """``dq = A k / t`` (rows of S) and ``dk = A^T q / t`` (rows of S^T); ``dt = -<q, dq> / t``."""
-        q, k, r, c, inv_t = ctx.saved_tensors
-        g_c = g_c.contiguous() if ctx.with_cols and g_c is not None else None
-        g_r = g_r.contiguous() if g_r is not None else None
-        if g_r is None and g_c is None:
-            return None, None, None, None
-        if g_c is None:
-            c = r.new_zeros(k.shape[0])  # unused by the kernels (HAS_C / HAS_R are False)
-        dq = _lse_grad(q, k, r, c, g_r, g_c, inv_t, ctx.config)
-        dk = _lse_grad(k, q, c, r, g_c, g_r, inv_t, ctx.config)
-        dt = temperature_grad(ctx.t, [(q, dq)]) if ctx.needs_input_grad[2] else None
+        q, k, r, c = ctx.saved_tensors
+        dq, dk, dt = lse_backward(q, k, r, c, ctx.t, ctx.with_cols, g_r, g_c, ctx.config, ctx.needs_input_grad[2])
         return dq, dk, dt, None
+
+
+def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool, hint: str = "auto") -> Tuple[Tensor, Tensor, BackendConfig]:
+    """The forward pass of :class:`LogSumExp` on contiguous ``q``, ``k``: ``(r, c, config)`` (``hint``: see :func:`_resolved`)."""
+    _check_float32(q, k)
+    config = _resolved(get_config(), hint)  # the backward pass keeps this precision
+    inv_t = _on_device(_ratio(1.0, t), q)
+    r = _row_lse(q, k, inv_t, config)
+    c = _row_lse(k, q, inv_t, config) if with_cols else q.new_zeros(0)
+    return r, c, config
+
+
+def lse_backward(
+    q: Tensor, k: Tensor, r: Tensor, c: Tensor, t: Temperature, with_cols: bool, g_r: Optional[Tensor], g_c: Optional[Tensor], config: BackendConfig, need_t: bool
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The backward pass of :class:`LogSumExp`: ``(dq, dk, dt)`` (all None without gradients; ``dt`` None unless ``need_t``)."""
+    g_c = g_c.contiguous() if with_cols and g_c is not None else None
+    g_r = g_r.contiguous() if g_r is not None else None
+    if g_r is None and g_c is None:
+        return None, None, None
+    if g_c is None:
+        c = r.new_zeros(k.shape[0])  # unused by the kernels (HAS_C / HAS_R are False)
+    inv_t = _on_device(_ratio(1.0, t), q)
+    dq = _lse_grad(q, k, r, c, g_r, g_c, inv_t, config)
+    dk = _lse_grad(k, q, c, r, g_c, g_r, inv_t, config)
+    dt = temperature_grad(t, [(q, dq)]) if need_t else None
+    return dq, dk, dt
 
 
 class SoftTargetSum(torch.autograd.Function):
@@ -151,81 +191,218 @@ class SoftTargetSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature) -> Tensor:
         """One program per block of rows: online sums of ``E`` and ``E X`` (no N x N tile stored)."""
-        _check_float32(q, k, u, vq, vk)
-        config = get_config()
-        bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
         q, k, u, vq, vk = (x.contiguous() for x in (q, k, u, vq, vk))
-        n, N = q.shape[0], k.shape[0]
-        inv_t = _on_device(_ratio(1.0, t), q)
-        coef = _on_device(_ratio(gamma, t_v), q)
-        shift, y, norm = q.new_empty(n), q.new_empty(n), q.new_empty(n)
-        _jit().soft_fwd_kernel[_grid(n, bm)](
-            q, k, u, vq, vk, shift, y, norm, inv_t, coef, n, N, q.shape[1], vq.shape[1],
-            q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd,
-        )
-        ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y, inv_t, coef)
+        y, shift, norm, config = soft_target_sum_forward(q, k, u, vq, vk, t, gamma, t_v)
+        ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y)
         ctx.t = t.detach() if isinstance(t, Tensor) else t
         ctx.t_v = t_v.detach() if isinstance(t_v, Tensor) else t_v
-        ctx.config = config
+        ctx.gamma, ctx.config = gamma, config
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
         """Row kernel for ``dq, dvq``; column kernel for ``dk, dvk, du``; the temperatures' from ``dq`` and ``dvq``."""
-        q, k, u, vq, vk, shift, norm, y, inv_t, coef = ctx.saved_tensors
-        config = ctx.config
-        bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
         need_q, need_k, _, _, _, need_t, _, need_t_v = ctx.needs_input_grad
         need_logits = need_q or need_k or need_t  # detached soft targets need no dG
-        g = g.contiguous()
-        n, N, D, DV = q.shape[0], k.shape[0], q.shape[1], vq.shape[1]
-        dq, dk, dvq, dvk, du = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vq), torch.zeros_like(vk), torch.zeros_like(u)
-        common = (u, vq, vk, shift, norm, y, g)
-        jit = _jit()
-        jit.soft_bwd_rows_kernel[_grid(n, bm)](
-            q, k, *common, dq, dvq, inv_t, coef, n, N, D, DV,
-            q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dq.stride(0), dvq.stride(0),
-            HAS_DQ=need_logits, BM=bm, BN=bn, BD=bd,
+        q, k, u, vq, vk, shift, norm, y = ctx.saved_tensors
+        dq, dk, du, dvq, dvk, dt, dt_v = soft_target_sum_backward(
+            q, k, u, vq, vk, shift, norm, y, ctx.t, ctx.gamma, ctx.t_v, g, ctx.config, need_logits=need_logits, need_t=need_t, need_t_v=need_t_v
         )
-        jit.soft_bwd_cols_kernel[_grid(N, bn)](
-            q, k, *common, dk, dvk, du, inv_t, coef, n, N, D, DV,
-            q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dk.stride(0), dvk.stride(0),
-            HAS_DK=need_logits, BM=bm, BN=bn, BD=bd,
-        )
-        dt = temperature_grad(ctx.t, [(q, dq)]) if need_t else None
-        dt_v = temperature_grad(ctx.t_v, [(vq, dvq)]) if need_t_v else None
         return (dq if need_logits else None), (dk if need_logits else None), du, dvq, dvk, dt, None, dt_v
 
 
-def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
-    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (:class:`LogSumExp`)."""
-    r, c = LogSumExp.apply(q, k, t, with_cols)  # type: ignore[no-untyped-call]
+def soft_target_sum_forward(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Temperature, hint: str = "auto"
+) -> Tuple[Tensor, Tensor, Tensor, BackendConfig]:
+    """The forward pass of :class:`SoftTargetSum` on contiguous operands: ``(y, shift, norm, config)``."""
+    _check_float32(q, k, u, vq, vk)
+    config = _resolved(get_config(), hint)  # the backward pass keeps this precision
+    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+    n, N = q.shape[0], k.shape[0]
+    inv_t = _on_device(_ratio(1.0, t), q)
+    coef = _on_device(_ratio(gamma, t_v), q)
+    shift, y, norm = q.new_empty(n), q.new_empty(n), q.new_empty(n)
+    _jit().soft_fwd_kernel[_grid(n, bm)](
+        q, k, u, vq, vk, shift, y, norm, inv_t, coef, n, N, q.shape[1], vq.shape[1],
+        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd, PREC=config.precision,
+    )
+    return y, shift, norm, config
+
+
+def soft_target_sum_backward(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, shift: Tensor, norm: Tensor, y: Tensor,
+    t: Temperature, gamma: float, t_v: Temperature, g: Tensor, config: BackendConfig, *, need_logits: bool, need_t: bool, need_t_v: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The backward pass of :class:`SoftTargetSum`: ``(dq, dk, du, dvq, dvk, dt, dt_v)`` (``dq``, ``dk`` zeros unless ``need_logits``)."""
+    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
+    inv_t = _on_device(_ratio(1.0, t), q)
+    coef = _on_device(_ratio(gamma, t_v), q)
+    g = g.contiguous()
+    n, N, D, DV = q.shape[0], k.shape[0], q.shape[1], vq.shape[1]
+    dq, dk, dvq, dvk, du = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vq), torch.zeros_like(vk), torch.zeros_like(u)
+    common = (u, vq, vk, shift, norm, y, g)
+    jit = _jit()
+    jit.soft_bwd_rows_kernel[_grid(n, bm)](
+        q, k, *common, dq, dvq, inv_t, coef, n, N, D, DV,
+        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dq.stride(0), dvq.stride(0),
+        HAS_DQ=need_logits, BM=bm, BN=bn, BD=bd, PREC=config.precision,
+    )
+    jit.soft_bwd_cols_kernel[_grid(N, bn)](
+        q, k, *common, dk, dvk, du, inv_t, coef, n, N, D, DV,
+        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dk.stride(0), dvk.stride(0),
+        HAS_DK=need_logits, BM=bm, BN=bn, BD=bd, PREC=config.precision,
+    )
+    dt = temperature_grad(t, [(q, dq)]) if need_t else None
+    dt_v = temperature_grad(t_v, [(vq, dvq)]) if need_t_v else None
+    return dq, dk, du, dvq, dvk, dt, dt_v
+
+
+# ----------------------------------------------------------------------------- operators
+# The kernels as custom operators (see the operators of :mod:`m3co_loss.backends.tiled`).
+
+
+@torch.library.custom_op("m3co_loss::triton_logsumexp", mutates_args=())
+def _lse_op(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool, hint: str) -> Tuple[Tensor, Tensor, Tensor]:
+    r, c, config = lse_forward(q.contiguous(), k.contiguous(), join_temperature(t, t_value), with_cols, hint)
+    return r, c, encode_config(config)
+
+
+@_lse_op.register_fake
+def _(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool, hint: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape[0]), q.new_empty(k.shape[0] if with_cols else 0), fake_config()
+
+
+@torch.library.custom_op("m3co_loss::triton_logsumexp_backward", mutates_args=())
+def _lse_backward_op(
+    q: Tensor, k: Tensor, r: Tensor, c: Tensor, config: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], t: Optional[Tensor], t_value: float, with_cols: bool, need_t: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    q, k = q.contiguous(), k.contiguous()
+    dq, dk, dt = lse_backward(q, k, r, c, join_temperature(t, t_value), with_cols, g_r, g_c, decode_config(config), need_t)
+    return (torch.zeros_like(q) if dq is None else dq), (torch.zeros_like(k) if dk is None else dk), (q.new_zeros(()) if dt is None else dt)
+
+
+@_lse_backward_op.register_fake
+def _(q: Tensor, k: Tensor, *rest: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(())
+
+
+def _lse_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    q, k, t, t_value, with_cols, hint = inputs
+    r, c, config = output
+    ctx.save_for_backward(q, k, r, c, config, t)
+    ctx.t_value, ctx.with_cols = t_value, with_cols
+    ctx.mark_non_differentiable(config)
+    ctx.set_materialize_grads(False)
+
+
+@first_order_only
+def _lse_autograd(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor], *unused: Any) -> Tuple[Optional[Tensor], ...]:
+    if g_r is None and g_c is None:
+        return None, None, None, None, None, None
+    q, k, r, c, config, t = ctx.saved_tensors
+    need_t = ctx.needs_input_grad[2]
+    dq, dk, dt = _lse_backward_op(q, k, r, c, config, g_r, g_c, t, ctx.t_value, ctx.with_cols, need_t)
+    return dq, dk, (dt if need_t else None), None, None, None
+
+
+_lse_op.register_autograd(_lse_autograd, setup_context=_lse_setup)
+
+
+@torch.library.custom_op("m3co_loss::triton_soft_target_sum", mutates_args=())
+def _soft_op(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float, hint: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    q, k, u, vq, vk = (x.contiguous() for x in (q, k, u, vq, vk))
+    y, shift, norm, config = soft_target_sum_forward(q, k, u, vq, vk, join_temperature(t, t_value), gamma, join_temperature(t_v, t_v_value), hint)
+    return y, shift, norm, encode_config(config)
+
+
+@_soft_op.register_fake
+def _(q: Tensor, *rest: Any) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = q.shape[0]
+    return q.new_empty(n), q.new_empty(n), q.new_empty(n), fake_config()
+
+
+@torch.library.custom_op("m3co_loss::triton_soft_target_sum_backward", mutates_args=())
+def _soft_backward_op(
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, shift: Tensor, norm: Tensor, y: Tensor, config: Tensor, g: Tensor,
+    t: Optional[Tensor], t_value: float, gamma: float, t_v: Optional[Tensor], t_v_value: float, need_logits: bool, need_t: bool, need_t_v: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, u, vq, vk = (x.contiguous() for x in (q, k, u, vq, vk))
+    dq, dk, du, dvq, dvk, dt, dt_v = soft_target_sum_backward(
+        q, k, u, vq, vk, shift, norm, y, join_temperature(t, t_value), gamma, join_temperature(t_v, t_v_value), g, decode_config(config),
+        need_logits=need_logits, need_t=need_t, need_t_v=need_t_v,
+    )
+    return dq, dk, du, dvq, dvk, q.new_zeros(()) if dt is None else dt, q.new_zeros(()) if dt_v is None else dt_v
+
+
+@_soft_backward_op.register_fake
+def _(q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, *rest: Any) -> Tuple[Tensor, ...]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), u.new_empty(u.shape), vq.new_empty(vq.shape), vk.new_empty(vk.shape), q.new_empty(()), q.new_empty(())
+
+
+def _soft_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    q, k, u, vq, vk, t, t_value, gamma, t_v, t_v_value, hint = inputs
+    y, shift, norm, config = output
+    ctx.save_for_backward(q, k, u, vq, vk, shift, norm, y, config, t, t_v)
+    ctx.t_value, ctx.gamma, ctx.t_v_value = t_value, gamma, t_v_value
+    ctx.mark_non_differentiable(shift, norm, config)
+
+
+@first_order_only
+def _soft_autograd(ctx: Any, g: Tensor, *unused: Any) -> Tuple[Optional[Tensor], ...]:
+    q, k, u, vq, vk, shift, norm, y, config, t, t_v = ctx.saved_tensors
+    need_q, need_k, _, _, _, need_t, _, _, need_t_v, _, _ = ctx.needs_input_grad
+    need_logits = need_q or need_k or need_t  # detached soft targets need no dG
+    dq, dk, du, dvq, dvk, dt, dt_v = _soft_backward_op(
+        q, k, u, vq, vk, shift, norm, y, config, g, t, ctx.t_value, ctx.gamma, t_v, ctx.t_v_value, need_logits, need_t, need_t_v
+    )
+    return (dq if need_logits else None), (dk if need_logits else None), du, dvq, dvk, (dt if need_t else None), None, None, (dt_v if need_t_v else None), None, None
+
+
+_soft_op.register_autograd(_soft_autograd, setup_context=_soft_setup)
+
+
+def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool, *, hint: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t`` (the custom operator ``m3co_loss::triton_logsumexp``).
+
+    ``hint``: the precision ``precision="auto"`` takes (``"bf16"``, ``"fp16"``: the embeddings came in it).
+    """
+    r, c, _ = _lse_op(q, k, *split_temperature(t), with_cols, hint)
     return r, c
 
 
 def soft_target_sum(
-    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Optional[Temperature] = None
+    q: Tensor, k: Tensor, u: Tensor, vq: Tensor, vk: Tensor, t: Temperature, gamma: float, t_v: Optional[Temperature] = None, *, hint: str = "auto"
 ) -> Tensor:
-    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (:class:`SoftTargetSum`; ``t_v`` None: ``t``)."""
-    y: Tensor = SoftTargetSum.apply(q, k, u, vq, vk, t, gamma, t if t_v is None else t_v)  # type: ignore[no-untyped-call]
+    """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (``t_v`` None: ``t``; the operator ``m3co_loss::triton_soft_target_sum``)."""
+    y: Tensor = _soft_op(q, k, u, vq, vk, *split_temperature(t), float(gamma), *split_temperature(t if t_v is None else t_v), hint)[0]
     return y
 
 
-_BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=False)
+# one instance per precision hint: ``precision="auto"`` multiplies half-precision inputs in their own precision
+_BACKENDS = {
+    hint: StreamingBackend(functools.partial(logsumexp, hint=hint), functools.partial(soft_target_sum, hint=hint), fused_softclip=False)
+    for hint in ("auto", "bf16", "fp16")
+}
 
 
-# The backend interface as plain functions (``torch.compiler.disable`` wraps functions, not bound methods).
+def _backend(source_dtype: Optional[torch.dtype]) -> StreamingBackend:
+    return _BACKENDS[_hint(source_dtype)]
+
+
+# The backend interface as plain functions.
 
 
 def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
     """Per-sample M3Co L3(a -> b) of the local mixed rows (Triton kernels; see :meth:`StreamingBackend.m3co_vector`)."""
-    return _BACKEND.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
+    return _backend(a.source_dtype).m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
 
 
 def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
     """Per-sample symmetric InfoNCE of the local rows (Triton kernels)."""
-    return _BACKEND.clip_vector(a, b, t, distributed=distributed)
+    return _backend(a.source_dtype).clip_vector(a, b, t, distributed=distributed)
 
 
 def multisoftclip_vector(
@@ -240,7 +417,7 @@ def multisoftclip_vector(
     detach_targets: bool = False,
 ) -> Tensor:
     """Per-sample MultiSClip Ls(a; a, b) of the local rows, targets from a (Triton kernels)."""
-    return _BACKEND.multisoftclip_vector(
+    return _backend(a.source_dtype).multisoftclip_vector(
         a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
     )
 
@@ -255,13 +432,21 @@ def multisoftclip_pair_vector(
     reference: bool,
     target_t: Optional[Temperature] = None,
     detach_targets: bool = False,
+    source_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _BACKEND.multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
+    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels; ``source_dtype`` as in :class:`Rows`)."""
+    return _backend(source_dtype).multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
 
 
 def multisoftclip_pairs(
-    p: Sequence[Tensor], weights: PairWeights, t: Temperature, *, reference: bool, target_t: Optional[Temperature] = None, detach_targets: bool = False
+    p: Sequence[Tensor],
+    weights: PairWeights,
+    t: Temperature,
+    *,
+    reference: bool,
+    target_t: Optional[Temperature] = None,
+    detach_targets: bool = False,
+    source_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _BACKEND.multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
+    return _backend(source_dtype).multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)

@@ -58,3 +58,102 @@ def test_triton_on_cuda_matches_dense():  # runs only where a CUDA device is pre
         lambda a, b, backend: F.m3co_pair(a, b, torch.arange(300, device="cuda").roll(1), torch.rand(300, device="cuda"), backend=backend),
     ):
         torch.testing.assert_close(fn(*z, backend="triton"), fn(*z, backend="dense"), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_precisions_under_the_interpreter():
+    """``precision="ieee"`` and ``"tf32"`` (float32 in the interpreter) within their tolerances of
+    the float64 reference; ``bf16``/``fp16`` run on CUDA only (the test below)."""
+    from triton_precision import TOLERANCES
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    proc = subprocess.run([sys.executable, str(HERE / "triton_precision.py")], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {"ieee", "tf32"}
+    for precision, errors in results.items():
+        assert len(errors) == 3 and max(errors.values()) <= TOLERANCES[precision], (precision, errors)
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_triton_precisions_on_cuda():  # runs only where a CUDA device is present
+    """Every product precision within its stated tolerance (docs page ``kernels``) of the float64
+    reference, at N = 1024, D = 256, t = 0.1, in value and gradient."""
+    from triton_precision import TOLERANCES, measure
+
+    results = measure("cuda", tuple(TOLERANCES), n=1024, d=256)
+    for precision, errors in results.items():
+        assert max(errors.values()) <= TOLERANCES[precision], (precision, errors)
+
+
+def test_precision_option_is_validated():
+    from m3co_loss import backends
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        backends.set_config(precision="tf16")
+    with pytest.raises(TypeError, match="precision must be a str"):
+        backends.set_config(precision=16)
+    assert backends.get_config().precision == "auto"
+    with backends.config(precision="bf16") as cfg:
+        assert cfg.precision == "bf16"
+    assert backends.get_config().precision == "auto"
+
+
+def test_auto_precision_follows_the_inputs_and_torch():
+    """``precision="auto"``: half-precision inputs multiply in their own precision, float32 ones in
+    TF32 exactly when torch allows it for its own products; an explicit precision wins."""
+    from m3co_loss import backends
+    from m3co_loss.backends import triton
+
+    config = backends.get_config()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow, float32 in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            resolved = [triton._resolved(config, triton._hint(d)).precision for d in (torch.float32, torch.bfloat16, torch.float16, None)]
+            assert resolved == [float32, "bf16", "fp16", float32]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    with backends.config(precision="ieee") as explicit:
+        assert triton._resolved(explicit, triton._hint(torch.bfloat16)).precision == "ieee"
+
+
+def test_losses_pass_the_inputs_dtype_to_the_backends(monkeypatch):
+    from m3co_loss import backends
+    from m3co_loss import functional as F
+
+    seen = []
+    original = backends.dense.clip_vector
+
+    def spy(a, b, t, **kwargs):
+        seen.append((a.source_dtype, a.local.dtype))
+        return original(a, b, t, **kwargs)
+
+    monkeypatch.setattr(backends.dense, "clip_vector", spy)
+    z = torch.randn(6, 4, dtype=torch.bfloat16)
+    F.clip_loss(z, z.clone(), backend="dense")
+    assert seen == [(torch.bfloat16, torch.float32)]  # rows normalised to float32, the source dtype kept
+
+
+@pytest.mark.cuda
+@needs_triton
+def test_half_inputs_multiply_in_their_precision_on_cuda():  # runs only where a CUDA device is present
+    """bfloat16 inputs under ``precision="auto"`` give the ``bf16`` kernels' numbers, within the
+    bf16 tolerance of the float64 reference."""
+    from triton_precision import TOLERANCES
+
+    from m3co_loss import backends
+    from m3co_loss import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(1024, 256, generator=g).cuda() for _ in range(2)]
+    half = [x.bfloat16() for x in z]
+    auto = F.clip_loss(*half, backend="triton", reduction="none")
+    with backends.config(precision="bf16"):
+        explicit = F.clip_loss(*half, backend="triton", reduction="none")
+    with backends.config(precision="ieee"):
+        ieee = F.clip_loss(*half, backend="triton", reduction="none")
+    assert torch.equal(auto, explicit) and not torch.equal(auto, ieee)
+    want = F.clip_loss(*(x.double() for x in z), backend="dense", reduction="none")
+    assert float((auto.double() - want).abs().max()) / float(want.abs().max()) <= TOLERANCES["bf16"]

@@ -25,7 +25,7 @@ from torch.autograd import gradcheck
 import m3co_loss
 from m3co_loss import backends
 from m3co_loss import functional as F
-from m3co_loss.backends import _tiling, softclip, tiled
+from m3co_loss.backends import _streaming, _tiling, softclip, tiled
 from test_kernels import batches, tile_sizes, tiles
 
 CONVENTIONS = ["paper", "reference"]
@@ -233,10 +233,10 @@ def test_tiled_without_a_host_value_takes_the_exact_maxima(monkeypatch):
     """A tensor on an accelerator is not read (no host synchronisation): the kernels shift by exact
     maxima and skip the fused kernel. Simulated on the CPU by hiding every tensor's value."""
     hidden = lambda t: None if isinstance(t, torch.Tensor) else float(t)  # noqa: E731
-    for module in (_tiling, tiled, softclip):
+    for module in (_tiling, _streaming, tiled, softclip):
         monkeypatch.setattr(module, "host_value", hidden)
     fused = []
-    monkeypatch.setattr(tiled, "soft_clip", lambda *args, **kwargs: fused.append(1))
+    monkeypatch.setattr(_streaming, "soft_clip", lambda *args, **kwargs: fused.append(1))
     z, perm, lam = pair(n=11, d=4, seed=6)
     w = torch.rand(11, dtype=torch.float64)
     for t0 in (0.1, 0.002):
