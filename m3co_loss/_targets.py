@@ -41,7 +41,7 @@ from ._validation import (
     value_checks_enabled,
 )
 from .backends import Rows, Temperature
-from .backends.tiled import LogSumExpFn
+from .backends._streaming import LogSumExpFn
 
 __all__ = ["contrastive_loss", "partners_vector", "labels_vector"]
 
@@ -62,7 +62,8 @@ def _lse(a: Rows, b: Rows, t: Temperature, layout: _Batch, backend: str) -> Tupl
             c = torch.logsumexp(s, dim=0)
         return s, r, c
     # the streaming backends (tiled, Triton) expose their log-sum-exp primitive; dense has none
-    logsumexp: LogSumExpFn = backends._eager(impl, getattr(impl, "logsumexp"))
+    # (custom operators, which torch.compile keeps in its graph)
+    logsumexp: LogSumExpFn = getattr(impl, "logsumexp")
     if not layout.distributed:  # one pass gives both
         r, c = logsumexp(a.local, b.local, t, True)
         return None, r, c

@@ -345,7 +345,7 @@ def test_triton_kernels_compile_to_one_graph_under_the_interpreter():
     """The Triton backend's custom operators under ``fullgraph=True`` (Triton's CPU interpreter, in a
     subprocess: the variable must be set before triton is imported); float32, same operations as
     eager mode, so the match is to the last bit in practice and asserted to float32 rounding."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # tests/, where triton_compile.py lives
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
     proc = subprocess.run([sys.executable, str(here / "triton_compile.py")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
