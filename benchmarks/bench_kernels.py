@@ -245,7 +245,7 @@ def drive_paired(args) -> None:
     """One process per (loss, N, D) running the implementations in rotation; per-round ratios."""
     path = Path(args.out_dir) / f"{args.tag}_paired.json"
     data = load_results(path)
-    data["meta"] = dict(machine_meta(args), mode="paired")
+    data["meta"] = dict(machine_meta(threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, precision=args.precision), mode="paired")
     done = {f"{r['device']}|{r['loss']}|{r['n']}|{r['d']}": r for r in data["results"]}
     for loss in args.loss:
         for n in args.n:
@@ -291,7 +291,8 @@ def _key(r) -> str:
     return f"{r['device']}|{r['loss']}|{r['impl']}|{r['n']}|{r['d']}"
 
 
-def machine_meta(args) -> dict:
+def machine_meta(*, threads: int, device: str, dtype: str, repeats: int, precision: str = "auto") -> dict:
+    """What a results file records about the run: the machine, torch and the measuring options."""
     import torch
 
     meta = dict(
@@ -299,15 +300,15 @@ def machine_meta(args) -> dict:
         processor=cpu_name(),
         cpu_count=os.cpu_count(),
         torch=torch.__version__,
-        threads=args.threads,
-        device=args.device,
-        dtype=args.dtype,
-        precision=args.precision,
-        repeats=args.repeats,
+        threads=threads,
+        device=device,
+        dtype=dtype,
+        precision=precision,
+        repeats=repeats,
         temperature=TEMPERATURE,
         memory_total_bytes=memory_total(),
     )
-    if args.device == "cuda" and torch.cuda.is_available():
+    if device == "cuda" and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name()
     return meta
 
@@ -351,7 +352,7 @@ def drive(args) -> None:
     """Measure every (loss, N, D) configuration; implementations alternate within each round."""
     path = Path(args.out_dir) / f"{args.tag}.json"
     data = load_results(path)
-    data["meta"] = machine_meta(args)
+    data["meta"] = machine_meta(threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, precision=args.precision)
     done = {_key(r): r for r in data["results"]}
     configs = [(loss, n, d) for n in args.n for d in args.d for loss in args.loss]
     for loss, n, d in configs:

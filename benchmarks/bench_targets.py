@@ -196,7 +196,7 @@ def _run(args, mode: str, impls, n: int, d: int, repeats: int) -> dict:
 
 
 def _meta(args) -> dict:
-    meta = bk.machine_meta(argparse.Namespace(threads=args.threads, device=args.device, dtype="float32", repeats=args.repeats))
+    meta = bk.machine_meta(threads=args.threads, device=args.device, dtype="float32", repeats=args.repeats)
     meta.update(temperature=TEMPERATURE, classes=args.classes)
     return meta
 
