@@ -209,7 +209,8 @@ def test_quoted_temperature_figures_are_the_stored_rounds():
 
     page = " ".join(BENCHMARKS.split())
     entries = []
-    for tag, losses in (("temperature_cpu", ["clip_loss", "m3co_pair", "multisoftclip_pair"]), ("temperature_targets_cpu", ["contrastive_loss[labels]", "m3co_pair"])):
+    for tag, losses in (("temperature_cpu", ["clip_loss", "m3co_pair", "multisoftclip_pair"]), ("temperature_targets_cpu", ["contrastive_loss[labels]", "m3co_pair"]),
+                         ("temperature_final_cpu", ["clip_loss", "m3co_pair", "multisoftclip_pair", "contrastive_loss[labels]"])):
         data = load(BENCH_RESULTS / f"{tag}.json")
         assert bench_temperature.report(data) == (BENCH_RESULTS / f"{tag}.md").read_text()
         assert [entry["loss"] for entry in data["results"]] == losses
