@@ -203,3 +203,12 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
         assert json.loads((out / f"{stem}.json").read_text())["results"], stem
     assert json.loads((out / "kernels_cpu_bfloat16.json").read_text())["meta"]["dtype"] == "bfloat16"
     assert "## CLIP loss against the peer libraries" in summary
+
+
+def test_tiled_profile_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_tiled.py"), "--n", "96", "--d", "8", "--rounds", "2",
+                             "--threads", "1", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "profile_tiled_cpu.json").read_text())
+    assert len(data["result"]["ratios"]) == 2 and data["result"]["top_ops"]
+    assert "tiled / floor over 2 alternating rounds" in (tmp_path / "profile_tiled_cpu.md").read_text()

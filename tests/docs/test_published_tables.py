@@ -224,3 +224,15 @@ def test_quoted_temperature_figures_are_the_stored_rounds():
         assert (entry["n"], entry["d"], entry["backend"]) == (8192, 512, "tiled")
         quoted = f"``{entry['loss']}`` {median:.3f} [{low:.3f}, {high:.3f}]"
         assert quoted in page, quoted
+
+
+def test_quoted_tiled_profile_is_the_stored_run():
+    import profile_tiled
+
+    data = load(BENCH_RESULTS / "profile_tiled_cpu.json")
+    assert profile_tiled.report(data) == (BENCH_RESULTS / "profile_tiled_cpu.md").read_text()
+    r = data["result"]
+    ratios = [t / f for t, f in zip(r["times_s"]["tiled"], r["times_s"]["floor"])]
+    assert r["ratios"] == pytest.approx(ratios, rel=1e-12)
+    low, median, high = profile_tiled.quartiles(ratios)
+    assert f"tiled / floor {median:.2f} [{low:.2f}, {high:.2f}]" in " ".join(BENCHMARKS.split())
