@@ -45,13 +45,12 @@ the same values.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor
 
 from ._config import BackendConfig, get_config
-from ._interface import PairWeights, Rows
 from ._streaming import StreamingBackend
 from ._tiling import (
     Scratch,
@@ -536,53 +535,10 @@ def soft_target_sum(
 _BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=True)
 
 
-# The backend interface as plain functions.
-
-
-def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
-    """Per-sample M3Co L3(a -> b) of the local mixed rows (tiled kernels; see :meth:`StreamingBackend.m3co_vector`)."""
-    return _BACKEND.m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
-
-
-def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
-    """Per-sample symmetric InfoNCE of the local rows (tiled kernels)."""
-    return _BACKEND.clip_vector(a, b, t, distributed=distributed)
-
-
-def multisoftclip_vector(
-    a: Rows,
-    b: Rows,
-    t: Temperature,
-    *,
-    reference: bool,
-    gather: Callable[[Tensor], Tensor],
-    distributed: bool = False,
-    target_t: Optional[Temperature] = None,
-    detach_targets: bool = False,
-) -> Tensor:
-    """Per-sample MultiSClip Ls(a; a, b) of the local rows, targets from a (tiled kernels)."""
-    return _BACKEND.multisoftclip_vector(
-        a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
-    )
-
-
-def multisoftclip_pair_vector(
-    a: Tensor,
-    b: Tensor,
-    t: Temperature,
-    weight_a: float,
-    weight_b: float,
-    *,
-    reference: bool,
-    target_t: Optional[Temperature] = None,
-    detach_targets: bool = False,
-) -> Tensor:
-    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (tiled kernels)."""
-    return _BACKEND.multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
-
-
-def multisoftclip_pairs(
-    p: Sequence[Tensor], weights: PairWeights, t: Temperature, *, reference: bool, target_t: Optional[Temperature] = None, detach_targets: bool = False
-) -> Tensor:
-    """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (tiled kernels)."""
-    return _BACKEND.multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
+# The backend interface (:class:`~m3co_loss.backends.Backend`) as module attributes: the methods
+# of the one streaming backend built on this module's operators.
+m3co_vector = _BACKEND.m3co_vector
+clip_vector = _BACKEND.clip_vector
+multisoftclip_vector = _BACKEND.multisoftclip_vector
+multisoftclip_pair_vector = _BACKEND.multisoftclip_pair_vector
+multisoftclip_pairs = _BACKEND.multisoftclip_pairs
