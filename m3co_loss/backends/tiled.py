@@ -514,9 +514,13 @@ def logsumexp(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Te
     """``(r, c)``: row and (if ``with_cols``, else empty) column log-sum-exps of ``q k^T / t``.
 
     ``t`` is a float or a 0-dim tensor of ``q``'s dtype and device, which may require grad.
-    The custom operator ``m3co_loss::tiled_logsumexp`` (the computation of :class:`LogSumExp`,
-    which ``torch.compile`` keeps in its graph).
+    Under ``torch.compile`` the custom operator ``m3co_loss::tiled_logsumexp``, which the graph
+    keeps; in eager mode :class:`LogSumExp`, the same computation (the first eager call of a
+    custom operator with an autograd formula imports ``torch._dynamo``: about 150 MiB of memory
+    that an eager training loop need not hold).
     """
+    if not torch.compiler.is_compiling():
+        return LogSumExp.apply(q, k, t, with_cols)  # type: ignore[no-any-return, no-untyped-call]
     r, c, *_ = _lse_op(q, k, *split_temperature(t), with_cols)
     return r, c
 
@@ -526,8 +530,11 @@ def soft_target_sum(
 ) -> Tensor:
     """``y_i = sum_l softmax_l(q_i . k_l / t) (u_l + (gamma / t_v) vq_i . vk_l)`` (``t_v`` None: ``t``).
 
-    The custom operator ``m3co_loss::tiled_soft_target_sum`` (the computation of :class:`SoftTargetSum`).
+    Under ``torch.compile`` the custom operator ``m3co_loss::tiled_soft_target_sum``; in eager
+    mode :class:`SoftTargetSum`, the same computation (see :func:`logsumexp`).
     """
+    if not torch.compiler.is_compiling():
+        return SoftTargetSum.apply(q, k, u, vq, vk, t, gamma, t if t_v is None else t_v)  # type: ignore[no-any-return, no-untyped-call]
     y: Tensor = _soft_op(q, k, u, vq, vk, *split_temperature(t), float(gamma), *split_temperature(t if t_v is None else t_v))[0]
     return y
 
