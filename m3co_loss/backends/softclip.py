@@ -505,12 +505,10 @@ def soft_clip(
 ) -> Tensor:
     """The fused per-sample MultiSClip vector of both directions of a pair (``target_t`` None: ``t``).
 
-    Under ``torch.compile`` the custom operator ``m3co_loss::softclip``, which the graph keeps;
-    in eager mode :class:`SoftClip`, the same computation.
+    The custom operator ``m3co_loss::softclip`` (the computation of :class:`SoftClip`), which
+    ``torch.compile`` keeps in its graph.
     """
     target_t = t if target_t is None else target_t
-    if not torch.compiler.is_compiling():  # eager: the autograd function (see backends.tiled.logsumexp)
-        return SoftClip.apply(a, b, t, target_t, coefficients, detach_targets)  # type: ignore[no-any-return, no-untyped-call]
     # one tensor in both places: its gradient is the sum of both parts, taken in one piece
     shared = isinstance(t, Tensor) and target_t is t
     v: Tensor = _softclip_op(a, b, *split_temperature(t), *split_temperature(target_t), [float(x) for x in coefficients], detach_targets, shared)[0]
