@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# M3CO_TEST_DEVICE=cuda runs the same checks compiled on a GPU (tests/backends/test_cuda.py)
+DEVICE = os.environ.get("M3CO_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -23,19 +26,20 @@ from m3co_loss import backends  # noqa: E402
 from m3co_loss import functional as F  # noqa: E402
 from strategies import target_cases  # noqa: E402
 
-backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16, tile_rows=5, tile_cols=7)
+backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16, tile_rows=5, tile_cols=7, precision="ieee")
 REPORT = {"examples": 0, "max_error": 0.0}
 
 
 def value_and_grads(case, t, tensor_t, convention, backend):
-    leaves = [x.float().clone().requires_grad_(True) for x in (case.z_a, case.z_b)]
+    leaves = [x.float().to(DEVICE).requires_grad_(True) for x in (case.z_a, case.z_b)]
     if tensor_t:
-        leaves.append(torch.tensor(t, requires_grad=True))
-    kw = {k: (v.float() if k == "weights" and v is not None else v) for k, v in case.kwargs().items()}
+        leaves.append(torch.tensor(t, device=DEVICE, requires_grad=True))
+    kw = {k: (v.float() if k == "weights" else v) for k, v in case.kwargs().items() if v is not None}
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     temperature = leaves[2] if tensor_t else t
     v = F.contrastive_loss(*leaves[:2], **kw, temperature=temperature, convention=convention, reduction="none", backend=backend)
-    upstream = torch.linspace(0.5, 1.5, v.shape[0])
-    return [v.detach(), *torch.autograd.grad((v * upstream).sum(), leaves)]
+    upstream = torch.linspace(0.5, 1.5, v.shape[0], device=DEVICE)
+    return [x.cpu() for x in (v.detach(), *torch.autograd.grad((v * upstream).sum(), leaves))]
 
 
 @settings(max_examples=int(os.environ.get("M3CO_TRITON_EXAMPLES", "25")), deadline=None, derandomize=True, database=None)

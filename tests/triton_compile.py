@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# M3CO_TEST_DEVICE=cuda runs the same checks compiled on a GPU (tests/backends/test_cuda.py)
+DEVICE = os.environ.get("M3CO_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
@@ -19,15 +22,15 @@ import m3co_loss  # noqa: E402
 from m3co_loss import M3CoLoss, backends  # noqa: E402
 from m3co_loss import functional as F  # noqa: E402
 
-backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16)
+backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16, precision="ieee")
 
 
 def main() -> None:
     g = torch.Generator().manual_seed(0)
     n, d = 19, 18
-    z = [torch.randn(n, d, generator=g).requires_grad_() for _ in range(3)]
-    t = torch.tensor(0.07, requires_grad=True)
-    plan = M3CoLoss(generator=torch.Generator().manual_seed(1)).sample(n, 3)
+    z = [torch.randn(n, d, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    t = torch.tensor(0.07, device=DEVICE, requires_grad=True)
+    plan = M3CoLoss(generator=torch.Generator().manual_seed(1)).sample(n, 3, device=DEVICE)
 
     def mixed(z):
         return [plan.mix(x, m) for m, x in enumerate(z)]

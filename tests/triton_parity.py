@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# M3CO_TEST_DEVICE=cuda runs the same checks compiled on a GPU (tests/backends/test_cuda.py)
+DEVICE = os.environ.get("M3CO_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
@@ -18,7 +21,7 @@ from m3co_loss import backends  # noqa: E402
 from m3co_loss import functional as F  # noqa: E402
 from m3co_loss.backends import Rows, tiled  # noqa: E402
 
-backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16)
+backends.set_config(triton_block_m=16, triton_block_n=16, triton_block_d=16, precision="ieee")
 
 
 def relative_errors(fn, inputs, weights):
@@ -39,6 +42,7 @@ def main() -> None:
     lam = torch.rand(n, generator=g)
     lam[:2] = torch.tensor([0.0, 1.0])
     w = torch.rand(n, generator=g)
+    z, perm, lam, w = [x.to(DEVICE) for x in z], perm.to(DEVICE), lam.to(DEVICE), w.to(DEVICE)
     errors = {}
     for t in (0.1, 0.02):
         cases = {
@@ -52,7 +56,7 @@ def main() -> None:
             errors[f"{name} t={t}"] = relative_errors(fn, z, w)
     # a temperature tensor that requires grad (its gradient compared too), and a separate target temperature
     for t0 in (0.1, 0.02):
-        t = torch.tensor(t0)
+        t = torch.tensor(t0, device=DEVICE)
         tensor_cases = {
             "m3co_pair": lambda a, b, t, backend: F.m3co_pair(a, b, perm, lam, temperature=t, backend=backend, reduction="none"),
             "clip_loss": lambda a, b, t, backend: F.clip_loss(a, b, temperature=t, backend=backend, reduction="none"),

@@ -39,6 +39,8 @@ class BackendConfig:
         triton_block_m: rows of the score tile of one Triton program step (64).
         triton_block_n: columns of that tile (64).
         triton_block_d: chunk of the embedding dimension loaded per step (64).
+        triton_num_warps: warps per Triton program (4).
+        triton_num_stages: software-pipelining stages of the Triton kernels' loops (3).
         precision: the precision of the Triton kernels' matrix products, always accumulated in
             float32 with float32 log-sum-exp and softmax state: ``"auto"`` (float16 and bfloat16
             inputs in their own precision; float32 ones on TF32 tensor cores when
@@ -61,11 +63,13 @@ class BackendConfig:
     triton_block_m: int = 64
     triton_block_n: int = 64
     triton_block_d: int = 64
+    triton_num_warps: int = 4
+    triton_num_stages: int = 3
     precision: str = "auto"
 
 
 PRECISIONS = ("auto", "ieee", "tf32", "bf16", "fp16")
-_POSITIVE_INTS = ("tile_rows", "tile_cols", "tile_square", "auto_tiled_min_n")
+_POSITIVE_INTS = ("tile_rows", "tile_cols", "tile_square", "auto_tiled_min_n", "triton_num_stages")
 _TRITON_BLOCKS = ("triton_block_m", "triton_block_n", "triton_block_d")
 _FLAGS = ("parallel_workers",)
 _CHOICES = {"precision": PRECISIONS}
@@ -104,6 +108,9 @@ def _check_option(name: str, value: object) -> object:
         # tl.arange needs a power of two and tl.dot operands of at least 16 x 16
         if number < 16 or number & (number - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (a Triton block size); got {number}")
+    elif name == "triton_num_warps":
+        if number < 1 or number > 32 or number & (number - 1):
+            raise ValueError(f"{name} must be 1, 2, 4, 8, 16 or 32; got {number}")
     elif number < 1:
         raise ValueError(f"{name} must be a positive int; got {number}")
     return number
@@ -136,14 +143,18 @@ def set_config(
     triton_block_m: Optional[int] = None,
     triton_block_n: Optional[int] = None,
     triton_block_d: Optional[int] = None,
+    triton_num_warps: Optional[int] = None,
+    triton_num_stages: Optional[int] = None,
     precision: Optional[str] = None,
 ) -> BackendConfig:
     """Change tuning options for the whole process; the options left at None keep their values.
 
     Args:
-        tile_rows, tile_cols, tile_square, auto_tiled_min_n: positive ints (see :class:`BackendConfig`).
+        tile_rows, tile_cols, tile_square, auto_tiled_min_n, triton_num_stages: positive ints
+            (see :class:`BackendConfig`).
         parallel_workers: a bool.
         triton_block_m, triton_block_n, triton_block_d: powers of two >= 16.
+        triton_num_warps: 1, 2, 4, 8, 16 or 32.
         precision: ``"auto"``, ``"ieee"``, ``"tf32"``, ``"bf16"`` or ``"fp16"``.
 
     Returns:
@@ -152,9 +163,9 @@ def set_config(
 
     Raises:
         TypeError: an option of the wrong type (a bool for a size, a float, ...).
-        ValueError: a size below 1, a Triton block that is not a power of two >= 16, or an
-            unknown precision. Nothing
-            is changed when any option is invalid.
+        ValueError: a size below 1, a Triton block that is not a power of two >= 16, a warp
+            count that is not a power of two up to 32, or an unknown precision. Nothing is
+            changed when any option is invalid.
 
     Examples:
         >>> from m3co_loss import backends
@@ -173,6 +184,8 @@ def set_config(
             triton_block_m=triton_block_m,
             triton_block_n=triton_block_n,
             triton_block_d=triton_block_d,
+            triton_num_warps=triton_num_warps,
+            triton_num_stages=triton_num_stages,
             precision=precision,
         )
     )
@@ -189,6 +202,8 @@ def config(
     triton_block_m: Optional[int] = None,
     triton_block_n: Optional[int] = None,
     triton_block_d: Optional[int] = None,
+    triton_num_warps: Optional[int] = None,
+    triton_num_stages: Optional[int] = None,
     precision: Optional[str] = None,
 ) -> Iterator[BackendConfig]:
     """Set tuning options inside a ``with`` block; on exit the options it set get their previous values back.
@@ -212,6 +227,8 @@ def config(
         triton_block_m=triton_block_m,
         triton_block_n=triton_block_n,
         triton_block_d=triton_block_d,
+        triton_num_warps=triton_num_warps,
+        triton_num_stages=triton_num_stages,
         precision=precision,
     )
     previous = _replace(options)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from types import ModuleType
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -98,6 +98,12 @@ def _resolved(config: BackendConfig, hint: str = "auto") -> BackendConfig:
     return dataclasses.replace(config, precision=hint)
 
 
+def _launch(config: BackendConfig) -> Dict[str, Any]:
+    """The compile-time block sizes, product precision and launch options of a kernel."""
+    return dict(BM=config.triton_block_m, BN=config.triton_block_n, BD=config.triton_block_d, PREC=config.precision,
+                num_warps=config.triton_num_warps, num_stages=config.triton_num_stages)
+
+
 def _grid(size: int, block: int) -> Tuple[int]:
     return ((size + block - 1) // block,)
 
@@ -115,23 +121,21 @@ def _ratio(x: float, t: Temperature) -> Temperature:
 
 
 def _row_lse(q: Tensor, k: Tensor, inv_t: Tensor, config: BackendConfig) -> Tensor:
-    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     out = q.new_empty(q.shape[0])
-    _jit().row_lse_kernel[_grid(q.shape[0], bm)](
-        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), BM=bm, BN=bn, BD=bd, PREC=config.precision
+    _jit().row_lse_kernel[_grid(q.shape[0], config.triton_block_m)](
+        q, k, out, inv_t, q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), **_launch(config)
     )
     return out
 
 
 def _lse_grad(q: Tensor, k: Tensor, r: Tensor, c: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], inv_t: Tensor, config: BackendConfig) -> Tensor:
     """``dq = A k / t`` for ``S = q k^T / t``; ``g_r`` or ``g_c`` may be None."""
-    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     dq = torch.zeros_like(q)
     dummy = q.new_zeros(1)
-    _jit().lse_grad_kernel[_grid(q.shape[0], bm)](
+    _jit().lse_grad_kernel[_grid(q.shape[0], config.triton_block_m)](
         q, k, r, c if g_c is not None else dummy, g_r if g_r is not None else dummy, g_c if g_c is not None else dummy, dq, inv_t,
         q.shape[0], k.shape[0], q.shape[1], q.stride(0), k.stride(0), dq.stride(0),
-        HAS_R=g_r is not None, HAS_C=g_c is not None, BM=bm, BN=bn, BD=bd, PREC=config.precision,
+        HAS_R=g_r is not None, HAS_C=g_c is not None, **_launch(config),
     )
     return dq
 
@@ -218,14 +222,13 @@ def soft_target_sum_forward(
     """The forward pass of :class:`SoftTargetSum` on contiguous operands: ``(y, shift, norm, config)``."""
     _check_float32(q, k, u, vq, vk)
     config = _resolved(get_config(), hint)  # the backward pass keeps this precision
-    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     n, N = q.shape[0], k.shape[0]
     inv_t = _on_device(_ratio(1.0, t), q)
     coef = _on_device(_ratio(gamma, t_v), q)
     shift, y, norm = q.new_empty(n), q.new_empty(n), q.new_empty(n)
-    _jit().soft_fwd_kernel[_grid(n, bm)](
+    _jit().soft_fwd_kernel[_grid(n, config.triton_block_m)](
         q, k, u, vq, vk, shift, y, norm, inv_t, coef, n, N, q.shape[1], vq.shape[1],
-        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), BM=bm, BN=bn, BD=bd, PREC=config.precision,
+        q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), **_launch(config),
     )
     return y, shift, norm, config
 
@@ -235,7 +238,6 @@ def soft_target_sum_backward(
     t: Temperature, gamma: float, t_v: Temperature, g: Tensor, config: BackendConfig, *, need_logits: bool, need_t: bool, need_t_v: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """The backward pass of :class:`SoftTargetSum`: ``(dq, dk, du, dvq, dvk, dt, dt_v)`` (``dq``, ``dk`` zeros unless ``need_logits``)."""
-    bm, bn, bd = config.triton_block_m, config.triton_block_n, config.triton_block_d
     inv_t = _on_device(_ratio(1.0, t), q)
     coef = _on_device(_ratio(gamma, t_v), q)
     g = g.contiguous()
@@ -243,15 +245,15 @@ def soft_target_sum_backward(
     dq, dk, dvq, dvk, du = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(vq), torch.zeros_like(vk), torch.zeros_like(u)
     common = (u, vq, vk, shift, norm, y, g)
     jit = _jit()
-    jit.soft_bwd_rows_kernel[_grid(n, bm)](
+    jit.soft_bwd_rows_kernel[_grid(n, config.triton_block_m)](
         q, k, *common, dq, dvq, inv_t, coef, n, N, D, DV,
         q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dq.stride(0), dvq.stride(0),
-        HAS_DQ=need_logits, BM=bm, BN=bn, BD=bd, PREC=config.precision,
+        HAS_DQ=need_logits, **_launch(config),
     )
-    jit.soft_bwd_cols_kernel[_grid(N, bn)](
+    jit.soft_bwd_cols_kernel[_grid(N, config.triton_block_n)](
         q, k, *common, dk, dvk, du, inv_t, coef, n, N, D, DV,
         q.stride(0), k.stride(0), vq.stride(0), vk.stride(0), dk.stride(0), dvk.stride(0),
-        HAS_DK=need_logits, BM=bm, BN=bn, BD=bd, PREC=config.precision,
+        HAS_DK=need_logits, **_launch(config),
     )
     dt = temperature_grad(t, [(q, dq)]) if need_t else None
     dt_v = temperature_grad(t_v, [(vq, dvq)]) if need_t_v else None

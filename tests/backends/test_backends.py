@@ -82,6 +82,10 @@ def test_config_context_restores_what_it_set_also_on_error():
         (dict(parallel_workers=1), TypeError, "parallel_workers must be a bool; got int"),
         (dict(triton_block_m=24), ValueError, "triton_block_m must be a power of two >= 16"),
         (dict(triton_block_d=8), ValueError, "triton_block_d must be a power of two >= 16"),
+        (dict(triton_num_warps=3), ValueError, "triton_num_warps must be 1, 2, 4, 8, 16 or 32"),
+        (dict(triton_num_warps=64), ValueError, "triton_num_warps must be 1, 2, 4, 8, 16 or 32"),
+        (dict(triton_num_stages=0), ValueError, "triton_num_stages must be a positive int"),
+        (dict(triton_num_stages=2.0), TypeError, "triton_num_stages must be an int"),
         (dict(tile_rows=8, triton_block_n="64"), TypeError, "triton_block_n must be an int; got str"),
     ],
 )

@@ -205,6 +205,20 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     assert "## CLIP loss against the peer libraries" in summary
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("args, message", [
+    (["--wheels", "."], "--wheels goes with --python"),
+    (["--python", "no-such-python-here"], "--python: no-such-python-here not found"),
+    (["--python"], "--python needs a value"),
+    (["--fast"], "unknown option --fast"),
+])
+def test_gpu_check_refuses_bad_options_before_any_work(tmp_path, args, message):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), *args], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "summary.md").exists()
+
+
 def test_tiled_profile_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_tiled.py"), "--n", "96", "--d", "8", "--rounds", "2",
                              "--threads", "1", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -1,0 +1,131 @@
+"""The Triton backend's block sizes and launch options swept at one point on a CUDA device.
+
+For each configuration (``triton_block_m``, ``triton_block_n``, ``triton_block_d``,
+``triton_num_warps``, ``triton_num_stages``) one forward + backward pass of each loss is timed
+with CUDA events (median of ``--repeats`` after a warm-up that compiles the kernels), its value
+checked against the default configuration's, beside the bare products of the floor in the input
+dtype (``bench_kernels.py``'s ``floor``). A configuration that fails to compile or launch (shared
+memory, registers) is recorded with its error. Writes ``<out-dir>/tune_triton_<dtype>.json`` and
+``.md``, fastest first.
+
+Example (the figures on the Benchmarks page)::
+
+    python benchmarks/tune_triton.py --n 32768 --d 768 --dtype bfloat16 --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from pathlib import Path
+
+from common import save_json, write_text
+
+LOSSES = ("m3co_pair", "multisoftclip_pair")
+
+
+def timed(step, repeats: int) -> list:
+    import torch
+
+    step()  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=32768)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "ieee", "tf32", "bf16", "fp16"))
+    p.add_argument("--loss", nargs="+", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--block-m", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--block-d", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--stages", type=int, nargs="+", default=[3])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from bench_kernels import floor_products
+    from m3co_loss import backends
+    from m3co_loss import functional as F
+
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_triton.py needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(args.n, args.d, device="cuda", generator=g, dtype=dtype) for _ in range(2))
+    perm = torch.randperm(args.n, device="cuda", generator=g)
+    lam = torch.rand(args.n, device="cuda", generator=g)
+
+    def step(loss):
+        def run():
+            x, y = a.detach().requires_grad_(), b.detach().requires_grad_()
+            value = (F.m3co_pair(x, y, perm, lam, backend="triton") if loss == "m3co_pair"
+                     else F.multisoftclip_pair(x, y, backend="triton"))
+            value.backward()
+            return float(value)
+        return run
+
+    floor = {loss: statistics.median(timed(floor_products(loss, dict(z=[a, b]), 8192), args.repeats)) for loss in args.loss}
+    default = backends.get_config()
+    with backends.config(precision=args.precision):
+        reference = {loss: step(loss)() for loss in args.loss}
+    rows = []
+    for bm, bn, bd, warps, stages in itertools.product(args.block_m, args.block_n, args.block_d, args.warps, args.stages):
+        row = dict(block_m=bm, block_n=bn, block_d=bd, num_warps=warps, num_stages=stages,
+                   default=(bm, bn, bd, warps, stages) == (default.triton_block_m, default.triton_block_n, default.triton_block_d,
+                                                           default.triton_num_warps, default.triton_num_stages))
+        with backends.config(triton_block_m=bm, triton_block_n=bn, triton_block_d=bd, triton_num_warps=warps,
+                             triton_num_stages=stages, precision=args.precision):
+            for loss in args.loss:
+                try:
+                    value = step(loss)()
+                    times = timed(step(loss), args.repeats)
+                except Exception as error:  # noqa: BLE001 - a configuration the compiler refuses is a result
+                    row[loss] = dict(error=f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}")
+                    continue
+                median = statistics.median(times)
+                row[loss] = dict(median_s=median, times_s=times, over_floor=median / floor[loss],
+                                 relative_difference=abs(value - reference[loss]) / max(abs(reference[loss]), 1e-30))
+        rows.append(row)
+        print(row, flush=True)
+        save_json(args.out_dir / f"tune_triton_{args.dtype}.json", dict(
+            meta=dict(n=args.n, d=args.d, dtype=args.dtype, precision=args.precision, gpu=torch.cuda.get_device_name(),
+                      torch=torch.__version__, repeats=args.repeats), floor_s=floor, results=rows))
+
+    def key(row):
+        return sum(row[loss].get("median_s", float("inf")) for loss in args.loss)
+
+    lines = [f"# Triton blocks at N = {args.n}, D = {args.d}, {args.dtype} (precision {args.precision}), {torch.cuda.get_device_name()}", "",
+             "Forward + backward, median of {} CUDA-event timings; floor: the bare products in {}: {}.".format(
+                 args.repeats, args.dtype, ", ".join(f"{loss} {1e3 * floor[loss]:.2f} ms" for loss in args.loss)), "",
+             "| BM | BN | BD | warps | stages | " + " | ".join(f"{loss} ms | / floor" for loss in args.loss) + " |",
+             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in args.loss) + " |"]
+    for row in sorted(rows, key=key):
+        cells = []
+        for loss in args.loss:
+            r = row[loss]
+            cells += ([f"{1e3 * r['median_s']:.2f}", f"{r['over_floor']:.2f}"] if "median_s" in r else [r["error"][:60], ""])
+        mark = " (default)" if row["default"] else ""
+        lines.append(f"| {row['block_m']}{mark} | {row['block_n']} | {row['block_d']} | {row['num_warps']} | {row['num_stages']} | "
+                     + " | ".join(cells) + " |")
+    write_text(args.out_dir / f"tune_triton_{args.dtype}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
