@@ -32,6 +32,7 @@
 # from this checkout. --wheels DIR: install the wheels in DIR (the peer libraries, fetched
 # elsewhere with `pip download --no-deps`) into OUT_DIR/site for this check only.
 # --quick: the target point only (N = 32768, D = 768) in the kernel and peer benchmarks.
+# --only STEPS: run only these of tests, kernels, peers (comma-separated; setup always runs).
 #
 # --dry-run: no installs (they are printed) and no GPU: each step's CPU path on tiny sizes, with
 # the Python that runs this script's environment ($PYTHON, default python3), to check the script.
@@ -44,19 +45,30 @@ QUICK=0
 OUT=gpu_results
 USE_PYTHON=
 WHEELS=
+ONLY=tests,kernels,peers
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --quick) QUICK=1 ;;
-    --python|--wheels)
+    --python|--wheels|--only)
       [ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
-      if [ "$1" = --python ]; then USE_PYTHON=$2; else WHEELS=$(cd "$2" && pwd) || exit 2; fi
+      case "$1" in
+        --python) USE_PYTHON=$2 ;;
+        --wheels) WHEELS=$(cd "$2" && pwd) || exit 2 ;;
+        --only) ONLY=$2 ;;
+      esac
       shift ;;
     -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT=$1 ;;
   esac
   shift
+done
+for step in ${ONLY//,/ }; do
+  case "$step" in
+    tests|kernels|peers) ;;
+    *) echo "--only: unknown step $step (the steps are tests, kernels, peers)" >&2; exit 2 ;;
+  esac
 done
 if [ -n "$WHEELS" ] && [ -z "$USE_PYTHON" ]; then
   echo "--wheels goes with --python (a created environment installs the peers from the index)" >&2
@@ -72,7 +84,10 @@ STATUS=0
 declare -A SHARE=([setup]=150 [tests]=60 [kernels]=130 [peers]=130)
 # an environment used as it is installs nothing, and the CUDA tests compile many Triton kernels
 [ -z "$USE_PYTHON" ] || SHARE=([setup]=10 [tests]=120 [kernels]=130 [peers]=130)
-ORDER=(setup tests kernels peers)
+ORDER=(setup)
+for step in tests kernels peers; do
+  [[ ",$ONLY," == *",$step,"* ]] && ORDER+=("$step")
+done
 
 if [ "$DRY" = 1 ]; then
   VPY=$(command -v "${PYTHON:-python3}")
@@ -211,9 +226,9 @@ export ROOT OUT DRY QUICK DEVICE VPY VENV USE_PYTHON WHEELS
 export -f setup kernels peers
 if run_step setup bash -c setup; then
   # a test module that needs a package this environment lacks must not stop the CUDA tests
-  run_step tests "$VPY" -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors -rs tests
-  run_step kernels bash -c kernels
-  run_step peers bash -c peers
+  [[ " ${ORDER[*]} " != *" tests "* ]] || run_step tests "$VPY" -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors -rs tests
+  [[ " ${ORDER[*]} " != *" kernels "* ]] || run_step kernels bash -c kernels
+  [[ " ${ORDER[*]} " != *" peers "* ]] || run_step peers bash -c peers
 else
   echo "| tests, kernels, peers | not run: setup failed | 0 | |" >> "$SUMMARY"
 fi
