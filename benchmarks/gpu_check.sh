@@ -9,8 +9,8 @@
 #             (benchmarks/install_peers.sh);
 # 2. tests:   the CUDA-marked tests, `pytest -m cuda`;
 # 3. kernels: benchmarks/bench_kernels.py --device cuda, dense / tiled / triton / floor, m3co_pair
-#             at D = 768 and N = 8192, 32768, 131072, in float32 then bfloat16 (then
-#             multisoftclip_pair if time is left);
+#             at D = 768 and N = 8192, 32768, 131072, in float32 then bfloat16, the tiled backend
+#             with 4096 x 16384 tiles at N = 32768 (then multisoftclip_pair if time is left);
 # 4. peers:   benchmarks/bench_peers.py --device cuda at D = 768, N = 1024 and 32768.
 #
 # Everything lands in OUT_DIR: one log per step, the benchmarks' JSON / Markdown / plots, and
@@ -207,6 +207,11 @@ kernels() {
     "$VPY" "$ROOT/benchmarks/bench_kernels.py" --device "$DEVICE" --dtype "$dtype" --precision "$precision" --loss m3co_pair \
       "${run[@]}" --out-dir "$OUT" || return
   done
+  # the tiled backend with tiles sized for a GPU rather than for a CPU's cache (bfloat16 inputs)
+  local tiles=(--impl tiled --n 32768 --d 768 --repeats 3 --timeout 120 --tile-rows 4096 --tile-cols 16384)
+  [ "$DRY" = 0 ] || tiles=(--impl tiled --n 64 --d 8 --repeats 1 --timeout 120 --tile-rows 32 --tile-cols 16)
+  "$VPY" "$ROOT/benchmarks/bench_kernels.py" --device "$DEVICE" --dtype bfloat16 --loss m3co_pair "${tiles[@]}" \
+    --tag "kernels_${DEVICE}_bfloat16_tiles" --out-dir "$OUT" || return
   [ "$DRY" = 0 ] || return 0
   "$VPY" "$ROOT/benchmarks/bench_kernels.py" --device "$DEVICE" --loss multisoftclip_pair "${run[@]}" --out-dir "$OUT"
 }

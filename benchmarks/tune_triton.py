@@ -5,8 +5,8 @@ For each configuration (``triton_block_m``, ``triton_block_n``, ``triton_block_d
 with CUDA events (median of ``--repeats`` after a warm-up that compiles the kernels), its value
 checked against the default configuration's, beside the bare products of the floor in the input
 dtype (``bench_kernels.py``'s ``floor``). A configuration that fails to compile or launch (shared
-memory, registers) is recorded with its error. Writes ``<out-dir>/tune_triton_<dtype>.json`` and
-``.md``, fastest first.
+memory, registers) is recorded with its error. Writes ``<out-dir>/tune_triton_<dtype>.json``,
+``.md`` and ``.rst`` (fastest first) after every configuration.
 
 Example (the figures on the Benchmarks page)::
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 from pathlib import Path
 
@@ -40,6 +41,53 @@ def timed(step, repeats: int) -> list:
     return times
 
 
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def report(data: dict) -> str:
+    """The Markdown table of a result file, fastest configuration first."""
+    meta, floor, losses = data["meta"], data["floor_s"], data["meta"].get("losses") or list(data["floor_s"])
+
+    def total(row):
+        return sum(row[loss].get("median_s", float("inf")) for loss in losses)
+
+    lines = [f"# Triton blocks at N = {meta['n']}, D = {meta['d']}, {meta['dtype']} (precision {meta['precision']}), {meta['gpu']}", "",
+             "Forward + backward, median of {} CUDA-event timings, torch {}{}; floor: the bare products in {}: {}.".format(
+                 meta["repeats"], meta["torch"], f", Triton {meta['triton']}" if meta.get("triton") else "", meta["dtype"],
+                 ", ".join(f"{loss} {1e3 * floor[loss]:.2f} ms" for loss in losses)), "",
+             "| BM | BN | BD | warps | stages | " + " | ".join(f"{loss} ms | / floor" for loss in losses) + " |",
+             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in losses) + " |"]
+    for row in sorted(data["results"], key=total):
+        cells = []
+        for loss in losses:
+            r = row[loss]
+            cells += [f"{1e3 * r['median_s']:.1f}", f"{r['over_floor']:.0f}"] if "median_s" in r else [r["error"][:60], ""]
+        mark = " (default)" if row["default"] else ""
+        lines.append(f"| {row['block_m']}{mark} | {row['block_n']} | {row['block_d']} | {row['num_warps']} | {row['num_stages']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_rst(data: dict) -> str:
+    """The same table as a reStructuredText list-table (docs/benchmarks.rst includes it)."""
+    md = report(data).splitlines()
+    caption = md[0].lstrip("# ")
+    head, *rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in md[4:] if not set(line) <= set("|-: ")]
+    lines = [f".. list-table:: {caption}", "   :header-rows: 1", ""]
+    for row in [head, *rows]:
+        lines.append(f"   * - {row[0]}")
+        lines += [f"     - {cell}" for cell in row[1:]]
+    return "\n".join(lines) + "\n\n" + md[2] + "\n"
+
+
+def write_reports(json_path: Path, data: dict) -> None:
+    write_text(json_path.with_suffix(".md"), report(data))
+    write_text(json_path.with_suffix(".rst"), report_rst(data))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=32768)
@@ -54,7 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, nargs="+", default=[3])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--report", type=Path, metavar="JSON", help="only write (and print) the tables of a result file written before")
     args = p.parse_args(argv)
+    if args.report:
+        data = json.loads(args.report.read_text())
+        write_reports(args.report, data)
+        print(report(data), end="")
+        return 0
 
     import torch
 
@@ -76,7 +130,7 @@ def main(argv=None) -> int:
             value = (F.m3co_pair(x, y, perm, lam, backend="triton") if loss == "m3co_pair"
                      else F.multisoftclip_pair(x, y, backend="triton"))
             value.backward()
-            return float(value)
+            return float(value.detach())
         return run
 
     floor = {loss: statistics.median(timed(floor_products(loss, dict(z=[a, b]), 8192), args.repeats)) for loss in args.loss}
@@ -102,28 +156,14 @@ def main(argv=None) -> int:
                                  relative_difference=abs(value - reference[loss]) / max(abs(reference[loss]), 1e-30))
         rows.append(row)
         print(row, flush=True)
-        save_json(args.out_dir / f"tune_triton_{args.dtype}.json", dict(
-            meta=dict(n=args.n, d=args.d, dtype=args.dtype, precision=args.precision, gpu=torch.cuda.get_device_name(),
-                      torch=torch.__version__, repeats=args.repeats), floor_s=floor, results=rows))
+        data = dict(meta=dict(n=args.n, d=args.d, dtype=args.dtype, precision=args.precision, gpu=torch.cuda.get_device_name(),
+                              torch=torch.__version__, triton=_triton_version(), repeats=args.repeats, losses=list(args.loss)),
+                    floor_s=floor, results=rows)
+        stem = args.out_dir / f"tune_triton_{args.dtype}"
+        save_json(stem.with_suffix(".json"), data)  # after every configuration: a run cut short keeps what it measured
+        write_reports(stem.with_suffix(".json"), data)
+    print(report(data))
 
-    def key(row):
-        return sum(row[loss].get("median_s", float("inf")) for loss in args.loss)
-
-    lines = [f"# Triton blocks at N = {args.n}, D = {args.d}, {args.dtype} (precision {args.precision}), {torch.cuda.get_device_name()}", "",
-             "Forward + backward, median of {} CUDA-event timings; floor: the bare products in {}: {}.".format(
-                 args.repeats, args.dtype, ", ".join(f"{loss} {1e3 * floor[loss]:.2f} ms" for loss in args.loss)), "",
-             "| BM | BN | BD | warps | stages | " + " | ".join(f"{loss} ms | / floor" for loss in args.loss) + " |",
-             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in args.loss) + " |"]
-    for row in sorted(rows, key=key):
-        cells = []
-        for loss in args.loss:
-            r = row[loss]
-            cells += ([f"{1e3 * r['median_s']:.2f}", f"{r['over_floor']:.2f}"] if "median_s" in r else [r["error"][:60], ""])
-        mark = " (default)" if row["default"] else ""
-        lines.append(f"| {row['block_m']}{mark} | {row['block_n']} | {row['block_d']} | {row['num_warps']} | {row['num_stages']} | "
-                     + " | ".join(cells) + " |")
-    write_text(args.out_dir / f"tune_triton_{args.dtype}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
     return 0
 
 

@@ -51,6 +51,7 @@ def main() -> None:
             "multisoftclip_pair": lambda a, b, backend: F.multisoftclip_pair(a, b, temperature=t, backend=backend, reduction="none"),
             "multisoftclip_reference": lambda a, b, backend: F.multisoftclip(
                 [a, b], temperature=t, backend=backend, reduction="none", convention="reference"),
+            "multisoftclip": lambda a, b, backend: F.multisoftclip([a, b], temperature=t, backend=backend, reduction="none"),
         }
         for name, fn in cases.items():
             errors[f"{name} t={t}"] = relative_errors(fn, z, w)

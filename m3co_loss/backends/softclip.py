@@ -134,11 +134,12 @@ class SoftClip(torch.autograd.Function):
         if g is None:
             return None, None, None, None, None, None
         a, b, *stats = ctx.saved_tensors
+        need_a, need_b, need_t, need_tt, _, _ = ctx.needs_input_grad
         da, db, dt, dtt = softclip_backward(
-            a, b, SoftClipStats(*stats), ctx.config, ctx.t, ctx.target_t, ctx.coef, g,
-            detach_targets=ctx.detach_targets, shared=ctx.shared, need_t=ctx.needs_input_grad[2], need_tt=ctx.needs_input_grad[3],
+            a, b, SoftClipStats(*stats), ctx.config, ctx.t, ctx.target_t, ctx.coef, g.contiguous(),
+            detach_targets=ctx.detach_targets, shared=ctx.shared, need_t=need_t, need_tt=need_tt,
         )
-        return da, db, dt, dtt
+        return (da if need_a else None), (db if need_b else None), (dt if need_t else None), (dtt if need_tt else None), None, None
 
 
 class SoftClipStats(NamedTuple):
@@ -505,10 +506,14 @@ def soft_clip(
 ) -> Tensor:
     """The fused per-sample MultiSClip vector of both directions of a pair (``target_t`` None: ``t``).
 
-    The custom operator ``m3co_loss::softclip`` (the computation of :class:`SoftClip`), which
-    ``torch.compile`` keeps in its graph.
+    In eager mode :class:`SoftClip`; under ``torch.compile`` the custom operator
+    ``m3co_loss::softclip``, the same computation, which the compiler keeps in its graph (the first
+    eager call of a custom operator with an autograd formula imports ``torch._dynamo``: about
+    150 MiB of memory that an eager training loop need not hold).
     """
     target_t = t if target_t is None else target_t
+    if not torch.compiler.is_compiling():
+        return SoftClip.apply(a, b, t, target_t, coefficients, detach_targets)  # type: ignore[no-any-return, no-untyped-call]
     # one tensor in both places: its gradient is the sum of both parts, taken in one piece
     shared = isinstance(t, Tensor) and target_t is t
     v: Tensor = _softclip_op(a, b, *split_temperature(t), *split_temperature(target_t), [float(x) for x in coefficients], detach_targets, shared)[0]

@@ -166,6 +166,26 @@ def test_importing_the_package_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_eager_kernels_do_not_import_the_compiler():
+    """Eager calls of the tiled kernels (the fused MultiSClip kernel included) go through autograd
+    functions: the first eager call of a custom operator would import ``torch._dynamo`` (about
+    150 MiB of resident memory)."""
+    code = """
+import sys, torch
+from m3co_loss import backends, functional as F
+z = [torch.randn(40, 8, requires_grad=True) for _ in range(2)]
+t = torch.tensor(0.1, requires_grad=True)
+with backends.config(tile_rows=16, tile_cols=16, tile_square=16):
+    for temperature in (0.1, t):
+        F.multisoftclip(z, temperature=temperature, backend="tiled").backward()
+        F.multisoftclip(z, temperature=temperature, convention="reference", backend="tiled").backward()
+        F.clip_loss(*z, temperature=temperature, backend="tiled").backward()
+        F.m3co_pair(z[0], z[1], torch.randperm(40), torch.rand(40), temperature=temperature, backend="tiled").backward()
+assert "torch._dynamo" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_every_backend_module_provides_the_interface():
     for module in (backends.dense, backends.tiled, backends.triton):
         for name in ("m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"):

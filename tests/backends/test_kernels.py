@@ -293,6 +293,16 @@ def test_auto_picks_dense_for_small_and_tiled_for_large_batches_on_cpu():
         backends.choose_backend("fast", 4, 4, cpu)
 
 
+def test_auto_picks_tiled_not_triton_on_cuda(monkeypatch):
+    """Triton is chosen only when asked for, also where it could run (measured slower on a GPU)."""
+    monkeypatch.setattr(backends, "available", lambda backend, device=None: True)
+    cuda = torch.device("cuda")
+    large = backends.get_config().auto_tiled_min_n
+    assert backends.choose_backend("auto", large, large, cuda) == "tiled"
+    assert backends.choose_backend("auto", large - 1, large - 1, cuda) == "dense"
+    assert backends.choose_backend("triton", large, large, cuda) == "triton"
+
+
 def test_triton_on_cpu_is_refused_with_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton'"):

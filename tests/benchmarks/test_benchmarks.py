@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_kernels.py"
@@ -199,7 +200,7 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     for step in ("setup", "tests", "kernels", "peers"):
         assert f"| {step} | ok |" in summary
     assert "--no-deps" in (out / "setup.log").read_text()
-    for stem in ("kernels_cpu", "kernels_cpu_bfloat16", "peers_cpu"):
+    for stem in ("kernels_cpu", "kernels_cpu_bfloat16", "kernels_cpu_bfloat16_tiles", "peers_cpu"):
         assert json.loads((out / f"{stem}.json").read_text())["results"], stem
     assert json.loads((out / "kernels_cpu_bfloat16.json").read_text())["meta"]["dtype"] == "bfloat16"
     assert "## CLIP loss against the peer libraries" in summary
@@ -217,6 +218,19 @@ def test_gpu_check_refuses_bad_options_before_any_work(tmp_path, args, message):
                           text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "summary.md").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_triton_tuning_needs_cuda_and_reports_stored_runs(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_triton.py"), "--out-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "tune_triton.py needs a CUDA device" in result.stderr
+    stored = tmp_path / "run.json"
+    shutil.copy(ROOT / "benchmarks" / "results" / "tune_triton_h200_bfloat16.json", stored)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_triton.py"), "--report", str(stored)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (tmp_path / "run.md").read_text() and (tmp_path / "run.rst").read_text().startswith(".. list-table::")
 
 
 def test_tiled_profile_writes_its_table(tmp_path):

@@ -236,3 +236,19 @@ def test_quoted_tiled_profile_is_the_stored_run():
     assert r["ratios"] == pytest.approx(ratios, rel=1e-12)
     low, median, high = profile_tiled.quartiles(ratios)
     assert f"tiled / floor {median:.2f} [{low:.2f}, {high:.2f}]" in " ".join(BENCHMARKS.split())
+
+
+def test_triton_tuning_table_is_the_stored_run():
+    import tune_triton
+
+    data = load(BENCH_RESULTS / "tune_triton_h200_bfloat16.json")
+    assert tune_triton.report(data) == (BENCH_RESULTS / "tune_triton_h200_bfloat16.md").read_text()
+    assert tune_triton.report_rst(data) == (BENCH_RESULTS / "tune_triton_h200_bfloat16.rst").read_text()
+    assert ".. include:: ../benchmarks/results/tune_triton_h200_bfloat16.rst" in BENCHMARKS
+    medians = sorted(row["m3co_pair"]["median_s"] for row in data["results"] if "median_s" in row["m3co_pair"])
+    default = next(row["m3co_pair"]["median_s"] for row in data["results"] if row["default"])
+    floor = data["floor_s"]["m3co_pair"]
+    assert "took 0.48-1.17 s" in (ROOT / "docs" / "kernels.rst").read_text()
+    assert (f"{medians[0]:.2f}", f"{medians[-1]:.2f}", f"{default:.2f}") == ("0.48", "1.17", "0.68")
+    assert (round(medians[0] / floor), round(medians[-1] / floor), f"{1e3 * floor:.1f}") == (72, 176, "6.6")
+    assert "The best took 0.48 s" in BENCHMARKS and "the default blocks 0.68 s" in BENCHMARKS
