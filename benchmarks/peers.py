@@ -56,7 +56,7 @@ IMPLS = {
     impl.name: impl
     for impl in (
         Impl("auto", "m3co-loss auto", "ours", True, 2, None, False, None,
-             "clip_loss(backend='auto'): the dense path below 2048 columns, the tiled one above (triton on CUDA)."),
+             "clip_loss(backend='auto'): the dense path below 2048 columns, the tiled one above (on CPU and CUDA)."),
         Impl("dense", "m3co-loss dense", "ours", True, 2, 24, False, None, "clip_loss(backend='dense')."),
         Impl("tiled", "m3co-loss tiled", "ours", True, 2, None, False, None, "clip_loss(backend='tiled')."),
         Impl("open_clip", "open_clip ClipLoss", "peer", True, 2, 24, False, "open-clip-torch",

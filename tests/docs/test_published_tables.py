@@ -252,3 +252,23 @@ def test_triton_tuning_table_is_the_stored_run():
     assert (f"{medians[0]:.2f}", f"{medians[-1]:.2f}", f"{default:.2f}") == ("0.48", "1.17", "0.68")
     assert (round(medians[0] / floor), round(medians[-1] / floor), f"{1e3 * floor:.1f}") == (72, 176, "6.6")
     assert "The best took 0.48 s" in BENCHMARKS and "the default blocks 0.68 s" in BENCHMARKS
+
+
+def test_quoted_peer_figures_are_the_stored_rounds():
+    import statistics
+
+    text = " ".join(BENCHMARKS.split())
+    rows = {(row["n"], row["d"]): row for row in load(BENCH_RESULTS / "peers_cpu.json")["results"]}
+
+    def ratios(n, d):
+        row = rows[(n, d)]
+        time = statistics.median(row["ratios"]["open_clip"])
+        memory = row["impls"]["auto"]["extra_peak_bytes"] / row["impls"]["open_clip"]["extra_peak_bytes"]
+        return time, memory
+
+    small = sorted(f"{ratios(1024, d)[0]:.2f}" for d in (512, 768))
+    assert f"at :math:`N = 1024` ``auto`` took {small[0]}-{small[1]} of open_clip's time" in text
+    for (n, d), words in (((8192, 512), "{:.2f} of its time and {:.2f} of its extra memory"), ((16384, 512), "{:.2f} and {:.2f} (met)"),
+                          ((8192, 768), "{:.2f} and {:.2f} (not met")):
+        time, memory = ratios(n, d)
+        assert words.format(time, memory) in text, (n, d, time, memory)
