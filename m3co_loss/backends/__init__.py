@@ -85,9 +85,8 @@ def choose_backend(backend: str, n_rows: int, n_cols: int, device: torch.device)
 
     ``"auto"``: ``"dense"`` below :attr:`BackendConfig.auto_tiled_min_n` columns (the N x N
     matrices are small and one large matrix product is fastest), ``"tiled"`` from there on, on
-    every device. ``"triton"`` runs only when asked for: on an NVIDIA H200 its kernels took
-    about seven times as long as the tiled backend's (N = 16384, D = 256, float32), so it is not
-    the default on CUDA.
+    every device. ``"triton"`` runs only when asked for: its kernels are exact but, measured on a
+    GPU, far from their matrix products' speed (docs page ``kernels``, "Triton").
 
     Args:
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import json
 import operator
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -345,11 +340,9 @@ def test_triton_kernels_compile_to_one_graph_under_the_interpreter():
     """The Triton backend's custom operators under ``fullgraph=True`` (Triton's CPU interpreter, in a
     subprocess: the variable must be set before triton is imported); float32, same operations as
     eager mode, so the match is to the last bit in practice and asserted to float32 rounding."""
-    here = Path(__file__).resolve().parents[1]  # tests/, where triton_compile.py lives
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
-    proc = subprocess.run([sys.executable, str(here / "triton_compile.py")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    from check_scripts import run_check_script
+
+    results = run_check_script("triton_compile.py", timeout=600)
     assert len(results) == 6, results
     for case, (breaks, difference) in results.items():
         assert breaks == 0 and difference <= 1e-6, (case, breaks, difference)

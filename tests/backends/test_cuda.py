@@ -9,19 +9,14 @@ them on a GPU machine).
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from check_scripts import run_check_script
 from m3co_loss import M3CoLoss, backends
 from m3co_loss import functional as F
 
-HERE = Path(__file__).resolve().parents[1]  # tests/, where the Triton check scripts live
 
 pytestmark = pytest.mark.cuda
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -29,11 +24,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 def run_on_cuda(script: str, **extra_env: str):
     """One of the interpreter check scripts, compiled for the GPU instead: its JSON report."""
-    env = dict(os.environ, M3CO_TEST_DEVICE="cuda", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), **extra_env)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_check_script(script, device="cuda", **extra_env)
 
 
 @needs_triton

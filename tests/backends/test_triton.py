@@ -8,16 +8,12 @@ compilation is tested here.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parents[1]  # tests/, where triton_parity.py lives
+from check_scripts import run_check_script
+
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -36,10 +32,7 @@ def test_module_imports_and_reports_availability(monkeypatch):
 @needs_triton
 @pytest.mark.slow
 def test_triton_kernels_equal_dense_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    proc = subprocess.run([sys.executable, str(HERE / "triton_parity.py")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = run_check_script("triton_parity.py", timeout=600)
     assert len(errors) == 20, errors
     for case, error in errors.items():
         # float64 leaves the float32 kernels for the tiled path: float64 accuracy, not float32's
@@ -68,10 +61,7 @@ def test_triton_precisions_under_the_interpreter():
     the float64 reference; ``bf16``/``fp16`` run on CUDA only (the test below)."""
     from triton_precision import TOLERANCES
 
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    proc = subprocess.run([sys.executable, str(HERE / "triton_precision.py")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_check_script("triton_precision.py", timeout=600)
     assert set(results) == {"ieee", "tf32"}
     for precision, errors in results.items():
         assert len(errors) == 3 and max(errors.values()) <= TOLERANCES[precision], (precision, errors)

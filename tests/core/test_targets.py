@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,12 +13,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import literal
+from check_scripts import run_check_script
 import m3co_loss
 from m3co_loss import backends
 from m3co_loss import functional as F
 from strategies import make_target_case, target_cases, temperatures
 
-HERE = Path(__file__).resolve().parents[1]  # tests/, where triton_parity.py lives
+HERE = Path(__file__).resolve().parents[1]  # tests/
 CONVENTIONS = ["paper", "reference"]
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -392,8 +389,5 @@ def test_docs_temperature_recipe_runs_and_learns(capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_interpreter_equals_dense_and_tiled():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    proc = subprocess.run([sys.executable, str(HERE / "targets_triton.py")], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_check_script("targets_triton.py")
     assert report["examples"] >= 8 and report["max_error"] < 2e-5, report
