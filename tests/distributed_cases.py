@@ -353,6 +353,50 @@ def _error_cases(rank: int, world: int) -> dict:
     return out
 
 
+COMPILED_SIZES = {2: (5, 2), 3: (4, 1, 0)}
+
+
+def _compiled_cases(rank: int, world: int) -> dict:
+    """Each loss under ``torch.compile`` (aot_eager, value checks off) on uneven ranks.
+
+    Returns {(loss, backend): (where the graph breaks, as "file:function" sorted, largest
+    difference from eager in loss and gradients)}.
+    """
+    sizes = COMPILED_SIZES[world]
+    start = sum(sizes[:rank])
+    g = torch.Generator().manual_seed(SEED + 1)
+    full = [torch.randn(sum(sizes), DIM, generator=g, dtype=torch.float64) for _ in range(2)]
+    local = [z[start:start + sizes[rank]] for z in full]
+    perm = torch.arange(sizes[rank]).roll(1)
+    lam = torch.linspace(0.2, 0.9, sizes[rank], dtype=torch.float64)
+    losses: dict[str, Callable[..., torch.Tensor]] = {
+        "clip_loss": lambda a, b, backend: F.clip_loss(a, b, gather_distributed=True, backend=backend),
+        "m3co_pair": lambda a, b, backend: F.m3co_pair(a, b, perm, lam, gather_distributed=True, backend=backend),
+        "multisoftclip": lambda a, b, backend: F.multisoftclip([a, b], gather_distributed=True, backend=backend),
+    }
+
+    def value_and_grads(fn: Callable[..., torch.Tensor]) -> tuple:
+        a, b = (z.detach().requires_grad_() for z in local)
+        value = fn(a, b)
+        return (value.detach(), *torch.autograd.grad(value, (a, b)))
+
+    out = {}
+    m3co_loss.set_value_checks(False)
+    try:
+        for name, loss in losses.items():
+            for backend in ("dense", "tiled"):
+                fn = functools.partial(loss, backend=backend)
+                explained = torch._dynamo.explain(fn)(*local)
+                breaks = sorted({f"{os.path.basename(r.user_stack[-1].filename)}:{r.user_stack[-1].name}" for r in explained.break_reasons})
+                torch._dynamo.reset()
+                eager, traced = value_and_grads(fn), value_and_grads(torch.compile(fn, backend="aot_eager"))
+                torch._dynamo.reset()
+                out[(name, backend)] = (breaks, max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(traced, eager)))
+    finally:
+        m3co_loss.set_value_checks(True)
+    return out
+
+
 def rank_main(rank: int, world: int, store_path: str, out_dir: str) -> None:
     """Entry point of one spawned rank: every scenario, case, backend and reduction."""
     import torch.distributed as dist
@@ -378,6 +422,7 @@ def rank_main(rank: int, world: int, store_path: str, out_dir: str) -> None:
                     results["variants"][key] = traceback.format_exc()
                     raise
         results["errors"] = _error_cases(rank, world)
+        results["compiled"] = _compiled_cases(rank, world)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

@@ -109,6 +109,18 @@ def test_inconsistent_inputs_raise_the_same_clear_error_on_every_rank(ranks_outp
         assert errors["negative label"] == f"ValueError: labels on rank {last} must be non-negative class indices; got -1", (r, errors)
 
 
+@pytest.mark.parametrize("world", WORLDS)
+def test_compiled_losses_break_the_graph_only_to_gather_row_counts(ranks_output, world):
+    """Under ``torch.compile`` a gathered loss breaks the graph only where it gathers the ranks'
+    row counts (they fix the gathered shapes); the values and gradients equal eager mode."""
+    for r, saved in enumerate(ranks_output[world]):
+        compiled = saved["compiled"]
+        assert len(compiled) == 6, (r, compiled)
+        for (name, backend), (breaks, difference) in compiled.items():
+            assert breaks == ["distributed.py:all_gather_ints"], (r, name, backend, breaks)
+            assert difference < 1e-12, (r, name, backend, difference)
+
+
 # ----------------------------------------------------------------------------- no process group
 
 
