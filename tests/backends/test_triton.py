@@ -41,18 +41,26 @@ def test_triton_kernels_equal_dense_under_the_interpreter():
 
 @pytest.mark.cuda
 @needs_triton
-@pytest.mark.xfail(strict=False, reason="on an NVIDIA H200 (torch 2.11, Triton 3.6) multisoftclip on Triton differed from dense by 0.6 % "
-                   "here (default blocks, N = 300, D = 96), while the parity and precision checks passed; cause not found yet")
-def test_triton_on_cuda_matches_dense():  # runs only where a CUDA device is present
+@pytest.mark.xfail(strict=False, reason="on an NVIDIA H200 (torch 2.11, Triton 3.6) multisoftclip gave 12.4157 on Triton and 12.4947 on "
+                   "dense in float32 (default blocks, N = 300, D = 96), while the parity and precision checks passed; "
+                   "neither value was compared with float64 there, so which one is off is not known yet")
+@pytest.mark.parametrize("case", ["multisoftclip", "m3co_pair"])
+def test_triton_on_cuda_matches_float64(case):  # runs only where a CUDA device is present
+    """Default blocks on ragged sizes (N = 300, D = 96): float32 dense and Triton both within 1e-5
+    of float64 dense on the same device (the message names the one that is not)."""
     from m3co_loss import functional as F
 
     g = torch.Generator().manual_seed(0)
     z = [torch.randn(300, 96, generator=g).cuda() for _ in range(2)]
-    for fn in (
-        lambda a, b, backend: F.multisoftclip([a, b], backend=backend),
-        lambda a, b, backend: F.m3co_pair(a, b, torch.arange(300, device="cuda").roll(1), torch.rand(300, device="cuda"), backend=backend),
-    ):
-        torch.testing.assert_close(fn(*z, backend="triton"), fn(*z, backend="dense"), rtol=1e-5, atol=1e-5)
+    perm, lam = torch.arange(300, device="cuda").roll(1), torch.linspace(0, 1, 300, device="cuda")
+    fn = {
+        "multisoftclip": lambda a, b, backend: F.multisoftclip([a, b], backend=backend),
+        "m3co_pair": lambda a, b, backend: F.m3co_pair(a, b, perm, lam, backend=backend),
+    }[case]
+    want = fn(*(x.double() for x in z), backend="dense")
+    got = {backend: fn(*z, backend=backend).double() for backend in ("dense", "triton")}
+    errors = {backend: float((v - want).abs() / want.abs()) for backend, v in got.items()}
+    assert max(errors.values()) < 1e-5, (float(want), {b: float(v) for b, v in got.items()}, errors)
 
 
 @needs_triton
