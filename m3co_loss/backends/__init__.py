@@ -108,12 +108,12 @@ def choose_backend(backend: str, n_rows: int, n_cols: int, device: torch.device)
 
 
 def _implementation(backend: str, rows: Rows) -> Backend:
-    """The module of the backend chosen for ``rows`` (Triton computes in float32 only: other dtypes run tiled)."""
+    """The backend chosen for ``rows`` (Triton computes in float32 only: other dtypes run tiled)."""
     chosen = choose_backend(backend, rows.local.shape[0], rows.full.shape[0], rows.local.device)
     if chosen == "dense":
         return dense
     if chosen == "triton" and rows.local.dtype == torch.float32:
-        return triton
+        return triton.backend_for(rows.source_dtype)
     return tiled
 
 
@@ -187,11 +187,7 @@ def multisoftclip_pairs(
     """
     impl = _implementation(backend, rows[0])
     if not distributed:
-        # the Triton kernels choose their products' precision from the inputs' dtype
-        extra = {"source_dtype": rows[0].source_dtype} if impl is triton else {}
-        return impl.multisoftclip_pairs(
-            [r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets, **extra
-        )
+        return impl.multisoftclip_pairs([r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
     if gather is None:
         raise ValueError("gather is needed with distributed=True: it concatenates per-row vectors over the process group")
     vector = impl.multisoftclip_vector

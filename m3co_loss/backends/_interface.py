@@ -1,7 +1,9 @@
 """What every backend module provides to :mod:`m3co_loss.functional`: the per-sample loss vectors.
 
-A backend (:mod:`~m3co_loss.backends.dense`, :mod:`~m3co_loss.backends.tiled`,
-:mod:`~m3co_loss.backends.triton`) is a module with the four functions of :class:`Backend`.
+A backend provides the four functions of :class:`Backend`: the modules
+:mod:`~m3co_loss.backends.dense` and :mod:`~m3co_loss.backends.tiled`, and for the Triton kernels
+the :class:`~m3co_loss.backends.tiled.StreamingBackend` that
+:func:`m3co_loss.backends.triton.backend_for` returns for the inputs' dtype.
 Each takes L2-normalised embeddings and the temperature ``t`` (a float, or a 0-dim tensor of the
 embeddings' dtype and device that may require grad) and returns the vector ``v`` of
 per-sample losses of this process's rows (its mean is the ``"mean"`` loss on one process).
@@ -42,7 +44,7 @@ class Rows(NamedTuple):
 
 
 class Backend(Protocol):
-    """The per-sample loss vectors a backend computes (every backend module is one)."""
+    """The per-sample loss vectors a backend computes."""
 
     def m3co_vector(self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
         """M3Co L3(a -> b) of the local mixed rows ``a`` against the clean ``b`` (``reference`` halves it)."""

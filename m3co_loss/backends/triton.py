@@ -41,14 +41,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._config import BackendConfig, get_config
 from ._tiling import decode_config, encode_config, fake_config, first_order_only, join_temperature, split_temperature, temperature_grad
-from ._interface import PairWeights, Rows, Temperature
+from ._interface import Temperature
 from ._streaming import StreamingBackend
 
 __all__ = [
@@ -56,11 +56,7 @@ __all__ = [
     "SoftTargetSum",
     "logsumexp",
     "soft_target_sum",
-    "m3co_vector",
-    "clip_vector",
-    "multisoftclip_vector",
-    "multisoftclip_pair_vector",
-    "multisoftclip_pairs",
+    "backend_for",
 ]
 
 
@@ -390,65 +386,10 @@ _BACKENDS = {
 }
 
 
-def _backend(source_dtype: Optional[torch.dtype]) -> StreamingBackend:
+def backend_for(source_dtype: Optional[torch.dtype]) -> StreamingBackend:
+    """The Triton backend for embeddings given in ``source_dtype`` (see :attr:`~m3co_loss.backends.Rows.source_dtype`).
+
+    Under ``precision="auto"`` half-precision inputs multiply in their own precision, so each
+    precision hint has its own :class:`StreamingBackend` over the same kernels.
+    """
     return _BACKENDS[_hint(source_dtype)]
-
-
-# The backend interface as plain functions.
-
-
-def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
-    """Per-sample M3Co L3(a -> b) of the local mixed rows (Triton kernels; see :meth:`StreamingBackend.m3co_vector`)."""
-    return _backend(a.source_dtype).m3co_vector(a, b, perm, lam, t, reference=reference, distributed=distributed)
-
-
-def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
-    """Per-sample symmetric InfoNCE of the local rows (Triton kernels)."""
-    return _backend(a.source_dtype).clip_vector(a, b, t, distributed=distributed)
-
-
-def multisoftclip_vector(
-    a: Rows,
-    b: Rows,
-    t: Temperature,
-    *,
-    reference: bool,
-    gather: Callable[[Tensor], Tensor],
-    distributed: bool = False,
-    target_t: Optional[Temperature] = None,
-    detach_targets: bool = False,
-) -> Tensor:
-    """Per-sample MultiSClip Ls(a; a, b) of the local rows, targets from a (Triton kernels)."""
-    return _backend(a.source_dtype).multisoftclip_vector(
-        a, b, t, reference=reference, gather=gather, distributed=distributed, target_t=target_t, detach_targets=detach_targets
-    )
-
-
-def multisoftclip_pair_vector(
-    a: Tensor,
-    b: Tensor,
-    t: Temperature,
-    weight_a: float,
-    weight_b: float,
-    *,
-    reference: bool,
-    target_t: Optional[Temperature] = None,
-    detach_targets: bool = False,
-    source_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
-    """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels; ``source_dtype`` as in :class:`Rows`)."""
-    return _backend(source_dtype).multisoftclip_pair_vector(a, b, t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
-
-
-def multisoftclip_pairs(
-    p: Sequence[Tensor],
-    weights: PairWeights,
-    t: Temperature,
-    *,
-    reference: bool,
-    target_t: Optional[Temperature] = None,
-    detach_targets: bool = False,
-    source_dtype: Optional[torch.dtype] = None,
-) -> Tensor:
-    """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` on one process (Triton kernels)."""
-    return _backend(source_dtype).multisoftclip_pairs(p, weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
