@@ -34,7 +34,7 @@ Tile sizes (``tile_square``) and the CPU worker threads are read from
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -335,38 +335,49 @@ def softclip_backward(
         scratch, da, db, da_s = state  # da_s: dS B / t (da itself unless split)
         for rows, cols, diag in my_tasks:
             h, w = span(rows), span(cols)
+
+            def at_rows(v: Tensor) -> Tensor:
+                return v[rows, None]
+
+            def at_cols(v: Tensor) -> Tensor:
+                return v[None, cols]
+
+            def target_grad(left: Tensor, right: Tensor, x: Tensor, z: Tensor, hx: Tensor, hz: Tensor, wx: float, wz: float, e: Tensor, slot: int) -> Tensor:
+                """(dG + dG^T) / target_t of one target modality on the tile (``e``: its E tile); ``x``, ``z``: the tiles
+                of S - 1/t (one of them transposed) that the coefficients ``wx`` and ``wz`` weight."""
+                out = torch.mm(left[rows], right[cols].T, out=scratch(slot, h, w))
+                if wx:
+                    out.addcmul_(x, at_rows(hx), value=-1).addcmul_(z, at_cols(hx), value=-1)
+                if wz:
+                    out.addcmul_(x, at_cols(hz), value=-1).addcmul_(z, at_rows(hz), value=-1)
+                return out.mul_(e)
+
+            def score_grad(e: Tensor, at_i: Callable[[Tensor], Tensor], at_k: Callable[[Tensor], Tensor]) -> Tensor:
+                """dS_ik on the tile whose entries are e = exp(S_ik - 1/t), i and k placed by at_i and at_k (P, Q symmetric)."""
+                out = e.mul_(torch.add(at_i(alpha), at_k(beta), out=scratch(6, h, w)))
+                if use_a:
+                    if coef.xa:
+                        out.addcmul_(p, at_k(xga), value=-1)
+                    if coef.za:
+                        out.addcmul_(p, at_i(zga), value=-1)
+                if use_b:
+                    if coef.zb:
+                        out.addcmul_(q, at_k(zgb), value=-1)
+                    if coef.xb:
+                        out.addcmul_(q, at_i(xgb), value=-1)
+                return out
+
             s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
             u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
             if use_a:
                 p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
             if hold_a:
-                ha = torch.mm(left_a[rows], right_a[cols].T, out=scratch(4, h, w))
-                if coef.xa:
-                    ha.addcmul_(u, hxa[rows, None], value=-1).addcmul_(s, hxa[None, cols], value=-1)
-                if coef.za:
-                    ha.addcmul_(u, hza[None, cols], value=-1).addcmul_(s, hza[rows, None], value=-1)
-                ha.mul_(p)
+                ha = target_grad(left_a, right_a, u, s, hxa, hza, coef.xa, coef.za, p, 4)
             if use_b:
                 q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
             if hold_b:
-                hb = torch.mm(left_b[rows], right_b[cols].T, out=scratch(5, h, w))
-                if coef.xb:
-                    hb.addcmul_(s, hxb[rows, None], value=-1).addcmul_(u, hxb[None, cols], value=-1)
-                if coef.zb:
-                    hb.addcmul_(s, hzb[None, cols], value=-1).addcmul_(u, hzb[rows, None], value=-1)
-                hb.mul_(q)
-            # dS on block (I, K)
-            ds = s.exp_().mul_(torch.add(alpha[rows, None], beta[None, cols], out=scratch(6, h, w)))
-            if use_a:
-                if coef.xa:
-                    ds.addcmul_(p, xga[None, cols], value=-1)
-                if coef.za:
-                    ds.addcmul_(p, zga[rows, None], value=-1)
-            if use_b:
-                if coef.zb:
-                    ds.addcmul_(q, zgb[None, cols], value=-1)
-                if coef.xb:
-                    ds.addcmul_(q, xgb[rows, None], value=-1)
+                hb = target_grad(left_b, right_b, s, u, hxb, hzb, coef.xb, coef.zb, q, 5)
+            ds = score_grad(s.exp_(), at_rows, at_cols)  # block (I, K)
             da_s[rows].addmm_(ds, b[cols])
             db[cols].addmm_(ds.T, a[rows])
             if hold_a:
@@ -375,18 +386,7 @@ def softclip_backward(
                 db[rows].addmm_(hb, b[cols])
             if diag:
                 continue
-            # dS on block (K, I), held transposed like U
-            du = u.exp_().mul_(torch.add(beta[rows, None], alpha[None, cols], out=scratch(6, h, w)))
-            if use_a:
-                if coef.xa:
-                    du.addcmul_(p, xga[rows, None], value=-1)
-                if coef.za:
-                    du.addcmul_(p, zga[None, cols], value=-1)
-            if use_b:
-                if coef.zb:
-                    du.addcmul_(q, zgb[rows, None], value=-1)
-                if coef.xb:
-                    du.addcmul_(q, xgb[None, cols], value=-1)
+            du = score_grad(u.exp_(), at_cols, at_rows)  # block (K, I), held transposed like U
             da_s[cols].addmm_(du.T, b[rows])
             db[rows].addmm_(du, a[cols])
             if hold_a:
