@@ -149,3 +149,30 @@ def target_cases(draw, *, forms=("partners", "labels", "uniform", "identity"), m
         draw(st.integers(0, 2**31 - 1)),
         dtype=dtype,
     )
+
+
+def tiles(rows: int, cols: int, square: int):
+    """The tiled backend's tile sizes for a ``with`` block."""
+    from m3co_loss import backends
+
+    return backends.config(tile_rows=rows, tile_cols=cols, tile_square=square)
+
+
+# smaller than, equal to, larger than N and not dividing it; and the defaults
+tile_sizes = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)) | st.just((512, 2048, 1024))
+
+
+@st.composite
+def batches(draw, *, modalities=2, min_n=2, max_n=24, max_d=7):
+    """Embeddings (float32 or float64), permutations, mixing weights and a non-uniform upstream gradient."""
+    n = draw(st.integers(min_n, max_n))
+    d = draw(st.integers(1, max_d))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    z = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(modalities)]
+    if draw(st.booleans()):  # near-duplicate rows: soft targets far from the identity
+        z = [x[torch.randint(0, max(1, n // 2), (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64) for x in z]
+    perms = [permutation(n, draw(st.sampled_from(["identity", "random", "fixed_points"])), g) for _ in range(modalities)]
+    lam = mixing_weights(n, draw(st.sampled_from(["zeros", "ones", "uniform", "edges"])), g, torch.float64)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+    return dict(z=[x.to(dtype) for x in z], perms=perms, lam=lam.to(dtype), weights=weights.to(dtype), dtype=dtype)

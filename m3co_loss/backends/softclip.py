@@ -104,6 +104,11 @@ def _accumulate_products(acc: Tensor, rows: slice, cols: slice, diag: bool, e: T
         acc[cols].addmv_(torch.mul(e, y, out=tmp).T, ones[: e.shape[0]])
 
 
+def _one_tensor(t: Temperature, target_t: Temperature) -> bool:
+    """Whether both temperatures are one tensor: its gradient is then the sum of both parts, taken in one piece."""
+    return isinstance(t, Tensor) and target_t is t
+
+
 class SoftClip(torch.autograd.Function):
     r"""Fused single-process MultiSClip vector of both directions of a pair (see the module docstring).
 
@@ -123,8 +128,7 @@ class SoftClip(torch.autograd.Function):
         v, stats, config = softclip_forward(a, b, t, target_t, coef)
         ctx.save_for_backward(a, b, *stats)
         ctx.t, ctx.target_t, ctx.coef, ctx.config, ctx.detach_targets = host_value(t), host_value(target_t), coef, config, detach_targets
-        # one tensor in both places: its gradient is the sum of both parts, taken in one piece
-        ctx.shared = isinstance(t, Tensor) and target_t is t
+        ctx.shared = _one_tensor(t, target_t)
         return v
 
     @staticmethod
@@ -514,7 +518,6 @@ def soft_clip(
     target_t = t if target_t is None else target_t
     if not torch.compiler.is_compiling():
         return SoftClip.apply(a, b, t, target_t, coefficients, detach_targets)  # type: ignore[no-any-return, no-untyped-call]
-    # one tensor in both places: its gradient is the sum of both parts, taken in one piece
-    shared = isinstance(t, Tensor) and target_t is t
+    shared = _one_tensor(t, target_t)
     v: Tensor = _softclip_op(a, b, *split_temperature(t), *split_temperature(target_t), [float(x) for x in coefficients], detach_targets, shared)[0]
     return v

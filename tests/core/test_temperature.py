@@ -26,7 +26,7 @@ import m3co_loss
 from m3co_loss import backends
 from m3co_loss import functional as F
 from m3co_loss.backends import _streaming, _tiling, softclip, tiled
-from test_kernels import batches, tile_sizes, tiles
+from strategies import batches, tile_sizes, tiles
 
 CONVENTIONS = ["paper", "reference"]
 
@@ -115,7 +115,7 @@ def test_detached_targets_are_constants(convention, t0, target, small_tiles):
             return 0.5 * (c + r - (soft * s.T).sum(1) - (soft * s).sum(1))
         return c + (soft * (r[None, :] - 2 * s.T)).sum(1)
 
-    expected = values_and_grads(reference, z, t0)
+    expected = values_and_grads(reference, z, t0, w)
     for backend in ("dense", "tiled"):
         got = values_and_grads(
             lambda a, b, t: F.multisoftclip_pair(
@@ -123,11 +123,12 @@ def test_detached_targets_are_constants(convention, t0, target, small_tiles):
             ),
             z,
             t0,
+            w,
         )
         for x, y in zip(got, expected):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
     # the same values as the paper's loss, whose targets carry gradient, but other gradients
-    live = values_and_grads(lambda a, b, t: F.multisoftclip_pair(a, b, temperature=t, target_temperature=target, convention=convention, reduction="none"), z, t0)
+    live = values_and_grads(lambda a, b, t: F.multisoftclip_pair(a, b, temperature=t, target_temperature=target, convention=convention, reduction="none"), z, t0, w)
     torch.testing.assert_close(live[0], expected[0], rtol=1e-12, atol=1e-12)
     if (target or t0) > 0.01:  # below, the soft targets are one-hot and carry no gradient anyway
         assert not torch.allclose(live[1], expected[1])
