@@ -130,6 +130,7 @@ def _replace(options: dict[str, object]) -> BackendConfig:
 
 
 def _given(**options: object) -> dict[str, object]:
+    """The options given a value (not None)."""
     return {name: value for name, value in options.items() if value is not None}
 
 
@@ -174,21 +175,7 @@ def set_config(
         256
         >>> _ = backends.set_config(tile_rows=previous.tile_rows, tile_cols=previous.tile_cols)
     """
-    return _replace(
-        _given(
-            tile_rows=tile_rows,
-            tile_cols=tile_cols,
-            tile_square=tile_square,
-            parallel_workers=parallel_workers,
-            auto_tiled_min_n=auto_tiled_min_n,
-            triton_block_m=triton_block_m,
-            triton_block_n=triton_block_n,
-            triton_block_d=triton_block_d,
-            triton_num_warps=triton_num_warps,
-            triton_num_stages=triton_num_stages,
-            precision=precision,
-        )
-    )
+    return _replace(_given(**locals()))  # every argument is an option
 
 
 @contextlib.contextmanager
@@ -218,19 +205,7 @@ def config(
         >>> with backends.config(tile_rows=16, tile_cols=16, tile_square=16):
         ...     loss = F.multisoftclip(z, backend="tiled")
     """
-    options = _given(
-        tile_rows=tile_rows,
-        tile_cols=tile_cols,
-        tile_square=tile_square,
-        parallel_workers=parallel_workers,
-        auto_tiled_min_n=auto_tiled_min_n,
-        triton_block_m=triton_block_m,
-        triton_block_n=triton_block_n,
-        triton_block_d=triton_block_d,
-        triton_num_warps=triton_num_warps,
-        triton_num_stages=triton_num_stages,
-        precision=precision,
-    )
+    options = _given(**locals())  # every argument is an option
     previous = _replace(options)
     try:
         yield _current

@@ -279,3 +279,14 @@ def test_triton_kernels_forward_to_the_triton_backend():
     assert backends.get_config().triton_block_m == 16
     with pytest.warns(DeprecationWarning):
         assert triton_kernels.BLOCK_M == 16
+
+
+def test_set_config_and_config_take_every_option_and_only_those():
+    import dataclasses
+    import inspect
+
+    options = [field.name for field in dataclasses.fields(backends.BackendConfig)]
+    for fn in (backends.set_config, backends.config):
+        assert list(inspect.signature(fn).parameters) == options, fn.__name__
+    with backends.config(**dataclasses.asdict(backends.get_config())) as current:
+        assert current == backends.get_config()
