@@ -283,7 +283,6 @@ def test_triton_kernels_forward_to_the_triton_backend():
 
 
 def test_set_config_and_config_take_every_option_and_only_those():
-
     options = [field.name for field in dataclasses.fields(backends.BackendConfig)]
     for fn in (backends.set_config, backends.config):
         assert list(inspect.signature(fn).parameters) == options, fn.__name__
