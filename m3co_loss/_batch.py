@@ -11,10 +11,9 @@ dtype and device (:func:`_temperatures`), normalise and gather the embeddings
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, ContextManager, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed as dist_utils
@@ -52,7 +51,47 @@ def normalize(z: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         extreme = (peak > _NORM_SAFE_MAX) | ((peak < _NORM_SAFE_MIN) & (peak > 0))
         if not value_checks_enabled() or bool(extreme.any()):
             z = z / torch.where(extreme, peak, torch.ones_like(peak))
-    return F.normalize(z, dim=-1, eps=1e-12)
+    unit: Tensor = _UnitRows.apply(z)  # type: ignore[no-untyped-call]
+    return unit
+
+
+_EPS = 1e-12  # F.normalize's: a row below this norm is divided by it (zero rows stay zero)
+_DOT_ROWS = 1024  # rows per chunk of the backward's row-wise dot products
+
+
+class _UnitRows(torch.autograd.Function):
+    """``F.normalize(z, dim=-1, eps=1e-12)`` (the same bits) with a backward pass that allocates only its result.
+
+    ``dz = (g - p <g, p>) / max(||z||, eps)`` row by row (the term in ``<g, p>`` vanishes where
+    the norm is clamped to eps). Autograd's formula for ``F.normalize`` holds three N x D
+    temporaries at once, the largest share of the backward's peak memory at large N x D. Under
+    ``create_graph=True`` or ``torch.compile`` the backward is the same formula in plain
+    differentiable ops (so the dense backend's second derivatives stay exact).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> Tensor:
+        norm: Tensor = z.norm(2, -1, keepdim=True)
+        p = z / norm.clamp_min(_EPS).expand_as(z)
+        ctx.save_for_backward(z, p, norm)
+        return p
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        z, p, norm = ctx.saved_tensors
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # from z, not the saved norm: second derivatives need the graph through the norm
+            length = z.norm(2, -1, keepdim=True)
+            denom = length.clamp_min(_EPS)
+            unit = z / denom
+            dz: Tensor = (g - unit * ((g * unit).sum(-1, keepdim=True) * (length >= _EPS))) / denom
+            return dz
+        dot = norm.new_empty(norm.shape)
+        for start in range(0, g.shape[0], _DOT_ROWS):
+            rows = slice(start, start + _DOT_ROWS)
+            torch.sum(g[rows] * p[rows], -1, keepdim=True, out=dot[rows])
+        dot.mul_(norm >= _EPS)
+        return torch.addcmul(g, p, dot, value=-1).div_(norm.clamp_min(_EPS))
 
 
 # Row peaks within which the squared norm of a float32 row of up to 2^40 entries is a normal number.

@@ -52,8 +52,7 @@ from ._tiling import (
     join_temperature,
     num_workers,
     run_tiles,
-    scaled,
-    shifter,
+    shifted_scores,
     span,
     split_temperature,
     temperature_grad,
@@ -159,16 +158,6 @@ class SoftClipStats(NamedTuple):
     omega_b: Tensor
 
 
-def _operands(a: Tensor, b: Tensor, ts: float, tt: float, coef: SoftClipCoefficients) -> Tuple[Tensor, ...]:
-    """``a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h``: the augmented operands of S (at ``t``) and of the targets (at ``target_t``)."""
-    a_s, a_h, b_s, b_h = scaled(a, ts), shifter(a, ts), scaled(b, ts), shifter(b, ts)
-    # the soft targets' operands: the same tensors (and bits) when both temperatures are equal
-    same = tt == ts
-    ta_s, ta_h = (a_s, a_h) if same or not coef.uses_a else (scaled(a, tt), shifter(a, tt))
-    tb_s, tb_h = (b_s, b_h) if same or not coef.uses_b else (scaled(b, tt), shifter(b, tt))
-    return a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h
-
-
 def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature, coef: SoftClipCoefficients) -> Tuple[Tensor, SoftClipStats, BackendConfig]:
     """The forward pass of :class:`SoftClip` on detached contiguous ``a``, ``b``: ``(v, statistics, config)``."""
     ts, tt = host_value(t), host_value(target_t)
@@ -178,7 +167,7 @@ def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature
     size = min(config.tile_square, n)
     use_a, use_b = coef.uses_a, coef.uses_b
     ones = a.new_ones(size)
-    a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h = _operands(a, b, ts, tt, coef)
+    inv_t, inv_tt = 1.0 / ts, 1.0 / tt
     tasks = list(block_pairs(n, size))
     workers = num_workers(a, len(tasks), config.parallel_workers)
 
@@ -192,11 +181,11 @@ def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature
         rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = sums
         for rows, cols, diag in my_tasks:
             h, w = span(rows), span(cols)
-            s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
-            u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+            s = shifted_scores(a[rows], b[cols], inv_t, scratch(0, h, w))  # S_ik - 1/t
+            u = shifted_scores(b[rows], a[cols], inv_t, scratch(1, h, w))  # S_ki - 1/t
             tmp = scratch(4, h, w)
             if use_a:
-                p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
+                p = shifted_scores(a[rows], a[cols], inv_tt, scratch(2, h, w)).exp_()
                 n_a[rows].addmv_(p, ones[:w])
                 if not diag:
                     n_a[cols].addmv_(p.T, ones[:h])
@@ -205,7 +194,7 @@ def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature
                 if coef.za:
                     _accumulate_products(t_a_s, rows, cols, diag, p, s, u, tmp, ones)
             if use_b:
-                q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
+                q = shifted_scores(b[rows], b[cols], inv_tt, scratch(3, h, w)).exp_()
                 n_b[rows].addmv_(q, ones[:w])
                 if not diag:
                     n_b[cols].addmv_(q.T, ones[:h])
@@ -229,11 +218,11 @@ def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature
     omega_a = omega_b = a.new_zeros(0)
     y_a, y_b = a.new_zeros(n), a.new_zeros(n)
     if coef.ka or coef.kb:
-        targets: List[Tuple[Tensor, Tensor, Tensor]] = []
+        targets: List[Tuple[Tensor, Tensor]] = []
         if coef.ka:
-            targets.append((torch.stack([r, n_a.reciprocal()], 1), ta_s, ta_h))
+            targets.append((torch.stack([r, n_a.reciprocal()], 1), a))
         if coef.kb:
-            targets.append((torch.stack([c, n_b.reciprocal()], 1), tb_s, tb_h))
+            targets.append((torch.stack([c, n_b.reciprocal()], 1), b))
 
         def setup_two() -> Tuple[Tensor, List[Tensor]]:
             return a.new_empty(size * size), [a.new_zeros(n, 2) for _ in targets]
@@ -242,8 +231,8 @@ def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature
             buf, out = state
             for rows, cols, diag in my_tasks:
                 h, w = span(rows), span(cols)
-                for acc, (values, x_s, x_h) in zip(out, targets):
-                    p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: h * w].view(h, w)).exp_()
+                for acc, (values, x) in zip(out, targets):
+                    p = shifted_scores(x[rows], x[cols], inv_tt, buf[: h * w].view(h, w)).exp_()
                     acc[rows].addmm_(p, values[cols])
                     if not diag:
                         acc[cols].addmm_(p.T, values[rows])
@@ -291,7 +280,7 @@ def softclip_backward(
     ``shared``: the two temperatures are one tensor (its gradient is returned as ``dt``).
     """
     r, c, n_a, n_b, y_a, y_b, omega_a, omega_b = stats
-    a_s, a_h, b_s, b_h, ta_s, ta_h, tb_s, tb_h = _operands(a, b, t, tt, coef)
+    inv_t, inv_tt = 1.0 / t, 1.0 / tt
     n = a.shape[0]
     size = min(config.tile_square, n)
     use_a, use_b = coef.uses_a, coef.uses_b
@@ -307,9 +296,9 @@ def softclip_backward(
     gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
     g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
     if coef.ka:  # sum_i g_i W^a_il
-        g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(ta_s, ta_h, gamma_a, size, tasks, workers))
+        g_row = g_row + coef.ka * (g[0] * omega_a if uniform else _weighted_column_sums(a, inv_tt, gamma_a, size, tasks, workers))
     if coef.kb:
-        g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(tb_s, tb_h, gamma_b, size, tasks, workers))
+        g_col = g_col + coef.kb * (g[0] * omega_b if uniform else _weighted_column_sums(b, inv_tt, gamma_b, size, tasks, workers))
     # Every tile below is a derivative with respect to S or G, and dA = dS B / t + H A / target_t:
     # the 1/t rides on the O(N) factors alpha, beta, gamma and the left rank-4 factors.
     alpha = (g_row / t) * torch.exp(1.0 / t - r)
@@ -371,14 +360,14 @@ def softclip_backward(
                         out.addcmul_(q, at_i(xgb), value=-1)
                 return out
 
-            s = torch.mm(a_s[rows], b_h[cols].T, out=scratch(0, h, w))  # S_ik - 1/t
-            u = torch.mm(b_s[rows], a_h[cols].T, out=scratch(1, h, w))  # S_ki - 1/t
+            s = shifted_scores(a[rows], b[cols], inv_t, scratch(0, h, w))  # S_ik - 1/t
+            u = shifted_scores(b[rows], a[cols], inv_t, scratch(1, h, w))  # S_ki - 1/t
             if use_a:
-                p = torch.mm(ta_s[rows], ta_h[cols].T, out=scratch(2, h, w)).exp_()
+                p = shifted_scores(a[rows], a[cols], inv_tt, scratch(2, h, w)).exp_()
             if hold_a:
                 ha = target_grad(left_a, right_a, u, s, hxa, hza, coef.xa, coef.za, p, 4)
             if use_b:
-                q = torch.mm(tb_s[rows], tb_h[cols].T, out=scratch(3, h, w)).exp_()
+                q = shifted_scores(b[rows], b[cols], inv_tt, scratch(3, h, w)).exp_()
             if hold_b:
                 hb = target_grad(left_b, right_b, s, u, hxb, hzb, coef.xb, coef.zb, q, 5)
             ds = score_grad(s.exp_(), at_rows, at_cols)  # block (I, K)
@@ -415,16 +404,16 @@ def softclip_backward(
     return da, db, dt, dtt
 
 
-def _weighted_column_sums(x_s: Tensor, x_h: Tensor, gamma: Tensor, size: int, tasks: Sequence[_BlockPair], workers: int) -> Tensor:
+def _weighted_column_sums(x: Tensor, inv_t: float, gamma: Tensor, size: int, tasks: Sequence[_BlockPair], workers: int) -> Tensor:
     """``sum_i gamma_i E_il`` for the symmetric ``E = exp(X X^T / t - 1/t)``: one pass over half the blocks."""
 
     def setup() -> Tuple[Tensor, Tensor]:
-        return torch.zeros_like(gamma), x_s.new_empty(size * size)
+        return torch.zeros_like(gamma), x.new_empty(size * size)
 
     def work(my_tasks: Sequence[_BlockPair], state: Tuple[Tensor, Tensor]) -> List[Tensor]:
         out, buf = state
         for rows, cols, diag in my_tasks:
-            p = torch.mm(x_s[rows], x_h[cols].T, out=buf[: span(rows) * span(cols)].view(span(rows), span(cols))).exp_()
+            p = shifted_scores(x[rows], x[cols], inv_t, buf[: span(rows) * span(cols)].view(span(rows), span(cols))).exp_()
             out[rows].addmv_(p, gamma[cols])
             if not diag:
                 out[cols].addmv_(p.T, gamma[rows])

@@ -23,8 +23,9 @@ e.g. ``sum_l W_il S_li = (W A)_i . b_i / t``.
 
 **Stabilisation.** Embeddings are unit vectors, so ``|S_ik| <= 1/t``. When ``2/t`` fits the
 exponent range (t >= 0.025 in float32, t >= 1/300 in float64; the paper's t = 0.1 included)
-the constant ``1/t`` replaces the running maximum of online softmax, and it is folded into
-the matrix product by one extra column: ``[q / t | 1] . [k | -1/t] = S - 1/t``. Below that, the kernels find exact maxima instead.
+the constant ``1/t`` replaces the running maximum of online softmax: each tile is
+``addmm(q, k^T, alpha=1/t) - 1/t`` (:func:`~m3co_loss.backends._tiling.shifted_scores`), with no
+scaled copies of the operands. Below that, the kernels find exact maxima instead.
 
 **CPU threads.** On CPU the tiles are split round robin over ``torch.get_num_threads()``
 worker threads that run one torch thread each (and private accumulators, summed at the end),
@@ -67,8 +68,7 @@ from ._tiling import (
     num_workers,
     operand,
     run_tiles,
-    scaled,
-    shifter,
+    shifted_scores,
     static_shift_ok,
     temperature_grad,
 )
@@ -104,8 +104,8 @@ class LogSumExp(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor]:
         """Stream over tiles; save only the inputs and the O(n + N) log-sum-exps."""
         q, k = q.contiguous(), k.contiguous()
-        r, c, augmented, config = lse_forward(q, k, t, with_cols)
-        ctx.save_for_backward(q, k, r, c, *(augmented or ()))
+        r, c, config = lse_forward(q, k, t, with_cols)
+        ctx.save_for_backward(q, k, r, c)
         ctx.t, ctx.with_cols, ctx.config = operand(t), with_cols, config
         ctx.set_materialize_grads(False)
         return r, c
@@ -114,17 +114,13 @@ class LogSumExp(torch.autograd.Function):
     @first_order_only
     def backward(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
         """Recompute each tile and accumulate ``dq = A k / t`` and ``dk = A^T q / t``; ``dt = -<q, dq> / t``."""
-        q, k, r, c, *augmented = ctx.saved_tensors
-        dq, dk, dt = lse_backward(q, k, r, c, tuple(augmented) or None, ctx.t, ctx.with_cols, g_r, g_c, ctx.config, ctx.needs_input_grad[2])
+        q, k, r, c = ctx.saved_tensors
+        dq, dk, dt = lse_backward(q, k, r, c, ctx.t, ctx.with_cols, g_r, g_c, ctx.config, ctx.needs_input_grad[2])
         return dq, dk, dt, None
 
 
-def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor, Optional[Tuple[Tensor, Tensor]], BackendConfig]:
-    """The forward pass of :class:`LogSumExp` on contiguous ``q``, ``k``: ``(r, c, augmented operands or None, config)``.
-
-    The augmented operands ``[q / t | 1]`` and ``[k | -1/t]`` of the static shift are returned
-    for the backward pass (None where the temperature needs exact maxima).
-    """
+def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[Tensor, Tensor, BackendConfig]:
+    """The forward pass of :class:`LogSumExp` on contiguous ``q``, ``k``: ``(r, c, config)``."""
     n, N = q.shape[0], k.shape[0]
     config = get_config()
     tile_rows, tile_cols = config.tile_rows, config.tile_cols
@@ -136,7 +132,7 @@ def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[
     if static:
         assert value is not None  # the static shift needs the value
         ones = q.new_ones(max(rows, cols))
-        q_aug, k_aug = scaled(q, value), shifter(k, value)
+        inv_t = 1.0 / value
         tasks = [(i0, i1, k0, k1) for i0, i1 in blocks(n, tile_rows) for k0, k1 in blocks(N, tile_cols)]
 
         def setup() -> Tuple[Scratch, Tensor, Optional[Tensor]]:
@@ -145,7 +141,7 @@ def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[
         def work(my_tasks: Sequence[_Tile], state: Any) -> List[Optional[Tensor]]:
             scratch, row_sum, col_sum = state
             for i0, i1, k0, k1 in my_tasks:
-                e = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
+                e = shifted_scores(q[i0:i1], k[k0:k1], inv_t, scratch(0, i1 - i0, k1 - k0)).exp_()
                 row_sum[i0:i1].addmv_(e, ones[: k1 - k0])
                 if with_cols:
                     col_sum[k0:k1].addmv_(e.T, ones[: i1 - i0])
@@ -168,9 +164,7 @@ def lse_forward(q: Tensor, k: Tensor, t: Temperature, with_cols: bool) -> Tuple[
                     col_sum[k0:k1] += (s - col_shift[None, k0:k1]).exp_().sum(0)
     r = row_sum.log_().add_(row_shift)
     c = col_sum.log_().add_(col_shift) if with_cols else col_sum
-    # the augmented operands are kept for the backward pass: rebuilding them costs two
-    # O(N D) allocations whose page faults are a visible share of a step
-    return r, c, ((q_aug, k_aug) if static else None), config
+    return r, c, config
 
 
 def lse_backward(
@@ -178,7 +172,6 @@ def lse_backward(
     k: Tensor,
     r: Tensor,
     c: Tensor,
-    augmented: Optional[Tuple[Tensor, Tensor]],
     t_given: Temperature,
     with_cols: bool,
     g_r: Optional[Tensor],
@@ -194,13 +187,13 @@ def lse_backward(
     n, N = q.shape[0], k.shape[0]
     tile_rows, tile_cols = config.tile_rows, config.tile_cols
     rows, cols = min(tile_rows, n), min(tile_cols, N)
-    if static_shift_ok(host_value(t_given), q.dtype):
+    value = host_value(t_given)
+    if static_shift_ok(value, q.dtype):
         # A_ik / t = exp(S_ik - 1/t) (alpha_i + beta_k); 1/t - r_i <= 2/t keeps both factors
         # finite. The 1/t of dq = A k / t rides on alpha and beta.
         alpha = (g_r / t) * torch.exp(1.0 / t - r) if g_r is not None else None
         beta = (cast(Tensor, g_c) / t) * torch.exp(1.0 / t - c) if with_cols else None
-        assert augmented is not None, "the static shift saves the augmented operands"
-        q_aug, k_aug = augmented
+        inv_t = 1.0 / cast(float, value)
         row_blocks = list(blocks(n, tile_rows))
         # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
         # few row blocks the tiles are split instead and every worker keeps its own dq.
@@ -217,7 +210,7 @@ def lse_backward(
         def work(my_tasks: Sequence[List[_Tile]], state: Tuple[Scratch, Tensor, Tensor]) -> List[Optional[Tensor]]:
             scratch, dq, dk = state
             for i0, i1, k0, k1 in (tile for group in my_tasks for tile in group):
-                a = torch.mm(q_aug[i0:i1], k_aug[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0)).exp_()
+                a = shifted_scores(q[i0:i1], k[k0:k1], inv_t, scratch(0, i1 - i0, k1 - k0)).exp_()
                 if alpha is not None and beta is not None:
                     a.mul_(torch.add(alpha[i0:i1, None], beta[None, k0:k1], out=scratch(1, i1 - i0, k1 - k0)))
                 elif alpha is not None:
@@ -395,42 +388,39 @@ def _new_like(x: Tensor, *shape: int) -> Tensor:
 
 
 @torch.library.custom_op("m3co_loss::tiled_logsumexp", mutates_args=())
-def _lse_op(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _lse_op(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor]:
     q, k = q.contiguous(), k.contiguous()
-    r, c, augmented, config = lse_forward(q, k, join_temperature(t, t_value), with_cols)
-    if augmented is None:  # exact maxima need no augmented operands; the outputs keep their shapes (never touched)
-        augmented = (_new_like(q, q.shape[0], q.shape[1] + 1), _new_like(k, k.shape[0], k.shape[1] + 1))
-    return r, c, augmented[0], augmented[1], encode_config(config)
+    r, c, config = lse_forward(q, k, join_temperature(t, t_value), with_cols)
+    return r, c, encode_config(config)
 
 
 @_lse_op.register_fake
-def _(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n, N, D = q.shape[0], k.shape[0], q.shape[1]
-    return _new_like(q, n), _new_like(q, N if with_cols else 0), _new_like(q, n, D + 1), _new_like(k, N, D + 1), fake_config()
+def _(q: Tensor, k: Tensor, t: Optional[Tensor], t_value: float, with_cols: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _new_like(q, q.shape[0]), _new_like(q, k.shape[0] if with_cols else 0), fake_config()
 
 
 @torch.library.custom_op("m3co_loss::tiled_logsumexp_backward", mutates_args=())
 def _lse_backward_op(
-    q: Tensor, k: Tensor, r: Tensor, c: Tensor, q_aug: Tensor, k_aug: Tensor, config: Tensor,
+    q: Tensor, k: Tensor, r: Tensor, c: Tensor, config: Tensor,
     g_r: Optional[Tensor], g_c: Optional[Tensor], t: Optional[Tensor], t_value: float, with_cols: bool, need_t: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     q, k = q.contiguous(), k.contiguous()
-    dq, dk, dt = lse_backward(q, k, r, c, (q_aug, k_aug), join_temperature(t, t_value), with_cols, g_r, g_c, decode_config(config), need_t)
+    dq, dk, dt = lse_backward(q, k, r, c, join_temperature(t, t_value), with_cols, g_r, g_c, decode_config(config), need_t)
     # zeros stand for "no gradient" (None), which an operator cannot return
     return (torch.zeros_like(q) if dq is None else dq), (torch.zeros_like(k) if dk is None else dk), (q.new_zeros(()) if dt is None else dt)
 
 
 @_lse_backward_op.register_fake
-def _(q: Tensor, k: Tensor, r: Tensor, c: Tensor, q_aug: Tensor, k_aug: Tensor, config: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], t: Optional[Tensor], t_value: float, with_cols: bool, need_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, r: Tensor, c: Tensor, config: Tensor, g_r: Optional[Tensor], g_c: Optional[Tensor], t: Optional[Tensor], t_value: float, with_cols: bool, need_t: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return _new_like(q, *q.shape), _new_like(k, *k.shape), _new_like(q)
 
 
 def _lse_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     q, k, t, t_value, with_cols = inputs
-    r, c, q_aug, k_aug, config = output
-    ctx.save_for_backward(q, k, r, c, q_aug, k_aug, config, t)
+    r, c, config = output
+    ctx.save_for_backward(q, k, r, c, config, t)
     ctx.t_value, ctx.with_cols = t_value, with_cols
-    ctx.mark_non_differentiable(q_aug, k_aug, config)
+    ctx.mark_non_differentiable(config)
     ctx.set_materialize_grads(False)
 
 
@@ -438,9 +428,9 @@ def _lse_setup(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) ->
 def _lse_autograd(ctx: Any, g_r: Optional[Tensor], g_c: Optional[Tensor], *unused: Any) -> Tuple[Optional[Tensor], ...]:
     if g_r is None and g_c is None:
         return None, None, None, None, None
-    q, k, r, c, q_aug, k_aug, config, t = ctx.saved_tensors
+    q, k, r, c, config, t = ctx.saved_tensors
     need_t = ctx.needs_input_grad[2]
-    dq, dk, dt = _lse_backward_op(q, k, r, c, q_aug, k_aug, config, g_r, g_c, t, ctx.t_value, ctx.with_cols, need_t)
+    dq, dk, dt = _lse_backward_op(q, k, r, c, config, g_r, g_c, t, ctx.t_value, ctx.with_cols, need_t)
     return dq, dk, (dt if need_t else None), None, None
 
 
