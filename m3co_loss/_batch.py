@@ -63,8 +63,9 @@ class _UnitRows(torch.autograd.Function):
     """``F.normalize(z, dim=-1, eps=1e-12)`` (the same bits) with a backward pass that allocates only its result.
 
     ``dz = (g - p <g, p>) / max(||z||, eps)`` row by row (the term in ``<g, p>`` vanishes where
-    the norm is clamped to eps). Autograd's formula for ``F.normalize`` holds three N x D
-    temporaries at once, the largest share of the backward's peak memory at large N x D. Under
+    the norm is clamped to eps). Autograd's formula for ``F.normalize`` allocates N x D
+    temporaries beside its result, which set the peak memory of a tiled backward pass at large
+    N x D (docs page ``benchmarks``). Under
     ``create_graph=True`` or ``torch.compile`` the backward is the same formula in plain
     differentiable ops (so the dense backend's second derivatives stay exact).
     """

@@ -130,8 +130,9 @@ def block_pairs(n: int, size: int) -> Iterator[Tuple[slice, slice, bool]]:
 def shifted_scores(x: Tensor, y: Tensor, inv_t: float, out: Tensor) -> Tensor:
     """``x y^T / t - 1/t`` written into ``out``: one matrix product scaled by ``inv_t = 1/t``, then the shift.
 
-    The shift is one pass over a tile that is still in cache (about 0.3 % of the product's time
-    at D = 512), and the operands are used as they are: no scaled copies of them are made.
+    The shift is one pass over a tile that is still in cache (under 0.5 % of the product's time
+    for a 512 x 2048 tile at D = 512 and 768), and the operands are used as they are: no scaled
+    copies of them are made.
     """
     return torch.addmm(out, x, y.T, beta=0, alpha=inv_t, out=out).sub_(inv_t)
 
