@@ -103,6 +103,18 @@ def _accumulate_products(acc: Tensor, rows: slice, cols: slice, diag: bool, e: T
         acc[cols].addmv_(torch.mul(e, y, out=tmp).T, ones[: e.shape[0]])
 
 
+def _cross_scores(a: Tensor, b: Tensor, rows: slice, cols: slice, diag: bool, inv_t: float, s_out: Tensor, u_out: Tensor) -> Tuple[Tensor, Tensor]:
+    """The tiles ``S_IK - 1/t`` and ``U_IK - 1/t = (S_KI)^T - 1/t`` of a block pair.
+
+    On a diagonal block ``U = S^T``: a transposed copy costs a pass over the tile instead of a
+    matrix product (at N = 4096 and the default 1024-square blocks, 4 of the 10 block pairs).
+    """
+    s = shifted_scores(a[rows], b[cols], inv_t, s_out)
+    if diag:
+        return s, u_out.copy_(s.T)
+    return s, shifted_scores(b[rows], a[cols], inv_t, u_out)
+
+
 def _one_tensor(t: Temperature, target_t: Temperature) -> bool:
     """Whether both temperatures are one tensor: its gradient is then the sum of both parts, taken in one piece."""
     return isinstance(t, Tensor) and target_t is t
@@ -181,8 +193,7 @@ def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature
         rho, kappa, n_a, n_b, t_a_u, t_a_s, t_b_s, t_b_u = sums
         for rows, cols, diag in my_tasks:
             h, w = span(rows), span(cols)
-            s = shifted_scores(a[rows], b[cols], inv_t, scratch(0, h, w))  # S_ik - 1/t
-            u = shifted_scores(b[rows], a[cols], inv_t, scratch(1, h, w))  # S_ki - 1/t
+            s, u = _cross_scores(a, b, rows, cols, diag, inv_t, scratch(0, h, w), scratch(1, h, w))
             tmp = scratch(4, h, w)
             if use_a:
                 p = shifted_scores(a[rows], a[cols], inv_tt, scratch(2, h, w)).exp_()
@@ -360,8 +371,7 @@ def softclip_backward(
                         out.addcmul_(q, at_i(xgb), value=-1)
                 return out
 
-            s = shifted_scores(a[rows], b[cols], inv_t, scratch(0, h, w))  # S_ik - 1/t
-            u = shifted_scores(b[rows], a[cols], inv_t, scratch(1, h, w))  # S_ki - 1/t
+            s, u = _cross_scores(a, b, rows, cols, diag, inv_t, scratch(0, h, w), scratch(1, h, w))
             if use_a:
                 p = shifted_scores(a[rows], a[cols], inv_tt, scratch(2, h, w)).exp_()
             if hold_a:
