@@ -4,7 +4,7 @@ Each module takes the keyword arguments of its function, validates them once in 
 and calls the function in ``forward``. :class:`M3CoLoss` adds what a training loop needs: the
 mixup sampler, the weight beta and the M3Co -> MultiSClip schedule of the paper (Eq. 14-16).
 
-:class:`CLIPLoss`, :class:`MultiSClipLoss` and :class:`M3CoLoss` can learn their temperature
+:class:`CLIPLoss`, :class:`ContrastiveLoss`, :class:`MultiSClipLoss` and :class:`M3CoLoss` can learn their temperature
 (``learn_temperature=True``), as CLIP does: a parameter holds the log-scale ``log(1/t)``,
 initialised from ``temperature``, and the forward pass clamps it to
 ``[log(min_scale), log(max_scale)]`` (the value used, not the parameter: outside the range its
@@ -17,6 +17,7 @@ the gradients of the parameters used there), like any other parameter (docs page
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
@@ -45,8 +46,6 @@ REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
 REFERENCE_M3CO_FRACTION = 0.33
 
 
-_check_flag = check_flag
-
 
 def _check_float_temperature(name: str, value: object) -> float:
     """A module's temperature: a positive float (a learnable one is the module's own parameter)."""
@@ -65,6 +64,7 @@ class _ContrastiveOptions(nn.Module):
     """The options every contrastive module shares, and its (possibly learnable) temperature."""
 
     logit_scale: Optional[nn.Parameter]
+    _has_convention = True  # whether the loss has a convention option (CLIP has one form only)
 
     def __init__(
         self,
@@ -82,9 +82,9 @@ class _ContrastiveOptions(nn.Module):
         self._temperature = _check_float_temperature("temperature", temperature)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = check_choice("backend", backend, BACKENDS)
-        self.gather_distributed = _check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.convention = check_choice("convention", convention, CONVENTIONS)
-        self.learn_temperature = _check_flag("learn_temperature", learn_temperature)
+        self.learn_temperature = check_flag("learn_temperature", learn_temperature)
         self.min_scale = check_positive("min_scale", min_scale)
         self.max_scale = check_positive("max_scale", max_scale)
         if self.min_scale >= self.max_scale:
@@ -119,14 +119,19 @@ class _ContrastiveOptions(nn.Module):
         return f"{value} (learned, 1/t in [{self.min_scale}, {self.max_scale}])"
 
     def extra_repr(self) -> str:
+        convention = f", convention={self.convention!r}" if self._has_convention else ""
         return (
-            f"temperature={self._temperature_repr(self._temperature)}, reduction={self.reduction!r}, convention={self.convention!r}, "
+            f"temperature={self._temperature_repr(self._temperature)}, reduction={self.reduction!r}{convention}, "
             f"backend={self.backend!r}, gather_distributed={self.gather_distributed}"
         )
 
 
 class CLIPLoss(_ContrastiveOptions):
     """Symmetric InfoNCE (row plus column cross-entropy): :func:`m3co_loss.functional.clip_loss`.
+
+    The value is the *sum* of the two directions' cross-entropies, twice open_clip's
+    ``ClipLoss`` (their average), so that it equals M3Co at ``lam = 1``;
+    ``ContrastiveLoss(convention="reference")`` gives the average.
 
     Args:
         temperature: t > 0 (the initial value when learned).
@@ -150,6 +155,8 @@ class CLIPLoss(_ContrastiveOptions):
         True
     """
 
+    _has_convention = False
+
     def __init__(
         self,
         *,
@@ -166,6 +173,14 @@ class CLIPLoss(_ContrastiveOptions):
         )
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """The loss of one batch: row ``i`` of ``z_a`` and row ``i`` of ``z_b`` are the positive pair.
+
+        Args:
+            z_a, z_b: (N, D) embeddings of the two modalities (any scale: they are normalised).
+
+        Returns:
+            A scalar, or the (N,) per-sample losses with ``reduction="none"``.
+        """
         return F.clip_loss(
             z_a, z_b, temperature=self.temperature, reduction=self.reduction, backend=self.backend, gather_distributed=self.gather_distributed
         )
@@ -296,9 +311,17 @@ class MultiSClipLoss(_ContrastiveOptions):
             learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
         )
         self.target_temperature = _check_target_temperature("target_temperature", target_temperature)
-        self.detach_targets = _check_flag("detach_targets", detach_targets)
+        self.detach_targets = check_flag("detach_targets", detach_targets)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
+        """The loss of one batch of M >= 2 modalities, summed over the pairs a < b.
+
+        Args:
+            z: M embeddings (N, D) with the same N and D (any scale: they are normalised).
+
+        Returns:
+            A scalar, or the (N,) per-sample losses with ``reduction="none"``.
+        """
         return F.multisoftclip(
             z,
             temperature=self.temperature,
@@ -315,14 +338,33 @@ class MultiSClipLoss(_ContrastiveOptions):
 
 
 class UniSMMCLoss(nn.Module):
-    """UniS-MMC baseline loss: :func:`m3co_loss.functional.unis_mmc` (weight it by 0.1 as in its paper)."""
+    """UniS-MMC baseline loss: :func:`m3co_loss.functional.unis_mmc` (weight it by 0.1 as in its paper).
+
+    Args:
+        temperature: t > 0 of the cosine similarities (0.07, as in UniS-MMC).
+        gather_distributed: contrast against the rows of every rank.
+
+    Raises:
+        ValueError, TypeError: an option out of range or of the wrong type (named).
+    """
 
     def __init__(self, *, temperature: float = 0.07, gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = _check_float_temperature("temperature", temperature)
-        self.gather_distributed = _check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def forward(self, r: Sequence[Tensor], logits: Sequence[Tensor], y: Tensor) -> Tensor:
+        """The mean loss of one batch over the modality pairs a < b.
+
+        Args:
+            r: M unimodal representations (N, D).
+            logits: M unimodal classifier outputs (N, C); their predictions decide which pairs
+                are positive.
+            y: (N,) integer class labels in ``[0, C)``.
+
+        Returns:
+            A scalar.
+        """
         return F.unis_mmc(r, logits, y, temperature=self.temperature, gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
@@ -352,6 +394,7 @@ class M3CoLoss(_ContrastiveOptions):
     the mixed inputs, and pass both::
 
         plan = criterion.sample(len(y), num_modalities=2, device=y.device)   # None after M3Co
+        mixed = None
         if plan is not None:
             mixed = [image_encoder(plan.mix(x_img, 0)), text_encoder(plan.mix(x_txt, 1))]
         loss = task_loss(z, y) + criterion(z, mixed=mixed, plan=plan)
@@ -385,7 +428,16 @@ class M3CoLoss(_ContrastiveOptions):
             or ``"mixed"`` embeddings; None takes the convention's (paper: ``"clean"``,
             reference: ``"mixed"``, as the released code mixes every modality first).
         reduction, backend, gather_distributed: as in :mod:`m3co_loss.functional`.
-        generator: CPU ``torch.Generator`` for reproducible mixing.
+        generator: CPU ``torch.Generator`` for reproducible mixing. With ``gather_distributed``
+            seed it differently on each rank (e.g. ``seed + rank``): ranks seeded alike draw the
+            same mixing weights and partners.
+
+    Raises:
+        ValueError, TypeError: an option out of range or of the wrong type (named).
+
+    Warns:
+        UserWarning: ``total_steps`` and ``m3co_fraction`` leave no step of M3Co (e.g.
+        ``total_steps=2``): the loss would be MultiSClip from the first call.
     """
 
     step_count: Tensor
@@ -425,7 +477,7 @@ class M3CoLoss(_ContrastiveOptions):
         self._multisclip_temperature = _check_float_temperature("multisclip_temperature", multisclip_temperature)
         self.multisclip_logit_scale = self._learnable("multisclip_temperature", self._multisclip_temperature)
         self.multisclip_target_temperature = _check_target_temperature("multisclip_target_temperature", multisclip_target_temperature)
-        self.detach_targets = _check_flag("detach_targets", detach_targets)
+        self.detach_targets = check_flag("detach_targets", detach_targets)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")
         self.beta = float(beta)
@@ -436,6 +488,7 @@ class M3CoLoss(_ContrastiveOptions):
         self._total_steps = _check_total_steps(total_steps)
         self._m3co_fraction = check_probability("m3co_fraction", m3co_fraction)
         self._set_host_step_count(0)
+        self._warn_if_no_m3co()
         sampler_options = {}
         if mix_prob is not None:
             sampler_options["mix_prob"] = mix_prob
@@ -462,6 +515,7 @@ class M3CoLoss(_ContrastiveOptions):
     def total_steps(self, value: Optional[int]) -> None:
         self._total_steps = _check_total_steps(value)
         self._refresh_phase()
+        self._warn_if_no_m3co()
 
     @property
     def m3co_fraction(self) -> float:
@@ -472,6 +526,18 @@ class M3CoLoss(_ContrastiveOptions):
     def m3co_fraction(self, value: float) -> None:
         self._m3co_fraction = check_probability("m3co_fraction", value)
         self._refresh_phase()
+        self._warn_if_no_m3co()
+
+    def _warn_if_no_m3co(self) -> None:
+        # A schedule counted in the wrong unit (epochs given, iterations stepped, or a tiny
+        # total) would silently skip the paper's first phase.
+        if self.m3co_steps == 0 and self.m3co_fraction > 0:
+            warnings.warn(
+                f"total_steps={self.total_steps} with m3co_fraction={self.m3co_fraction:.4g} gives no M3Co step: "
+                "the loss is MultiSClip from the first call (total_steps counts calls of step())",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def m3co_steps(self) -> Optional[int]:
@@ -553,6 +619,7 @@ class M3CoLoss(_ContrastiveOptions):
                 raise ValueError(f"plan was drawn for {plan.num_modalities} modalities but z holds {len(z)}")
             if plan.batch_size != z[0].shape[0]:
                 raise ValueError(f"plan was drawn for a batch of {plan.batch_size} but z holds N = {z[0].shape[0]} rows")
+            plan = plan.to(z[0].device)  # a plan drawn on the CPU serves embeddings on any device
             if mixed is None:
                 mixed = [plan.mix(x, m) for m, x in enumerate(z)]
             loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, partner=self.partner, **options)

@@ -42,10 +42,12 @@ class MixupPlan:
 
     @property
     def batch_size(self) -> int:
+        """N, the number of rows the plan mixes."""
         return self.lam.shape[1]
 
     @property
     def num_modalities(self) -> int:
+        """M, the number of modalities the plan was drawn for."""
         return len(self.perms)
 
     def mix(self, x: Tensor, modality: int = 0) -> Tensor:
@@ -68,6 +70,7 @@ class MixupPlan:
         return lam * x + (1 - lam) * x[perm]
 
     def to(self, device: Union[str, torch.device]) -> "MixupPlan":
+        """The same plan with its tensors on ``device`` (itself when they are there already)."""
         return MixupPlan(tuple(p.to(device) for p in self.perms), self.lam.to(device))
 
 
@@ -160,7 +163,9 @@ def _beta(alpha: float, shape: Sequence[int], generator: Optional[torch.Generato
     """Beta(alpha, alpha) samples in float64, drawn from ``generator`` when one is given.
 
     torch.distributions cannot take a generator, so a seed is drawn from it and the CPU
-    default generator is used inside ``fork_rng``, which restores its state afterwards.
+    default generator is used inside ``fork_rng``, which restores its state afterwards. Another
+    thread drawing from the default generator during those few microseconds would draw from
+    the seeded state (the default generator is process-wide).
     """
     dist = torch.distributions.Beta(torch.tensor(alpha, dtype=torch.float64), torch.tensor(alpha, dtype=torch.float64))
     if generator is None:

@@ -213,7 +213,7 @@ def test_inductor_compiles_the_schedule_and_matches_eager():
     previous = m3co_loss.set_value_checks(False)
     try:
         z = embeddings(n=16, d=8, m=2, dtype=torch.float32)
-        criterion = M3CoLoss(total_steps=2, generator=torch.Generator().manual_seed(0))
+        criterion = M3CoLoss(total_steps=3, generator=torch.Generator().manual_seed(0))
         plan = criterion.sample(16, 2)
         compiled = torch.compile(lambda z, plan: criterion(z, plan=plan))
         torch.testing.assert_close(compiled(z, plan), criterion(z, plan=plan), rtol=1e-5, atol=1e-6)

@@ -120,3 +120,12 @@ def test_extra_memory_is_linear_in_the_batch_on_cuda(backend):
         extra = torch.cuda.max_memory_allocated() - base
         assert extra <= 16 * n * d * 4 + 64 * 2**20 < n * n * 4, (backend, extra / 2**20)
         a.grad = b.grad = None
+
+
+def test_a_plan_drawn_on_the_cpu_serves_embeddings_on_cuda():
+    z = [torch.randn(16, 8, device="cuda") for _ in range(2)]
+    criterion = M3CoLoss(total_steps=3, generator=torch.Generator().manual_seed(0))
+    plan = criterion.sample(16, 2)  # no device: drawn on the CPU
+    assert plan.lam.device.type == "cpu"
+    expected = criterion(z, plan=plan.to("cuda"))
+    torch.testing.assert_close(criterion(z, plan=plan), expected)

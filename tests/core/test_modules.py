@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def test_schedule_switches_from_m3co_to_multisclip():
     assert restored.phase() == "multisclip" and int(restored.step_count) == 9
 
 
+def test_a_schedule_with_no_m3co_step_warns():
+    with pytest.warns(UserWarning, match="total_steps=2 .* no M3Co step"):
+        criterion = M3CoLoss(total_steps=2)
+    assert criterion.phase() == "multisclip"
+    criterion = M3CoLoss(total_steps=30)
+    with pytest.warns(UserWarning, match="no M3Co step"):
+        criterion.m3co_fraction = 0.01
+    with pytest.warns(UserWarning, match="no M3Co step"):
+        criterion.total_steps = 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M3CoLoss(total_steps=3)
+        M3CoLoss(total_steps=3, m3co_fraction=0.0)  # MultiSClip only, asked for explicitly
+        M3CoLoss()
+
+
+def test_clip_repr_names_only_its_options():
+    assert "convention" not in repr(CLIPLoss()) and "convention='paper'" in repr(MultiSClipLoss())
+
+
 def test_schedule_phase_does_not_read_the_device_counter():
     # phase() must not wait on the device: on the meta device the buffer holds no value at all
     criterion = M3CoLoss(total_steps=3).to("meta")
@@ -104,6 +125,7 @@ def test_reference_convention_defaults():
     assert paper.m3co_steps == 166 and paper.multisclip_temperature == 0.1
 
 
+@pytest.mark.filterwarnings("ignore:total_steps=3 with m3co_fraction=0.33 gives no M3Co step")
 @pytest.mark.parametrize("convention, options, temperature", [("reference", {}, 0.125), ("paper", {"multisclip_temperature": 0.3}, 0.3)])
 def test_multisclip_phase_uses_the_multisclip_temperature(convention, options, temperature):
     z = embeddings(m=3)
