@@ -68,12 +68,12 @@ class _ContrastiveOptions(nn.Module):
 
     def __init__(
         self,
+        *,
         temperature: float,
         reduction: str,
         backend: str,
         gather_distributed: bool,
         convention: str = "paper",
-        *,
         learn_temperature: bool = False,
         min_scale: float = 1.0,
         max_scale: float = 100.0,
@@ -169,7 +169,8 @@ class CLIPLoss(_ContrastiveOptions):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            temperature, reduction, backend, gather_distributed, learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale
+            temperature=temperature, reduction=reduction, backend=backend, gather_distributed=gather_distributed,
+            learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
         )
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -231,7 +232,8 @@ class ContrastiveLoss(_ContrastiveOptions):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            temperature, reduction, backend, gather_distributed, convention, learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale
+            temperature=temperature, reduction=reduction, backend=backend, gather_distributed=gather_distributed, convention=convention,
+            learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
         )
 
     def forward(
@@ -307,7 +309,7 @@ class MultiSClipLoss(_ContrastiveOptions):
         if temperature is None:
             temperature = 0.1 if convention == "paper" else REFERENCE_MULTISCLIP_TEMPERATURE
         super().__init__(
-            temperature, reduction, backend, gather_distributed, convention,
+            temperature=temperature, reduction=reduction, backend=backend, gather_distributed=gather_distributed, convention=convention,
             learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
         )
         self.target_temperature = _check_target_temperature("target_temperature", target_temperature)
@@ -467,7 +469,7 @@ class M3CoLoss(_ContrastiveOptions):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__(
-            temperature, reduction, backend, gather_distributed, convention,
+            temperature=temperature, reduction=reduction, backend=backend, gather_distributed=gather_distributed, convention=convention,
             learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
         )
         reference = convention == "reference"
