@@ -25,18 +25,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._batch import _min_rows, _spread
-from ._validation import (
-    BACKENDS,
-    CONVENTIONS,
-    REDUCTIONS,
-    check_choice,
-    check_flag,
-    check_positive,
-    check_probability,
-    check_temperature,
-    has_values,
-    resolve_partner,
-)
+from ._options import ContrastiveOptions, check_float_temperature, check_target_temperature
+from ._validation import CONVENTIONS, check_choice, check_flag, check_probability, has_values, resolve_partner
 from .mixup import MixupPlan, MixupSampler
 
 __all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "ContrastiveLoss", "UniSMMCLoss"]
@@ -46,87 +36,13 @@ REFERENCE_MULTISCLIP_TEMPERATURE = 0.125
 REFERENCE_M3CO_FRACTION = 0.33
 
 
-
-def _check_float_temperature(name: str, value: object) -> float:
-    """A module's temperature: a positive float (a learnable one is the module's own parameter)."""
-    if isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a real number; for a learnable temperature pass learn_temperature=True")
-    return float(check_temperature(name, value))
-
-
 def _check_total_steps(value: object) -> Optional[int]:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"total_steps must be a positive int or None; got {value!r}")
     return value
 
 
-class _ContrastiveOptions(nn.Module):
-    """The options every contrastive module shares, and its (possibly learnable) temperature."""
-
-    logit_scale: Optional[nn.Parameter]
-    _has_convention = True  # whether the loss has a convention option (CLIP has one form only)
-
-    def __init__(
-        self,
-        *,
-        temperature: float,
-        reduction: str,
-        backend: str,
-        gather_distributed: bool,
-        convention: str = "paper",
-        learn_temperature: bool = False,
-        min_scale: float = 1.0,
-        max_scale: float = 100.0,
-    ) -> None:
-        super().__init__()
-        self._temperature = _check_float_temperature("temperature", temperature)
-        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.backend = check_choice("backend", backend, BACKENDS)
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-        self.convention = check_choice("convention", convention, CONVENTIONS)
-        self.learn_temperature = check_flag("learn_temperature", learn_temperature)
-        self.min_scale = check_positive("min_scale", min_scale)
-        self.max_scale = check_positive("max_scale", max_scale)
-        if self.min_scale >= self.max_scale:
-            raise ValueError(f"min_scale must be below max_scale; got min_scale={self.min_scale}, max_scale={self.max_scale}")
-        self.logit_scale = self._learnable("temperature", self._temperature)
-
-    def _learnable(self, name: str, temperature: float) -> Optional[nn.Parameter]:
-        """The log-scale parameter ``log(1/temperature)`` when the module learns its temperatures, else None."""
-        if not self.learn_temperature:
-            return None
-        if not 1.0 / self.max_scale <= temperature <= 1.0 / self.min_scale:
-            raise ValueError(
-                f"{name}={temperature} lies outside the learnable range [1/max_scale, 1/min_scale] = "
-                f"[{1.0 / self.max_scale:.4g}, {1.0 / self.min_scale:.4g}]; change it or min_scale/max_scale"
-            )
-        return nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
-
-    def _value(self, logit_scale: Optional[Tensor], fixed: float) -> Union[float, Tensor]:
-        """The temperature of this forward pass: ``fixed``, or ``1 / clamp(exp(logit_scale), min_scale, max_scale)``."""
-        if logit_scale is None:
-            return fixed
-        return torch.exp(-logit_scale.clamp(math.log(self.min_scale), math.log(self.max_scale)))
-
-    @property
-    def temperature(self) -> Union[float, Tensor]:
-        """The temperature the next forward pass uses: the float given, or a 0-dim tensor computed from :attr:`logit_scale`."""
-        return self._value(self.logit_scale, self._temperature)
-
-    def _temperature_repr(self, value: float) -> str:
-        if not self.learn_temperature:
-            return f"{value}"
-        return f"{value} (learned, 1/t in [{self.min_scale}, {self.max_scale}])"
-
-    def extra_repr(self) -> str:
-        convention = f", convention={self.convention!r}" if self._has_convention else ""
-        return (
-            f"temperature={self._temperature_repr(self._temperature)}, reduction={self.reduction!r}{convention}, "
-            f"backend={self.backend!r}, gather_distributed={self.gather_distributed}"
-        )
-
-
-class CLIPLoss(_ContrastiveOptions):
+class CLIPLoss(ContrastiveOptions):
     """Symmetric InfoNCE (row plus column cross-entropy): :func:`m3co_loss.functional.clip_loss`.
 
     The value is the *sum* of the two directions' cross-entropies, twice open_clip's
@@ -187,7 +103,7 @@ class CLIPLoss(_ContrastiveOptions):
         )
 
 
-class ContrastiveLoss(_ContrastiveOptions):
+class ContrastiveLoss(ContrastiveOptions):
     """Contrastive loss with structured targets: :func:`m3co_loss.functional.contrastive_loss`.
 
     The targets come with each batch: ``forward(z_a, z_b, partners=..., weights=...)`` (mixing
@@ -265,12 +181,7 @@ class ContrastiveLoss(_ContrastiveOptions):
             gather_distributed=self.gather_distributed,
         )
 
-
-def _check_target_temperature(name: str, value: object) -> Optional[float]:
-    return None if value is None else _check_float_temperature(name, value)
-
-
-class MultiSClipLoss(_ContrastiveOptions):
+class MultiSClipLoss(ContrastiveOptions):
     """MultiSClip over M >= 2 modalities: :func:`m3co_loss.functional.multisoftclip`.
 
     Args:
@@ -312,7 +223,7 @@ class MultiSClipLoss(_ContrastiveOptions):
             temperature=temperature, reduction=reduction, backend=backend, gather_distributed=gather_distributed, convention=convention,
             learn_temperature=learn_temperature, min_scale=min_scale, max_scale=max_scale,
         )
-        self.target_temperature = _check_target_temperature("target_temperature", target_temperature)
+        self.target_temperature = check_target_temperature("target_temperature", target_temperature)
         self.detach_targets = check_flag("detach_targets", detach_targets)
 
     def forward(self, z: Sequence[Tensor]) -> Tensor:
@@ -352,7 +263,7 @@ class UniSMMCLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.07, gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = _check_float_temperature("temperature", temperature)
+        self.temperature = check_float_temperature("temperature", temperature)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def forward(self, r: Sequence[Tensor], logits: Sequence[Tensor], y: Tensor) -> Tensor:
@@ -373,7 +284,7 @@ class UniSMMCLoss(nn.Module):
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
 
 
-class M3CoLoss(_ContrastiveOptions):
+class M3CoLoss(ContrastiveOptions):
     r"""The M3CoL contrastive term: ``beta * (M3Co early in training, MultiSClip afterwards)``.
 
     During the first ``m3co_fraction`` of ``total_steps`` the loss is M3Co (paper Eq. 12):
@@ -476,9 +387,9 @@ class M3CoLoss(_ContrastiveOptions):
         self.partner = resolve_partner(partner, convention)
         if multisclip_temperature is None:
             multisclip_temperature = REFERENCE_MULTISCLIP_TEMPERATURE if reference else 0.1
-        self._multisclip_temperature = _check_float_temperature("multisclip_temperature", multisclip_temperature)
+        self._multisclip_temperature = check_float_temperature("multisclip_temperature", multisclip_temperature)
         self.multisclip_logit_scale = self._learnable("multisclip_temperature", self._multisclip_temperature)
-        self.multisclip_target_temperature = _check_target_temperature("multisclip_target_temperature", multisclip_target_temperature)
+        self.multisclip_target_temperature = check_target_temperature("multisclip_target_temperature", multisclip_target_temperature)
         self.detach_targets = check_flag("detach_targets", detach_targets)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")
