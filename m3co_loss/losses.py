@@ -454,7 +454,7 @@ class M3CoLoss(ContrastiveOptions):
 
     @property
     def m3co_steps(self) -> Optional[int]:
-        """Number of steps spent on M3Co (None: M3Co throughout)."""
+        """How many steps the M3Co phase lasts; None when there is no schedule (M3Co throughout)."""
         if self.total_steps is None:
             return None
         return int(self.m3co_fraction * self.total_steps + 1e-9)
