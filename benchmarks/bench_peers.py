@@ -24,9 +24,9 @@ For each (N, D):
    machine whose speed drifts.
 
 Results go to ``<out-dir>/<tag>.json`` (rewritten atomically after every (N, D); a rerun resumes),
-and ``<tag>.md``, ``<tag>.rst`` (the docs' table) and ``<tag>.png`` are made from it, with the
-targets evaluated: at N >= 8192, ``auto`` at most 0.55 of the fastest comparable peer's time and
-1/5 of its extra memory; at N <= 1024, not slower than it.
+and ``<tag>.md``, ``<tag>.rst`` (the docs' table) and ``<tag>.png`` are made from it, with
+``auto``'s time and extra memory against the fastest comparable peer and its time against the
+GEMM floor.
 
 Examples::
 

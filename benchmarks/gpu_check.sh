@@ -31,7 +31,7 @@
 # Triton already in it, and no package index): nothing is installed, the package is imported
 # from this checkout. --wheels DIR: install the wheels in DIR (the peer libraries, fetched
 # elsewhere with `pip download --no-deps`) into OUT_DIR/site for this check only.
-# --quick: the target point only (N = 32768, D = 768) in the kernel and peer benchmarks.
+# --quick: one point only (N = 32768, D = 768) in the kernel and peer benchmarks.
 # --only STEPS: run only these of tests, kernels, peers (comma-separated; setup always runs).
 #
 # --dry-run: no installs (they are printed) and no GPU: each step's CPU path on tiny sizes, with

@@ -1,7 +1,7 @@
-"""Tables, targets and plot of ``bench_peers.py``, made from its JSON alone.
+"""Tables and plot of ``bench_peers.py``, made from its JSON alone.
 
-``report(path)`` writes ``<stem>.md`` (every figure, the targets, how each peer was loaded and
-aligned), ``<stem>.rst`` (the docs' table) and ``<stem>.png``; the docs test rebuilds the first
+``report(path)`` writes ``<stem>.md`` (every figure, auto's ratios to the fastest peer and to the
+GEMM floor, how each peer was loaded and aligned), ``<stem>.rst`` (the docs' table) and ``<stem>.png``; the docs test rebuilds the first
 two from the stored JSON and compares.
 """
 
@@ -13,10 +13,6 @@ from pathlib import Path
 from common import load_results, quartiles, write_text
 from peers import IMPLS
 
-# Targets: at N >= LARGE_N, auto at most TIME_LARGE of the fastest comparable peer's time and
-# MEMORY_LARGE of its extra memory; at N <= SMALL_N, at most TIME_SMALL of its time.
-LARGE_N, TIME_LARGE, MEMORY_LARGE = 8192, 0.55, 0.2
-SMALL_N, TIME_SMALL = 1024, 1.0
 SHORT_STATUS = {"skipped": "skipped", "failed": "failed", "unavailable": "n/a"}
 
 
@@ -48,14 +44,14 @@ def same_path(entry: dict) -> str | None:
     return None
 
 
-def targets(data: dict) -> list:
-    """One verdict per (N, D) that a target covers: the figures, whether it is met, what would close it."""
+def comparisons(data: dict) -> list:
+    """One row per (N, D) where ``auto`` was run: its ratios to the fastest comparable peer and to the GEMM floor."""
     out = []
     for entry in data["results"]:
         n, impls = entry["n"], entry["impls"]
-        if SMALL_N < n < LARGE_N or "auto" not in impls:
+        if "auto" not in impls:
             continue
-        row = dict(n=n, d=entry["d"], peer=None, met=None, note="", auto_ran=_ok(impls["auto"]))
+        row = dict(n=n, d=entry["d"], peer=None, note="", auto_ran=_ok(impls["auto"]))
         peer = fastest_peer(entry) if _ok(impls["auto"]) else None
         if peer is None:
             reasons = "; ".join(f"{name}: {rec.get('status')}" for name, rec in impls.items()
@@ -64,57 +60,40 @@ def targets(data: dict) -> list:
                 f"no comparable peer ran ({reasons}); auto ran")
             out.append(row)
             continue
-        per_round = entry["ratios"][peer]
-        row.update(peer=peer, time=quartiles(per_round), auto_s=impls["auto"]["median_s"], peer_s=impls[peer]["median_s"])
+        ratios = entry["ratios"]
+        row.update(peer=peer, time=quartiles(ratios[peer]), auto_s=impls["auto"]["median_s"], peer_s=impls[peer]["median_s"])
         twin = same_path(entry)
         if twin:
-            row["noise"], row["twin"] = quartiles(entry["ratios"][twin]), twin
+            row["noise"], row["twin"] = quartiles(ratios[twin]), twin
         if "extra_peak_bytes" in impls["auto"] and impls[peer].get("extra_peak_bytes"):
             row["memory"] = impls["auto"]["extra_peak_bytes"] / impls[peer]["extra_peak_bytes"]
             row["auto_mib"], row["peer_mib"] = (impls[x]["extra_peak_bytes"] / 2**20 for x in ("auto", peer))
-        if n >= LARGE_N:
-            row["met_time"] = row["time"][1] <= TIME_LARGE
-            row["met_memory"] = row.get("memory") is not None and row["memory"] <= MEMORY_LARGE
-            row["met"] = row["met_time"] and row["met_memory"]
-        else:
-            row["met_time"] = row["met"] = row["time"][1] <= TIME_SMALL
-        row["note"] = _closing_note(entry, row)
+        if "floor" in ratios:
+            row["floor"] = quartiles(ratios["floor"])[1]  # auto / floor: median of the per-round ratios
+            row["floor_peer"] = quartiles([a / r for a, r in zip(ratios[peer], ratios["floor"])])[1]
+        row["note"] = _same_rounds(entry, row)
         out.append(row)
     return out
 
 
-def _closing_note(entry: dict, row: dict) -> str:
-    """What would close a missed target, from the same rounds' floor and backend figures."""
-    if row["met"]:
-        return ""
-    notes, ratios = [], entry.get("ratios", {})
-    limit = TIME_LARGE if row["n"] >= LARGE_N else TIME_SMALL
-    if not row["met_time"]:
-        if "floor" in ratios:
-            floor_over_peer = [a / r for a, r in zip(ratios[row["peer"]], ratios["floor"])]
-            to_floor, floor_peer = quartiles(ratios["floor"])[1], quartiles(floor_over_peer)[1]
-            notes.append(f"time: auto is {to_floor:.2f}x the GEMM floor, which takes {floor_peer:.2f} of the peer's time; "
-                         f"meeting {limit:g} needs auto within {limit / floor_peer:.2f}x of the floor")
-        else:
-            notes.append(f"time: auto needs to be {row['time'][1] / limit:.2f}x faster")
-        other = [name for name in ("dense", "tiled") if name in ratios]
-        if other:
-            per_round = lambda name: [a / b for a, b in zip(ratios[row["peer"]], ratios[name])]  # noqa: E731 - name / peer
-            notes.append("in the same rounds " + ", ".join(
-                f"{name} took {quartiles(per_round(name))[1]:.2f} of the peer's time" for name in other))
-    if row["n"] >= LARGE_N and not row["met_memory"] and "memory" in row:
-        notes.append(f"memory: {row['auto_mib']:.0f} MiB, 1/5 of the peer's is {MEMORY_LARGE * row['peer_mib']:.0f} MiB")
-    return "; ".join(notes)
+def _same_rounds(entry: dict, row: dict) -> str:
+    """The other backends' time against the same peer, from the same rounds."""
+    ratios = entry.get("ratios", {})
+    other = [name for name in ("dense", "tiled") if name in ratios]
+    per_round = lambda name: [a / b for a, b in zip(ratios[row["peer"]], ratios[name])]  # noqa: E731 - name / peer
+    return ", ".join(f"{name} {quartiles(per_round(name))[1]:.2f}" for name in other)
 
 
 def _noise(row: dict) -> str:
     return f"{_q(row['noise'])} (auto / {row['twin']})" if "noise" in row else ""
 
 
-def _verdict(row: dict) -> str:
-    if row["met"] is None:
-        return "no peer ran" if row.get("auto_ran") else "not measured"
-    return "met" if row["met"] else "not met"
+def _floor(row: dict) -> tuple:
+    return (f"{row['floor']:.2f}", f"{row['floor_peer']:.2f}") if "floor" in row else ("", "")
+
+
+def _status(row: dict) -> str:
+    return "no peer ran" if row.get("auto_ran") else "not measured"
 
 
 def markdown(data: dict) -> str:
@@ -135,25 +114,30 @@ def markdown(data: dict) -> str:
         f"around the (N, D) runs ({len(runs)} run(s); first started {runs[0]['started'] if runs else '?'}, load at its start "
         f"{runs[0]['load_start'][0] if runs else 0:.1f}), so read the ratios, not the absolute times.",
         "",
-        "## Targets",
+        "## auto against the fastest peer",
         "",
-        f"At N >= {LARGE_N}: auto at most {TIME_LARGE} of the fastest comparable peer's time (median per-round ratio) and at most "
-        f"1/5 of its extra memory; at N <= {SMALL_N}: auto not slower than it.",
+        "Per (N, D): auto against the fastest comparable peer, time as the median [quartiles] of the per-round ratios, memory "
+        "as the ratio of the extra peaks. `auto / floor`: auto's time over the GEMM floor's (the bare matrix products of the "
+        "loss), `floor / peer`: the floor's over the peer's, medians of the same rounds. `same rounds`: the dense and tiled "
+        "backends' time over the peer's, medians of the same rounds.",
         "",
         "`A/A noise`: auto against the backend that ran the same code in the same rounds (bit-identical value and "
         "gradients): a ratio that would be 1.00 on a quiet machine, its spread the noise of these measurements.",
         "",
-        "| N | D | fastest peer | auto s | peer s | auto / peer time | A/A noise | auto MiB | peer MiB | auto / peer memory | target | note |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| N | D | fastest peer | auto s | peer s | auto / peer time | A/A noise | auto MiB | peer MiB | auto / peer memory "
+        "| auto / floor | floor / peer | same rounds |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for row in targets(data):
+    for row in comparisons(data):
         if row["peer"] is None:
-            lines.append(f"| {row['n']} | {row['d']} | | | | | | | | | {_verdict(row)} | {row['note']} |")
+            lines.append(f"| {row['n']} | {row['d']} | {_status(row)} | | | | | | | | | | {row['note']} |")
             continue
         memory = f"{row['memory']:.3f}" if "memory" in row else ""
+        floor, floor_peer = _floor(row)
         lines.append(
             f"| {row['n']} | {row['d']} | {IMPLS[row['peer']].label} | {row['auto_s']:.3f} | {row['peer_s']:.3f} | {_q(row['time'], 3)} "
-            f"| {_noise(row)} | {row.get('auto_mib', 0):.0f} | {row.get('peer_mib', 0):.0f} | {memory} | {_verdict(row)} | {row['note']} |")
+            f"| {_noise(row)} | {row.get('auto_mib', 0):.0f} | {row.get('peer_mib', 0):.0f} | {memory} | {floor} | {floor_peer} "
+            f"| {row['note']} |")
     lines += [
         "",
         "## Figures",
@@ -201,17 +185,14 @@ def rst(data: dict, png_name: str) -> str:
     names = [name for name in IMPLS if any(name in r["impls"] for r in results)]
     head = ["N", "D"] + [IMPLS[name].label for name in names] + ["auto / fastest peer: time, memory"]
     rows = []
-    verdicts = {(row["n"], row["d"]): row for row in targets(data)}
     for r in results:
-        row = verdicts.get((r["n"], r["d"]))
         peer = fastest_peer(r) if _ok(r["impls"].get("auto")) else None
         ratio = ""
         if peer is not None and peer in r.get("ratio_quartiles", {}):
             memory = ""
             if r["impls"]["auto"].get("extra_peak_bytes") is not None and r["impls"][peer].get("extra_peak_bytes"):
                 memory = f", {r['impls']['auto']['extra_peak_bytes'] / r['impls'][peer]['extra_peak_bytes']:.2f}"
-            ratio = f"{_q(r['ratio_quartiles'][peer])}{memory} ({IMPLS[peer].label.split()[0]}" + (
-                f"; target {_verdict(row)})" if row else ")")
+            ratio = f"{_q(r['ratio_quartiles'][peer])}{memory} ({IMPLS[peer].label.split()[0]})"
         rows.append([str(r["n"]), str(r["d"])] + [_cell(name, r["impls"].get(name)) for name in names] + [ratio])
     loads = [x for r in results for x in (r["load_before"][0], r["load_after"][0])]
     where = meta.get("gpu") or f"{meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores)"
@@ -231,22 +212,22 @@ def rst(data: dict, png_name: str) -> str:
     _list_table(out, [head] + rows)
     out += [
         "",
-        f"Targets: at N >= {LARGE_N}, auto at most {TIME_LARGE} of the fastest comparable peer's time (median per-round "
-        f"ratio) and at most 1/5 of its extra memory; at N <= {SMALL_N}, not slower than it. A/A noise: auto against the "
+        "auto against the fastest comparable peer and the GEMM floor (the bare matrix products of the loss), medians of the "
+        "per-round ratios; same rounds: the dense and tiled backends' time over the peer's. A/A noise: auto against the "
         "backend that ran the same code (bit-identical value and gradients) in the same rounds, 1.00 on a quiet machine.",
         "",
         ".. list-table::",
         "   :header-rows: 1",
         "",
     ]
-    verdict_rows = [["N", "D", "fastest peer", "auto / peer time", "A/A noise", "auto / peer memory", "target",
-                     "what would close it"]]
-    for row in targets(data):
-        peer = IMPLS[row["peer"]].label if row["peer"] else ""
+    comparison_rows = [["N", "D", "fastest peer", "auto / peer time", "A/A noise", "auto / peer memory", "auto / floor",
+                        "floor / peer", "same rounds"]]
+    for row in comparisons(data):
+        peer = IMPLS[row["peer"]].label if row["peer"] else _status(row)
         memory = f"{row['memory']:.3f}" if "memory" in row else ""
-        verdict_rows.append([str(row["n"]), str(row["d"]), peer, _q(row["time"], 3) if row["peer"] else "", _noise(row), memory,
-                             _verdict(row), row["note"]])
-    _list_table(out, verdict_rows)
+        comparison_rows.append([str(row["n"]), str(row["d"]), peer, _q(row["time"], 3) if row["peer"] else "", _noise(row), memory,
+                                *_floor(row), row["note"]])
+    _list_table(out, comparison_rows)
     out += ["", f".. image:: ../benchmarks/results/{png_name}", "   :width: 100%", ""]
     return "\n".join(out)
 

@@ -85,8 +85,8 @@ def choose_backend(backend: str, n_rows: int, n_cols: int, device: torch.device)
 
     ``"auto"``: ``"dense"`` below :attr:`BackendConfig.auto_tiled_min_n` columns (the N x N
     matrices are small and one large matrix product is fastest), ``"tiled"`` from there on, on
-    every device. ``"triton"`` runs only when asked for: its kernels are exact but, measured on a
-    GPU, far from their matrix products' speed (docs page ``kernels``, "Triton").
+    every device. ``"triton"`` runs only when asked for: its kernels are experimental and,
+    measured on a GPU, far from their matrix products' speed (docs page ``kernels``, "Triton").
 
     Args:
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.

@@ -390,6 +390,6 @@ def backend_for(source_dtype: Optional[torch.dtype]) -> StreamingBackend:
     """The Triton backend for embeddings given in ``source_dtype`` (see :attr:`~m3co_loss.backends.Rows.source_dtype`).
 
     Under ``precision="auto"`` half-precision inputs multiply in their own precision, so each
-    precision hint has its own :class:`StreamingBackend` over the same kernels.
+    precision hint has its own :class:`~m3co_loss.backends.tiled.StreamingBackend` over the same kernels.
     """
     return _BACKENDS[_hint(source_dtype)]

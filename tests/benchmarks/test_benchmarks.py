@@ -155,26 +155,28 @@ def _peers_data(times_auto, times_peer, mem_auto, mem_peer, n):
     return dict(meta={}, results=[entry])
 
 
-@pytest.mark.parametrize("n, times_auto, mem_auto, met", [
-    (8192, [1.0, 1.0, 1.0], 10, True),   # 0.5 of the time, 1/10 of the memory
-    (8192, [1.0, 1.2, 1.2], 10, False),  # 0.6 of the time
-    (8192, [1.0, 1.0, 1.0], 30, False),  # 0.3 of the memory
-    (1024, [1.9, 2.0, 2.1], 90, True),   # not slower
-    (1024, [2.0, 2.2, 2.4], 10, False),  # slower
-    (4096, [9.0, 9.0, 9.0], 90, None),   # no target between 1024 and 8192
+@pytest.mark.parametrize("n, times_auto, mem_auto", [
+    (8192, [1.0, 1.0, 1.0], 10),
+    (8192, [1.0, 1.2, 1.2], 30),
+    (1024, [1.9, 2.0, 2.1], 90),
+    (4096, [9.0, 9.0, 9.0], 90),
 ])
-def test_peer_targets_follow_the_recorded_rounds(n, times_auto, mem_auto, met):
+def test_peer_comparisons_follow_the_recorded_rounds(n, times_auto, mem_auto):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import peers_report
 
-    rows = peers_report.targets(_peers_data(times_auto, [2.0, 2.0, 2.0], mem_auto, 100, n))
-    if met is None:
-        assert rows == []
-        return
-    (row,) = rows
-    assert row["peer"] == "open_clip" and row["met"] is met
+    data = _peers_data(times_auto, [2.0, 2.0, 2.0], mem_auto, 100, n)
+    (row,) = peers_report.comparisons(data)
+    assert row["peer"] == "open_clip" and row["n"] == n
     assert row["time"][1] == pytest.approx(sorted(a / 2.0 for a in times_auto)[1])
-    assert (row["note"] == "") is met
+    assert row["memory"] == pytest.approx(mem_auto / 100)
+    assert "floor" not in row and row["note"] == ""
+    data["results"][0]["ratios"]["floor"] = [1.5, 1.5, 1.5]
+    data["results"][0]["ratios"]["tiled"] = [1.0, 1.0, 1.0]
+    (row,) = peers_report.comparisons(data)
+    assert row["floor"] == pytest.approx(1.5)
+    assert row["floor_peer"] == pytest.approx(sorted(a / 2.0 for a in times_auto)[1] / 1.5)
+    assert row["note"] == f"tiled {row['time'][1]:.2f}"
 
 
 def test_install_peers_pins_are_the_extra():

@@ -267,8 +267,8 @@ def test_quoted_peer_figures_are_the_stored_rounds():
         return time, memory
 
     small = sorted(f"{ratios(1024, d)[0]:.2f}" for d in (512, 768))
-    assert f"at :math:`N = 1024` ``auto`` took {small[0]}-{small[1]} of open_clip's time" in text
-    for (n, d), words in (((8192, 512), "{:.2f} of its time and {:.2f} of its extra memory"), ((16384, 512), "{:.2f} and {:.2f} (met)"),
-                          ((8192, 768), "{:.2f} and {:.2f} (memory met")):
+    assert f"At :math:`N = 1024` ``auto`` took {small[0]}-{small[1]} of open_clip's time" in text
+    for (n, d), words in (((8192, 512), "{:.2f} of its time and {:.2f} of its extra memory"), ((16384, 512), "{:.2f} and {:.2f} (both"),
+                          ((8192, 768), "{:.2f} and {:.2f} (189 MiB")):
         time, memory = ratios(n, d)
         assert words.format(time, memory) in text, (n, d, time, memory)
