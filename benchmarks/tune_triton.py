@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--loss", nargs="+", default=list(LOSSES), choices=LOSSES)
     p.add_argument("--block-m", type=int, nargs="+", default=[64, 128])
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--block-d", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--block-d", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[3])
     p.add_argument("--repeats", type=int, default=5)
