@@ -1,11 +1,15 @@
 """What every loss call shares: normalisation, the process-group layout, the reduction.
 
 :mod:`m3co_loss.functional` and :mod:`m3co_loss._targets` build each call from these steps:
-check the arguments (:func:`_check_common`, :func:`_check_pair`), find the layout of the batch
-over the process group (:func:`_batch_layout`), bring the temperatures to the embeddings'
-dtype and device (:func:`_temperatures`), normalise and gather the embeddings
-(:func:`_prepare`), compute the per-sample vector, and reduce it (:func:`_reduce`); see
+check the arguments (:func:`_check_common`, :func:`_check_pair`), bring the temperatures to
+the embeddings' dtype and device (:func:`_temperatures`), find the layout of the batch over the
+process group (:func:`_batch_layout`), normalise and gather the embeddings (:func:`_prepare`),
+compute the per-sample vector, and reduce it (:func:`_reduce`); see
 :mod:`m3co_loss.functional`'s module docstring for the distributed scaling.
+
+Over a process group the value checks of a call (NaN or Inf, permutations, ``lam``, labels,
+temperatures) collect their problems in a list (:func:`_problems`) instead of raising, and
+:func:`_batch_layout` raises them on every rank once the layout is exchanged.
 """
 
 from __future__ import annotations
@@ -147,20 +151,34 @@ def _min_rows(spread: bool) -> int:
     return 0 if spread else 2
 
 
-def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence[int] = ()) -> _Batch:
+def _problems(spread: bool) -> Optional[List[str]]:
+    """Where the value checks of a call record their problems: a list over a process group, else None (they raise)."""
+    return [] if spread else None
+
+
+def _batch_layout(
+    zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence[int] = (), problems: Optional[List[str]] = None
+) -> _Batch:
     """Every rank's row count, after checking that all ranks agree on D and dtype.
 
     ``zs`` are the embeddings of the call (all of one shape). Every rank receives the same
     table, so every rank raises the same error (no rank is left waiting in a collective).
     ``extra`` are integers of this rank that every rank needs (e.g. the outcome of its value
     checks): they travel in the same collective and come back, per rank, in ``extra``.
+    ``problems`` are this rank's value problems (from :func:`_problems`): the length of the
+    first travels in the table too, and when any rank has one every rank raises a ValueError,
+    this rank's own message if it has one, else ``"rank r: "`` and the message of the first
+    rank r that has one (see :func:`_raise_problems`).
     """
     z = zs[0]
     if not spread:
+        if problems:
+            raise ValueError(problems[0])
         return _Batch((z.shape[0],), 0, _compute_dtype(zs), (tuple(extra),))
     dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
-    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, *extra], z.device)
+    message = problems[0].encode() if problems else b""
+    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, len(message), *extra], z.device)
     sizes = tuple(row[0] for row in table)
     for r, (_, d, c, *_) in enumerate(table):
         if d != table[0][1]:
@@ -169,7 +187,23 @@ def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence
             raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
     if sum(sizes) < 2:
         raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
-    return _Batch(sizes, dist_utils.rank(), dtype, tuple(tuple(row[3:]) for row in table))
+    _raise_problems([row[3] for row in table], message, z.device)
+    return _Batch(sizes, dist_utils.rank(), dtype, tuple(tuple(row[4:]) for row in table))
+
+
+def _raise_problems(lengths: Sequence[int], message: bytes, device: torch.device) -> None:
+    """Raise on every rank when any rank has a value problem (``lengths``: of each rank's message, 0 for none).
+
+    Only then do the ranks exchange their messages, in a second small collective: a call
+    without problems costs no more than the layout exchange.
+    """
+    if not any(lengths):
+        return
+    texts = dist_utils.all_gather_ints(list(message.ljust(max(lengths), b"\0")), device)
+    if message:
+        raise ValueError(message.decode())
+    bad = next(r for r, length in enumerate(lengths) if length)
+    raise ValueError(f"rank {bad}: {bytes(texts[bad][: lengths[bad]]).decode(errors='replace')}")
 
 
 def _dtype_name(code: int) -> str:
@@ -215,17 +249,26 @@ def _check_common(temperature: object, reduction: object, convention: object) ->
 
 
 def _temperatures(
-    temperature: Temperature, layout: _Batch, device: torch.device, target_temperature: Optional[Temperature] = None
+    temperature: Temperature,
+    zs: Sequence[Tensor],
+    target_temperature: Optional[Temperature] = None,
+    problems: Optional[List[str]] = None,
 ) -> Tuple[Temperature, Temperature]:
-    """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``."""
-    t = resolve_temperature("temperature", temperature, layout.dtype, device)
+    """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``.
+
+    ``zs``: the embeddings of the call, which give the dtype (:func:`_compute_dtype`) and the device.
+    """
+    dtype, device = _compute_dtype(zs), zs[0].device
+    t = resolve_temperature("temperature", temperature, dtype, device, problems)
     if target_temperature is None:
         return t, t
-    return t, resolve_temperature("target_temperature", target_temperature, layout.dtype, device)
+    return t, resolve_temperature("target_temperature", target_temperature, dtype, device, problems)
 
 
-def _check_pair(name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2) -> Tuple[Tensor, Tensor]:
-    z_a = check_embeddings(name_a, z_a, min_rows=min_rows)
-    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows)
+def _check_pair(
+    name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2, problems: Optional[List[str]] = None
+) -> Tuple[Tensor, Tensor]:
+    z_a = check_embeddings(name_a, z_a, min_rows=min_rows, problems=problems)
+    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows, problems=problems)
     check_same_device((name_a, name_b), (z_a, z_b))
     return z_a, z_b

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._batch import _Batch, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _reduce, _spread, _temperatures
+from ._batch import _Batch, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _problems, _reduce, _spread, _temperatures
 from ._validation import (
     WEIGHTS_NEGATIVE,
     WEIGHTS_NOT_FINITE,
@@ -318,7 +318,8 @@ def contrastive_loss(
     """
     t = _check_common(temperature, reduction, convention)
     spread = _spread(gather_distributed)
-    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
+    problems = _problems(spread)
+    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
     n, device = z_a.shape[0], z_a.device
     if partners is not None and labels is not None:
         raise ValueError("pass either partners (with weights) or labels, not both: they are two forms of the targets")
@@ -331,9 +332,9 @@ def contrastive_loss(
     if labels is not None:
         labels = check_labels("labels", labels, n, device)
     stats, detail = _local_value_stats(partners, weights, labels)
-    layout = _batch_layout([z_a, z_b], spread, "z_a", stats)
+    t, _ = _temperatures(t, [z_a, z_b], problems=problems)
+    layout = _batch_layout([z_a, z_b], spread, "z_a", stats, problems)
     _raise_value_errors(layout, partners, weights, detail)
-    t, _ = _temperatures(t, layout, device)
     reference = convention == "reference"
     with _no_autocast(device):
         a, b = _prepare([z_a, z_b], layout)

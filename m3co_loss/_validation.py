@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -47,6 +47,19 @@ def value_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_value_checks(previous)
+
+
+def value_problem(message: str, problems: Optional[List[str]]) -> None:
+    """Raise ``ValueError(message)``; given a list, append the message to it instead.
+
+    A call that spans a process group collects the value problems of its rank in a list and
+    shares their presence in the collective that exchanges the batch layout, after which every
+    rank raises (:func:`m3co_loss._batch._batch_layout`): a rank that raised alone before that
+    collective would leave the others waiting in it.
+    """
+    if problems is None:
+        raise ValueError(message)
+    problems.append(message)
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
@@ -114,10 +127,11 @@ def min_temperature(dtype: torch.dtype) -> float:
     return 2.0 ** -((exponent - 10) // 3)
 
 
-def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch.dtype) -> None:
+def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch.dtype, problems: Optional[List[str]] = None) -> None:
     """Refuse a temperature below :func:`min_temperature` for embeddings of ``dtype`` (or a tensor's NaN, Inf, <= 0).
 
     A float is always checked (on the host, for free); a tensor only while value checks are on.
+    ``problems``: see :func:`value_problem`.
     """
     low = min_temperature(dtype)
     if isinstance(value, Tensor):
@@ -127,24 +141,29 @@ def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch
             return
         number = float(value.detach())
         if not math.isfinite(number) or number <= 0:
-            raise ValueError(f"{name} must be a finite number > 0; got a tensor holding {number}")
+            value_problem(f"{name} must be a finite number > 0; got a tensor holding {number}", problems)
+            return
     else:
         number = value
         if number >= low:
             return
     compute = torch.promote_types(dtype, torch.float32)
-    raise ValueError(
+    value_problem(
         f"{name} = {number:.3g} is below the smallest supported temperature for {compute} computation, "
         f"{low:.3g} (2^{round(math.log2(low))}): 1/t^3 would overflow in the gradients"
-        + ("; pass float64 embeddings for smaller temperatures" if compute != torch.float64 else "")
+        + ("; pass float64 embeddings for smaller temperatures" if compute != torch.float64 else ""),
+        problems,
     )
 
 
-def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2) -> Tensor:
+def check_embeddings(
+    name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2, problems: Optional[List[str]] = None
+) -> Tensor:
     """A floating (N, D) tensor with N >= ``min_rows``, optionally of a given N and D.
 
     ``min_rows`` is 2 for a contrastive loss on one process; a rank of a process group may hold
-    fewer rows (the batch is checked as a whole once the row counts are gathered).
+    fewer rows (the batch is checked as a whole once the row counts are gathered). ``problems``:
+    see :func:`value_problem` (NaN or Inf).
     """
     if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(z).__name__}")
@@ -163,7 +182,7 @@ def check_embeddings(name: str, z: object, *, n: int | None = None, d: int | Non
     if d is not None and z.shape[1] != d:
         raise ValueError(f"{name} has dimension {z.shape[1]} but the other embeddings have D = {d}")
     if _VALUE_CHECKS and not all_finite(z):
-        raise ValueError(f"{name} contains NaN or Inf")
+        value_problem(f"{name} contains NaN or Inf", problems)
     return z
 
 
@@ -194,8 +213,8 @@ def check_same_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             raise ValueError(f"{name} is on {tensor.device} but {names[0]} is on {device}; move them to one device")
 
 
-def check_perm(name: str, perm: object, n: int, device: torch.device) -> Tensor:
-    """An integer tensor of shape (N,) holding a permutation of 0..N-1."""
+def check_perm(name: str, perm: object, n: int, device: torch.device, problems: Optional[List[str]] = None) -> Tensor:
+    """An integer tensor of shape (N,) holding a permutation of 0..N-1 (``problems``: see :func:`value_problem`)."""
     if not isinstance(perm, Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape ({n},); got {type(perm).__name__}")
     if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
@@ -208,12 +227,12 @@ def check_perm(name: str, perm: object, n: int, device: torch.device) -> Tensor:
     if _VALUE_CHECKS and has_values(perm):
         in_range = bool(((perm >= 0) & (perm < n)).all())
         if not in_range or not bool((torch.bincount(perm, minlength=n) == 1).all()):
-            raise ValueError(f"{name} must be a permutation of 0..{n - 1}")
+            value_problem(f"{name} must be a permutation of 0..{n - 1}", problems)
     return perm
 
 
-def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
-    """A floating tensor of shape (N,) with values in [0, 1]."""
+def check_lam(name: str, lam: object, n: int, device: torch.device, problems: Optional[List[str]] = None) -> Tensor:
+    """A floating tensor of shape (N,) with values in [0, 1] (``problems``: see :func:`value_problem`)."""
     if not isinstance(lam, Tensor):
         raise TypeError(f"{name} must be a floating torch.Tensor of shape ({n},); got {type(lam).__name__}")
     if not lam.is_floating_point():
@@ -223,7 +242,7 @@ def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
     if lam.device != device:
         raise ValueError(f"{name} is on {lam.device} but the embeddings are on {device}")
     if _VALUE_CHECKS and has_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
-        raise ValueError(f"{name} must lie in [0, 1] (NaN is not allowed)")
+        value_problem(f"{name} must lie in [0, 1] (NaN is not allowed)", problems)
     return lam
 
 
@@ -318,12 +337,14 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-def resolve_temperature(name: str, value: Union[float, Tensor], dtype: torch.dtype, device: torch.device) -> Union[float, Tensor]:
+def resolve_temperature(
+    name: str, value: Union[float, Tensor], dtype: torch.dtype, device: torch.device, problems: Optional[List[str]] = None
+) -> Union[float, Tensor]:
     """A temperature (from :func:`check_temperature`) as the kernels take it, range checked for ``dtype``.
 
     A float stays a float. A tensor is moved from the CPU to ``device`` if need be (any other
     device is refused) and cast to ``dtype`` (the embeddings' compute dtype); autograd carries
-    its gradient back through both.
+    its gradient back through both. ``problems``: see :func:`value_problem`.
     """
     if isinstance(value, Tensor):
         if value.device != device:
@@ -331,5 +352,5 @@ def resolve_temperature(name: str, value: Union[float, Tensor], dtype: torch.dty
                 raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}; move it to one device")
             value = value.to(device)
         value = value.to(dtype)
-    check_temperature_value(name, value, dtype)
+    check_temperature_value(name, value, dtype, problems)
     return value

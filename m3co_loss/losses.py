@@ -510,7 +510,10 @@ class M3CoLoss(ContrastiveOptions):
             plan: the :class:`MixupPlan` used for ``mixed``; drawn here when None.
             step: schedule position; default the counter advanced by :meth:`step`.
         """
-        z = F._check_modalities("z", z, min_rows=_min_rows(_spread(self.gather_distributed)))
+        spread = _spread(self.gather_distributed)
+        # Over a process group the loss below finds and shares the value problems of z (a rank
+        # that raised here alone would leave the others waiting in its collective).
+        z = F._check_modalities("z", z, min_rows=_min_rows(spread), problems=[] if spread else None)
         phase = self.phase(step)
         options: Dict[str, Any] = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
         if phase == "multisclip":

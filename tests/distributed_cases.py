@@ -353,6 +353,72 @@ def _error_cases(rank: int, world: int) -> dict:
     return out
 
 
+def _value_problem_cases(rank: int, world: int) -> dict:
+    """{case: (message of the bad rank, or None for no error; what this rank raised, or "no error")}.
+
+    The last rank passes one bad value per case (both ranks in "both ranks bad"); every rank must
+    raise a ValueError, the bad one its own message and the others the bad rank's, prefixed with
+    ``rank r:``, and then stay in step for the next call.
+    """
+    d = torch.float64
+    bad = rank == world - 1
+    g = torch.Generator().manual_seed(SEED + rank)
+    x, y = (torch.randn(3, 4, generator=g, dtype=d) for _ in range(2))
+    nan = x.clone()
+    nan[1, 2] = float("nan") if bad else nan[1, 2]
+    perm, lam = torch.tensor([2, 0, 1]), torch.tensor([0.2, 0.5, 1.0], dtype=d)
+    bad_perm = torch.tensor([2, 2, 1]) if bad else perm
+    bad_lam = torch.tensor([0.2, 1.5, 1.0], dtype=d) if bad else lam
+    logits = [torch.randn(3, 2, generator=g, dtype=d) for _ in range(2)]
+    labels = torch.tensor([0, 1, 1])
+    gather = dict(gather_distributed=True)
+    calls = {
+        "clip_loss z_a": ("z_a contains NaN or Inf", lambda: F.clip_loss(nan, y, **gather)),
+        "contrastive_loss z_b": ("z_b contains NaN or Inf", lambda: F.contrastive_loss(x, nan, labels=labels, **gather)),
+        "m3co_pair perm": ("perm must be a permutation of 0..2", lambda: F.m3co_pair(x, y, bad_perm, lam, **gather)),
+        "m3co_pair lam": ("lam must lie in [0, 1] (NaN is not allowed)", lambda: F.m3co_pair(x, y, perm, bad_lam, **gather)),
+        "m3co mixed": ("mixed[1] contains NaN or Inf", lambda: F.m3co([x, nan], [y, x], [perm, perm], lam, **gather)),
+        "m3co perms": ("perms[1] must be a permutation of 0..2", lambda: F.m3co([x, y], [y, x], [perm, bad_perm], lam, **gather)),
+        "m3co lam": ("lam[0] must lie in [0, 1] (NaN is not allowed)", lambda: F.m3co([x, y], None, [perm, perm], [bad_lam, lam], partner="mixed", **gather)),
+        "multisoftclip z": ("z[1] contains NaN or Inf", lambda: F.multisoftclip([x, nan], **gather)),
+        "multisoftclip_pair temperature": (
+            "temperature must be a finite number > 0; got a tensor holding nan",
+            lambda: F.multisoftclip_pair(x, y, temperature=torch.tensor(float("nan") if bad else 0.1, dtype=d), **gather),
+        ),
+        "unis_mmc r": ("r[0] contains NaN or Inf", lambda: F.unis_mmc([nan, y], logits, labels, **gather)),
+        "unis_mmc logits": ("logits[1] contains NaN or Inf", lambda: F.unis_mmc([x, y], [logits[0], nan[:, 1:3]], labels, **gather)),
+        "unis_mmc y": ("y must hold class indices in [0, 2)", lambda: F.unis_mmc([x, y], logits, torch.tensor([0, 2 if bad else 1, 1]), **gather)),
+        "M3CoLoss z": ("clean[0] contains NaN or Inf", lambda: m3co_loss.M3CoLoss(gather_distributed=True)([nan, y])),
+        "both ranks bad": (None, lambda: F.m3co_pair(nan if bad else x, y, perm, lam if bad else torch.tensor([0.2, -0.5, 1.0], dtype=d), **gather)),
+    }
+    out = {name: (message, _expect_error(call)) for name, (message, call) in calls.items()}
+    with m3co_loss.value_checks(False):  # nothing is checked: a NaN loss on every rank
+        value = F.clip_loss(nan, y, **gather)
+        out["value checks off"] = (None, f"loss {float(value)}")
+    # the ranks are still in step: a sound call gathers both ranks' rows
+    out["sound call after"] = (None, "no error" if F.clip_loss(x, y, reduction="none", **gather).shape == (3,) else "wrong shape")
+    return out
+
+
+def value_problems_main(rank: int, world: int, store_path: str, out_dir: str, timeout_s: float) -> None:
+    """Entry point of one spawned rank: the cases of :func:`_value_problem_cases`.
+
+    The process group's timeout ends a rank left waiting in a collective with an error (a hang
+    would otherwise outlive the test).
+    """
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    results: dict = {}
+    try:
+        results = _value_problem_cases(rank, world)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
 COMPILED_SIZES = {2: (5, 2), 3: (4, 1, 0)}
 
 

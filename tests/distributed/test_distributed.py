@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
 
 import pytest
 import torch
@@ -107,6 +108,47 @@ def test_inconsistent_inputs_raise_the_same_clear_error_on_every_rank(ranks_outp
         assert errors["weights off"].startswith("ValueError: weights on rank 0: every row must sum to 1"), (r, errors)
         assert errors["weights off"].endswith("; row 0 sums to 1.2") == (r == 0), (r, errors)  # the details: on the rank that has them
         assert errors["negative label"] == f"ValueError: labels on rank {last} must be non-negative class indices; got -1", (r, errors)
+
+
+VALUE_WORLD, VALUE_TIMEOUT_S, VALUE_DEADLINE_S = 2, 20, 240
+
+
+@pytest.fixture(scope="module")
+def value_problem_outcomes(tmp_path_factory):
+    """What each of 2 ranks raised in the cases of ``distributed_cases._value_problem_cases``.
+
+    A rank left waiting in a collective fails there after the process group's timeout; if the
+    ranks are still running at the deadline, they are terminated and the test fails.
+    """
+    folder = tmp_path_factory.mktemp("value_problems")
+    context = mp.start_processes(
+        cases.value_problems_main, args=(VALUE_WORLD, str(folder / "store"), str(folder), VALUE_TIMEOUT_S),
+        nprocs=VALUE_WORLD, join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + VALUE_DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the ranks were still running after {VALUE_DEADLINE_S} s")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(VALUE_WORLD)]
+
+
+def test_a_bad_value_on_one_rank_raises_on_every_rank(value_problem_outcomes):
+    bad = VALUE_WORLD - 1
+    names = set(value_problem_outcomes[0])
+    assert len(names) == 16 and all(set(outcome) == names for outcome in value_problem_outcomes)
+    for r, outcome in enumerate(value_problem_outcomes):
+        for name, (message, raised) in outcome.items():
+            if message is not None:
+                expected = f"ValueError: {message}" if r == bad else f"ValueError: rank {bad}: {message}"
+                assert raised == expected, (r, name, raised)
+        # two bad ranks: each raises its own problem
+        own = "lam must lie in [0, 1] (NaN is not allowed)" if r == 0 else "mixed_a contains NaN or Inf"
+        assert outcome["both ranks bad"][1] == f"ValueError: {own}", (r, outcome["both ranks bad"])
+        # value checks off: no rank raises, the NaN reaches every rank's loss
+        assert outcome["value checks off"][1] == "loss nan", (r, outcome["value checks off"])
+        assert outcome["sound call after"][1] == "no error", (r, outcome["sound call after"])
 
 
 @pytest.mark.parametrize("world", WORLDS)
