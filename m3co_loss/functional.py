@@ -47,16 +47,11 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._batch import (  # noqa: F401  (the layout helpers are part of this module's namespace)
-    _GATHER_DTYPES,
-    _NORM_SAFE_MAX,
-    _NORM_SAFE_MIN,
+from ._batch import (
     _Batch,
     _batch_layout,
     _check_common,
     _check_pair,
-    _compute_dtype,
-    _dtype_name,
     _temperatures,
     _min_rows,
     _no_autocast,

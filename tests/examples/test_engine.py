@@ -6,7 +6,6 @@ import dataclasses
 import pickle
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np

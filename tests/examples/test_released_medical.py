@@ -4,7 +4,6 @@ in float64, for a step of each phase, with the same weights and the same mixing 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
