@@ -323,6 +323,26 @@ def check_labels(name: str, labels: object, n: int, device: torch.device) -> Ten
     return labels.long()
 
 
+def check_logits(name: str, logits: object, r: Sequence[Tensor], problems: Optional[List[str]] = None) -> Tuple[List[Tensor], int]:
+    """One floating (N, C) tensor per modality of ``r``, with the same C, on ``r``'s device: ``(logits, C)``."""
+    tensors = check_sequence(name, logits)
+    if len(tensors) != len(r):
+        raise ValueError(f"{name} holds {len(tensors)} tensors but r holds {len(r)} modalities")
+    n, num_classes = r[0].shape[0], 0
+    for m, lg in enumerate(tensors):
+        if not isinstance(lg, Tensor) or not lg.is_floating_point():
+            raise TypeError(f"{name}[{m}] must be a floating torch.Tensor of shape (N, C)")
+        if lg.dim() != 2 or lg.shape[0] != n:
+            raise ValueError(f"{name}[{m}] must have shape ({n}, C); got {tuple(lg.shape)}")
+        num_classes = num_classes or lg.shape[1]
+        if lg.shape[1] != num_classes:
+            raise ValueError(f"{name}[{m}] has {lg.shape[1]} classes but {name}[0] has {num_classes}")
+        if value_checks_enabled() and not all_finite(lg):
+            value_problem(f"{name}[{m}] contains NaN or Inf", problems)
+    check_same_device(["r[0]"] + [f"{name}[{m}]" for m in range(len(tensors))], [r[0]] + tensors)
+    return tensors, num_classes
+
+
 def check_sequence(name: str, value: object, *, min_len: int = 2) -> List[Any]:
     if isinstance(value, Tensor) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a list or tuple of tensors, one per modality; got {type(value).__name__}")

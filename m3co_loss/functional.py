@@ -65,11 +65,12 @@ from ._targets import contrastive_loss, partners_vector
 from ._validation import (
     CONVENTIONS,
     REDUCTIONS,
-    all_finite,
     check_choice,
     check_embeddings,
     check_flag,
+    check_labels,
     check_lam,
+    check_logits,
     check_perm,
     check_same_device,
     check_sequence,
@@ -472,28 +473,8 @@ def unis_mmc(
     problems = _problems(spread)
     r = _check_modalities("r", r, min_rows=_min_rows(spread), problems=problems)
     n = r[0].shape[0]
-    logits = check_sequence("logits", logits)
-    if len(logits) != len(r):
-        raise ValueError(f"logits holds {len(logits)} tensors but r holds {len(r)} modalities")
-    num_classes = 0
-    for m, lg in enumerate(logits):
-        if not isinstance(lg, Tensor) or not lg.is_floating_point():
-            raise TypeError(f"logits[{m}] must be a floating torch.Tensor of shape (N, C)")
-        if lg.dim() != 2 or lg.shape[0] != n:
-            raise ValueError(f"logits[{m}] must have shape ({n}, C); got {tuple(lg.shape)}")
-        num_classes = num_classes or lg.shape[1]
-        if lg.shape[1] != num_classes:
-            raise ValueError(f"logits[{m}] has {lg.shape[1]} classes but logits[0] has {num_classes}")
-        if value_checks_enabled() and not all_finite(lg):
-            value_problem(f"logits[{m}] contains NaN or Inf", problems)
-    check_same_device(["r[0]"] + [f"logits[{m}]" for m in range(len(logits))], [r[0]] + list(logits))
-    if not isinstance(y, Tensor):
-        raise TypeError(f"y must be an integer torch.Tensor of shape ({n},); got {type(y).__name__}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"y must have an integer dtype; got {y.dtype}")
-    if y.shape != (n,):
-        raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}")
-    check_same_device(("r[0]", "y"), (r[0], y))
+    logits, num_classes = check_logits("logits", logits, r, problems)
+    y = check_labels("y", y, n, r[0].device)
     if value_checks_enabled() and has_values(y) and not bool(((y >= 0) & (y < num_classes)).all()):
         value_problem(f"y must hold class indices in [0, {num_classes})", problems)
     t, _ = _temperatures(t, r, problems=problems)

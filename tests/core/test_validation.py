@@ -157,7 +157,7 @@ def test_less_common_bad_inputs_are_named():
     expect(TypeError, r"^logits\[1\] must be a floating", lambda: F.unis_mmc([a, b], [logits[0], torch.ones(N, 3, dtype=torch.long)], y))
     expect(TypeError, r"^y must be an integer torch.Tensor .*got list", lambda: F.unis_mmc([a, b], logits, [0] * N))
     expect(ValueError, r"^logits\[1\] is on meta but r\[0\] is on cpu", lambda: F.unis_mmc([a, b], [logits[0], logits[1].to("meta")], y))
-    expect(ValueError, r"^y is on meta but r\[0\] is on cpu", lambda: F.unis_mmc([a, b], logits, y.to("meta")))
+    expect(ValueError, r"^y is on meta but the embeddings are on cpu", lambda: F.unis_mmc([a, b], logits, y.to("meta")))
     expect(ValueError, r"^perms holds 0 permutations but there are 2 modalities", lambda: F.m3co([a, b], [b, a], [], lam))
     expect(ValueError, r"^mixed\[0\] is on meta but clean\[0\] is on cpu", lambda: F.m3co([a.to("meta"), b.to("meta")], [b, a], [perm] * 2, lam))
     expect(TypeError, r"^lam\[1\] must be a floating torch.Tensor .*got str", lambda: F.m3co([a, b], [b, a], [perm] * 2, [lam, "0.5"]))
