@@ -32,8 +32,12 @@ worker threads that run one torch thread each (and private accumulators, summed 
 rather than splitting every small operation over OpenMP threads: there is no barrier per
 operation (each costs a scheduler time slice when other processes share the cores), and each
 core works on its own tile in its own cache. The assignment of tiles to workers is static, so
-results do not depend on timing. ``torch.set_num_threads`` is set to 1 inside the workers and
-restored afterwards; ``set_config(parallel_workers=False)`` uses torch's own threading instead.
+results do not depend on timing. Each worker holds its own accumulators (full-size gradients
+in the backward passes) and tile buffers, so the extra memory is about the number of workers
+times one worker's. ``torch.set_num_threads`` is set to 1 inside the workers and restored
+afterwards; it is a process-wide setting, so meanwhile the torch operations of other Python
+threads see one intra-op thread, and concurrent calls take turns.
+``set_config(parallel_workers=False)`` uses torch's own threading instead.
 
 Single-process MultiSClip runs the fused kernel :class:`~m3co_loss.backends.softclip.SoftClip`
 instead, when the temperature allows the static shift. The per-sample loss vectors are written over the two primitives by :class:`StreamingBackend`,

@@ -324,3 +324,82 @@ def test_tiled_results_are_deterministic_and_independent_of_threading(workers):
     dense = value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="dense") + F.m3co_pair(a, b, perm, lam, backend="dense"), z)
     for x, y in zip([first[0], *first[1]], [dense[0], *dense[1]]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_tiled_calls_keep_the_thread_count_and_their_values():
+    """Two Python threads computing tiled losses at once: neither may save the other's
+    ``set_num_threads(1)`` as the count to restore, nor see it as the count of workers to use."""
+    g = torch.Generator().manual_seed(5)
+    z = [torch.randn(160, 16, generator=g) for _ in range(2)]
+
+    def loss_and_grads():
+        return value_and_grads(lambda a, b: F.clip_loss(a, b, backend="tiled", reduction="none"), z)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)  # several workers even on a machine with fewer cores
+    try:
+        with backends.config(tile_rows=8, tile_cols=8, parallel_workers=True):
+            expected = loss_and_grads()
+            start = threading.Barrier(2)
+            results, errors = [], []
+
+            def run():
+                try:
+                    start.wait()
+                    results.extend(loss_and_grads() for _ in range(10))
+                except BaseException as error:  # reported by the main thread
+                    errors.append(error)
+
+            threads = [threading.Thread(target=run) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert not errors
+        seen = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        fresh.start(), fresh.join()
+        assert torch.get_num_threads() == 4 and seen == [4]
+        assert len(results) == 20
+        for value, grads in results:
+            assert torch.equal(value, expected[0])  # the same workers, hence the same sums
+            assert all(torch.equal(x, y) for x, y in zip(grads, expected[1]))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_call_that_starts_while_another_runs_its_workers_restores_the_count_of_the_process():
+    """The second call starts while the first one's workers hold the process at one thread: it
+    must wait, not save that 1 as the count to restore (a thread takes torch's count when it
+    first uses torch, here inside the second call)."""
+    from m3co_loss.backends import _tiling
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    running = threading.Event()
+
+    def slow(tasks, state):
+        running.set()
+        threading.Event().wait(0.3)  # the second call starts meanwhile
+        return [torch.ones(1)]
+
+    def finishing_last(tasks, state):
+        threading.Event().wait(0.5)  # without the lock: restores after the first call restored
+        return [torch.ones(1)]
+
+    def second():
+        running.wait(5)
+        _tiling.run_tiles([0, 1], finishing_last, 2, lambda: None)
+
+    try:
+        other = threading.Thread(target=second)
+        other.start()
+        total = _tiling.run_tiles([0, 1], slow, 2, lambda: None)
+        other.join()
+        seen = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        fresh.start(), fresh.join()
+        assert seen == [3] and torch.get_num_threads() == 3
+        assert torch.equal(total[0], torch.full((1,), 2.0))
+    finally:
+        torch.set_num_threads(previous)
