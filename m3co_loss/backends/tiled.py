@@ -199,9 +199,12 @@ def lse_backward(
         beta = (cast(Tensor, g_c) / t) * torch.exp(1.0 / t - c) if with_cols else None
         inv_t = 1.0 / cast(float, value)
         row_blocks = list(blocks(n, tile_rows))
-        # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
-        # few row blocks the tiles are split instead and every worker keeps its own dq.
-        by_rows = len(row_blocks) >= torch.get_num_threads()
+        # Worker count of either split: by rows it has as many tasks as row blocks, which is
+        # at least this count whenever that split is taken.
+        workers = num_workers(q, len(row_blocks) * len(list(blocks(N, tile_cols))), config.parallel_workers)
+        # A worker that owns whole blocks of rows writes its rows of a shared dq; with fewer row
+        # blocks than workers the tiles are split instead and every worker keeps its own dq.
+        by_rows = len(row_blocks) >= workers
         if by_rows:
             tasks = [[(i0, i1, k0, k1) for k0, k1 in blocks(N, tile_cols)] for i0, i1 in row_blocks]
             shared_dq = torch.zeros_like(q)
@@ -225,7 +228,7 @@ def lse_backward(
                 dk[k0:k1].addmm_(a.T, q[i0:i1])
             return [None if by_rows else dq, dk]
 
-        dq, dk = run_tiles(tasks, work, num_workers(q, len(tasks), config.parallel_workers), setup)
+        dq, dk = run_tiles(tasks, work, workers, setup)
         dq = shared_dq if by_rows else dq
     else:
         scratch = Scratch(q, 2, rows, cols)
@@ -235,7 +238,7 @@ def lse_backward(
         for i0, i1 in blocks(n, tile_rows):
             for k0, k1 in blocks(N, tile_cols):
                 s = torch.mm(qs[i0:i1], k[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0))
-                a = torch.zeros_like(s)
+                a = scratch(1, i1 - i0, k1 - k0).zero_()
                 if g_r is not None:
                     a += (s - r[i0:i1, None]).exp_().mul_(g_r[i0:i1, None])
                 if with_cols:

@@ -403,3 +403,30 @@ def test_a_call_that_starts_while_another_runs_its_workers_restores_the_count_of
         assert torch.equal(total[0], torch.full((1,), 2.0))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_logsumexp_backward_shares_dq_when_every_worker_gets_a_row_block(monkeypatch):
+    """Three row blocks, one column block and four torch threads: three workers, one row block
+    each, writing one shared dq (no private dq per worker)."""
+    calls = []
+
+    def recording(tasks, work, workers, setup):
+        total = run_tiles(tasks, work, workers, setup)
+        calls.append((len(tasks), workers, total[0] is None))
+        return total
+
+    run_tiles = tiled.run_tiles
+    monkeypatch.setattr(tiled, "run_tiles", recording)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.nn.functional.normalize(torch.randn(24, 5, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with backends.config(tile_rows=8, tile_cols=32, parallel_workers=True):
+            got = value_and_grads(lambda a, b: sum(x.sum() for x in tiled.logsumexp(a, b, 0.1, True)), [q, k])
+    finally:
+        torch.set_num_threads(previous)
+    assert calls[-1] == (3, 3, True)  # the backward pass: by rows, dq shared
+    expected = value_and_grads(lambda a, b: _lse_dense(a, b, 0.1)[0].sum() + _lse_dense(a, b, 0.1)[1].sum(), [q, k])
+    for x, y in zip([got[0], *got[1]], [expected[0], *expected[1]]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
