@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from m3co_loss import backends
 from m3co_loss import functional as F
-from m3co_loss.backends import Rows, tiled
+from m3co_loss.backends import Rows, softclip, tiled
 from strategies import batches, tile_sizes, tiles
 
 CONVENTIONS = ["paper", "reference"]
@@ -252,6 +252,27 @@ def test_soft_clip_coefficients_match_the_two_directions(reference, weights):
     with tiles(4, 4, 4):
         got = tiled.multisoftclip_pair_vector(a, b, 0.1, w_a, w_b, reference=reference)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_soft_clip_refuses_temperatures_it_cannot_shift_by_name():
+    g = torch.Generator().manual_seed(4)
+    a, b = (F.normalize(torch.randn(6, 3, generator=g)) for _ in range(2))
+    coefficients = softclip.SoftClipCoefficients.for_directions(1.0, 1.0, False)
+    with pytest.raises(ValueError, match=r"^t = 0.005 is below 0.025, .*float32.*backend='tiled'"):
+        softclip.soft_clip(a, b, 0.005, coefficients)
+    with pytest.raises(ValueError, match=r"^target_t = 0.01 is below 0.025"):
+        softclip.soft_clip(a, b, 0.1, coefficients, target_t=torch.tensor(0.01))
+    with pytest.raises(ValueError, match=r"^target_t must be positive"):
+        softclip.soft_clip(a, b, 0.1, coefficients, target_t=-0.5)
+    off_host = torch.tensor(0.1, device="meta")
+    with pytest.raises(ValueError, match=r"^t: .*needs the value on the host: a float or a CPU tensor; got a tensor on meta"):
+        softclip.soft_clip(a, b, off_host, coefficients)
+    with pytest.raises(ValueError, match=r"^target_t: .*needs the value on the host"):
+        softclip.SoftClip.apply(a, b, 0.1, off_host, coefficients, False)
+    # float64 allows smaller temperatures: 1/300
+    assert torch.isfinite(softclip.soft_clip(a.double(), b.double(), 0.005, coefficients)).all()
+    with pytest.raises(ValueError, match=r"^t = 0.003 is below 0.00333333, .*float64"):
+        softclip.soft_clip(a.double(), b.double(), 0.003, coefficients)
 
 
 # ----------------------------------------------------------------------------- dispatch
