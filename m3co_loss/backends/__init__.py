@@ -90,7 +90,8 @@ def choose_backend(backend: str, n_rows: int, n_cols: int, device: torch.device)
 
     Args:
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
-        n_rows: rows of this process (the local batch).
+        n_rows: rows of this process (the local batch); ignored (the choice depends on
+            ``n_cols`` only), kept so that existing calls keep working.
         n_cols: columns of the similarity matrices (the batch gathered over the process group).
         device: device of the embeddings.
 

@@ -13,9 +13,7 @@ import torch
 from torch import Tensor
 
 from ._interface import PairWeights, Rows, nonzero_pairs
-from ._tiling import _SAFE_SPAN, Temperature, host_value, static_shift_ok
-
-_is_compiling = torch.compiler.is_compiling
+from ._tiling import Temperature, host_value, safe_span, static_shift_ok
 from .softclip import SoftClipCoefficients, soft_clip
 
 __all__ = ["StreamingBackend", "LogSumExpFn", "SoftTargetSumFn"]
@@ -68,7 +66,7 @@ class StreamingBackend:
         Reading such a temperature would break the graph; ``torch.cond`` takes both paths into
         the graph and runs the one that eager mode takes.
         """
-        if not self.fused_softclip or distributed or not _is_compiling():
+        if not self.fused_softclip or distributed or not torch.compiler.is_compiling():
             return False
         return any(isinstance(x, Tensor) and x.device.type == "cpu" for x in (t, target_t))
 
@@ -77,7 +75,7 @@ class StreamingBackend:
         """:func:`static_shift_ok` as a boolean tensor (in float64: the decision of the float ``host_value``)."""
         if not isinstance(t, Tensor):
             return torch.tensor(static_shift_ok(float(t), dtype))
-        return (2.0 / t.detach().to(torch.float64)) <= _SAFE_SPAN.get(dtype, 80.0)
+        return (2.0 / t.detach().to(torch.float64)) <= safe_span(dtype)
 
     def _row_col_lse(self, a: Rows, b: Rows, t: Temperature, distributed: bool) -> Tuple[Tensor, Tensor]:
         """r_i = lse_k S[i, k] for local rows i, c_i = lse_l S[l, i] for local columns i."""

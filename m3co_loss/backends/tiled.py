@@ -291,7 +291,11 @@ class SoftTargetSum(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
-        """Recompute each tile of ``P``; see the module docstring for the gradient formulas."""
+        """Recompute each tile of ``P = softmax_row(q k^T / t)``; with ``X_il = u_l + (gamma / t_v) vq_i . vk_l``::
+
+            dG_il = g_i P_il (X_il - y_i),   dq = dG k / t,   dk = dG^T q / t,
+            du_l = sum_i g_i P_il,   dvk_l = (gamma / t_v) sum_i g_i P_il vq_i,   dvq_i = (gamma / t_v) g_i (P vk)_i.
+        """
         need_q, need_k, _, _, _, need_t, _, need_t_v = ctx.needs_input_grad
         # the softmax's operands and temperature need the tiles of dG; detached soft targets do not
         need_logits = need_q or need_k or need_t

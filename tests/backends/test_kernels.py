@@ -451,3 +451,16 @@ def test_logsumexp_backward_shares_dq_when_every_worker_gets_a_row_block(monkeyp
     expected = value_and_grads(lambda a, b: _lse_dense(a, b, 0.1)[0].sum() + _lse_dense(a, b, 0.1)[1].sum(), [q, k])
     for x, y in zip([got[0], *got[1]], [expected[0], *expected[1]]):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_static_shift_decisions_agree_on_floats_and_tensors(dtype):
+    from m3co_loss.backends._streaming import StreamingBackend
+    from m3co_loss.backends._tiling import safe_span, static_shift_ok
+
+    assert safe_span(dtype) == {torch.float64: 600.0}.get(dtype, 80.0)
+    for t in (0.1, 0.025, 0.0249, 0.004, 1 / 300, 0.0033):
+        expected = static_shift_ok(t, dtype)
+        assert expected == (2.0 / t <= safe_span(dtype))
+        assert bool(StreamingBackend._static_shift_tensor(torch.tensor(t, dtype=torch.float64), dtype)) == expected
+        assert bool(StreamingBackend._static_shift_tensor(t, dtype)) == expected
