@@ -21,7 +21,7 @@ set the tile sizes, the CPU worker threads, the ``"auto"`` threshold and the Tri
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from torch import Tensor
 from .._validation import BACKENDS, check_choice
 from . import dense, tiled, triton
 from ._config import BackendConfig, config, get_config, set_config
-from ._interface import Backend, PairWeights, Rows, Temperature
+from ._interface import Backend, PairWeights, Rows, Temperature, check_pair_weights, nonzero_pairs
 
 __all__ = [
     "BACKENDS",
@@ -90,7 +90,8 @@ def choose_backend(backend: str, n_rows: int, n_cols: int, device: torch.device)
 
     Args:
         backend: ``"auto"``, ``"dense"``, ``"tiled"`` or ``"triton"``.
-        n_rows: rows of this process (the local batch).
+        n_rows: rows of this process (the local batch); ignored (the choice depends on
+            ``n_cols`` only), kept so that existing calls keep working.
         n_cols: columns of the similarity matrices (the batch gathered over the process group).
         device: device of the embeddings.
 
@@ -181,10 +182,15 @@ def multisoftclip_pairs(
     ``S = p_a p_b^T / t`` (and the dense backend shares each modality's soft targets between
     pairs); with ``distributed`` every direction is one :func:`multisoftclip_vector`, which needs
     ``gather``. ``target_t`` and ``detach_targets`` are those of :func:`multisoftclip_vector`.
+    A pair whose two weights are 0 adds nothing, in every backend (zeros when every pair is such).
 
     Raises:
-        ValueError: ``distributed`` without ``gather``.
+        TypeError: ``weights`` is not a mapping.
+        ValueError: ``weights`` is empty, has a key other than ``(a, b)`` with
+            ``0 <= a < b < len(rows)``, or a value other than two finite non-negative numbers;
+            or ``distributed`` without ``gather``.
     """
+    weights = check_pair_weights(weights, len(rows))
     impl = _implementation(backend, rows[0])
     if not distributed:
         return impl.multisoftclip_pairs([r.local for r in rows], weights, t, reference=reference, target_t=target_t, detach_targets=detach_targets)
@@ -192,7 +198,7 @@ def multisoftclip_pairs(
         raise ValueError("gather is needed with distributed=True: it concatenates per-row vectors over the process group")
     vector = impl.multisoftclip_vector
     total: Optional[Tensor] = None
-    for (a, b), (weight_a, weight_b) in weights.items():
+    for (a, b), (weight_a, weight_b) in nonzero_pairs(weights).items():
         pair: Optional[Tensor] = None
         for weight, targets, other in ((weight_a, rows[a], rows[b]), (weight_b, rows[b], rows[a])):
             if weight:
@@ -200,7 +206,6 @@ def multisoftclip_pairs(
                     targets, other, t, reference=reference, gather=gather, distributed=True, target_t=target_t, detach_targets=detach_targets
                 )
                 pair = v if pair is None else pair + v
-        assert pair is not None, f"both directions of the pair {(a, b)} have weight 0"
-        total = pair if total is None else total + pair
-    assert total is not None, "weights hold no pair"
-    return total
+        pair_sum = cast(Tensor, pair)  # a weight of the pair is nonzero
+        total = pair_sum if total is None else total + pair_sum
+    return rows[0].local.new_zeros(rows[0].local.shape[0]) if total is None else total

@@ -34,7 +34,7 @@ class BackendConfig:
             threads that run one torch thread each (True), or run them in the calling thread
             and let torch split every operation over its own threads (False).
         auto_tiled_min_n: ``backend="auto"`` computes dense N x N matrices below this many
-            columns (the gathered batch size) and uses the tiled or Triton backend from it on
+            columns (the gathered batch size) and uses the tiled backend from it on
             (2048, the cross-over measured on CPU by ``benchmarks/bench_kernels.py``).
         triton_block_m: rows of the score tile of one Triton program step (64).
         triton_block_n: columns of that tile (64).
@@ -69,7 +69,6 @@ class BackendConfig:
 
 
 PRECISIONS = ("auto", "ieee", "tf32", "bf16", "fp16")
-_POSITIVE_INTS = ("tile_rows", "tile_cols", "tile_square", "auto_tiled_min_n", "triton_num_stages")
 _TRITON_BLOCKS = ("triton_block_m", "triton_block_n", "triton_block_d")
 _FLAGS = ("parallel_workers",)
 _CHOICES = {"precision": PRECISIONS}

@@ -11,18 +11,56 @@ per-sample losses of this process's rows (its mean is the ``"mean"`` loss on one
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
+import math
+import numbers
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "PairWeights", "Backend", "Temperature"]
+__all__ = ["Rows", "PairWeights", "Backend", "Temperature", "check_pair_weights", "nonzero_pairs"]
 
 # A temperature: a float, or a 0-dim tensor of the embeddings' dtype and device (it may require grad).
 Temperature = Union[float, Tensor]
 
 # Unordered modality pair (a, b), a < b -> (weight of Ls(a; a, b), weight of Ls(b; a, b)).
 PairWeights = Mapping[Tuple[int, int], Sequence[float]]
+
+
+def check_pair_weights(weights: object, modalities: int) -> Dict[Tuple[int, int], Tuple[float, float]]:
+    """``weights`` as a dict of float pairs, checked: at least one pair, keys ``(a, b)`` with
+    ``0 <= a < b < modalities``, values two finite non-negative numbers.
+
+    Raises:
+        TypeError: ``weights`` is not a mapping.
+        ValueError: naming ``weights``: it is empty, or holds another key or value.
+    """
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a mapping from modality pairs (a, b) to two weights; got {type(weights).__name__}")
+    if not weights:
+        raise ValueError("weights must hold at least one modality pair")
+    checked: Dict[Tuple[int, int], Tuple[float, float]] = {}
+    for key, value in weights.items():
+        if not (isinstance(key, tuple) and len(key) == 2 and all(_is_index(i) for i in key) and 0 <= key[0] < key[1] < modalities):
+            raise ValueError(f"weights: every key must be a pair (a, b) of modality indices, 0 <= a < b < {modalities}; got {key!r}")
+        pair = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
+        if len(pair) != 2 or not all(_is_weight(w) for w in pair):
+            raise ValueError(f"weights[{key!r}] must be two finite non-negative numbers (the weights of the two directions); got {value!r}")
+        checked[(int(key[0]), int(key[1]))] = (float(pair[0]), float(pair[1]))
+    return checked
+
+
+def _is_index(i: object) -> bool:
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool)
+
+
+def _is_weight(w: object) -> bool:
+    return isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(float(w)) and float(w) >= 0
+
+
+def nonzero_pairs(weights: PairWeights) -> Dict[Tuple[int, int], Tuple[float, float]]:
+    """The pairs of ``weights`` with a nonzero weight: a pair whose two weights are 0 adds nothing, in every backend."""
+    return {key: (value[0], value[1]) for key, value in weights.items() if value[0] or value[1]}
 
 
 class Rows(NamedTuple):

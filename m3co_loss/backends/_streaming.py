@@ -7,15 +7,13 @@ MultiSClip may run the fused kernel of :mod:`m3co_loss.backends.softclip` instea
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
 
-from ._interface import PairWeights, Rows
-from ._tiling import _SAFE_SPAN, Temperature, host_value, static_shift_ok
-
-_is_compiling = torch.compiler.is_compiling
+from ._interface import PairWeights, Rows, nonzero_pairs
+from ._tiling import Temperature, host_value, safe_span, static_shift_ok
 from .softclip import SoftClipCoefficients, soft_clip
 
 __all__ = ["StreamingBackend", "LogSumExpFn", "SoftTargetSumFn"]
@@ -68,7 +66,7 @@ class StreamingBackend:
         Reading such a temperature would break the graph; ``torch.cond`` takes both paths into
         the graph and runs the one that eager mode takes.
         """
-        if not self.fused_softclip or distributed or not _is_compiling():
+        if not self.fused_softclip or distributed or not torch.compiler.is_compiling():
             return False
         return any(isinstance(x, Tensor) and x.device.type == "cpu" for x in (t, target_t))
 
@@ -77,7 +75,7 @@ class StreamingBackend:
         """:func:`static_shift_ok` as a boolean tensor (in float64: the decision of the float ``host_value``)."""
         if not isinstance(t, Tensor):
             return torch.tensor(static_shift_ok(float(t), dtype))
-        return (2.0 / t.detach().to(torch.float64)) <= _SAFE_SPAN.get(dtype, 80.0)
+        return (2.0 / t.detach().to(torch.float64)) <= safe_span(dtype)
 
     def _row_col_lse(self, a: Rows, b: Rows, t: Temperature, distributed: bool) -> Tuple[Tensor, Tensor]:
         """r_i = lse_k S[i, k] for local rows i, c_i = lse_l S[l, i] for local columns i."""
@@ -163,8 +161,10 @@ class StreamingBackend:
         target_t: Optional[Temperature] = None,
         detach_targets: bool = False,
     ) -> Tensor:
-        """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` for one process, sharing S between the directions."""
+        """``weight_a Ls(a; a, b) + weight_b Ls(b; a, b)`` for one process, sharing S between the directions (zeros when both weights are 0)."""
         target_t = t if target_t is None else target_t
+        if not (weight_a or weight_b):
+            return a.new_zeros(a.shape[0])
 
         def fused() -> Tensor:
             coefficients = SoftClipCoefficients.for_directions(weight_a, weight_b, reference)
@@ -178,8 +178,7 @@ class StreamingBackend:
                         Rows(targets, targets, 0), Rows(other, other, 0), t, target_t, reference=reference, gather=_identity, distributed=False, detach_targets=detach_targets
                     )
                     total = v if total is None else total + v
-            assert total is not None, "both weights are zero"
-            return total
+            return cast(Tensor, total)  # a weight is nonzero
 
         return self._fused_or(fused, streaming, a, t, target_t, False)
 
@@ -193,10 +192,12 @@ class StreamingBackend:
         target_t: Optional[Temperature] = None,
         detach_targets: bool = False,
     ) -> Tensor:
-        """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``, one fused call per pair."""
+        """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``, one fused call per pair.
+
+        A pair whose two weights are 0 is skipped (zeros when no pair is left).
+        """
         total: Optional[Tensor] = None
-        for (a, b), (weight_a, weight_b) in weights.items():
+        for (a, b), (weight_a, weight_b) in nonzero_pairs(weights).items():
             v = self.multisoftclip_pair_vector(p[a], p[b], t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
             total = v if total is None else total + v
-        assert total is not None, "weights hold no pair"
-        return total
+        return p[0].new_zeros(p[0].shape[0]) if total is None else total

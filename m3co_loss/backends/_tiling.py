@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, cast
 
@@ -17,10 +18,36 @@ from torch import Tensor
 from ._config import PRECISIONS, BackendConfig
 from ._interface import Temperature
 
-__all__ = ["Temperature", "split_temperature", "join_temperature", "encode_config", "decode_config", "fake_config", "host_value", "operand", "temperature_grad", "max_is_diagonal", "static_shift_ok", "blocks", "block_pairs", "shifted_scores", "Scratch", "span", "num_workers", "run_tiles", "first_order_only"]
+__all__ = [
+    "Temperature",
+    "split_temperature",
+    "join_temperature",
+    "encode_config",
+    "decode_config",
+    "fake_config",
+    "host_value",
+    "operand",
+    "temperature_grad",
+    "max_is_diagonal",
+    "safe_span",
+    "static_shift_ok",
+    "blocks",
+    "block_pairs",
+    "shifted_scores",
+    "Scratch",
+    "span",
+    "num_workers",
+    "run_tiles",
+    "first_order_only",
+]
 
 # Largest 2/t for which exp(S - 1/t) neither underflows a whole row nor overflows.
 _SAFE_SPAN: Dict[torch.dtype, float] = {torch.float32: 80.0, torch.float64: 600.0}
+
+# torch.set_num_threads is process-wide: the worker threads of one call set it to 1 and the call
+# restores it. Two calls at once, from different Python threads, could each save the other's 1
+# and leave the process at one thread; this lock makes the save / run / restore one step.
+_THREADS_LOCK = threading.Lock()
 
 Task = TypeVar("Task")
 State = TypeVar("State")
@@ -108,9 +135,14 @@ def max_is_diagonal(t: Optional[float], q: Tensor) -> bool:
     return 2.0 * (q.shape[1] + 2) * (torch.finfo(q.dtype).eps / 2) / t <= 1.0
 
 
+def safe_span(dtype: torch.dtype) -> float:
+    """The largest ``2/t`` for which the static shift is safe in ``dtype`` (float32's for other dtypes)."""
+    return _SAFE_SPAN.get(dtype, _SAFE_SPAN[torch.float32])
+
+
 def static_shift_ok(t: Optional[float], dtype: torch.dtype) -> bool:
     """Whether ``exp(S - 1/t)`` is safe in ``dtype``: the kernels may shift by the constant ``1/t`` (None: value unknown, no)."""
-    return t is not None and 2.0 / t <= _SAFE_SPAN.get(dtype, 80.0)
+    return t is not None and 2.0 / t <= safe_span(dtype)
 
 
 def blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:
@@ -154,21 +186,30 @@ def span(x: slice) -> int:
 
 def num_workers(x: Tensor, tasks: int, parallel: bool) -> int:
     """Worker threads for ``tasks`` tiles of ``x``: one per torch thread on CPU when ``parallel``, else 1."""
-    if not parallel or x.device.type != "cpu":
+    if not parallel or x.device.type != "cpu" or tasks <= 1:
         return 1
-    return max(1, min(torch.get_num_threads(), tasks))
+    # Read under the lock of run_tiles: while another call runs its workers the process is at
+    # one thread, and the worker count (hence the order of the sums) must not depend on that.
+    with _THREADS_LOCK:
+        threads = torch.get_num_threads()
+    return max(1, min(threads, tasks))
 
 
 def run_tiles(tasks: Sequence[Task], work: Callable[[Sequence[Task], State], List[Any]], workers: int, setup: Callable[[], State]) -> List[Any]:
     """``work(tasks[j::workers], setup())`` for every worker j; the element-wise sums of their result lists.
 
     ``setup`` allocates a worker's buffers and accumulators; it runs in the calling thread, so
-    that they come from its allocator arena and the memory held does not grow with the threads.
+    that they come from its allocator arena. Every worker holds its own set, so the memory held
+    is about ``workers`` times one worker's (in the tiled kernels: its tile buffers and, in the
+    backward passes, full-size gradient accumulators); the sets are summed into the first.
+
+    With several workers, ``torch.set_num_threads(1)`` is in force for the whole process while
+    they run (it cannot be set for one thread only): torch operations of other Python threads
+    run on one intra-op thread meanwhile, and other calls of this function wait for this one.
     """
     if workers <= 1:
         with torch.no_grad():
             return work(tasks, setup())
-    previous = torch.get_num_threads()
     states = [setup() for _ in range(workers)]
 
     def run(j: int) -> List[Any]:
@@ -176,11 +217,13 @@ def run_tiles(tasks: Sequence[Task], work: Callable[[Sequence[Task], State], Lis
         with torch.no_grad():
             return work(tasks[j::workers], states[j])
 
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3co-tiles") as pool:
-            parts = list(pool.map(run, range(workers)))
-    finally:
-        torch.set_num_threads(previous)
+    with _THREADS_LOCK:
+        previous = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3co-tiles") as pool:
+                parts = list(pool.map(run, range(workers)))
+        finally:
+            torch.set_num_threads(previous)
     total = parts[0]
     for part in parts[1:]:
         for acc, x in zip(total, part):

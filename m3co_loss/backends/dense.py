@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._interface import PairWeights, Rows, Temperature
+from ._interface import PairWeights, Rows, Temperature, nonzero_pairs
 
 __all__ = ["m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"]
 
@@ -94,7 +94,8 @@ def multisoftclip_pairs(
     direction with targets from b uses ``S^T``, whose row and column log-sum-exps are those of
     ``S`` swapped), and every term with targets from modality m shares
     ``W_m = softmax(p_m p_m^T / target_t)``. So M(M-1)/2 cross and at most M target matrices are formed,
-    instead of two matrices per directed term (for M = 3, 6 instead of 12).
+    instead of two matrices per directed term (for M = 3, 6 instead of 12). A pair whose two
+    weights are 0 is skipped (zeros when no pair is left).
     """
     targets: Dict[int, Tensor] = {}
     target_t = t if target_t is None else target_t
@@ -105,7 +106,7 @@ def multisoftclip_pairs(
         return targets[m]
 
     total: Optional[Tensor] = None
-    for (a, b), (weight_a, weight_b) in weights.items():
+    for (a, b), (weight_a, weight_b) in nonzero_pairs(weights).items():
         s = (p[a] / t) @ p[b].T
         lse_rows, lse_cols = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
         # (weight, targets, S of the direction, its row and column log-sum-exps)
@@ -119,5 +120,4 @@ def multisoftclip_pairs(
                 v = c + (w * (r.unsqueeze(0) - 2 * s_cols)).sum(1)
             v = weight * v
             total = v if total is None else total + v
-    assert total is not None, "weights hold no nonzero weight"
-    return total
+    return p[0].new_zeros(p[0].shape[0]) if total is None else total

@@ -34,7 +34,7 @@ Tile sizes (``tile_square``) and the CPU worker threads are read from
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -52,9 +52,11 @@ from ._tiling import (
     join_temperature,
     num_workers,
     run_tiles,
+    safe_span,
     shifted_scores,
     span,
     split_temperature,
+    static_shift_ok,
     temperature_grad,
 )
 
@@ -115,6 +117,31 @@ def _cross_scores(a: Tensor, b: Tensor, rows: slice, cols: slice, diag: bool, in
     return s, shifted_scores(b[rows], a[cols], inv_t, u_out)
 
 
+def check_temperatures(t: Temperature, target_t: Temperature, dtype: torch.dtype) -> Tuple[float, float]:
+    """The host values of ``t`` and ``target_t``, which the static shift of the fused kernel needs.
+
+    Raises:
+        ValueError: naming ``t`` or ``target_t``: a tensor off the CPU (its value would cost a
+            device synchronisation), a temperature that is not positive, or one below the
+            smallest for which the static shift is safe in ``dtype`` (it would give NaN).
+    """
+    values = []
+    for name, x in (("t", t), ("target_t", target_t)):
+        value = host_value(x)
+        if value is None:
+            device = cast(Tensor, x).device
+            raise ValueError(f"{name}: the fused SoftClip kernel needs the value on the host: a float or a CPU tensor; got a tensor on {device}")
+        if not value > 0:
+            raise ValueError(f"{name} must be positive; got {value!r}")
+        if not static_shift_ok(value, dtype):
+            raise ValueError(
+                f"{name} = {value:g} is below {2.0 / safe_span(dtype):g}, the smallest temperature of the fused SoftClip kernel in {dtype} "
+                "(its static shift would overflow); backend='tiled' via m3co_loss.functional handles it with exact maxima"
+            )
+        values.append(value)
+    return values[0], values[1]
+
+
 def _one_tensor(t: Temperature, target_t: Temperature) -> bool:
     """Whether both temperatures are one tensor: its gradient is then the sum of both parts, taken in one piece."""
     return isinstance(t, Tensor) and target_t is t
@@ -127,7 +154,7 @@ class SoftClip(torch.autograd.Function):
     L2-normalised (N, D) embeddings, ``S = A B^T / t``, soft targets ``softmax(A A^T / target_t)``
     and ``softmax(B B^T / target_t)``, and ``coefficients`` a :class:`SoftClipCoefficients`.
     Needs the static shift (``2/t`` and ``2/target_t`` within the exponent range of the dtype)
-    and so the temperatures' values: floats or CPU tensors. A tensor temperature's gradient
+    and so the temperatures' values: floats or CPU tensors (else a ValueError). A tensor temperature's gradient
     comes from the operands' (docs page ``maths``); ``target_t`` may be ``t`` itself.
     ``detach_targets`` treats the soft targets as constants.
     """
@@ -172,8 +199,7 @@ class SoftClipStats(NamedTuple):
 
 def softclip_forward(a: Tensor, b: Tensor, t: Temperature, target_t: Temperature, coef: SoftClipCoefficients) -> Tuple[Tensor, SoftClipStats, BackendConfig]:
     """The forward pass of :class:`SoftClip` on detached contiguous ``a``, ``b``: ``(v, statistics, config)``."""
-    ts, tt = host_value(t), host_value(target_t)
-    assert ts is not None and tt is not None, "SoftClip needs the temperatures' values (floats or CPU tensors)"
+    ts, tt = check_temperatures(t, target_t, a.dtype)
     n = a.shape[0]
     config = get_config()
     size = min(config.tile_square, n)
@@ -513,9 +539,17 @@ def soft_clip(
     ``m3co_loss::softclip``, the same computation, which the compiler keeps in its graph (the first
     eager call of a custom operator with an autograd formula imports ``torch._dynamo``: about
     150 MiB of memory that an eager training loop need not hold).
+
+    Raises:
+        ValueError: naming ``t`` or ``target_t``: a tensor off the CPU, or a temperature below
+            the smallest of the static shift in the embeddings' dtype (0.025 in float32, 1/300 in
+            float64); ``m3co_loss.functional`` with ``backend='tiled'`` computes those.
     """
     target_t = t if target_t is None else target_t
     if not torch.compiler.is_compiling():
+        # Under torch.compile a CPU tensor's value is not read while tracing; the operator's
+        # forward pass checks it when it runs.
+        check_temperatures(t, target_t, a.dtype)
         return SoftClip.apply(a, b, t, target_t, coefficients, detach_targets)  # type: ignore[no-any-return, no-untyped-call]
     shared = _one_tensor(t, target_t)
     v: Tensor = _softclip_op(a, b, *split_temperature(t), *split_temperature(target_t), [float(x) for x in coefficients], detach_targets, shared)[0]

@@ -32,8 +32,12 @@ worker threads that run one torch thread each (and private accumulators, summed 
 rather than splitting every small operation over OpenMP threads: there is no barrier per
 operation (each costs a scheduler time slice when other processes share the cores), and each
 core works on its own tile in its own cache. The assignment of tiles to workers is static, so
-results do not depend on timing. ``torch.set_num_threads`` is set to 1 inside the workers and
-restored afterwards; ``set_config(parallel_workers=False)`` uses torch's own threading instead.
+results do not depend on timing. Each worker holds its own accumulators (full-size gradients
+in the backward passes) and tile buffers, so the extra memory is about the number of workers
+times one worker's. ``torch.set_num_threads`` is set to 1 inside the workers and restored
+afterwards; it is a process-wide setting, so meanwhile the torch operations of other Python
+threads see one intra-op thread, and concurrent calls take turns.
+``set_config(parallel_workers=False)`` uses torch's own threading instead.
 
 Single-process MultiSClip runs the fused kernel :class:`~m3co_loss.backends.softclip.SoftClip`
 instead, when the temperature allows the static shift. The per-sample loss vectors are written over the two primitives by :class:`StreamingBackend`,
@@ -195,9 +199,12 @@ def lse_backward(
         beta = (cast(Tensor, g_c) / t) * torch.exp(1.0 / t - c) if with_cols else None
         inv_t = 1.0 / cast(float, value)
         row_blocks = list(blocks(n, tile_rows))
-        # A worker that owns whole blocks of rows writes its rows of a shared dq; with too
-        # few row blocks the tiles are split instead and every worker keeps its own dq.
-        by_rows = len(row_blocks) >= torch.get_num_threads()
+        # Worker count of either split: by rows it has as many tasks as row blocks, which is
+        # at least this count whenever that split is taken.
+        workers = num_workers(q, len(row_blocks) * len(list(blocks(N, tile_cols))), config.parallel_workers)
+        # A worker that owns whole blocks of rows writes its rows of a shared dq; with fewer row
+        # blocks than workers the tiles are split instead and every worker keeps its own dq.
+        by_rows = len(row_blocks) >= workers
         if by_rows:
             tasks = [[(i0, i1, k0, k1) for k0, k1 in blocks(N, tile_cols)] for i0, i1 in row_blocks]
             shared_dq = torch.zeros_like(q)
@@ -221,7 +228,7 @@ def lse_backward(
                 dk[k0:k1].addmm_(a.T, q[i0:i1])
             return [None if by_rows else dq, dk]
 
-        dq, dk = run_tiles(tasks, work, num_workers(q, len(tasks), config.parallel_workers), setup)
+        dq, dk = run_tiles(tasks, work, workers, setup)
         dq = shared_dq if by_rows else dq
     else:
         scratch = Scratch(q, 2, rows, cols)
@@ -231,7 +238,7 @@ def lse_backward(
         for i0, i1 in blocks(n, tile_rows):
             for k0, k1 in blocks(N, tile_cols):
                 s = torch.mm(qs[i0:i1], k[k0:k1].T, out=scratch(0, i1 - i0, k1 - k0))
-                a = torch.zeros_like(s)
+                a = scratch(1, i1 - i0, k1 - k0).zero_()
                 if g_r is not None:
                     a += (s - r[i0:i1, None]).exp_().mul_(g_r[i0:i1, None])
                 if with_cols:
@@ -284,7 +291,11 @@ class SoftTargetSum(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
-        """Recompute each tile of ``P``; see the module docstring for the gradient formulas."""
+        """Recompute each tile of ``P = softmax_row(q k^T / t)``; with ``X_il = u_l + (gamma / t_v) vq_i . vk_l``::
+
+            dG_il = g_i P_il (X_il - y_i),   dq = dG k / t,   dk = dG^T q / t,
+            du_l = sum_i g_i P_il,   dvk_l = (gamma / t_v) sum_i g_i P_il vq_i,   dvq_i = (gamma / t_v) g_i (P vk)_i.
+        """
         need_q, need_k, _, _, _, need_t, _, need_t_v = ctx.needs_input_grad
         # the softmax's operands and temperature need the tiles of dG; detached soft targets do not
         need_logits = need_q or need_k or need_t

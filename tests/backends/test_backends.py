@@ -162,6 +162,51 @@ def test_distributed_multisoftclip_pairs_needs_gather():
         backends.multisoftclip_pairs([a, b], {(0, 1): (1.0, 1.0)}, 0.1, reference=False, distributed=True, backend="tiled")
 
 
+@pytest.mark.parametrize("t", [0.1, 0.01])  # float32: the fused kernel, then the streaming path with exact maxima
+def test_a_pair_with_two_zero_weights_adds_nothing_in_every_backend(t):
+    g = torch.Generator().manual_seed(8)
+    rows = [Rows(x, x, 0) for x in (F.normalize(torch.randn(10, 4, generator=g)) for _ in range(3))]
+    with_zero = {(0, 1): (0.5, 0.5), (0, 2): (0.0, 0.0), (1, 2): (1.0, 0.0)}
+    without = {(0, 1): (0.5, 0.5), (1, 2): (1.0, 0.0)}
+    expected = backends.multisoftclip_pairs(rows, without, t, reference=False, backend="dense")
+    with backends.config(tile_rows=4, tile_cols=4, tile_square=4):
+        for backend in ("dense", "tiled"):
+            got = backends.multisoftclip_pairs(rows, with_zero, t, reference=False, backend=backend)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 / t)
+            got = backends.multisoftclip_pairs(rows, with_zero, t, reference=False, backend=backend, distributed=True, gather=lambda x: x)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 / t)
+            only_zero = backends.multisoftclip_pairs(rows, {(0, 2): (0.0, 0.0)}, t, reference=True, backend=backend)
+            assert torch.equal(only_zero, torch.zeros(10))
+        assert torch.equal(tiled.multisoftclip_pair_vector(rows[0].local, rows[1].local, t, 0.0, 0.0, reference=False), torch.zeros(10))
+
+
+@pytest.mark.parametrize(
+    "weights, error, message",
+    [
+        ([((0, 1), (1.0, 1.0))], TypeError, "weights must be a mapping"),
+        ({}, ValueError, "weights must hold at least one modality pair"),
+        ({(1, 0): (1.0, 1.0)}, ValueError, r"weights: every key must be a pair \(a, b\) .* 0 <= a < b < 2; got \(1, 0\)"),
+        ({(0, 2): (1.0, 1.0)}, ValueError, "weights: every key"),
+        ({(0, 0): (1.0, 1.0)}, ValueError, "weights: every key"),
+        ({0: (1.0, 1.0)}, ValueError, "weights: every key"),
+        ({(0.0, 1): (1.0, 1.0)}, ValueError, "weights: every key"),
+        ({(0, 1): (1.0,)}, ValueError, r"weights\[\(0, 1\)\] must be two finite non-negative numbers"),
+        ({(0, 1): 1.0}, ValueError, r"weights\[\(0, 1\)\] must be two"),
+        ({(0, 1): (-0.5, 1.0)}, ValueError, r"weights\[\(0, 1\)\] must be two"),
+        ({(0, 1): (float("nan"), 1.0)}, ValueError, r"weights\[\(0, 1\)\] must be two"),
+        ({(0, 1): (1.0, float("inf"))}, ValueError, r"weights\[\(0, 1\)\] must be two"),
+        ({(0, 1): (True, 1.0)}, ValueError, r"weights\[\(0, 1\)\] must be two"),
+        ({(0, 1): "ab"}, ValueError, r"weights\[\(0, 1\)\] must be two"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["dense", "tiled"])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_multisoftclip_pairs_refuses_bad_weights_by_name(weights, error, message, backend, distributed):
+    rows = [Rows(x, x, 0) for x in (F.normalize(x) for x in batch())]
+    with pytest.raises(error, match=message):
+        backends.multisoftclip_pairs(rows, weights, 0.1, reference=False, backend=backend, distributed=distributed, gather=lambda x: x)
+
+
 def test_importing_the_package_does_not_import_triton():
     code = "import sys, m3co_loss, m3co_loss.backends.triton, m3co_loss.triton_kernels; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

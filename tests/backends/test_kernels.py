@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from m3co_loss import backends
 from m3co_loss import functional as F
-from m3co_loss.backends import Rows, tiled
+from m3co_loss.backends import Rows, softclip, tiled
 from strategies import batches, tile_sizes, tiles
 
 CONVENTIONS = ["paper", "reference"]
@@ -254,6 +254,27 @@ def test_soft_clip_coefficients_match_the_two_directions(reference, weights):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_soft_clip_refuses_temperatures_it_cannot_shift_by_name():
+    g = torch.Generator().manual_seed(4)
+    a, b = (F.normalize(torch.randn(6, 3, generator=g)) for _ in range(2))
+    coefficients = softclip.SoftClipCoefficients.for_directions(1.0, 1.0, False)
+    with pytest.raises(ValueError, match=r"^t = 0.005 is below 0.025, .*float32.*backend='tiled'"):
+        softclip.soft_clip(a, b, 0.005, coefficients)
+    with pytest.raises(ValueError, match=r"^target_t = 0.01 is below 0.025"):
+        softclip.soft_clip(a, b, 0.1, coefficients, target_t=torch.tensor(0.01))
+    with pytest.raises(ValueError, match=r"^target_t must be positive"):
+        softclip.soft_clip(a, b, 0.1, coefficients, target_t=-0.5)
+    off_host = torch.tensor(0.1, device="meta")
+    with pytest.raises(ValueError, match=r"^t: .*needs the value on the host: a float or a CPU tensor; got a tensor on meta"):
+        softclip.soft_clip(a, b, off_host, coefficients)
+    with pytest.raises(ValueError, match=r"^target_t: .*needs the value on the host"):
+        softclip.SoftClip.apply(a, b, 0.1, off_host, coefficients, False)
+    # float64 allows smaller temperatures: 1/300
+    assert torch.isfinite(softclip.soft_clip(a.double(), b.double(), 0.005, coefficients)).all()
+    with pytest.raises(ValueError, match=r"^t = 0.003 is below 0.00333333, .*float64"):
+        softclip.soft_clip(a.double(), b.double(), 0.003, coefficients)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 
@@ -324,3 +345,122 @@ def test_tiled_results_are_deterministic_and_independent_of_threading(workers):
     dense = value_and_grads(lambda a, b: F.multisoftclip([a, b], backend="dense") + F.m3co_pair(a, b, perm, lam, backend="dense"), z)
     for x, y in zip([first[0], *first[1]], [dense[0], *dense[1]]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_tiled_calls_keep_the_thread_count_and_their_values():
+    """Two Python threads computing tiled losses at once: neither may save the other's
+    ``set_num_threads(1)`` as the count to restore, nor see it as the count of workers to use."""
+    g = torch.Generator().manual_seed(5)
+    z = [torch.randn(160, 16, generator=g) for _ in range(2)]
+
+    def loss_and_grads():
+        return value_and_grads(lambda a, b: F.clip_loss(a, b, backend="tiled", reduction="none"), z)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)  # several workers even on a machine with fewer cores
+    try:
+        with backends.config(tile_rows=8, tile_cols=8, parallel_workers=True):
+            expected = loss_and_grads()
+            start = threading.Barrier(2)
+            results, errors = [], []
+
+            def run():
+                try:
+                    start.wait()
+                    results.extend(loss_and_grads() for _ in range(10))
+                except BaseException as error:  # reported by the main thread
+                    errors.append(error)
+
+            threads = [threading.Thread(target=run) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert not errors
+        seen = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        fresh.start(), fresh.join()
+        assert torch.get_num_threads() == 4 and seen == [4]
+        assert len(results) == 20
+        for value, grads in results:
+            assert torch.equal(value, expected[0])  # the same workers, hence the same sums
+            assert all(torch.equal(x, y) for x, y in zip(grads, expected[1]))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_call_that_starts_while_another_runs_its_workers_restores_the_count_of_the_process():
+    """The second call starts while the first one's workers hold the process at one thread: it
+    must wait, not save that 1 as the count to restore (a thread takes torch's count when it
+    first uses torch, here inside the second call)."""
+    from m3co_loss.backends import _tiling
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    running = threading.Event()
+
+    def slow(tasks, state):
+        running.set()
+        threading.Event().wait(0.3)  # the second call starts meanwhile
+        return [torch.ones(1)]
+
+    def finishing_last(tasks, state):
+        threading.Event().wait(0.5)  # without the lock: restores after the first call restored
+        return [torch.ones(1)]
+
+    def second():
+        running.wait(5)
+        _tiling.run_tiles([0, 1], finishing_last, 2, lambda: None)
+
+    try:
+        other = threading.Thread(target=second)
+        other.start()
+        total = _tiling.run_tiles([0, 1], slow, 2, lambda: None)
+        other.join()
+        seen = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        fresh.start(), fresh.join()
+        assert seen == [3] and torch.get_num_threads() == 3
+        assert torch.equal(total[0], torch.full((1,), 2.0))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_logsumexp_backward_shares_dq_when_every_worker_gets_a_row_block(monkeypatch):
+    """Three row blocks, one column block and four torch threads: three workers, one row block
+    each, writing one shared dq (no private dq per worker)."""
+    calls = []
+
+    def recording(tasks, work, workers, setup):
+        total = run_tiles(tasks, work, workers, setup)
+        calls.append((len(tasks), workers, total[0] is None))
+        return total
+
+    run_tiles = tiled.run_tiles
+    monkeypatch.setattr(tiled, "run_tiles", recording)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.nn.functional.normalize(torch.randn(24, 5, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with backends.config(tile_rows=8, tile_cols=32, parallel_workers=True):
+            got = value_and_grads(lambda a, b: sum(x.sum() for x in tiled.logsumexp(a, b, 0.1, True)), [q, k])
+    finally:
+        torch.set_num_threads(previous)
+    assert calls[-1] == (3, 3, True)  # the backward pass: by rows, dq shared
+    expected = value_and_grads(lambda a, b: _lse_dense(a, b, 0.1)[0].sum() + _lse_dense(a, b, 0.1)[1].sum(), [q, k])
+    for x, y in zip([got[0], *got[1]], [expected[0], *expected[1]]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_static_shift_decisions_agree_on_floats_and_tensors(dtype):
+    from m3co_loss.backends._streaming import StreamingBackend
+    from m3co_loss.backends._tiling import safe_span, static_shift_ok
+
+    assert safe_span(dtype) == {torch.float64: 600.0}.get(dtype, 80.0)
+    for t in (0.1, 0.025, 0.0249, 0.004, 1 / 300, 0.0033):
+        expected = static_shift_ok(t, dtype)
+        assert expected == (2.0 / t <= safe_span(dtype))
+        assert bool(StreamingBackend._static_shift_tensor(torch.tensor(t, dtype=torch.float64), dtype)) == expected
+        assert bool(StreamingBackend._static_shift_tensor(t, dtype)) == expected
