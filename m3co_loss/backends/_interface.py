@@ -29,11 +29,11 @@ PairWeights = Mapping[Tuple[int, int], Sequence[float]]
 
 def check_pair_weights(weights: object, modalities: int) -> Dict[Tuple[int, int], Tuple[float, float]]:
     """``weights`` as a dict of float pairs, checked: at least one pair, keys ``(a, b)`` with
-    ``0 <= a < b < modalities``, values two finite non-negative numbers.
+    ``0 <= a < b < modalities``, values two finite non-negative numbers, not all zero.
 
     Raises:
         TypeError: ``weights`` is not a mapping.
-        ValueError: naming ``weights``: it is empty, or holds another key or value.
+        ValueError: naming ``weights``: it is empty, all zero, or holds another key or value.
     """
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping from modality pairs (a, b) to two weights; got {type(weights).__name__}")
@@ -47,6 +47,9 @@ def check_pair_weights(weights: object, modalities: int) -> Dict[Tuple[int, int]
         if len(pair) != 2 or not all(_is_weight(w) for w in pair):
             raise ValueError(f"weights[{key!r}] must be two finite non-negative numbers (the weights of the two directions); got {value!r}")
         checked[(int(key[0]), int(key[1]))] = (float(pair[0]), float(pair[1]))
+    if not any(w for pair in checked.values() for w in pair):
+        # the loss would be a constant 0 with no graph to differentiate
+        raise ValueError("weights must hold at least one nonzero weight")
     return checked
 
 
