@@ -1,7 +1,8 @@
 """The dense backend: the readable reference, one N x N similarity matrix per term.
 
-Each function forms ``S = p_a p_b^T / t`` (``t`` a float or a 0-dim tensor, differentiated by autograd) (this process's rows against the gathered batch) and
-takes its row and column log-sum-exps with :func:`torch.logsumexp`. Memory is O(N^2); below
+Each function forms ``S = p_a p_b^T / t`` of this process's rows against the gathered batch
+(``t`` a float, or a 0-dim tensor that autograd differentiates) and takes its row and column
+log-sum-exps with :func:`torch.logsumexp`. Memory is O(N^2); below
 :attr:`~m3co_loss.backends.BackendConfig.auto_tiled_min_n` columns it is also the fastest
 backend, and the only one that can be differentiated twice. Every op is traced by
 ``torch.compile``.
