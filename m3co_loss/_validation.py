@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,6 +61,15 @@ def value_problem(message: str, problems: Optional[List[str]]) -> None:
     if problems is None:
         raise ValueError(message)
     problems.append(message)
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """An int (not a bool) of at least ``minimum``: TypeError for another type, ValueError below it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
+    return int(value)
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:

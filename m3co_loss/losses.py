@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import functional as F
 from ._batch import _min_rows, _spread
 from ._options import ContrastiveOptions, check_float_temperature, check_target_temperature
-from ._validation import CONVENTIONS, check_choice, check_flag, check_probability, has_values, resolve_partner
+from ._validation import CONVENTIONS, check_choice, check_flag, check_int, check_probability, has_values, resolve_partner
 from .mixup import MixupPlan, MixupSampler
 
 __all__ = ["M3CoLoss", "MultiSClipLoss", "CLIPLoss", "ContrastiveLoss", "UniSMMCLoss"]
@@ -37,9 +37,7 @@ REFERENCE_M3CO_FRACTION = 0.33
 
 
 def _check_total_steps(value: object) -> Optional[int]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"total_steps must be a positive int or None; got {value!r}")
-    return value
+    return None if value is None else check_int("total_steps", value, minimum=1)
 
 
 class CLIPLoss(ContrastiveOptions):
@@ -391,7 +389,9 @@ class M3CoLoss(ContrastiveOptions):
         self.multisclip_logit_scale = self._learnable("multisclip_temperature", self._multisclip_temperature)
         self.multisclip_target_temperature = check_target_temperature("multisclip_target_temperature", multisclip_target_temperature)
         self.detach_targets = check_flag("detach_targets", detach_targets)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta must be a real number; got {type(beta).__name__}")
+        if not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")
         self.beta = float(beta)
         if m3co_fraction is not None and total_steps is None:
@@ -463,8 +463,7 @@ class M3CoLoss(ContrastiveOptions):
         """``"m3co"`` or ``"multisclip"`` at ``step`` (default: the module's own step counter)."""
         if step is None:
             return self._current_phase
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0; got {step!r}")
+        step = check_int("step", step, minimum=0)
         limit = self.m3co_steps
         return "m3co" if limit is None or step < limit else "multisclip"
 

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._validation import CONVENTIONS, check_choice, check_positive, check_probability
+from ._validation import CONVENTIONS, check_choice, check_int, check_positive, check_probability
 
 __all__ = ["MixupPlan", "MixupSampler"]
 
@@ -57,7 +57,7 @@ class MixupPlan:
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-        if not isinstance(modality, int) or not 0 <= modality < self.num_modalities:
+        if check_int("modality", modality, minimum=0) >= self.num_modalities:
             raise ValueError(f"modality must be an int in [0, {self.num_modalities}); got {modality!r}")
         if not x.is_floating_point():
             raise TypeError(
@@ -133,10 +133,8 @@ class MixupSampler:
         """
         # One or no row is a valid local batch on a rank of a process group (the loss checks
         # the global batch), so only negative sizes are rejected here.
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-            raise ValueError(f"batch_size must be an int >= 0; got {batch_size!r}")
-        if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 1:
-            raise ValueError(f"num_modalities must be an int >= 1; got {num_modalities!r}")
+        batch_size = check_int("batch_size", batch_size, minimum=0)
+        num_modalities = check_int("num_modalities", num_modalities, minimum=1)
         gen = _check_generator("generator", generator) or self.generator
         rows = 1 if self.shared_lam else num_modalities
         lam = _beta(self.alpha, (rows, batch_size), gen)

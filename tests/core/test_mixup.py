@@ -96,8 +96,10 @@ def test_plan_rejects_inconsistent_shapes():
 def test_sample_rejects_bad_sizes():
     with pytest.raises(ValueError, match="batch_size"):
         MixupSampler().sample(-1)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(TypeError, match="batch_size must be an int; got float"):
         MixupSampler().sample(2.0)
+    with pytest.raises(TypeError, match="num_modalities must be an int; got bool"):
+        MixupSampler().sample(4, True)
     with pytest.raises(ValueError, match="num_modalities"):
         MixupSampler().sample(4, 0)
     with pytest.raises(TypeError, match="generator"):

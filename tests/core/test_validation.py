@@ -238,6 +238,21 @@ def test_modules_validate_in_init(cls, kw, match):
         cls(**kw)
 
 
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: m3co_loss.M3CoLoss(total_steps="30"), "^total_steps must be an int; got str"),
+        (lambda: m3co_loss.M3CoLoss(total_steps=3.0), "^total_steps must be an int; got float"),
+        (lambda: m3co_loss.M3CoLoss(beta="0.1"), "^beta must be a real number; got str"),
+        (lambda: m3co_loss.M3CoLoss(total_steps=3).phase(step=1.0), "^step must be an int; got float"),
+        (lambda: m3co_loss.MixupSampler().sample(4, 2).mix(torch.randn(4, 2), True), "^modality must be an int; got bool"),
+    ],
+)
+def test_wrong_types_raise_type_errors_by_name(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
 def test_modules_reject_wrong_types_in_init():
     with pytest.raises(TypeError, match="gather_distributed"):
         m3co_loss.CLIPLoss(gather_distributed="yes")
