@@ -34,7 +34,7 @@ Tile sizes (``tile_square``) and the CPU worker threads are read from
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, cast
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -341,21 +341,8 @@ def softclip_backward(
     alpha = (g_row / t) * torch.exp(1.0 / t - r)
     beta = (g_col / t) * torch.exp(1.0 / t - c)
     ones = torch.ones_like(g)
-    same = tt == t
-    # (dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)], R of rank 4:
-    # R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l, y~ = y + (x + z) / t.
-    if use_a:
-        xga, zga = (coef.xa / t) * gamma_a, (coef.za / t) * gamma_a  # dS factors (1/t)
-        hxa, hza = (xga, zga) if same else ((coef.xa / tt) * gamma_a, (coef.za / tt) * gamma_a)  # H factors (1/target_t)
-        ya = y_a + (coef.xa + coef.za) / t
-        left_a = torch.stack([coef.ka * gamma_a, coef.ka * r, -gamma_a * ya, ones], 1).div_(tt)
-        right_a = torch.stack([r, gamma_a, ones, -gamma_a * ya], 1)
-    if use_b:
-        xgb, zgb = (coef.xb / t) * gamma_b, (coef.zb / t) * gamma_b
-        hxb, hzb = (xgb, zgb) if same else ((coef.xb / tt) * gamma_b, (coef.zb / tt) * gamma_b)
-        yb = y_b + (coef.xb + coef.zb) / t
-        left_b = torch.stack([coef.kb * gamma_b, coef.kb * c, -gamma_b * yb, ones], 1).div_(tt)
-        right_b = torch.stack([c, gamma_b, ones, -gamma_b * yb], 1)
+    fa = _target_factors(coef.ka, coef.xa, coef.za, gamma_a, r, y_a, t, tt, ones) if use_a else None
+    fb = _target_factors(coef.kb, coef.xb, coef.zb, gamma_b, c, y_b, t, tt, ones) if use_b else None
 
     def setup() -> Tuple[Scratch, Tensor, Tensor, Tensor]:
         da = torch.zeros_like(a)
@@ -365,62 +352,34 @@ def softclip_backward(
         scratch, da, db, da_s = state  # da_s: dS B / t (da itself unless split)
         for rows, cols, diag in my_tasks:
             h, w = span(rows), span(cols)
-
-            def at_rows(v: Tensor) -> Tensor:
-                return v[rows, None]
-
-            def at_cols(v: Tensor) -> Tensor:
-                return v[None, cols]
-
-            def target_grad(left: Tensor, right: Tensor, x: Tensor, z: Tensor, hx: Tensor, hz: Tensor, wx: float, wz: float, e: Tensor, slot: int) -> Tensor:
-                """(dG + dG^T) / target_t of one target modality on the tile (``e``: its E tile); ``x``, ``z``: the tiles
-                of S - 1/t (one of them transposed) that the coefficients ``wx`` and ``wz`` weight."""
-                out = torch.mm(left[rows], right[cols].T, out=scratch(slot, h, w))
-                if wx:
-                    out.addcmul_(x, at_rows(hx), value=-1).addcmul_(z, at_cols(hx), value=-1)
-                if wz:
-                    out.addcmul_(x, at_cols(hz), value=-1).addcmul_(z, at_rows(hz), value=-1)
-                return out.mul_(e)
-
-            def score_grad(e: Tensor, at_i: Callable[[Tensor], Tensor], at_k: Callable[[Tensor], Tensor]) -> Tensor:
-                """dS_ik on the tile whose entries are e = exp(S_ik - 1/t), i and k placed by at_i and at_k (P, Q symmetric)."""
-                out = e.mul_(torch.add(at_i(alpha), at_k(beta), out=scratch(6, h, w)))
-                if use_a:
-                    if coef.xa:
-                        out.addcmul_(p, at_k(xga), value=-1)
-                    if coef.za:
-                        out.addcmul_(p, at_i(zga), value=-1)
-                if use_b:
-                    if coef.zb:
-                        out.addcmul_(q, at_k(zgb), value=-1)
-                    if coef.xb:
-                        out.addcmul_(q, at_i(xgb), value=-1)
-                return out
-
+            at_rows, at_cols = (rows, None), (None, cols)  # a vector of O(N) factors along the tile's rows or columns
             s, u = _cross_scores(a, b, rows, cols, diag, inv_t, scratch(0, h, w), scratch(1, h, w))
-            if use_a:
+            # (E tile of a target matrix, factor of its terms along k, along i) for dS_ik
+            terms: List[Tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = []
+            ha = hb = None
+            if fa is not None:
                 p = shifted_scores(a[rows], a[cols], inv_tt, scratch(2, h, w)).exp_()
-            if hold_a:
-                ha = target_grad(left_a, right_a, u, s, hxa, hza, coef.xa, coef.za, p, 4)
-            if use_b:
+                terms.append((p, fa.x_s, fa.z_s))
+                ha = _target_grad(fa, at_rows, at_cols, u, s, p, scratch(4, h, w)) if hold_a else None
+            if fb is not None:
                 q = shifted_scores(b[rows], b[cols], inv_tt, scratch(3, h, w)).exp_()
-            if hold_b:
-                hb = target_grad(left_b, right_b, s, u, hxb, hzb, coef.xb, coef.zb, q, 5)
-            ds = score_grad(s.exp_(), at_rows, at_cols)  # block (I, K)
+                terms.append((q, fb.z_s, fb.x_s))
+                hb = _target_grad(fb, at_rows, at_cols, s, u, q, scratch(5, h, w)) if hold_b else None
+            ds = _score_grad(s.exp_(), alpha, beta, at_rows, at_cols, terms, scratch(6, h, w))  # block (I, K)
             da_s[rows].addmm_(ds, b[cols])
             db[cols].addmm_(ds.T, a[rows])
-            if hold_a:
+            if ha is not None:
                 da[rows].addmm_(ha, a[cols])
-            if hold_b:
+            if hb is not None:
                 db[rows].addmm_(hb, b[cols])
             if diag:
                 continue
-            du = score_grad(u.exp_(), at_cols, at_rows)  # block (K, I), held transposed like U
+            du = _score_grad(u.exp_(), alpha, beta, at_cols, at_rows, terms, scratch(6, h, w))  # block (K, I), held transposed like U
             da_s[cols].addmm_(du.T, b[rows])
             db[rows].addmm_(du, a[cols])
-            if hold_a:
+            if ha is not None:
                 da[cols].addmm_(ha.T, a[rows])
-            if hold_b:
+            if hb is not None:
                 db[cols].addmm_(hb.T, b[rows])
         return [da, db, da_s if split else None]
 
@@ -438,6 +397,64 @@ def softclip_backward(
         # one temperature, or constant targets: t dL/dt = -(<A, dA> + <B, dB>) / 2
         dt = temperature_grad(t, [(a, da), (b, db)]) / 2
     return da, db, dt, dtt
+
+
+class _TargetFactors(NamedTuple):
+    """The O(N) factors of the terms of one target modality in the backward pass of :class:`SoftClip`.
+
+    ``(dG + dG^T)_il = E_il [R_il - (..) (S_li - 1/t) - (..) (S_il - 1/t)]`` with ``R`` of rank 4,
+    ``R_il = k gamma_i u_l + k u_i gamma_l - gamma_i y~_i - gamma_l y~_l``, ``y~ = y + (x + z) / t``:
+    ``left @ right^T`` is ``R / target_t``. ``x_s``, ``z_s``: ``x gamma / t`` and ``z gamma / t``
+    (the factors of the dS terms); ``x_h``, ``z_h``: the same over ``target_t`` (of the G terms).
+    A factor whose coefficient is 0 is None.
+    """
+
+    left: Tensor
+    right: Tensor
+    x_s: Optional[Tensor]
+    z_s: Optional[Tensor]
+    x_h: Optional[Tensor]
+    z_h: Optional[Tensor]
+
+
+def _target_factors(k: float, x: float, z: float, gamma: Tensor, lse: Tensor, y: Tensor, t: float, tt: float, ones: Tensor) -> _TargetFactors:
+    """:class:`_TargetFactors` of a target modality with coefficients ``k, x, z``, ``gamma = g / n`` and its log-sum-exps ``lse``."""
+    x_s = (x / t) * gamma if x else None
+    z_s = (z / t) * gamma if z else None
+    x_h = x_s if tt == t or x_s is None else (x / tt) * gamma
+    z_h = z_s if tt == t or z_s is None else (z / tt) * gamma
+    y_shifted = y + (x + z) / t
+    left = torch.stack([k * gamma, k * lse, -gamma * y_shifted, ones], 1).div_(tt)
+    right = torch.stack([lse, gamma, ones, -gamma * y_shifted], 1)
+    return _TargetFactors(left, right, x_s, z_s, x_h, z_h)
+
+
+_Along = Tuple[Optional[slice], Optional[slice]]  # (rows, None) or (None, cols): a vector placed along a tile's rows or columns
+
+
+def _target_grad(f: _TargetFactors, at_rows: _Along, at_cols: _Along, x: Tensor, z: Tensor, e: Tensor, out: Tensor) -> Tensor:
+    """``(dG + dG^T) / target_t`` of one target modality on a tile (``e``: its E tile), into ``out``;
+    ``x``, ``z``: the tiles of ``S - 1/t`` (one of them transposed) weighted by ``x_h`` and ``z_h``."""
+    out = torch.mm(f.left[at_rows[0]], f.right[at_cols[1]].T, out=out)
+    if f.x_h is not None:
+        out.addcmul_(x, f.x_h[at_rows], value=-1).addcmul_(z, f.x_h[at_cols], value=-1)
+    if f.z_h is not None:
+        out.addcmul_(x, f.z_h[at_cols], value=-1).addcmul_(z, f.z_h[at_rows], value=-1)
+    return out.mul_(e)
+
+
+def _score_grad(
+    e: Tensor, alpha: Tensor, beta: Tensor, at_i: _Along, at_k: _Along, terms: Sequence[Tuple[Tensor, Optional[Tensor], Optional[Tensor]]], buf: Tensor
+) -> Tensor:
+    """``dS_ik`` on the tile whose entries are ``e = exp(S_ik - 1/t)`` (overwritten), ``i`` and ``k`` placed by
+    ``at_i`` and ``at_k``; ``terms``: each target's E tile (symmetric) with its factors along ``k`` and ``i``."""
+    out = e.mul_(torch.add(alpha[at_i], beta[at_k], out=buf))
+    for tile, along_k, along_i in terms:
+        if along_k is not None:
+            out.addcmul_(tile, along_k[at_k], value=-1)
+        if along_i is not None:
+            out.addcmul_(tile, along_i[at_i], value=-1)
+    return out
 
 
 def _weighted_column_sums(x: Tensor, inv_t: float, gamma: Tensor, size: int, tasks: Sequence[_BlockPair], workers: int) -> Tensor:
