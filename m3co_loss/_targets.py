@@ -41,7 +41,6 @@ from ._validation import (
     value_checks_enabled,
 )
 from .backends import Rows, Temperature
-from .backends._streaming import LogSumExpFn
 
 __all__ = ["contrastive_loss", "partners_vector", "labels_vector"]
 
@@ -52,24 +51,7 @@ __all__ = ["contrastive_loss", "partners_vector", "labels_vector"]
 def _lse(a: Rows, b: Rows, t: Temperature, layout: _Batch, backend: str) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     """``(s, r, c)``: the dense backend's (n, N) block of S (None on the other backends), the row
     log-sum-exps of the local rows and the column log-sum-exps of the local columns."""
-    impl = backends._implementation(backend, a)
-    if impl is backends.dense:
-        s = (a.local / t) @ b.full.T
-        r = torch.logsumexp(s, dim=1)
-        if layout.distributed:
-            c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)  # local columns against every row
-        else:
-            c = torch.logsumexp(s, dim=0)
-        return s, r, c
-    # the streaming backends (tiled, Triton) expose their log-sum-exp primitive; dense has none
-    # (custom operators, which torch.compile keeps in its graph)
-    logsumexp: LogSumExpFn = getattr(impl, "logsumexp")
-    if not layout.distributed:  # one pass gives both
-        r, c = logsumexp(a.local, b.local, t, True)
-        return None, r, c
-    r, _ = logsumexp(a.local, b.full, t, False)
-    c, _ = logsumexp(b.local, a.full, t, False)
-    return None, r, c
+    return backends._implementation(backend, a).row_col_lse(a, b, t, distributed=layout.distributed)
 
 
 def _weighted_sum(weights: Tensor, term: Callable[[int], Tensor]) -> Tensor:

@@ -85,7 +85,11 @@ class Rows(NamedTuple):
 
 
 class Backend(Protocol):
-    """The per-sample loss vectors a backend computes."""
+    """The per-sample loss vectors a backend computes, and the log-sum-exps they share."""
+
+    def row_col_lse(self, a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+        """``(s, r, c)`` of ``S = a b^T / t``: ``r_i = lse_k S_ik`` of the local rows ``i``, ``c_k = lse_i S_ik`` of
+        the local columns ``k``, and the (n, N) block ``S[local rows]`` when the backend forms it (dense), else None."""
 
     def m3co_vector(self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
         """M3Co L3(a -> b) of the local mixed rows ``a`` against the clean ``b`` (``reference`` halves it)."""

@@ -77,21 +77,23 @@ class StreamingBackend:
             return torch.tensor(static_shift_ok(float(t), dtype))
         return (2.0 / t.detach().to(torch.float64)) <= safe_span(dtype)
 
-    def _row_col_lse(self, a: Rows, b: Rows, t: Temperature, distributed: bool) -> Tuple[Tensor, Tensor]:
-        """r_i = lse_k S[i, k] for local rows i, c_i = lse_l S[l, i] for local columns i."""
+    def row_col_lse(self, a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tuple[None, Tensor, Tensor]:
+        """``(None, r, c)``: ``r_i = lse_k S[i, k]`` for local rows i, ``c_i = lse_l S[l, i]`` for local columns i
+        (no block of S: the primitive streams over it)."""
         # Decided by the process group, not by row counts: a rank that holds the whole batch must
         # still route its gradient through the gather, or the ranks holding no row wait for it.
         if not distributed:  # one process: one pass gives both
-            return self.logsumexp(a.local, b.local, t, True)
+            r, c = self.logsumexp(a.local, b.local, t, True)
+            return None, r, c
         r, _ = self.logsumexp(a.local, b.full, t, False)
         c, _ = self.logsumexp(b.local, a.full, t, False)
-        return r, c
+        return None, r, c
 
     def m3co_vector(
         self, a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False
     ) -> Tensor:
         """Per-sample M3Co L3(a -> b) of the local mixed rows; see :func:`m3co_loss.functional.m3co_pair`."""
-        r, c = self._row_col_lse(a, b, t, distributed)
+        _, r, c = self.row_col_lse(a, b, t, distributed=distributed)
         # lam_i S_ii + (1 - lam_i) S_ij = a_i . (lam_i b_i + (1 - lam_i) b_j) / t: one gathered dot product
         target = (a.local * torch.lerp(b.local[perm], b.local, lam[:, None])).sum(1) / t
         v = r + torch.lerp(c[perm], c, lam) - 2 * target
@@ -99,7 +101,7 @@ class StreamingBackend:
 
     def clip_vector(self, a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tensor:
         """Per-sample symmetric InfoNCE of the local rows."""
-        r, c = self._row_col_lse(a, b, t, distributed)
+        _, r, c = self.row_col_lse(a, b, t, distributed=distributed)
         return r + c - 2 * (a.local * b.local).sum(1) / t
 
     def multisoftclip_vector(
@@ -138,7 +140,7 @@ class StreamingBackend:
         self, a: Rows, b: Rows, t: Temperature, target_t: Temperature, *, reference: bool, gather: Callable[[Tensor], Tensor], distributed: bool, detach_targets: bool
     ) -> Tensor:
         """:meth:`multisoftclip_vector` over the two primitives."""
-        r, c = self._row_col_lse(a, b, t, distributed)
+        _, r, c = self.row_col_lse(a, b, t, distributed=distributed)
         # the soft targets' operands: softmax_l(a_i . a_l / target_t)
         q, k, tq = (a.local.detach(), a.full.detach(), _detached(target_t)) if detach_targets else (a.local, a.full, target_t)
         if reference:

@@ -10,26 +10,33 @@ backend, and the only one that can be differentiated twice. Every op is traced b
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ._interface import PairWeights, Rows, Temperature, nonzero_pairs
 
-__all__ = ["m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"]
+__all__ = ["row_col_lse", "m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"]
+
+
+def row_col_lse(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(s, r, c)``: the local rows' block ``s`` of ``S = a b^T / t`` against every column, its row
+    log-sum-exps, and the column log-sum-exps of the local columns."""
+    s = (a.local / t) @ b.full.T
+    r = torch.logsumexp(s, dim=1)
+    if distributed:
+        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)  # local columns against every row
+    else:
+        c = torch.logsumexp(s, dim=0)
+    return s, r, c
 
 
 def m3co_vector(a: Rows, b: Rows, perm: Tensor, lam: Tensor, t: Temperature, *, reference: bool = False, distributed: bool = False) -> Tensor:
     """Per-sample M3Co L3(a -> b) of the local mixed rows (paper Eq. 6; halved when ``reference``)."""
     n = a.local.shape[0]
     rows = torch.arange(n, device=a.local.device)
-    s = (a.local / t) @ b.full.T  # local mixed rows against every clean column
-    r = torch.logsumexp(s, dim=1)
-    if distributed:
-        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)  # local clean columns against every mixed row
-    else:
-        c = torch.logsumexp(s, dim=0)
+    s, r, c = row_col_lse(a, b, t, distributed=distributed)  # local mixed rows against every clean column
     s_ii = s[rows, a.offset + rows]
     s_ij = s[rows, a.offset + perm]
     target = lam * s_ii + (1 - lam) * s_ij
@@ -41,12 +48,7 @@ def clip_vector(a: Rows, b: Rows, t: Temperature, *, distributed: bool = False) 
     """Per-sample symmetric InfoNCE of the local rows."""
     n = a.local.shape[0]
     rows = torch.arange(n, device=a.local.device)
-    s = (a.local / t) @ b.full.T
-    r = torch.logsumexp(s, dim=1)
-    if distributed:
-        c = torch.logsumexp((b.local / t) @ a.full.T, dim=1)
-    else:
-        c = torch.logsumexp(s, dim=0)
+    s, r, c = row_col_lse(a, b, t, distributed=distributed)
     return r + c - 2 * s[rows, a.offset + rows]
 
 

@@ -83,6 +83,7 @@ __all__ = [
     "logsumexp",
     "soft_target_sum",
     "StreamingBackend",
+    "row_col_lse",
     "m3co_vector",
     "clip_vector",
     "multisoftclip_vector",
@@ -291,7 +292,9 @@ class SoftTargetSum(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx: Any, g: Tensor) -> Tuple[Optional[Tensor], ...]:
-        """Recompute each tile of ``P = softmax_row(q k^T / t)``; with ``X_il = u_l + (gamma / t_v) vq_i . vk_l``::
+        """Recompute each tile of ``P = softmax_row(q k^T / t)`` and accumulate the gradients.
+
+        With ``X_il = u_l + (gamma / t_v) vq_i . vk_l``::
 
             dG_il = g_i P_il (X_il - y_i),   dq = dG k / t,   dk = dG^T q / t,
             du_l = sum_i g_i P_il,   dvk_l = (gamma / t_v) sum_i g_i P_il vq_i,   dvq_i = (gamma / t_v) g_i (P vk)_i.
@@ -545,6 +548,7 @@ _BACKEND = StreamingBackend(logsumexp, soft_target_sum, fused_softclip=True)
 
 # The backend interface (:class:`~m3co_loss.backends.Backend`) as module attributes: the methods
 # of the one streaming backend built on this module's operators.
+row_col_lse = _BACKEND.row_col_lse
 m3co_vector = _BACKEND.m3co_vector
 clip_vector = _BACKEND.clip_vector
 multisoftclip_vector = _BACKEND.multisoftclip_vector

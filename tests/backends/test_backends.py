@@ -233,7 +233,7 @@ assert "torch._dynamo" not in sys.modules
 
 def test_every_backend_module_provides_the_interface():
     for module in (backends.dense, backends.tiled, backends.triton.backend_for(torch.float32)):
-        for name in ("m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"):
+        for name in ("row_col_lse", "m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"):
             assert callable(getattr(module, name)), (module, name)
     assert "backends" in m3co_loss.__all__ and "kernels" in m3co_loss.__all__
 
