@@ -329,6 +329,8 @@ def softclip_backward(
     tasks = list(block_pairs(n, size))
     workers = num_workers(a, len(tasks), config.parallel_workers)
     g = g.contiguous()
+    # One host read (a device sync on a GPU) buys a pass over the target tiles: a uniform upstream
+    # gradient (reduction "mean" or "sum") needs only the column sums of W from the forward pass.
     uniform = bool((g == g[0]).all())
     gamma_a, gamma_b = g / n_a, g / n_b  # g_i / n_i: W_il g_i = E_il gamma_i
     g_row, g_col = coef.row * g, coef.col * g  # upstream gradients of r and c
