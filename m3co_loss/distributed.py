@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["is_initialized", "rank", "world_size", "all_gather_sizes", "all_gather_ints", "all_gather_with_grad"]
+__all__ = ["is_initialized", "rank", "world_size", "communication_device", "all_gather_sizes", "all_gather_ints", "all_gather_with_grad"]
 
 
 def is_initialized() -> bool:
@@ -40,6 +40,18 @@ def rank(group: Optional[ProcessGroup] = None) -> int:
 def world_size(group: Optional[ProcessGroup] = None) -> int:
     """Number of processes in ``group`` (1 when torch.distributed is not initialised)."""
     return torch.distributed.get_world_size(group) if is_initialized() else 1
+
+
+def communication_device(group: Optional[ProcessGroup] = None) -> torch.device:
+    """The device the collectives of ``group`` communicate from: the current CUDA device for NCCL, else the CPU.
+
+    For a collective whose tensors a rank makes itself (e.g. :func:`all_gather_ints` on a rank
+    that has no valid input tensor to take a device from). The CPU when torch.distributed is not
+    initialised.
+    """
+    if is_initialized() and torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather_ints(values: Sequence[int], device: torch.device, group: Optional[ProcessGroup] = None) -> list[list[int]]:
