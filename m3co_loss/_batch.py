@@ -9,13 +9,16 @@ compute the per-sample vector, and reduce it (:func:`_reduce`); see
 
 Over a process group the value checks of a call (NaN or Inf, permutations, ``lam``, labels,
 temperatures) collect their problems in a list (:func:`_problems`) instead of raising, and
-:func:`_batch_layout` raises them on every rank once the layout is exchanged.
+:func:`_batch_layout` raises them on every rank once the layout is exchanged. A TypeError or
+ValueError of the argument checks that run before it is held by :class:`_LocalChecks`, which
+takes this rank's part in the same exchange and then raises it, so that the other ranks raise too.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, List, NamedTuple, Optional, Sequence, Tuple
+from types import TracebackType
+from typing import Any, ContextManager, List, NamedTuple, NoReturn, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -137,6 +140,11 @@ class _Batch(NamedTuple):
 
 # Floating dtypes of the gathered (normalised) embeddings, coded for the layout check.
 _GATHER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The dtype code of a rank whose argument checks raised (:class:`_LocalChecks`).
+_LOCAL_ERROR = -2
+# The integers ``extra`` of every call travel padded to this many, so that the layout table has
+# one length on every rank, whatever the call: a rank that failed before knowing its own sends it too.
+_EXTRA_INTS = 3
 
 
 def _spread(gather_distributed: object) -> bool:
@@ -156,6 +164,49 @@ def _problems(spread: bool) -> Optional[List[str]]:
     return [] if spread else None
 
 
+class _LocalChecks:
+    """Holds the TypeError or ValueError of a call's argument checks over a process group.
+
+    Use ``with guard:`` around every check of a call that runs before :func:`_batch_layout`,
+    then ``guard.raise_if_failed()`` before it. Over a process group of more than one rank
+    (``gather_distributed`` True, as :func:`_spread` reads it) such an error is kept instead of
+    propagating, and :meth:`raise_if_failed` takes this rank's part in the collectives that
+    the other ranks make in :func:`_batch_layout` (the layout table, with the dtype code
+    ``_LOCAL_ERROR`` and the length of ``"<TypeName>: <message>"``, then the messages) before it
+    raises the error itself: this rank raises its own exception, the others
+    ``ValueError("rank r: <TypeName>: <message>")``, and no rank is left waiting. Otherwise the
+    error propagates from the ``with`` block unchanged, and a call without an error makes no
+    collective here.
+    """
+
+    def __init__(self, gather_distributed: object) -> None:
+        self.gather_distributed = gather_distributed
+        self.error: Optional[Exception] = None
+
+    def __enter__(self) -> "_LocalChecks":
+        return self
+
+    def __exit__(self, kind: Optional[Type[BaseException]], error: Optional[BaseException], traceback: Optional[TracebackType]) -> bool:
+        if isinstance(error, (TypeError, ValueError)) and self.gather_distributed is True and dist_utils.world_size() > 1:
+            self.error = error
+            return True
+        return False
+
+    def raise_if_failed(self) -> None:
+        """Nothing when the checks passed; else share the error with the other ranks, and raise it."""
+        if self.error is not None:
+            self._share_and_raise(self.error)
+
+    @staticmethod
+    def _share_and_raise(error: Exception) -> NoReturn:
+        # The device cannot come from the arguments: they may be what is wrong.
+        device = dist_utils.communication_device()
+        text = f"{type(error).__name__}: {error}".encode()
+        table = dist_utils.all_gather_ints([0, 0, _LOCAL_ERROR, len(text)] + [0] * _EXTRA_INTS, device)
+        _share_messages([row[3] for row in table], text, device)
+        raise error
+
+
 def _batch_layout(
     zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence[int] = (), problems: Optional[List[str]] = None
 ) -> _Batch:
@@ -168,7 +219,9 @@ def _batch_layout(
     ``problems`` are this rank's value problems (from :func:`_problems`): the length of the
     first travels in the table too, and when any rank has one every rank raises a ValueError,
     this rank's own message if it has one, else ``"rank r: "`` and the message of the first
-    rank r that has one (see :func:`_raise_problems`).
+    rank r that has one (see :func:`_raise_problems`). A rank whose argument checks raised
+    (:class:`_LocalChecks`) sends the code ``_LOCAL_ERROR``: every rank then raises before it
+    compares D and dtypes, the others ``"rank r: <TypeName>: <message>"``.
     """
     z = zs[0]
     if not spread:
@@ -178,7 +231,11 @@ def _batch_layout(
     dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
     message = problems[0].encode() if problems else b""
-    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, len(message), *extra], z.device)
+    assert len(extra) <= _EXTRA_INTS, "raise _EXTRA_INTS"
+    padding = [0] * (_EXTRA_INTS - len(extra))
+    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, len(message), *extra, *padding], z.device)
+    if any(row[2] == _LOCAL_ERROR for row in table):
+        _raise_problems(table, message, z.device)
     sizes = tuple(row[0] for row in table)
     for r, (_, d, c, *_) in enumerate(table):
         if d != table[0][1]:
@@ -187,23 +244,33 @@ def _batch_layout(
             raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
     if sum(sizes) < 2:
         raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
-    _raise_problems([row[3] for row in table], message, z.device)
-    return _Batch(sizes, dist_utils.rank(), dtype, tuple(tuple(row[4:]) for row in table))
+    _raise_problems(table, message, z.device)
+    return _Batch(sizes, dist_utils.rank(), dtype, tuple(tuple(row[4 : 4 + len(extra)]) for row in table))
 
 
-def _raise_problems(lengths: Sequence[int], message: bytes, device: torch.device) -> None:
-    """Raise on every rank when any rank has a value problem (``lengths``: of each rank's message, 0 for none).
+def _raise_problems(table: Sequence[Sequence[int]], message: bytes, device: torch.device) -> None:
+    """Raise on every rank when any rank has a value problem or an error of its argument checks.
 
-    Only then do the ranks exchange their messages, in a second small collective: a call
-    without problems costs no more than the layout exchange.
+    ``table``: the layout table (``row[3]``: the length of each rank's message, 0 for none;
+    ``row[2] == _LOCAL_ERROR``: that rank's checks raised, see :class:`_LocalChecks`); ``message``:
+    this rank's. Only then do the ranks exchange their messages, in a second small collective: a
+    call without problems costs no more than the layout exchange. A rank with a message raises
+    it; the others name the first rank whose checks raised, else the first with a value problem.
     """
+    lengths = [row[3] for row in table]
     if not any(lengths):
         return
-    texts = dist_utils.all_gather_ints(list(message.ljust(max(lengths), b"\0")), device)
+    texts = _share_messages(lengths, message, device)
     if message:
         raise ValueError(message.decode())
-    bad = next(r for r, length in enumerate(lengths) if length)
+    failed = [r for r, row in enumerate(table) if row[2] == _LOCAL_ERROR]
+    bad = failed[0] if failed else next(r for r, length in enumerate(lengths) if length)
     raise ValueError(f"rank {bad}: {bytes(texts[bad][: lengths[bad]]).decode(errors='replace')}")
+
+
+def _share_messages(lengths: Sequence[int], message: bytes, device: torch.device) -> List[List[int]]:
+    """Every rank's message as bytes (``lengths``: of each, from the layout table), padded to the longest."""
+    return dist_utils.all_gather_ints(list(message.ljust(max(lengths), b"\0")), device)
 
 
 def _dtype_name(code: int) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._batch import _Batch, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _problems, _reduce, _spread, _temperatures
+from ._batch import _Batch, _LocalChecks, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _problems, _reduce, _spread, _temperatures
 from ._validation import (
     WEIGHTS_NEGATIVE,
     WEIGHTS_NOT_FINITE,
@@ -298,23 +298,26 @@ def contrastive_loss(
         >>> contrastive_loss(z_a, z_b, partners=partners, weights=torch.stack([lam, 1 - lam], 1)).shape
         torch.Size([])
     """
-    t = _check_common(temperature, reduction, convention)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
-    n, device = z_a.shape[0], z_a.device
-    if partners is not None and labels is not None:
-        raise ValueError("pass either partners (with weights) or labels, not both: they are two forms of the targets")
-    if weights is not None and partners is None:
-        raise ValueError("weights needs partners: weights[i, j] is the weight of column partners[i, j]")
-    if partners is not None:
-        partners = check_partners("partners", partners, n, device)
-        if weights is not None:
-            weights = check_target_weights("weights", weights, tuple(partners.shape), device)
-    if labels is not None:
-        labels = check_labels("labels", labels, n, device)
-    stats, detail = _local_value_stats(partners, weights, labels)
-    t, _ = _temperatures(t, [z_a, z_b], problems=problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = _check_common(temperature, reduction, convention)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
+        n, device = z_a.shape[0], z_a.device
+        if partners is not None and labels is not None:
+            raise ValueError("pass either partners (with weights) or labels, not both: they are two forms of the targets")
+        if weights is not None and partners is None:
+            raise ValueError("weights needs partners: weights[i, j] is the weight of column partners[i, j]")
+        if partners is not None:
+            partners = check_partners("partners", partners, n, device)
+            if weights is not None:
+                weights = check_target_weights("weights", weights, tuple(partners.shape), device)
+        if labels is not None:
+            labels = check_labels("labels", labels, n, device)
+        stats, detail = _local_value_stats(partners, weights, labels)
+        t, _ = _temperatures(t, [z_a, z_b], problems=problems)
+    guard.raise_if_failed()
     layout = _batch_layout([z_a, z_b], spread, "z_a", stats, problems)
     _raise_value_errors(layout, partners, weights, detail)
     reference = convention == "reference"

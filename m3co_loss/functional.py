@@ -49,6 +49,7 @@ from torch import Tensor
 from . import backends
 from ._batch import (
     _Batch,
+    _LocalChecks,
     _batch_layout,
     _check_common,
     _check_pair,
@@ -211,14 +212,17 @@ def m3co_pair(
         gather_distributed: contrast against the batch of every rank (``perm`` and ``lam``
             stay local: mixing partners live on the same rank).
     """
-    t = _check_common(temperature, reduction, convention)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b, min_rows=_min_rows(spread), problems=problems)
-    n = mixed_a.shape[0]
-    perm = check_perm("perm", perm, n, mixed_a.device, problems)
-    lam = check_lam("lam", lam, n, mixed_a.device, problems)
-    t, _ = _temperatures(t, [mixed_a, clean_b], problems=problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = _check_common(temperature, reduction, convention)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b, min_rows=_min_rows(spread), problems=problems)
+        n = mixed_a.shape[0]
+        perm = check_perm("perm", perm, n, mixed_a.device, problems)
+        lam = check_lam("lam", lam, n, mixed_a.device, problems)
+        t, _ = _temperatures(t, [mixed_a, clean_b], problems=problems)
+    guard.raise_if_failed()
     layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a", problems=problems)
     with _no_autocast(mixed_a.device):
         a, b = _prepare([mixed_a, clean_b], layout)
@@ -272,29 +276,32 @@ def m3co(
         mixed = [plan.mix(x, m) for m, x in enumerate(z)]
         loss = m3co(mixed, None, plan.perms, plan.lam, convention="reference")
     """
-    t = _check_common(temperature, reduction, convention)
-    partner = resolve_partner(partner, convention)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    if clean is None:
-        if partner == "clean":
-            raise ValueError("clean is None, but partner='clean' contrasts each mixed modality with clean embeddings; pass clean or partner='mixed'")
-        mixed = _check_modalities("mixed", mixed, min_rows=_min_rows(spread), problems=problems)
-    else:
-        clean = _check_modalities("clean", clean, min_rows=_min_rows(spread), problems=problems)
-        mixed = _check_modalities("mixed", mixed, n=clean[0].shape[0], d=clean[0].shape[1], min_rows=_min_rows(spread), problems=problems)
-        if len(mixed) != len(clean):
-            raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {len(clean)}")
-        check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
-    num, n, device = len(mixed), mixed[0].shape[0], mixed[0].device
-    perms = check_sequence("perms", perms, min_len=0)  # a wrong count is named below
-    if len(perms) != num:
-        raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
-    perms = [check_perm(f"perms[{m}]", p, n, device, problems) for m, p in enumerate(perms)]
-    lams = _per_modality_lam(lam, num, n, device, problems)
-    # Only the embeddings that enter a term are normalised and gathered.
-    used = list(mixed) + (list(clean) if partner == "clean" and clean is not None else [])
-    t, _ = _temperatures(t, used, problems=problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = _check_common(temperature, reduction, convention)
+        partner = resolve_partner(partner, convention)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        if clean is None:
+            if partner == "clean":
+                raise ValueError("clean is None, but partner='clean' contrasts each mixed modality with clean embeddings; pass clean or partner='mixed'")
+            mixed = _check_modalities("mixed", mixed, min_rows=_min_rows(spread), problems=problems)
+        else:
+            clean = _check_modalities("clean", clean, min_rows=_min_rows(spread), problems=problems)
+            mixed = _check_modalities("mixed", mixed, n=clean[0].shape[0], d=clean[0].shape[1], min_rows=_min_rows(spread), problems=problems)
+            if len(mixed) != len(clean):
+                raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {len(clean)}")
+            check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
+        num, n, device = len(mixed), mixed[0].shape[0], mixed[0].device
+        perms = check_sequence("perms", perms, min_len=0)  # a wrong count is named below
+        if len(perms) != num:
+            raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
+        perms = [check_perm(f"perms[{m}]", p, n, device, problems) for m, p in enumerate(perms)]
+        lams = _per_modality_lam(lam, num, n, device, problems)
+        # Only the embeddings that enter a term are normalised and gathered.
+        used = list(mixed) + (list(clean) if partner == "clean" and clean is not None else [])
+        t, _ = _temperatures(t, used, problems=problems)
+    guard.raise_if_failed()
     layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed", problems=problems)
     reference = convention == "reference"
     with _no_autocast(device):
@@ -346,17 +353,20 @@ def multisoftclip_pair(
             inputs of inconsistent shapes (named).
         TypeError: inputs of the wrong kind or dtype (named).
     """
-    t = _check_common(temperature, reduction, convention)
-    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
-    detach = check_flag("detach_targets", detach_targets)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
-    t, target = _temperatures(t, [z_a, z_b], target, problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = _check_common(temperature, reduction, convention)
+        target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+        detach = check_flag("detach_targets", detach_targets)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
+        t, target_t = _temperatures(t, [z_a, z_b], target, problems)
+    guard.raise_if_failed()
     layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
-        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend, target_t=target, detach_targets=detach)
+        v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend, target_t=target_t, detach_targets=detach)
         return _reduce(v, reduction, layout)
 
 
@@ -382,13 +392,16 @@ def multisoftclip(
         temperature: as in :func:`multisoftclip_pair`; so are ``target_temperature``,
             ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
-    t = _check_common(temperature, reduction, convention)
-    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
-    detach = check_flag("detach_targets", detach_targets)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    z = _check_modalities("z", z, min_rows=_min_rows(spread), problems=problems)
-    t, target = _temperatures(t, z, target, problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = _check_common(temperature, reduction, convention)
+        target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+        detach = check_flag("detach_targets", detach_targets)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        z = _check_modalities("z", z, min_rows=_min_rows(spread), problems=problems)
+        t, target = _temperatures(t, z, target, problems)
+    guard.raise_if_failed()
     layout = _batch_layout(z, spread, "z", problems=problems)
     reference = convention == "reference"
     with _no_autocast(z[0].device):
@@ -425,12 +438,15 @@ def clip_loss(
     directions, not their average, so that it equals :func:`m3co_pair` at ``lam = 1``).
     ``temperature`` is a float or a 0-dim tensor, as in :func:`m3co_pair`.
     """
-    t = check_temperature("temperature", temperature)
-    check_choice("reduction", reduction, REDUCTIONS)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
-    t, _ = _temperatures(t, [z_a, z_b], problems=problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = check_temperature("temperature", temperature)
+        check_choice("reduction", reduction, REDUCTIONS)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
+        t, _ = _temperatures(t, [z_a, z_b], problems=problems)
+    guard.raise_if_failed()
     layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
@@ -468,16 +484,19 @@ def unis_mmc(
             batch, the same value on every rank, so that the average over ranks and DDP's
             averaged gradient are those of one process on the concatenated batch.
     """
-    t = check_temperature("temperature", temperature)
-    spread = _spread(gather_distributed)
-    problems = _problems(spread)
-    r = _check_modalities("r", r, min_rows=_min_rows(spread), problems=problems)
-    n = r[0].shape[0]
-    logits, num_classes = check_logits("logits", logits, r, problems)
-    y = check_labels("y", y, n, r[0].device)
-    if value_checks_enabled() and has_values(y) and not bool(((y >= 0) & (y < num_classes)).all()):
-        value_problem(f"y must hold class indices in [0, {num_classes})", problems)
-    t, _ = _temperatures(t, r, problems=problems)
+    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
+    with guard:
+        t = check_temperature("temperature", temperature)
+        spread = _spread(gather_distributed)
+        problems = _problems(spread)
+        r = _check_modalities("r", r, min_rows=_min_rows(spread), problems=problems)
+        n = r[0].shape[0]
+        logits, num_classes = check_logits("logits", logits, r, problems)
+        y = check_labels("y", y, n, r[0].device)
+        if value_checks_enabled() and has_values(y) and not bool(((y >= 0) & (y < num_classes)).all()):
+            value_problem(f"y must hold class indices in [0, {num_classes})", problems)
+        t, _ = _temperatures(t, r, problems=problems)
+    guard.raise_if_failed()
     layout = _batch_layout(r, spread, "r[0]", problems=problems)
 
     with _no_autocast(r[0].device):

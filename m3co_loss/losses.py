@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._batch import _min_rows, _spread
+from ._batch import _LocalChecks, _min_rows, _spread
 from ._options import ContrastiveOptions, check_float_temperature, check_target_temperature
 from ._validation import CONVENTIONS, check_choice, check_flag, check_int, check_probability, has_values, resolve_partner
 from .mixup import MixupPlan, MixupSampler
@@ -509,11 +509,27 @@ class M3CoLoss(ContrastiveOptions):
             plan: the :class:`MixupPlan` used for ``mixed``; drawn here when None.
             step: schedule position; default the counter advanced by :meth:`step`.
         """
-        spread = _spread(self.gather_distributed)
-        # Over a process group the loss below finds and shares the value problems of z (a rank
-        # that raised here alone would leave the others waiting in its collective).
-        z = F._check_modalities("z", z, min_rows=_min_rows(spread), problems=[] if spread else None)
-        phase = self.phase(step)
+        guard = _LocalChecks(self.gather_distributed)  # a TypeError or ValueError here raises on every rank
+        with guard:
+            spread = _spread(self.gather_distributed)
+            # Over a process group the loss below finds and shares the value problems of z.
+            z = F._check_modalities("z", z, min_rows=_min_rows(spread), problems=[] if spread else None)
+            phase = self.phase(step)
+            if phase != "multisclip":
+                if plan is None:
+                    if mixed is not None:
+                        raise ValueError("mixed was given without the plan that made it; pass plan=")
+                    plan = self.sampler.sample(z[0].shape[0], len(z), device=z[0].device)
+                elif not isinstance(plan, MixupPlan):
+                    raise TypeError(f"plan must be a MixupPlan; got {type(plan).__name__}")
+                if plan.num_modalities != len(z):
+                    raise ValueError(f"plan was drawn for {plan.num_modalities} modalities but z holds {len(z)}")
+                if plan.batch_size != z[0].shape[0]:
+                    raise ValueError(f"plan was drawn for a batch of {plan.batch_size} but z holds N = {z[0].shape[0]} rows")
+                plan = plan.to(z[0].device)  # a plan drawn on the CPU serves embeddings on any device
+                if mixed is None:
+                    mixed = [plan.mix(x, m) for m, x in enumerate(z)]
+        guard.raise_if_failed()
         options: Dict[str, Any] = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
         if phase == "multisclip":
             loss = F.multisoftclip(
@@ -524,19 +540,7 @@ class M3CoLoss(ContrastiveOptions):
                 **options,
             )
         else:
-            if plan is None:
-                if mixed is not None:
-                    raise ValueError("mixed was given without the plan that made it; pass plan=")
-                plan = self.sampler.sample(z[0].shape[0], len(z), device=z[0].device)
-            elif not isinstance(plan, MixupPlan):
-                raise TypeError(f"plan must be a MixupPlan; got {type(plan).__name__}")
-            if plan.num_modalities != len(z):
-                raise ValueError(f"plan was drawn for {plan.num_modalities} modalities but z holds {len(z)}")
-            if plan.batch_size != z[0].shape[0]:
-                raise ValueError(f"plan was drawn for a batch of {plan.batch_size} but z holds N = {z[0].shape[0]} rows")
-            plan = plan.to(z[0].device)  # a plan drawn on the CPU serves embeddings on any device
-            if mixed is None:
-                mixed = [plan.mix(x, m) for m, x in enumerate(z)]
+            assert plan is not None and mixed is not None, "set above"
             loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, partner=self.partner, **options)
         return self.beta * loss
 
