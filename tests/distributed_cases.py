@@ -400,8 +400,48 @@ def _value_problem_cases(rank: int, world: int) -> dict:
     return out
 
 
+def _argument_error_cases(rank: int, world: int) -> dict:
+    """{case: (what this rank raises alone, without gather_distributed; what it raised over the group)}.
+
+    The last rank passes one argument of the wrong kind or shape per case (each rank its own in
+    "both ranks bad"; rank 0 a NaN in "value problem and bad argument"). Every rank must raise:
+    the bad one the error it raises alone, the others ``ValueError: rank r: <TypeName>: <message>``;
+    then the ranks must still be in step.
+    """
+    d = torch.float64
+    bad = rank == world - 1
+    g = torch.Generator().manual_seed(SEED + rank)
+    x, y = (torch.randn(3, 4, generator=g, dtype=d) for _ in range(2))
+    wide = torch.randn(3, 5, generator=g, dtype=d)
+    perm, lam = torch.tensor([2, 0, 1]), torch.tensor([0.2, 0.5, 1.0], dtype=d)
+    labels = torch.tensor([0, 1, 1])
+    logits = [torch.randn(3, 2, generator=g, dtype=d) for _ in range(2)]
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    calls: dict[str, Callable[[bool], object]] = {
+        "clip_loss z_b of another D": lambda gather: F.clip_loss(x, wide if bad else y, gather_distributed=gather),
+        "multisoftclip 1-D z": lambda gather: F.multisoftclip([x, y[0] if bad else y], gather_distributed=gather),
+        "m3co_pair list": lambda gather: F.m3co_pair(x.tolist() if bad else x, y, perm, lam, gather_distributed=gather),
+        "m3co_pair perm length": lambda gather: F.m3co_pair(x, y, perm[:2] if bad else perm, lam, gather_distributed=gather),
+        "m3co perms count": lambda gather: F.m3co([x, y], [y, x], [perm] if bad else [perm, perm], lam, gather_distributed=gather),
+        "multisoftclip_pair reduction": lambda gather: F.multisoftclip_pair(x, y, reduction="avg" if bad else "mean", gather_distributed=gather),
+        "contrastive_loss labels shape": lambda gather: F.contrastive_loss(
+            x, y, labels=labels[:, None] if bad else labels, gather_distributed=gather),
+        "unis_mmc logits shape": lambda gather: F.unis_mmc([x, y], [logits[0], logits[1][:2] if bad else logits[1]], labels, gather_distributed=gather),
+        "M3CoLoss z": lambda gather: m3co_loss.M3CoLoss(gather_distributed=gather)([x, "y" if bad else y]),
+        "M3CoLoss plan": lambda gather: m3co_loss.M3CoLoss(gather_distributed=gather)([x, y], plan="plan" if bad else None),
+        "M3CoLoss multisclip phase": lambda gather: m3co_loss.M3CoLoss(total_steps=3, gather_distributed=gather)([x, wide if bad else y], step=2),
+        "both ranks bad": lambda gather: F.clip_loss(x, y[:2] if bad else y[0], gather_distributed=gather),
+        "value problem and bad argument": lambda gather: F.clip_loss(nan if rank == 0 else x, wide if bad else y, gather_distributed=gather),
+    }
+    out = {name: (_expect_error(lambda: call(False)), _expect_error(lambda: call(True))) for name, call in calls.items()}
+    # the ranks are still in step: a sound call gathers both ranks' rows
+    out["sound call after"] = (None, "no error" if F.clip_loss(x, y, reduction="none", gather_distributed=True).shape == (3,) else "wrong shape")
+    return out
+
+
 def value_problems_main(rank: int, world: int, store_path: str, out_dir: str, timeout_s: float) -> None:
-    """Entry point of one spawned rank: the cases of :func:`_value_problem_cases`.
+    """Entry point of one spawned rank: the cases of :func:`_value_problem_cases` and :func:`_argument_error_cases`.
 
     The process group's timeout ends a rank left waiting in a collective with an error (a hang
     would otherwise outlive the test).
@@ -413,7 +453,8 @@ def value_problems_main(rank: int, world: int, store_path: str, out_dir: str, ti
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     results: dict = {}
     try:
-        results = _value_problem_cases(rank, world)
+        results["values"] = _value_problem_cases(rank, world)
+        results["arguments"] = _argument_error_cases(rank, world)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

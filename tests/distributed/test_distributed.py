@@ -115,7 +115,8 @@ VALUE_WORLD, VALUE_TIMEOUT_S, VALUE_DEADLINE_S = 2, 20, 240
 
 @pytest.fixture(scope="module")
 def value_problem_outcomes(tmp_path_factory):
-    """What each of 2 ranks raised in the cases of ``distributed_cases._value_problem_cases``.
+    """What each of 2 ranks raised in the cases of ``distributed_cases._value_problem_cases`` ("values")
+    and ``distributed_cases._argument_error_cases`` ("arguments").
 
     A rank left waiting in a collective fails there after the process group's timeout; if the
     ranks are still running at the deadline, they are terminated and the test fails.
@@ -136,9 +137,10 @@ def value_problem_outcomes(tmp_path_factory):
 
 def test_a_bad_value_on_one_rank_raises_on_every_rank(value_problem_outcomes):
     bad = VALUE_WORLD - 1
-    names = set(value_problem_outcomes[0])
-    assert len(names) == 16 and all(set(outcome) == names for outcome in value_problem_outcomes)
-    for r, outcome in enumerate(value_problem_outcomes):
+    outcomes = [saved["values"] for saved in value_problem_outcomes]
+    names = set(outcomes[0])
+    assert len(names) == 16 and all(set(outcome) == names for outcome in outcomes)
+    for r, outcome in enumerate(outcomes):
         for name, (message, raised) in outcome.items():
             if message is not None:
                 expected = f"ValueError: {message}" if r == bad else f"ValueError: rank {bad}: {message}"
@@ -148,6 +150,32 @@ def test_a_bad_value_on_one_rank_raises_on_every_rank(value_problem_outcomes):
         assert outcome["both ranks bad"][1] == f"ValueError: {own}", (r, outcome["both ranks bad"])
         # value checks off: no rank raises, the NaN reaches every rank's loss
         assert outcome["value checks off"][1] == "loss nan", (r, outcome["value checks off"])
+        assert outcome["sound call after"][1] == "no error", (r, outcome["sound call after"])
+
+
+def test_a_bad_argument_on_one_rank_raises_on_every_rank(value_problem_outcomes):
+    """An argument of the wrong kind or shape on one rank: that rank raises its own error (what it
+    raises alone), the others a ValueError naming the rank and the error; no rank waits."""
+    bad = VALUE_WORLD - 1
+    outcomes = [saved["arguments"] for saved in value_problem_outcomes]
+    names = set(outcomes[0])
+    assert len(names) == 14 and all(set(outcome) == names for outcome in outcomes)
+    own_errors = {"both ranks bad", "value problem and bad argument"}  # every rank raises its own
+    for name in names - own_errors - {"sound call after"}:
+        alone, raised = outcomes[bad][name]
+        assert alone.startswith(("TypeError: ", "ValueError: ")) and raised == alone, (name, alone, raised)
+        for r in range(VALUE_WORLD):
+            if r != bad:
+                assert outcomes[r][name] == ("no error", f"ValueError: rank {bad}: {alone}"), (r, name, outcomes[r][name])
+    for name in own_errors:
+        for r, (alone, raised) in enumerate(o[name] for o in outcomes):
+            assert alone.startswith(("TypeError: ", "ValueError: ")) and raised == alone, (r, name, alone, raised)
+    assert outcomes[0]["value problem and bad argument"][1] == "ValueError: z_a contains NaN or Inf"
+    # a few of the errors, spelled out
+    assert outcomes[bad]["m3co_pair list"][1].startswith("TypeError: mixed_a must be a torch.Tensor")
+    assert outcomes[0]["clip_loss z_b of another D"][1].startswith(f"ValueError: rank {bad}: ValueError: z_b ")
+    assert outcomes[0]["M3CoLoss plan"][1] == f"ValueError: rank {bad}: TypeError: plan must be a MixupPlan; got str"
+    for r, outcome in enumerate(outcomes):
         assert outcome["sound call after"][1] == "no error", (r, outcome["sound call after"])
 
 
