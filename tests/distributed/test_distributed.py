@@ -211,6 +211,7 @@ def test_helpers_without_a_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert dist_utils.rank() == 0 and dist_utils.world_size() == 1
     assert dist_utils.all_gather_sizes(3, x.device) == [3]
+    assert dist_utils.communication_device() == torch.device("cpu")
     assert dist_utils.all_gather_with_grad(x) is x
     # One process still needs two samples for a contrastive loss.
     with pytest.raises(ValueError, match="N >= 2"):
