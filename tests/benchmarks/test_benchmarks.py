@@ -242,3 +242,23 @@ def test_tiled_profile_writes_its_table(tmp_path):
     data = json.loads((tmp_path / "profile_tiled_cpu.json").read_text())
     assert len(data["result"]["ratios"]) == 2 and data["result"]["top_ops"]
     assert "tiled / floor over 2 alternating rounds" in (tmp_path / "profile_tiled_cpu.md").read_text()
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+    import stat
+
+    import common
+
+    target = tmp_path / "table.md"
+    common.write_text(target, "first\n")
+    assert target.read_text() == "first\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate fails half-way through the write
+        common.write_text(target, "second " + "\udcff")
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("third\n")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "first\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    common.save_json(tmp_path / "new" / "data.json", {"x": 1})
+    assert stat.S_IMODE((tmp_path / "new" / "data.json").stat().st_mode) == 0o644
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["data.json"]
