@@ -262,3 +262,35 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
     common.save_json(tmp_path / "new" / "data.json", {"x": 1})
     assert stat.S_IMODE((tmp_path / "new" / "data.json").stat().st_mode) == 0o644
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["data.json"]
+
+
+def test_kernel_tables_name_the_settings_of_the_runs_they_hold():
+    import kernels_report
+
+    def fig(impl, run=None, **kw):
+        entry = dict(device="cpu", loss="m3co_pair", impl=impl, n=64, d=8, status="ok", times_s=[1.0], median_s=1.0, extra_peak_bytes=2**20)
+        return dict(entry, run=run, **kw) if run else dict(entry, **kw)
+
+    meta = dict(threads=4, torch="9.9")
+    runs = {"a": dict(threads=2, torch="2.13.0"), "b": dict(threads=4, torch="9.9")}
+    # every figure from runs with one setting: that setting, not meta's
+    assert kernels_report._settings(dict(meta=meta, runs=runs, results=[fig("tiled", "a"), fig("floor", "a")])) == "2 torch threads, torch 2.13.0"
+    # mixed settings, or figures older than the run records: meta is the last run's, and said so
+    for results in ([fig("tiled", "a"), fig("floor", "b")], [fig("tiled", "b"), fig("floor")]):
+        text = kernels_report._settings(dict(meta=meta, runs=runs, results=results))
+        assert text.startswith("4 torch threads, torch 9.9 in the last run") and "other settings" in text
+
+
+def test_fresh_process_kernel_table_divides_no_times(tmp_path):
+    import kernels_report
+
+    entry = dict(device="cpu", loss="m3co_pair", n=64, d=8, status="ok", extra_peak_bytes=2**20, loads=[1.0])
+    results = [dict(entry, impl=impl, times_s=[t], median_s=t) for impl, t in (("textbook", 2.0), ("tiled", 1.0), ("floor", 0.5))]
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(dict(meta={}, results=results)))
+    pytest.importorskip("matplotlib")
+    kernels_report.report(path)
+    md, rst = (tmp_path / "k.md").read_text(), (tmp_path / "k.rst").read_text()
+    assert "| m3co_pair | 64 | 8 | 2.000 |  | 1.000 |  | 0.500 | 1 |  | 1 | 1.00 | 1 | 1.0 |" in md
+    assert "tiled/floor" not in md and "tiled / floor" not in rst and "2.00" not in md.split("| 0.500 |")[1]
+    assert "paired" in md and "paired" in rst
