@@ -294,3 +294,21 @@ def test_fresh_process_kernel_table_divides_no_times(tmp_path):
     assert "| m3co_pair | 64 | 8 | 2.000 |  | 1.000 |  | 0.500 | 1 |  | 1 | 1.00 | 1 | 1.0 |" in md
     assert "tiled/floor" not in md and "tiled / floor" not in rst and "2.00" not in md.split("| 0.500 |")[1]
     assert "paired" in md and "paired" in rst
+
+
+def test_triton_tuning_marks_a_configuration_whose_value_differs():
+    import tune_triton
+
+    def row(bm, median, diff, default=False):
+        return dict(block_m=bm, block_n=32, block_d=32, num_warps=4, num_stages=3, default=default,
+                    m3co_pair=dict(median_s=median, over_floor=median / 0.01, relative_difference=diff))
+
+    data = dict(meta=dict(n=64, d=8, dtype="bfloat16", precision="bf16", gpu="GPU", torch="2", repeats=5, losses=["m3co_pair"]),
+                floor_s=dict(m3co_pair=0.01),
+                results=[row(16, 0.5, 0.0, default=True), row(32, 0.1, 5e-3), row(64, 0.4, 2e-4),
+                         dict(row(128, 0.0, 0.0), m3co_pair=dict(error="OutOfResources: shared memory"))])
+    lines = [line for line in tune_triton.report(data).splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # fastest first among the matching configurations; the one that differs (and the failed one) after them
+    assert [line.split(" | ")[0] for line in lines] == ["| 64", "| 16 (default)", "| 32", "| 128"]
+    assert lines[0].endswith("| 400.0 | 40 | 2.0e-04 |") and lines[2].endswith("| 100.0 | 10 | 5.0e-03 value differs |")
+    assert "above 0.001" in tune_triton.report(data) and "timed once before the sweep" in tune_triton.report_rst(data)
