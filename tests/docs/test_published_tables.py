@@ -100,6 +100,24 @@ def test_kernel_tables_are_the_stored_measurements(tmp_path, tag, stem, paired):
     assert f".. include:: ../benchmarks/results/{stem}.rst" in BENCHMARKS
 
 
+def test_target_tables_are_the_stored_measurements(tmp_path):
+    import bench_targets
+
+    for kind in ("paired", "memory"):
+        shutil.copy(BENCH_RESULTS / f"targets_cpu_{kind}.json", tmp_path / f"targets_cpu_{kind}.json")
+    bench_targets.report(tmp_path, "targets_cpu")
+    targets = (ROOT / "docs" / "targets.rst").read_text()
+    for kind in ("paired", "memory"):
+        for suffix in ("md", "rst"):
+            assert (tmp_path / f"targets_cpu_{kind}.{suffix}").read_text() == (BENCH_RESULTS / f"targets_cpu_{kind}.{suffix}").read_text()
+        assert f".. include:: ../benchmarks/results/targets_cpu_{kind}.rst" in targets
+    memory = (BENCH_RESULTS / "targets_cpu_memory.rst").read_text()
+    # times from fresh processes run apart are not set side by side; the guess at large N says what it is
+    head = rst_list_tables(memory)[0][0]
+    assert head[:3] == ["implementation", "N", "D"] and not any(cell.endswith(" s") or "median" in cell for cell in head), head
+    assert "A rough extrapolation" in memory and "rough extrapolation" in " ".join(targets.split())
+
+
 def test_compile_figures_are_the_stored_rounds():
     import bench_compile
     from common import quartiles
