@@ -195,10 +195,15 @@ def test_install_peers_pins_are_the_extra():
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / "gpu"
+    out.mkdir()
+    (out / "summary.md").write_text("a previous run's summary\n")  # replaced, not appended to
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
                           text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, summary
+    # moved into place whole at the end: its last line says so, and no partial file is left
+    assert summary.startswith("# GPU check") and summary.rstrip().splitlines()[-1] == "Complete."
+    assert not (out / "summary.md.partial").exists()
     for step in ("setup", "tests", "kernels", "peers"):
         assert f"| {step} | ok |" in summary
     assert "--no-deps" in (out / "setup.log").read_text()
