@@ -8,7 +8,10 @@ library buffers are not counted as the loss's memory), takes a memory baseline, 
 memory held after the inputs). Results are written after every figure (atomically) to
 ``<out-dir>/<tag>.json``, from which ``<tag>.md`` and ``<tag>.rst`` (tables) and ``<tag>.png``
 (plot) are made;
-a rerun resumes, skipping the figures already recorded.
+a rerun resumes, skipping the figures already recorded. ``meta`` holds the last run's settings;
+each figure names the run that measured it (``run``, a key of ``runs``, which keeps every run's
+torch version, threads and options), and the times of one table row, from separate processes,
+are not divided: the time ratios are ``--paired``'s.
 
 Implementations:
 
