@@ -8,7 +8,10 @@ library buffers are not counted as the loss's memory), takes a memory baseline, 
 memory held after the inputs). Results are written after every figure (atomically) to
 ``<out-dir>/<tag>.json``, from which ``<tag>.md`` and ``<tag>.rst`` (tables) and ``<tag>.png``
 (plot) are made;
-a rerun resumes, skipping the figures already recorded.
+a rerun resumes, skipping the figures already recorded. ``meta`` holds the last run's settings;
+each figure names the run that measured it (``run``, a key of ``runs``, which keeps every run's
+torch version, threads and options), and the times of one table row, from separate processes,
+are not divided: the time ratios are ``--paired``'s.
 
 Implementations:
 
@@ -245,7 +248,8 @@ def drive_paired(args) -> None:
     """One process per (loss, N, D) running the implementations in rotation; per-round ratios."""
     path = Path(args.out_dir) / f"{args.tag}_paired.json"
     data = load_results(path)
-    data["meta"] = dict(machine_meta(threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, precision=args.precision), mode="paired")
+    run, settings = start_run(data, dict(machine_meta(threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                                                      precision=args.precision), mode="paired"))
     done = {f"{r['device']}|{r['loss']}|{r['n']}|{r['d']}": r for r in data["results"]}
     for loss in args.loss:
         for n in args.n:
@@ -255,7 +259,7 @@ def drive_paired(args) -> None:
                     continue
                 print(f"{loss:18s} paired {'/'.join(impls)} N={n:6d} D={d:4d} ...", end=" ", flush=True)
                 result = _run_one(args, loss, ",".join(impls), n, d)
-                entry = dict(device=args.device, loss=loss, n=n, d=d, impls=impls, status=result["status"],
+                entry = dict(device=args.device, loss=loss, n=n, d=d, impls=impls, run=run, status=result["status"],
                              load_before=result["load_before"], load_after=result["load_after"], uptime=uptime())
                 if result["status"] != "ok":
                     entry["reason"] = result["reason"]
@@ -271,6 +275,7 @@ def drive_paired(args) -> None:
                     print("  ".join(f"tiled/{o} {q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]" for o, q in entry["ratio_quartiles"].items()),
                           flush=True)
                 done[f"{args.device}|{loss}|{n}|{d}"] = entry
+                record_run(data, run, settings)
                 data["results"] = list(done.values())
                 save_json(path, data)
     report_paired(path)
@@ -289,6 +294,21 @@ class _null:
 
 def _key(r) -> str:
     return f"{r['device']}|{r['loss']}|{r['impl']}|{r['n']}|{r['d']}"
+
+
+def start_run(data: dict, meta: dict) -> tuple:
+    """``data["meta"]`` becomes this run's; returns ``(run id, its settings)`` for the figures it records.
+
+    ``meta`` is overwritten by every run, so each figure names its run (``run``), and
+    ``data["runs"]`` keeps the settings of every run that recorded one (see :func:`record_run`).
+    """
+    data["meta"] = meta
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return run, {k: meta[k] for k in ("torch", "threads", "device", "dtype", "precision", "repeats") if k in meta}
+
+
+def record_run(data: dict, run: str, settings: dict) -> None:
+    data.setdefault("runs", {})[run] = settings
 
 
 def machine_meta(*, threads: int, device: str, dtype: str, repeats: int, precision: str = "auto") -> dict:
@@ -352,13 +372,14 @@ def drive(args) -> None:
     """Measure every (loss, N, D) configuration; implementations alternate within each round."""
     path = Path(args.out_dir) / f"{args.tag}.json"
     data = load_results(path)
-    data["meta"] = machine_meta(threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats, precision=args.precision)
+    run, settings = start_run(data, machine_meta(threads=args.threads, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                                                 precision=args.precision))
     done = {_key(r): r for r in data["results"]}
     configs = [(loss, n, d) for n in args.n for d in args.d for loss in args.loss]
     for loss, n, d in configs:
         entries = {}
         for impl in args.impl:
-            entry = dict(device=args.device, loss=loss, impl=impl, n=n, d=d)
+            entry = dict(device=args.device, loss=loss, impl=impl, n=n, d=d, run=run)
             old = done.get(_key(entry))
             if old is not None and not args.redo and old["status"] in ("ok", "skipped"):
                 continue
@@ -390,6 +411,8 @@ def drive(args) -> None:
                       f"  (load {result['load_before'][0]:.1f})", flush=True)
         for entry in entries.values():
             done[_key(entry)] = entry
+        if any(r.get("run") == run for r in done.values()):
+            record_run(data, run, settings)
         data["results"] = list(done.values())
         save_json(path, data)
     report(path)

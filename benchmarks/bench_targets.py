@@ -231,7 +231,7 @@ def drive_paired(args) -> None:
 
 
 def _pml_estimate(args, d: int, targets) -> dict:
-    """pytorch-metric-learning at small N, and its memory at ``targets`` from the fitted power law."""
+    """pytorch-metric-learning at small N, and a rough guess of its memory at ``targets``: a power law through the two largest."""
     measured = {}
     for n in PML_SIZES:
         result = _run(args, "memory", ["pml"], n, d, 1)
@@ -315,15 +315,15 @@ def _paired_tables(data: dict):
 
 
 def _memory_rows(data: dict):
-    head = ["implementation", "N", "D", "extra MiB", "/ (N D floats)", "median s", "load"]
+    head = ["implementation", "N", "D", "extra MiB", "/ (N D floats)", "load"]
     rows = []
     for r in sorted(data["results"], key=lambda r: (r["d"], IMPLS.index(r["impl"]), r["n"])):
         if r["status"] != "ok":
-            rows.append([r["impl"], str(r["n"]), str(r["d"]), f"{r['status']}: {r.get('reason', '')}", "", "", ""])
+            rows.append([r["impl"], str(r["n"]), str(r["d"]), f"{r['status']}: {r.get('reason', '')}", "", ""])
             continue
         unit = r["n"] * r["d"] * 4
         rows.append([r["impl"], str(r["n"]), str(r["d"]), _mib(r["extra_peak_bytes"]), f"{r['extra_peak_bytes'] / unit:.1f}",
-                     f"{r['median_s']:.3f}", f"{r['load_before'][0]:.1f}"])
+                     f"{r['load_before'][0]:.1f}"])
     notes = []
     for d, est in data.get("pml", {}).items():
         if est["status"] != "ok":
@@ -331,8 +331,9 @@ def _memory_rows(data: dict):
             continue
         sizes = ", ".join(f"N = {n}: {_mib(b)} MiB" for n, b in est["measured"].items())
         guess = ", ".join(f"N = {n}: {_bytes(b)}" for n, b in est["estimate_bytes"].items())
-        notes.append(f"pytorch-metric-learning NTXentLoss with labels and ``ref_emb`` (D = {d}): measured {sizes}; power law "
-                     f"fitted to the two largest, exponent {est['exponent']:.2f}; extrapolated {guess}.")
+        notes.append(f"pytorch-metric-learning NTXentLoss with labels and ``ref_emb`` (D = {d}): measured {sizes}. A rough "
+                     f"extrapolation, a power law through the two largest of these small figures (exponent {est['exponent']:.2f}), "
+                     f"not a measurement: {guess}; it says only that these sizes are far out of reach.")
     if not data.get("pml"):
         notes.append("pytorch-metric-learning was not measured (not installed, or not asked for with ``--impl pml``).")
     return head, rows, notes
@@ -363,7 +364,8 @@ def report(out_dir, tag: str) -> None:
                  f"{meta['torch']}, {meta['device']}, float32, labels over {meta['classes']} classes: one fresh process per row "
                  "(a warm-up at a small N, the inputs, a baseline, then forward + backward passes); the peak resident memory "
                  "above the baseline in MiB, that figure in units of one (N, D) float32 tensor (O(N D) memory keeps it "
-                 "constant as N grows), the median time per pass in seconds and the 1-minute load average at the start.")
+                 "constant as N grows), and the 1-minute load average at the start. The processes ran one after another "
+                 "under a varying load, so their times are not compared here: the paired table has the times.")
         head, rows, notes = _memory_rows(data)
         md = ["# Structured targets: extra peak memory", "", intro.replace("``", "`"), ""] + _md(head, rows, 1)
         md += [x for note in notes for x in ("", note.replace("``", "`"))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -51,13 +52,33 @@ def load_results(path: Path) -> dict:
     return {"meta": {}, "results": []}
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically (a temporary file, then ``os.replace``)."""
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside ``path`` to write; once the block ends it replaces ``path``.
+
+    The temporary file is synced to disk and made readable by all (``0o644``, where ``mkstemp``
+    gives ``0o600``) before ``os.replace``; if anything raises, it is removed and ``path`` is left
+    as it was. Its name starts with a dot, so that globs over the results skip it.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def save_json(path: Path, data: dict) -> None:

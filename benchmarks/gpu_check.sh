@@ -14,7 +14,8 @@
 # 4. peers:   benchmarks/bench_peers.py --device cuda at D = 768, N = 1024 and 32768.
 #
 # Everything lands in OUT_DIR: one log per step, the benchmarks' JSON / Markdown / plots, and
-# summary.md (each step's status and seconds, the machine, the tables). Each step runs under
+# summary.md (each step's status and seconds, the machine, the tables; written as summary.md.partial
+# and moved into place, its last line "Complete.", only when the check ends). Each step runs under
 # `timeout` and the whole check within $M3CO_GPU_CHECK_SECONDS (default 480): time a step leaves
 # unused passes to the next ones; a step that runs out is recorded as timed out, and the
 # benchmarks keep every figure finished before (they write after each one): run the same command
@@ -58,7 +59,7 @@ while [ $# -gt 0 ]; do
         --only) ONLY=$2 ;;
       esac
       shift ;;
-    -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT=$1 ;;
   esac
@@ -78,7 +79,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 TOTAL=${M3CO_GPU_CHECK_SECONDS:-480}
 START=$(date +%s)
-SUMMARY=$OUT/summary.md
+# the summary is written beside its place and moved there at the end: a run killed part-way leaves
+# summary.md.partial, never a summary.md that looks complete (a previous run's is removed now)
+FINAL_SUMMARY=$OUT/summary.md
+SUMMARY=$FINAL_SUMMARY.partial
+rm -f "$FINAL_SUMMARY"
 STATUS=0
 # the later steps' shares of the total: a step may use what they do not need
 declare -A SHARE=([setup]=150 [tests]=60 [kernels]=130 [peers]=130)
@@ -255,6 +260,9 @@ fi
     echo
     sed 's/^# /## /' "$table"
   done
+  echo
+  echo "Complete."
 } >> "$SUMMARY"
-echo "summary: $SUMMARY"
+mv -f "$SUMMARY" "$FINAL_SUMMARY"
+echo "summary: $FINAL_SUMMARY"
 exit "$STATUS"

@@ -18,8 +18,9 @@ def report_paired(path: Path) -> None:
     data = load_results(path)
     meta = data.get("meta", {})
     lines = [
-        f"# Paired kernel timings ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}{_dtype_note(meta)})",
+        f"# Paired kernel timings ({meta.get('device', 'cpu')}{_dtype_note(meta)})",
         "",
+        f"{_settings(data)}.",
         "One process per row runs the implementations in rotation on the same inputs (one forward + backward pass each per"
         " round, the order reversed every other round). Ratios are per round, `tiled time / other time`: median"
         " [first quartile, third quartile]. Times: median seconds per pass.",
@@ -54,8 +55,7 @@ def _paired_rst(data: dict, fmt_q) -> str:
         rows.append([r["loss"], str(r["n"]), str(r["d"]), str(len(r["times_s"]["tiled"])), fmt_q(q.get("textbook")),
                      fmt_q(q.get("floor")), f"{med['tiled']:.3f}", f"{med['floor']:.3f}" if "floor" in med else ""])
     out = [
-        f"Paired timings on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch"
-        f" threads, torch {meta.get('torch', '?')}: one process per row, the implementations in rotation on the same inputs;"
+        f"Paired timings on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {_settings(data)}: one process per row, the implementations in rotation on the same inputs;"
         " per-round ratios, median [first quartile, third quartile].",
         "",
         ".. list-table::",
@@ -82,10 +82,21 @@ def _fmt_mem(r) -> str:
     return f"{r['extra_peak_bytes'] / 2**20:.0f}"
 
 
-def _ratio(x, y) -> str:
-    if x is None or y is None or x["status"] != "ok" or y["status"] != "ok" or y["median_s"] <= 0:
-        return ""
-    return f"{x['median_s'] / y['median_s']:.2f}"
+def _settings(data: dict) -> str:
+    """The torch threads and version the figures were measured with, as far as the file records them.
+
+    Figures written since the runs are recorded name theirs (``run``, a key of ``data["runs"]``);
+    ``meta`` holds the last run's settings only, which older figures may not share.
+    """
+    runs = data.get("runs", {})
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    known = {(runs[r["run"]].get("threads", "?"), runs[r["run"]].get("torch", "?")) for r in ok if r.get("run") in runs}
+    if ok and len(known) == 1 and all(r.get("run") in runs for r in ok):
+        threads, torch = known.pop()
+        return f"{threads} torch threads, torch {torch}"
+    meta = data.get("meta", {})
+    return (f"{meta.get('threads', '?')} torch threads, torch {meta.get('torch', '?')} in the last run (figures recorded in"
+            " earlier runs may have had other settings)")
 
 
 def _mem_ratio(x, y) -> str:
@@ -107,17 +118,19 @@ def report(path: Path) -> None:
     configs = sorted({(r["device"], r["loss"], r["n"], r["d"]) for r in results}, key=lambda c: (c[0], LOSSES.index(c[1]), c[3], c[2]))
     meta = data.get("meta", {})
     lines = [
-        f"# Kernel benchmarks ({meta.get('device', 'cpu')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}{_dtype_note(meta)})",
+        f"# Kernel benchmarks ({meta.get('device', 'cpu')}{_dtype_note(meta)})",
         "",
+        f"{_settings(data)}.",
         "Forward + backward wall time (seconds; median over `passes` timed passes: 3 per fresh process, in one or more"
         " processes that alternate with the other implementations) and extra peak memory (MiB, the largest over those"
         " processes). `floor` is the bare matrix products the loss needs.",
-        "Ratios: tiled time / textbook time, tiled time / floor time, tiled memory / textbook memory."
-        " `load` is the mean 1-minute load average before the tiled processes (the machine has "
-        f"{meta.get('cpu_count', '?')} cores).",
+        "The times of one row come from separate processes, possibly hours apart, so they are not divided here: time"
+        " ratios are in the paired table (`--paired`, the implementations in rotation within one process). Memory ratio:"
+        " tiled memory / textbook memory. `load` is the mean 1-minute load average before the tiled processes (the"
+        f" machine has {meta.get('cpu_count', '?')} cores).",
         "",
-        "| loss | N | D | textbook s | dense s | tiled s | triton s | floor s | tiled/textbook | tiled/floor | textbook MiB | dense MiB | tiled MiB | mem tiled/textbook | passes | load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| loss | N | D | textbook s | dense s | tiled s | triton s | floor s | textbook MiB | dense MiB | tiled MiB | mem tiled/textbook | passes | load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for device, loss, n, d in configs:
         get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
@@ -125,7 +138,7 @@ def report(path: Path) -> None:
         load = f"{sum(ti['loads']) / len(ti['loads']):.1f}" if ti is not None and ti.get("loads") else ""
         lines.append(
             f"| {loss} | {n} | {d} | {_fmt_time(tb)} | {_fmt_time(de)} | {_fmt_time(ti)} | {_fmt_time(tr)} | {_fmt_time(fl)} "
-            f"| {_ratio(ti, tb)} | {_ratio(ti, fl)} | {_fmt_mem(tb)} | {_fmt_mem(de)} | {_fmt_mem(ti)} | {_mem_ratio(ti, tb)} "
+            f"| {_fmt_mem(tb)} | {_fmt_mem(de)} | {_fmt_mem(ti)} | {_mem_ratio(ti, tb)} "
             f"| {len(ti.get('times_s', [])) if ti else ''} | {load} |"
         )
     skipped = [r for r in results if r["status"] != "ok"]
@@ -146,22 +159,21 @@ def _rst(path: Path, data: dict, index: dict, configs: list) -> str:
     """The table as reStructuredText for the docs (docs/benchmarks.rst includes it)."""
     meta = data.get("meta", {})
     loads = [x for r in data["results"] for x in r.get("loads", [])]
-    head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "tiled / textbook", "tiled / floor",
-            "textbook MiB", "tiled MiB", "memory tiled / textbook"]
+    head = ["loss", "N", "D", "textbook s", "dense s", "tiled s", "floor s", "textbook MiB", "tiled MiB", "memory tiled / textbook"]
     rows = []
     for device, loss, n, d in configs:
         get = lambda impl: index.get((device, loss, impl, n, d))  # noqa: E731
         tb, de, ti, fl = get("textbook"), get("dense"), get("tiled"), get("floor")
-        rows.append([loss, str(n), str(d), _fmt_time(tb), _fmt_time(de), _fmt_time(ti), _fmt_time(fl), _ratio(ti, tb), _ratio(ti, fl),
-                     _fmt_mem(tb), _fmt_mem(ti), _mem_ratio(ti, tb)])
+        rows.append([loss, str(n), str(d), _fmt_time(tb), _fmt_time(de), _fmt_time(ti), _fmt_time(fl), _fmt_mem(tb), _fmt_mem(ti), _mem_ratio(ti, tb)])
     out = [
-        f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {meta.get('threads', '?')} torch threads, "
-        f"torch {meta.get('torch', '?')}, {meta.get('dtype', 'float32')}, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
-        f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs), "
-        "so ratios within a row are more reliable than absolute times. Times in seconds (forward + backward, median over "
-        "3 passes per fresh process, in one or more processes alternating with the other implementations), memory in MiB "
-        "above the baseline; empty cells were not measured, ``skip`` cells did not fit "
-        f"(see ``{path.with_suffix('.md').name}``).",
+        f"Measured on {meta.get('processor', '?')} ({meta.get('cpu_count', '?')} cores), {_settings(data)}, "
+        f"{meta.get('dtype', 'float32')}, t = {meta.get('temperature', 0.1)}; other jobs shared the machine "
+        f"(1-minute load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} at the start of the runs). "
+        "Times in seconds (forward + backward, median over 3 passes per fresh process, in one or more processes "
+        "alternating with the other implementations), memory in MiB above the baseline; empty cells were not measured, "
+        f"``skip`` cells did not fit (see ``{path.with_suffix('.md').name}``). The times of a row come from separate "
+        "processes, possibly hours apart, over which this machine's speed drifts: they are not divided here, and the "
+        "time ratios quoted on this page come from the paired table below.",
         "",
         ".. list-table::",
         "   :header-rows: 1",
@@ -181,6 +193,6 @@ def _plot(path: Path, results) -> None:
     import figures  # docs/figures.py: the docs draw the same panels from the stored JSON
 
     points = figures.kernel_points(path)
-    meta = load_results(path).get("meta", {})
-    title = f"{meta.get('processor', '?')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}"
+    data = load_results(path)
+    title = f"{data.get('meta', {}).get('processor', '?')}, {_settings(data)}"
     figures.save_png(figures.kernel_overview_figure(points, title=title), path.with_suffix(".png"), dpi=100)

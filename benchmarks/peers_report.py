@@ -7,10 +7,9 @@ two from the stored JSON and compares.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from common import load_results, quartiles, write_text
+from common import atomic_path, load_results, quartiles, write_text
 from peers import IMPLS
 
 SHORT_STATUS = {"skipped": "skipped", "failed": "failed", "unavailable": "n/a"}
@@ -281,10 +280,11 @@ def plot(data: dict, png: Path) -> None:
     fig.suptitle(f"CLIP loss, {meta['device']} ({meta['threads']} threads), {meta['dtype']}: missing points were skipped or failed "
                  "(see the .md)", fontsize=10)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def report(path: Path) -> None:

@@ -3,8 +3,9 @@
 For each configuration (``triton_block_m``, ``triton_block_n``, ``triton_block_d``,
 ``triton_num_warps``, ``triton_num_stages``) one forward + backward pass of each loss is timed
 with CUDA events (median of ``--repeats`` after a warm-up that compiles the kernels), its value
-checked against the default configuration's, beside the bare products of the floor in the input
-dtype (``bench_kernels.py``'s ``floor``). A configuration that fails to compile or launch (shared
+checked against the default configuration's (a configuration whose value differs by more than
+``TOLERANCE`` is marked and ranks after the matching ones), beside the bare products of the floor
+in the input dtype (``bench_kernels.py``'s ``floor``, timed once before the sweep). A configuration that fails to compile or launch (shared
 memory, registers) is recorded with its error. Writes ``<out-dir>/tune_triton_<dtype>.json``,
 ``.md`` and ``.rst`` (fastest first) after every configuration.
 
@@ -24,6 +25,10 @@ from pathlib import Path
 from common import save_json, write_text
 
 LOSSES = ("m3co_pair", "multisoftclip_pair")
+# Largest relative difference of a configuration's loss value from the default configuration's
+# (the same inputs; only the order of the sums changes): a configuration above it computes
+# something else, is marked "value differs" and ranks after every matching one.
+TOLERANCE = {"bfloat16": 1e-3, "float16": 1e-3, "float32": 1e-4}
 
 
 def timed(step, repeats: int) -> list:
@@ -47,24 +52,45 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def report(data: dict) -> str:
-    """The Markdown table of a result file, fastest configuration first."""
-    meta, floor, losses = data["meta"], data["floor_s"], data["meta"].get("losses") or list(data["floor_s"])
+def tolerance(meta: dict) -> float:
+    return meta.get("tolerance", TOLERANCE[meta["dtype"]])
 
-    def total(row):
-        return sum(row[loss].get("median_s", float("inf")) for loss in losses)
+
+def differs(row: dict, losses, tol: float) -> bool:
+    """Whether a configuration's value of some loss is off the default configuration's by more than ``tol``."""
+    return any(row[loss].get("relative_difference", 0.0) > tol for loss in losses if "median_s" in row[loss])
+
+
+def report(data: dict) -> str:
+    """The Markdown table of a result file, fastest configuration first among those whose values match the default's."""
+    meta, floor, losses = data["meta"], data["floor_s"], data["meta"].get("losses") or list(data["floor_s"])
+    tol = tolerance(meta)
+
+    def order(row):  # the matching configurations by time, then those whose value differs, then those that failed
+        failed = any("median_s" not in row[loss] for loss in losses)
+        return failed, differs(row, losses, tol), sum(row[loss].get("median_s", float("inf")) for loss in losses)
 
     lines = [f"# Triton blocks at N = {meta['n']}, D = {meta['d']}, {meta['dtype']} (precision {meta['precision']}), {meta['gpu']}", "",
-             "Forward + backward, median of {} CUDA-event timings, torch {}{}; floor: the bare products in {}: {}.".format(
+             "Forward + backward, median of {} CUDA-event timings, torch {}{}; floor: the bare products in {}, timed once before"
+             " the sweep (not alternated with the configurations): {}. Value: relative difference of each loss from the default"
+             " configuration's on the same inputs; above {:g} the configuration is marked \"value differs\" and listed after"
+             " those that match, whatever its time.".format(
                  meta["repeats"], meta["torch"], f", Triton {meta['triton']}" if meta.get("triton") else "", meta["dtype"],
-                 ", ".join(f"{loss} {1e3 * floor[loss]:.2f} ms" for loss in losses)), "",
-             "| BM | BN | BD | warps | stages | " + " | ".join(f"{loss} ms | / floor" for loss in losses) + " |",
-             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---:" for _ in losses) + " |"]
-    for row in sorted(data["results"], key=total):
+                 ", ".join(f"{loss} {1e3 * floor[loss]:.2f} ms" for loss in losses), tol), "",
+             "| BM | BN | BD | warps | stages | " + " | ".join(f"{loss} ms | / floor | value vs default" for loss in losses) + " |",
+             "| ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---:" for _ in losses) + " |"]
+    for row in sorted(data["results"], key=order):
         cells = []
         for loss in losses:
             r = row[loss]
-            cells += [f"{1e3 * r['median_s']:.1f}", f"{r['over_floor']:.0f}"] if "median_s" in r else [r["error"][:60], ""]
+            if "median_s" not in r:
+                cells += [r["error"][:60], "", ""]
+                continue
+            diff = r.get("relative_difference")
+            value = "?" if diff is None else "0" if diff == 0 else f"{diff:.1e}"
+            if diff is not None and diff > tol:
+                value += " value differs"
+            cells += [f"{1e3 * r['median_s']:.1f}", f"{r['over_floor']:.0f}", value]
         mark = " (default)" if row["default"] else ""
         lines.append(f"| {row['block_m']}{mark} | {row['block_n']} | {row['block_d']} | {row['num_warps']} | {row['num_stages']} | "
                      + " | ".join(cells) + " |")
@@ -157,7 +183,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, flush=True)
         data = dict(meta=dict(n=args.n, d=args.d, dtype=args.dtype, precision=args.precision, gpu=torch.cuda.get_device_name(),
-                              torch=torch.__version__, triton=_triton_version(), repeats=args.repeats, losses=list(args.loss)),
+                              torch=torch.__version__, triton=_triton_version(), repeats=args.repeats, losses=list(args.loss),
+                              tolerance=TOLERANCE[args.dtype]),
                     floor_s=floor, results=rows)
         stem = args.out_dir / f"tune_triton_{args.dtype}"
         save_json(stem.with_suffix(".json"), data)  # after every configuration: a run cut short keeps what it measured

@@ -195,10 +195,15 @@ def test_install_peers_pins_are_the_extra():
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / "gpu"
+    out.mkdir()
+    (out / "summary.md").write_text("a previous run's summary\n")  # replaced, not appended to
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)], capture_output=True,
                           text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     summary = (out / "summary.md").read_text()
     assert proc.returncode == 0, summary
+    # moved into place whole at the end: its last line says so, and no partial file is left
+    assert summary.startswith("# GPU check") and summary.rstrip().splitlines()[-1] == "Complete."
+    assert not (out / "summary.md.partial").exists()
     for step in ("setup", "tests", "kernels", "peers"):
         assert f"| {step} | ok |" in summary
     assert "--no-deps" in (out / "setup.log").read_text()
@@ -242,3 +247,73 @@ def test_tiled_profile_writes_its_table(tmp_path):
     data = json.loads((tmp_path / "profile_tiled_cpu.json").read_text())
     assert len(data["result"]["ratios"]) == 2 and data["result"]["top_ops"]
     assert "tiled / floor over 2 alternating rounds" in (tmp_path / "profile_tiled_cpu.md").read_text()
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+    import stat
+
+    import common
+
+    target = tmp_path / "table.md"
+    common.write_text(target, "first\n")
+    assert target.read_text() == "first\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate fails half-way through the write
+        common.write_text(target, "second " + "\udcff")
+    with pytest.raises(RuntimeError):
+        with common.atomic_path(target) as tmp:
+            tmp.write_text("third\n")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "first\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    common.save_json(tmp_path / "new" / "data.json", {"x": 1})
+    assert stat.S_IMODE((tmp_path / "new" / "data.json").stat().st_mode) == 0o644
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["data.json"]
+
+
+def test_kernel_tables_name_the_settings_of_the_runs_they_hold():
+    import kernels_report
+
+    def fig(impl, run=None, **kw):
+        entry = dict(device="cpu", loss="m3co_pair", impl=impl, n=64, d=8, status="ok", times_s=[1.0], median_s=1.0, extra_peak_bytes=2**20)
+        return dict(entry, run=run, **kw) if run else dict(entry, **kw)
+
+    meta = dict(threads=4, torch="9.9")
+    runs = {"a": dict(threads=2, torch="2.13.0"), "b": dict(threads=4, torch="9.9")}
+    # every figure from runs with one setting: that setting, not meta's
+    assert kernels_report._settings(dict(meta=meta, runs=runs, results=[fig("tiled", "a"), fig("floor", "a")])) == "2 torch threads, torch 2.13.0"
+    # mixed settings, or figures older than the run records: meta is the last run's, and said so
+    for results in ([fig("tiled", "a"), fig("floor", "b")], [fig("tiled", "b"), fig("floor")]):
+        text = kernels_report._settings(dict(meta=meta, runs=runs, results=results))
+        assert text.startswith("4 torch threads, torch 9.9 in the last run") and "other settings" in text
+
+
+def test_fresh_process_kernel_table_divides_no_times(tmp_path):
+    import kernels_report
+
+    entry = dict(device="cpu", loss="m3co_pair", n=64, d=8, status="ok", extra_peak_bytes=2**20, loads=[1.0])
+    results = [dict(entry, impl=impl, times_s=[t], median_s=t) for impl, t in (("textbook", 2.0), ("tiled", 1.0), ("floor", 0.5))]
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(dict(meta={}, results=results)))
+    pytest.importorskip("matplotlib")
+    kernels_report.report(path)
+    md, rst = (tmp_path / "k.md").read_text(), (tmp_path / "k.rst").read_text()
+    assert "| m3co_pair | 64 | 8 | 2.000 |  | 1.000 |  | 0.500 | 1 |  | 1 | 1.00 | 1 | 1.0 |" in md
+    assert "tiled/floor" not in md and "tiled / floor" not in rst and "2.00" not in md.split("| 0.500 |")[1]
+    assert "paired" in md and "paired" in rst
+
+
+def test_triton_tuning_marks_a_configuration_whose_value_differs():
+    import tune_triton
+
+    def row(bm, median, diff, default=False):
+        return dict(block_m=bm, block_n=32, block_d=32, num_warps=4, num_stages=3, default=default,
+                    m3co_pair=dict(median_s=median, over_floor=median / 0.01, relative_difference=diff))
+
+    data = dict(meta=dict(n=64, d=8, dtype="bfloat16", precision="bf16", gpu="GPU", torch="2", repeats=5, losses=["m3co_pair"]),
+                floor_s=dict(m3co_pair=0.01),
+                results=[row(16, 0.5, 0.0, default=True), row(32, 0.1, 5e-3), row(64, 0.4, 2e-4),
+                         dict(row(128, 0.0, 0.0), m3co_pair=dict(error="OutOfResources: shared memory"))])
+    lines = [line for line in tune_triton.report(data).splitlines() if line.startswith("| ") and line[2].isdigit()]
+    # fastest first among the matching configurations; the one that differs (and the failed one) after them
+    assert [line.split(" | ")[0] for line in lines] == ["| 64", "| 16 (default)", "| 32", "| 128"]
+    assert lines[0].endswith("| 400.0 | 40 | 2.0e-04 |") and lines[2].endswith("| 100.0 | 10 | 5.0e-03 value differs |")
+    assert "above 0.001" in tune_triton.report(data) and "timed once before the sweep" in tune_triton.report_rst(data)
