@@ -99,6 +99,35 @@ def test_multisoftclip_matches_literal(backend, case, t, convention):
     )
 
 
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("target, detach", [(0.3, False), (0.3, True), ("tensor", False), ("tensor", True), (None, True)])
+def test_multisoftclip_target_options_match_literal(small_tiles, convention, target, detach):
+    """``target_temperature`` and ``detach_targets`` over three modalities, the temperatures
+    tensors: the value and every gradient (embeddings, t, t') equal the literal sum over pairs."""
+    g = torch.Generator().manual_seed(21)
+    z = [torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def values_and_grads(loss):
+        leaves = [x.clone().requires_grad_() for x in z]
+        t, t_target = torch.tensor(0.15, dtype=torch.float64, requires_grad=True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        value = loss(leaves, t, t_target if target == "tensor" else target)
+        return [value.detach(), *torch.autograd.grad(value, leaves + [t, t_target], allow_unused=True, materialize_grads=True)]
+
+    expected = values_and_grads(lambda x, t, tt: literal.multisoftclip(x, t, convention, target_t=tt, detach=detach))
+    for backend in ("dense", "tiled"):
+        got = values_and_grads(
+            lambda x, t, tt: F.multisoftclip(x, temperature=t, target_temperature=tt, detach_targets=detach, convention=convention, backend=backend)
+        )
+        for name, x, y in zip(["value", "z0", "z1", "z2", "t", "t'"], got, expected):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, where=(backend, name): f"{where}: {m}")
+    # the options change the loss: without them the value (t' != t) or the gradients (detached) differ
+    plain = values_and_grads(lambda x, t, tt: F.multisoftclip(x, temperature=t, convention=convention))
+    if target is not None:
+        assert not torch.allclose(plain[0], expected[0])
+    if detach:
+        assert not torch.allclose(plain[1], expected[1])
+
+
 @given(case=cases(modalities=2, max_modalities=3), t=st.sampled_from([0.07, 0.2, 1.0]), data=st.data())
 def test_unis_mmc_matches_literal(case, t, data):
     n = case.n
