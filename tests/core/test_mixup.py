@@ -86,6 +86,28 @@ def test_mix_is_differentiable_and_checks_its_input():
         plan.mix(x, 2)
 
 
+def test_plan_to_returns_itself_when_already_there_and_moves_otherwise():
+    plan = MixupSampler(shared_lam=False).sample(6, 3, generator=torch.Generator().manual_seed(5))
+    assert plan.to("cpu") is plan and plan.to(torch.device("cpu")) is plan
+    moved = plan.to("meta")
+    assert moved is not plan and moved.lam.device.type == "meta" and all(p.device.type == "meta" for p in moved.perms)
+    assert moved.lam.shape == plan.lam.shape and moved.lam.dtype == plan.lam.dtype
+    assert [(p.shape, p.dtype) for p in moved.perms] == [(p.shape, p.dtype) for p in plan.perms]
+    assert plan.lam.device.type == "cpu"  # the original stays where it was
+    # a plan with only some tensors on the device is a new plan, the others moved
+    partly = MixupPlan(plan.perms, moved.lam)
+    assert partly.to("meta") is not partly and all(p.device.type == "meta" for p in partly.to("meta").perms)
+    assert moved.to("meta") is moved
+
+
+def test_calling_the_sampler_is_sampling():
+    call = MixupSampler(shared_lam=False, mix_prob=0.5)(9, 3, generator=torch.Generator().manual_seed(6))
+    sample = MixupSampler(shared_lam=False, mix_prob=0.5).sample(9, 3, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(call.lam, sample.lam) and all(torch.equal(a, b) for a, b in zip(call.perms, sample.perms))
+    other = MixupSampler(shared_lam=False, mix_prob=0.5).sample(9, 3, generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(call.lam, other.lam)
+
+
 def test_plan_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="lam"):
         MixupPlan((torch.arange(4),), torch.ones(2, 4))
