@@ -414,6 +414,31 @@ def test_zero_vectors_give_finite_values_and_gradients(backend):
         assert torch.isfinite(value) and torch.isfinite(ga).all() and torch.isfinite(gb).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("checks", [True, False])  # off, every row is divided by its peak (or 1)
+def test_normalize_keeps_zero_rows_zero(dtype, checks):
+    """As documented: zero rows stay exactly zero, with finite gradients; the other rows and all
+    gradients are torch's ``F.normalize(eps=1e-12)`` in float64."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    z[1] = 0
+    z[4] = 0
+    z[3] *= 1e30  # a row that takes the rescaling path with value checks on as well
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    x = z.to(dtype).requires_grad_()
+    with m3co_loss.value_checks(checks):
+        p = F.normalize(x)
+    (grad,) = torch.autograd.grad((p * w.to(p.dtype)).sum(), x)
+    assert torch.equal(p[[1, 4]], torch.zeros(2, 4, dtype=p.dtype))
+    assert torch.isfinite(grad).all()
+    ref = z.to(dtype).double().requires_grad_()
+    expected = torch.nn.functional.normalize(ref, dim=-1, eps=1e-12)
+    (expected_grad,) = torch.autograd.grad((expected * w).sum(), ref)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    close(p.double(), expected.detach(), rtol=rtol, atol=rtol)
+    close(grad.double(), expected_grad, rtol=rtol, atol=0.0)
+
+
 @pytest.mark.parametrize("scale", [1e-40, 1e20, 1e30])  # a subnormal batch; norms that overflow float32
 def test_extreme_but_finite_scales_keep_the_value(backend, scale):
     g = torch.Generator().manual_seed(4)
