@@ -63,8 +63,9 @@ def test_for_convention():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_mix_any_tensor_whose_first_dim_is_the_batch(dtype):
-    plan = MixupSampler().sample(4, 2, generator=torch.Generator().manual_seed(4))
-    images = torch.randn(4, 3, 5, 5, dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    plan = MixupSampler().sample(4, 2, generator=g)
+    images = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
     mixed = plan.mix(images, 1)
     assert mixed.shape == images.shape and mixed.dtype == dtype
     lam, perm = plan.lam[1].to(dtype), plan.perms[1]
@@ -74,8 +75,9 @@ def test_mix_any_tensor_whose_first_dim_is_the_batch(dtype):
 
 
 def test_mix_is_differentiable_and_checks_its_input():
-    plan = MixupSampler().sample(4, 2)
-    x = torch.randn(4, 3, requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    plan = MixupSampler().sample(4, 2, generator=g)
+    x = torch.randn(4, 3, generator=g).requires_grad_()
     plan.mix(x, 0).sum().backward()
     assert x.grad is not None
     with pytest.raises(ValueError, match="first dim"):
