@@ -71,7 +71,11 @@ class MixupPlan:
 
     def to(self, device: Union[str, torch.device]) -> "MixupPlan":
         """The same plan with its tensors on ``device`` (itself when they are there already)."""
-        return MixupPlan(tuple(p.to(device) for p in self.perms), self.lam.to(device))
+        # Tensor.to returns the tensor itself when no copy is needed ("cuda" and "cuda:0" alike).
+        perms, lam = tuple(p.to(device) for p in self.perms), self.lam.to(device)
+        if lam is self.lam and all(moved is p for moved, p in zip(perms, self.perms)):
+            return self
+        return MixupPlan(perms, lam)
 
 
 class MixupSampler:

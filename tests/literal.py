@@ -75,11 +75,20 @@ def soft_targets(p, t):
     return [[torch.exp(G[i][l] - lse_row(G, i)) for l in range(len(G))] for i in range(len(G))]
 
 
-def multisoftclip_pair_paper(z_a, z_b, t):
-    """Ls(a; a, b) of paper Eq. 9."""
+def target_rows(z_a, t, target_t=None, detach=False):
+    """The unit rows and the temperature that make the soft targets: t' (None: t), both held
+    constant with ``detach`` (no gradient through the targets)."""
+    tt = t if target_t is None else target_t
+    if detach:
+        return normalize(z_a.detach()), tt.detach() if isinstance(tt, torch.Tensor) else tt
+    return normalize(z_a), tt
+
+
+def multisoftclip_pair_paper(z_a, z_b, t, target_t=None, detach=False):
+    """Ls(a; a, b) of paper Eq. 9; soft targets at ``target_t`` (None: t), constants with ``detach``."""
     p_a, p_b = normalize(z_a), normalize(z_b)
     S = similarity(p_a, p_b, t)
-    W = soft_targets(p_a, t)
+    W = soft_targets(*target_rows(z_a, t, target_t, detach))
     n = len(S)
     total = 0
     for i in range(n):
@@ -88,10 +97,12 @@ def multisoftclip_pair_paper(z_a, z_b, t):
     return total / n
 
 
-def multisoftclip_pair_released(z_a, z_b, t):
-    """The released code's soft_clip_loss(preds=z_b, targs=z_a)."""
+def multisoftclip_pair_released(z_a, z_b, t, target_t=None, detach=False):
+    """The released code's soft_clip_loss(preds=z_b, targs=z_a); its clip_clip at ``target_t``
+    (None: t, as released), a constant with ``detach``."""
     targs, preds = normalize(z_a), normalize(z_b)
-    clip_clip = targs @ targs.T / t
+    fixed, tt = target_rows(z_a, t, target_t, detach)
+    clip_clip = fixed @ fixed.T / tt
     brain_clip = preds @ targs.T / t
     loss1 = -(brain_clip.log_softmax(-1) * clip_clip.softmax(-1)).sum(-1).mean()
     loss2 = -(brain_clip.T.log_softmax(-1) * clip_clip.softmax(-1)).sum(-1).mean()
@@ -178,16 +189,17 @@ def structured(z_a, z_b, T, t, convention="paper"):
     return values
 
 
-def multisoftclip(z, t, convention):
+def multisoftclip(z, t, convention, target_t=None, detach=False):
     M = len(z)
+    soft = dict(target_t=target_t, detach=detach)
     if convention == "paper":
         return sum(
-            0.5 * (multisoftclip_pair_paper(z[a], z[b], t) + multisoftclip_pair_paper(z[b], z[a], t))
+            0.5 * (multisoftclip_pair_paper(z[a], z[b], t, **soft) + multisoftclip_pair_paper(z[b], z[a], t, **soft))
             for a in range(M)
             for b in range(a + 1, M)
         )
     # released: soft_clip_loss(z[m], z[m+1]) = targets from z[m+1]
-    return sum(multisoftclip_pair_released(z[(m + 1) % M], z[m], t) for m in range(M))
+    return sum(multisoftclip_pair_released(z[(m + 1) % M], z[m], t, **soft) for m in range(M))
 
 
 def unis_mmc(r, logits, y, t):

@@ -127,5 +127,9 @@ def test_a_plan_drawn_on_the_cpu_serves_embeddings_on_cuda():
     criterion = M3CoLoss(total_steps=3, generator=torch.Generator().manual_seed(0))
     plan = criterion.sample(16, 2)  # no device: drawn on the CPU
     assert plan.lam.device.type == "cpu"
-    expected = criterion(z, plan=plan.to("cuda"))
+    # by hand: the plan's tensors moved to the device, the clean embeddings mixed with them, and the
+    # paper's M3Co against clean partners at the module's temperature, weighted by beta
+    perms, lam = [p.to("cuda") for p in plan.perms], plan.lam.to("cuda")
+    mixed = [lam[m, :, None] * x + (1 - lam[m, :, None]) * x[perms[m]] for m, x in enumerate(z)]
+    expected = 0.1 * F.m3co(mixed, z, perms, lam, temperature=0.1, convention="paper", partner="clean")
     torch.testing.assert_close(criterion(z, plan=plan), expected)

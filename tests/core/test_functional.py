@@ -99,6 +99,35 @@ def test_multisoftclip_matches_literal(backend, case, t, convention):
     )
 
 
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("target, detach", [(0.3, False), (0.3, True), ("tensor", False), ("tensor", True), (None, True)])
+def test_multisoftclip_target_options_match_literal(small_tiles, convention, target, detach):
+    """``target_temperature`` and ``detach_targets`` over three modalities, the temperatures
+    tensors: the value and every gradient (embeddings, t, t') equal the literal sum over pairs."""
+    g = torch.Generator().manual_seed(21)
+    z = [torch.randn(7, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def values_and_grads(loss):
+        leaves = [x.clone().requires_grad_() for x in z]
+        t, t_target = torch.tensor(0.15, dtype=torch.float64, requires_grad=True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        value = loss(leaves, t, t_target if target == "tensor" else target)
+        return [value.detach(), *torch.autograd.grad(value, leaves + [t, t_target], allow_unused=True, materialize_grads=True)]
+
+    expected = values_and_grads(lambda x, t, tt: literal.multisoftclip(x, t, convention, target_t=tt, detach=detach))
+    for backend in ("dense", "tiled"):
+        got = values_and_grads(
+            lambda x, t, tt: F.multisoftclip(x, temperature=t, target_temperature=tt, detach_targets=detach, convention=convention, backend=backend)
+        )
+        for name, x, y in zip(["value", "z0", "z1", "z2", "t", "t'"], got, expected):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, where=(backend, name): f"{where}: {m}")
+    # the options change the loss: without them the value (t' != t) or the gradients (detached) differ
+    plain = values_and_grads(lambda x, t, tt: F.multisoftclip(x, temperature=t, convention=convention))
+    if target is not None:
+        assert not torch.allclose(plain[0], expected[0])
+    if detach:
+        assert not torch.allclose(plain[1], expected[1])
+
+
 @given(case=cases(modalities=2, max_modalities=3), t=st.sampled_from([0.07, 0.2, 1.0]), data=st.data())
 def test_unis_mmc_matches_literal(case, t, data):
     n = case.n
@@ -366,8 +395,9 @@ def test_autocast_does_not_lower_the_precision():
 
 
 def test_zero_vectors_give_finite_values_and_gradients(backend):
-    z_a = torch.randn(5, 4, dtype=torch.float64)
-    z_b = torch.randn(5, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    z_a = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    z_b = torch.randn(5, 4, generator=g, dtype=torch.float64)
     z_a[1] = 0
     z_b[3] = 0
     z_a.requires_grad_(True)
@@ -383,6 +413,31 @@ def test_zero_vectors_give_finite_values_and_gradients(backend):
         value = fn()
         ga, gb = torch.autograd.grad(value, (z_a, z_b))
         assert torch.isfinite(value) and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("checks", [True, False])  # off, every row is divided by its peak (or 1)
+def test_normalize_keeps_zero_rows_zero(dtype, checks):
+    """As documented: zero rows stay exactly zero, with finite gradients; the other rows and all
+    gradients are torch's ``F.normalize(eps=1e-12)`` in float64."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    z[1] = 0
+    z[4] = 0
+    z[3] *= 1e30  # a row that takes the rescaling path with value checks on as well
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    x = z.to(dtype).requires_grad_()
+    with m3co_loss.value_checks(checks):
+        p = F.normalize(x)
+    (grad,) = torch.autograd.grad((p * w.to(p.dtype)).sum(), x)
+    assert torch.equal(p[[1, 4]], torch.zeros(2, 4, dtype=p.dtype))
+    assert torch.isfinite(grad).all()
+    ref = z.to(dtype).double().requires_grad_()
+    expected = torch.nn.functional.normalize(ref, dim=-1, eps=1e-12)
+    (expected_grad,) = torch.autograd.grad((expected * w).sum(), ref)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    close(p.double(), expected.detach(), rtol=rtol, atol=rtol)
+    close(grad.double(), expected_grad, rtol=rtol, atol=0.0)
 
 
 @pytest.mark.parametrize("scale", [1e-40, 1e20, 1e30])  # a subnormal batch; norms that overflow float32
@@ -495,7 +550,8 @@ def test_unis_mmc_semi_positive_pair_sends_gradient_only_to_the_wrong_modality()
 
 
 def test_unis_mmc_without_positive_pairs_is_zero():
-    r = [torch.randn(4, 3), torch.randn(4, 3)]
+    g = torch.Generator().manual_seed(9)
+    r = [torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)]
     y = torch.zeros(4, dtype=torch.long)
     wrong = torch.tensor([[0.0, 1.0]]).expand(4, 2)
     assert F.unis_mmc(r, [wrong, wrong], y).item() == 0.0
@@ -508,7 +564,8 @@ def test_dense_multisoftclip_forms_each_matrix_once(convention, num):
     from torch.utils.flop_counter import FlopCounterMode
 
     n, d = 12, 5
-    z = [torch.randn(n, d, dtype=torch.float64) for _ in range(num)]
+    g = torch.Generator().manual_seed(num)
+    z = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(num)]
     with FlopCounterMode(display=False) as counter:
         F.multisoftclip(z, convention=convention, backend="dense")
     pairs = len({tuple(sorted(p[:2])) for p in F._directed_pairs(num, convention)})

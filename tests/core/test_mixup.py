@@ -63,8 +63,9 @@ def test_for_convention():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_mix_any_tensor_whose_first_dim_is_the_batch(dtype):
-    plan = MixupSampler().sample(4, 2, generator=torch.Generator().manual_seed(4))
-    images = torch.randn(4, 3, 5, 5, dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    plan = MixupSampler().sample(4, 2, generator=g)
+    images = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
     mixed = plan.mix(images, 1)
     assert mixed.shape == images.shape and mixed.dtype == dtype
     lam, perm = plan.lam[1].to(dtype), plan.perms[1]
@@ -74,8 +75,9 @@ def test_mix_any_tensor_whose_first_dim_is_the_batch(dtype):
 
 
 def test_mix_is_differentiable_and_checks_its_input():
-    plan = MixupSampler().sample(4, 2)
-    x = torch.randn(4, 3, requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    plan = MixupSampler().sample(4, 2, generator=g)
+    x = torch.randn(4, 3, generator=g).requires_grad_()
     plan.mix(x, 0).sum().backward()
     assert x.grad is not None
     with pytest.raises(ValueError, match="first dim"):
@@ -84,6 +86,28 @@ def test_mix_is_differentiable_and_checks_its_input():
         plan.mix(torch.randint(0, 9, (4, 7)), 0)
     with pytest.raises(ValueError, match="modality"):
         plan.mix(x, 2)
+
+
+def test_plan_to_returns_itself_when_already_there_and_moves_otherwise():
+    plan = MixupSampler(shared_lam=False).sample(6, 3, generator=torch.Generator().manual_seed(5))
+    assert plan.to("cpu") is plan and plan.to(torch.device("cpu")) is plan
+    moved = plan.to("meta")
+    assert moved is not plan and moved.lam.device.type == "meta" and all(p.device.type == "meta" for p in moved.perms)
+    assert moved.lam.shape == plan.lam.shape and moved.lam.dtype == plan.lam.dtype
+    assert [(p.shape, p.dtype) for p in moved.perms] == [(p.shape, p.dtype) for p in plan.perms]
+    assert plan.lam.device.type == "cpu"  # the original stays where it was
+    # a plan with only some tensors on the device is a new plan, the others moved
+    partly = MixupPlan(plan.perms, moved.lam)
+    assert partly.to("meta") is not partly and all(p.device.type == "meta" for p in partly.to("meta").perms)
+    assert moved.to("meta") is moved
+
+
+def test_calling_the_sampler_is_sampling():
+    call = MixupSampler(shared_lam=False, mix_prob=0.5)(9, 3, generator=torch.Generator().manual_seed(6))
+    sample = MixupSampler(shared_lam=False, mix_prob=0.5).sample(9, 3, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(call.lam, sample.lam) and all(torch.equal(a, b) for a, b in zip(call.perms, sample.perms))
+    other = MixupSampler(shared_lam=False, mix_prob=0.5).sample(9, 3, generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(call.lam, other.lam)
 
 
 def test_plan_rejects_inconsistent_shapes():

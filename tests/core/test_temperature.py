@@ -239,7 +239,7 @@ def test_tiled_without_a_host_value_takes_the_exact_maxima(monkeypatch):
     fused = []
     monkeypatch.setattr(_streaming, "soft_clip", lambda *args, **kwargs: fused.append(1))
     z, perm, lam = pair(n=11, d=4, seed=6)
-    w = torch.rand(11, dtype=torch.float64)
+    w = torch.rand(11, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     for t0 in (0.1, 0.002):
         for name, fn in losses("paper", "tiled", perm=perm, lam=lam, target=0.3).items():
             with tiles(3, 4, 5):
@@ -445,6 +445,59 @@ def test_learned_temperatures_travel_in_state_dicts():
     # a module with fixed temperatures has no parameter: old checkpoints still load
     assert list(m3co_loss.M3CoLoss().parameters()) == [] and set(m3co_loss.M3CoLoss().state_dict()) == {"step_count"}
     assert "learned" in repr(target) and "learned" not in repr(m3co_loss.M3CoLoss())
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("target, detach", [(0.3, True), (0.3, False), (None, True), (None, False)])
+@pytest.mark.parametrize("module", ["MultiSClipLoss", "M3CoLoss"])
+def test_multisclip_modules_pass_their_soft_target_options(module, convention, target, detach):
+    """MultiSClipLoss, and M3CoLoss in its MultiSClip phase, learning the temperature: the value and
+    the gradients (embeddings and log-scale) are the function's at the same tensor temperature with
+    the same soft-target options. Without a target temperature the soft targets use the learned
+    one, so its gradient includes the targets' share unless they are detached."""
+    g = torch.Generator().manual_seed(12)
+    z = [torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    if module == "MultiSClipLoss":
+        criterion = m3co_loss.MultiSClipLoss(
+            temperature=0.2, target_temperature=target, detach_targets=detach, learn_temperature=True, convention=convention
+        )
+        scale, beta, call = "logit_scale", 1.0, lambda x: criterion(x)
+    else:
+        criterion = m3co_loss.M3CoLoss(
+            temperature=0.05, multisclip_temperature=0.2, multisclip_target_temperature=target, detach_targets=detach,
+            learn_temperature=True, convention=convention, total_steps=4, beta=0.5,
+        )
+        scale, beta, call = "multisclip_logit_scale", 0.5, lambda x: criterion(x, step=3)
+        assert criterion.phase(3) == "multisclip"
+    criterion.double()
+    s = getattr(criterion, scale)
+    t0 = 1.0 / math.exp(s.item())
+
+    def function(t, tt, detach=detach):
+        leaves = [x.clone().requires_grad_() for x in z]
+        value = beta * F.multisoftclip(leaves, temperature=t, target_temperature=tt, detach_targets=detach, convention=convention)
+        return [value.detach(), *torch.autograd.grad(value, leaves + [t])]
+
+    t = leaf(t0)
+    expected = function(t, target)
+    expected[-1] = -t0 * expected[-1]  # d/d log-scale = dL/dt * dt/d log-scale = -t dL/dt
+    leaves = [x.clone().requires_grad_() for x in z]
+    value = call(leaves)
+    got = [value.detach(), *torch.autograd.grad(value, leaves + [s])]
+    for name, x, y in zip(["value", "z0", "z1", "z2", scale], got, expected):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    # the options are those of the module: other options give another value or other gradients
+    if target is not None:
+        assert not torch.allclose(got[0], function(leaf(t0), None)[0])
+    assert not torch.allclose(got[1], function(leaf(t0), target, not detach)[1])
+    if target is None:
+        # the learned temperature's gradient with the soft targets' temperature held at the float t0
+        held = function(leaf(t0), t0)
+        torch.testing.assert_close(held[0], got[0], rtol=1e-12, atol=1e-12)
+        if detach:  # detached targets carry no gradient to the temperature either
+            torch.testing.assert_close(got[-1], -t0 * held[-1], rtol=1e-10, atol=1e-12)
+        else:
+            assert not torch.allclose(got[-1], -t0 * held[-1])
 
 
 def test_m3co_module_learns_each_temperature_in_its_phase():

@@ -262,7 +262,7 @@ def test_modules_reject_wrong_types_in_init():
         m3co_loss.MixupSampler(shared_lam=1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_tensors_on_different_devices():
     d = good()
     expect(ValueError, "move them to one device", lambda: F.clip_loss(d["a"], d["b"].cuda()))
