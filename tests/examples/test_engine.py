@@ -482,8 +482,12 @@ def test_bad_options_are_named():
     for field_name, value in (("method", "m3co"), ("epochs", 0), ("convention", "released"), ("holdout", 1.5), ("batch_size", 1), ("gamma", 2.0)):
         with pytest.raises(ValueError, match=field_name):
             training.TrainConfig(**{field_name: value}).validate()
-    with pytest.raises(ValueError, match="plateau"):
+    with pytest.raises(training.ConfigError, match="plateau"):
         training.train_seed(tiny_task(), config(scheduler="plateau", holdout=0), seed=0)
+    with pytest.raises(training.ConfigError, match="plateau"):
+        training.run(tiny_task(), config(scheduler="plateau", holdout=0), [0], "unused")
+    with pytest.raises(training.ConfigError, match="bf16"):
+        config(bf16=True, device="cpu").validate()
     with pytest.raises(ValueError, match="seeds"):
         training.run(tiny_task(), config(), [0, 0], "unused")
 

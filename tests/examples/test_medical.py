@@ -500,3 +500,15 @@ def test_seed_statistics():
 
     a, b = np.array(low), np.array(high) - 0.095
     assert seed_stats.welch_p_value(a.mean(), a.std(ddof=1), 5, b.mean(), b.std(ddof=1), 5) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def test_bf16_on_the_cpu_and_plateau_without_validation_stop_in_one_line_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as caught:  # before the data is read
+        omics.main(ROSMAP, ["--data-dir", str(tmp_path / "nothing"), "--output-dir", str(out), "--device", "cpu", "--bf16"])
+    assert str(caught.value) == "ROSMAP: bf16 autocast (--bf16) is meant for CUDA devices; got device 'cpu'"
+    folder = write_mogonet(tmp_path / "data", features=(200, 200, 200))
+    with pytest.raises(SystemExit) as caught:  # before the output folder is made and locked
+        omics.main(ROSMAP, ["--data-dir", str(folder), "--output-dir", str(out), "--scheduler", "plateau", "--holdout", "0", "--epochs", "2", "--workers", "1", "--no-progress"])
+    assert str(caught.value) == f"ROSMAP: {training.trainer.PLATEAU_NEEDS_VALIDATION}"
+    assert not out.exists()
