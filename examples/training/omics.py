@@ -367,6 +367,19 @@ def check_passed_on(spec: MogonetSpec, argv: Sequence[str]) -> None:
     parse(spec, list(argv) + ["--output-dir", "unused"])
 
 
+def given_options(spec: MogonetSpec, argv: Sequence[str]) -> argparse.Namespace:
+    """The options that ``argv`` gives explicitly, parsed by the pipeline's parser (``--seeds=1``,
+    ``--seeds 1`` and an abbreviation alike); an option not given is absent from the namespace,
+    so that a sweep can set its own default only then (``--output-dir`` is left out).
+    argparse's exit 2 names a bad option."""
+    parser = build_parser(spec)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = parser.parse_args(list(argv) + ["--output-dir", "unused"])
+    del given.output_dir
+    return given
+
+
 def sweep_parser(spec: MogonetSpec, description: str) -> argparse.ArgumentParser:
     """The parser of a script that runs this pipeline several times into ``--output-dir``/NAME, passing other options on."""
     parser = argparse.ArgumentParser(description=description, epilog=cli.PASSTHROUGH_EPILOG.format(script=f"examples/{spec.name.lower()}.py"))

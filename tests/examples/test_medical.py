@@ -512,3 +512,84 @@ def test_bf16_on_the_cpu_and_plateau_without_validation_stop_in_one_line_before_
         omics.main(ROSMAP, ["--data-dir", str(folder), "--output-dir", str(out), "--scheduler", "plateau", "--holdout", "0", "--epochs", "2", "--workers", "1", "--no-progress"])
     assert str(caught.value) == f"ROSMAP: {training.trainer.PLATEAU_NEEDS_VALIDATION}"
     assert not out.exists()
+
+
+class _Ran(Exception):
+    pass
+
+
+def _first_run_options(monkeypatch):
+    """omics.main replaced: the options of the first run a sweep starts, then stop the sweep."""
+    runs = []
+
+    def first_run(spec, argv):
+        runs.append(omics.parse(spec, argv))
+        raise _Ran
+
+    monkeypatch.setattr(omics, "main", first_run)
+    return runs
+
+
+@pytest.mark.parametrize("given, expected", [([], "m3col"), (["--method=concat"], "concat"), (["--method", "concat"], "concat"), (["--meth=mixup"], "mixup")])
+def test_tuning_sets_its_method_only_when_none_is_passed_on(tmp_path, monkeypatch, given, expected):
+    import rosmap_tune
+
+    runs = _first_run_options(monkeypatch)
+    with pytest.raises(_Ran):
+        rosmap_tune.main(["--output-dir", str(tmp_path / "tune"), "--settings", "released", *given])
+    assert runs[0].method == expected
+
+
+@pytest.mark.parametrize("given, expected", [([], [0, 1, 2, 3, 4]), (["--seeds=1"], [1]), (["--seeds", "2", "3"], [2, 3])])
+def test_benchmark_sets_its_seeds_only_when_none_are_passed_on(tmp_path, monkeypatch, given, expected):
+    import rosmap_bench
+
+    runs = _first_run_options(monkeypatch)
+    with pytest.raises(_Ran):
+        rosmap_bench.main(["--output-dir", str(tmp_path / "bench"), *given])
+    assert runs[0].seeds == expected
+
+
+def test_tuning_refuses_no_held_out_split_before_the_first_setting(tmp_path, monkeypatch):
+    import rosmap_tune
+
+    runs = _first_run_options(monkeypatch)
+    for holdout in (["--holdout", "0"], ["--holdout=0"]):
+        with pytest.raises(SystemExit) as stop:
+            rosmap_tune.main(["--output-dir", str(tmp_path / "tune"), "--settings", "released", "dropout-0.5", *holdout])
+        assert str(stop.value) == "rosmap_tune: the settings are chosen on the held-out split: --holdout 0 leaves none"
+    assert runs == [] and not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("mode", ["--floor", "--floor-only", "--allocator-rounds=1", "--compile-rounds=1"])
+def test_benchmark_timings_stop_in_one_line_on_missing_data_or_a_batch_size(tmp_path, mode):
+    import rosmap_bench
+
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as stop:
+        rosmap_bench.main(["--output-dir", str(out), mode, "--data-dir", str(tmp_path / "nothing")])
+    assert str(stop.value) == f"ROSMAP: {tmp_path / 'nothing'}: data folder not found"
+    with pytest.raises(SystemExit) as stop:
+        rosmap_bench.main(["--output-dir", str(out), mode, "--data-dir", str(tmp_path / "nothing"), "--batch-size", "32"])
+    assert str(stop.value) == f"rosmap_bench: {rosmap_bench.FULL_BATCH_ONLY}"
+    assert not out.exists()
+
+
+def test_tables_name_the_run_s_hold_out_and_test_grid():
+    import rosmap_grid
+    import rosmap_tune
+
+    def row(holdout, test_every, protocols):
+        stat = {"mean": 0.5, "std": 0.1}
+        return {
+            "config": {"holdout": holdout, "test_every": test_every, "epochs": 5, "test_grid": "package", "extra": {}},
+            "protocols": {p: {m: stat for m in ("acc", "f1", "auc")} for p in protocols},
+            "val_scores": {"acc": stat, "loss": stat},
+            "per_seed": [{"seconds": 1.0}],
+        }
+
+    tune = rosmap_tune.tune_markdown({"released": row(0.3, 10, ["validation", "final"])}, "released", title="#")
+    assert "stratified 30 % of the training set" in tune and "20 %" not in tune
+    assert "stratified 12 samples" in rosmap_tune.tune_markdown({"released": row(12, 10, ["validation", "final"])}, "released", title="#")
+    grid = rosmap_grid.grid_markdown({"m3col": row(0.25, 0, ["validation", "final"])}, title="#")
+    assert "stratified 25 % of the training set" in grid and "no `best-on-test*` (`--test-every 0`" in grid and "epochs -1" not in grid
