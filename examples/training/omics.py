@@ -292,6 +292,11 @@ def download(spec: MogonetSpec, dest: Path, *, base_url: Optional[str] = None, t
     """
     if not spec.sha256:
         raise SystemExit(f"no checksums are known for {spec.name}; fetch it from https://github.com/txWang/MOGONET by hand")
+    if base_url is not None:
+        try:
+            base_url = cli.http_url(base_url)
+        except argparse.ArgumentTypeError as err:
+            raise SystemExit(f"{spec.name}: base_url {err}") from None
     base = (base_url or default_base_url(spec)).rstrip("/") + "/"
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -307,7 +312,7 @@ def download(spec: MogonetSpec, dest: Path, *, base_url: Optional[str] = None, t
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
                 while block := response.read(1 << 20):
                     out.write(block)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a URL urllib cannot open
             tmp.unlink(missing_ok=True)
             raise SystemExit(f"could not download {url}: {err}") from None
         got = sha256_of(tmp)
@@ -346,7 +351,7 @@ def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", type=cli.path_argument("folder"), default=None, help=f"folder with the {spec.name} CSVs (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
     parser.add_argument("--download", type=cli.path_argument("folder"), metavar="DIR", default=None, help="download the CSVs into DIR, verify their SHA-256, and exit")
-    parser.add_argument("--base-url", default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
+    parser.add_argument("--base-url", type=cli.http_url, default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
     parser.add_argument("--dropout", type=cli.dropout_rate, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
     recipes.add_recipe_argument(parser, recipes.MEDICAL_RELEASED)
     cli.add_arguments(parser, default_config(spec))

@@ -593,3 +593,14 @@ def test_tables_name_the_run_s_hold_out_and_test_grid():
     assert "stratified 12 samples" in rosmap_tune.tune_markdown({"released": row(12, 10, ["validation", "final"])}, "released", title="#")
     grid = rosmap_grid.grid_markdown({"m3col": row(0.25, 0, ["validation", "final"])}, title="#")
     assert "stratified 25 % of the training set" in grid and "no `best-on-test*` (`--test-every 0`" in grid and "epochs -1" not in grid
+
+
+def test_a_malformed_base_url_is_refused_in_one_line(tmp_path, capsys):
+    for url in ("example.org/ROSMAP", "ftp://example.org/ROSMAP/", "https://"):
+        with pytest.raises(SystemExit) as stop:
+            omics.main(ROSMAP, ["--download", str(tmp_path / "dest"), "--base-url", url])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "--base-url" in err and "http(s) URL" in err and "Traceback" not in err
+        with pytest.raises(SystemExit, match=r"^ROSMAP: base_url must be an http\(s\) URL"):
+            omics.download(ROSMAP, tmp_path / "dest", base_url=url)
+    assert not (tmp_path / "dest").exists()
