@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import http.server
 import json
+import re
 import shutil
 import sys
 import threading
@@ -604,3 +605,46 @@ def test_a_malformed_base_url_is_refused_in_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit, match=r"^ROSMAP: base_url must be an http\(s\) URL"):
             omics.download(ROSMAP, tmp_path / "dest", base_url=url)
     assert not (tmp_path / "dest").exists()
+
+
+def test_released_loop_compose_and_compare_refuse_bad_input_in_one_line(tmp_path):
+    import rosmap_released_loop as loop
+
+    out = tmp_path / "out.json"
+
+    def stops(argv, message):
+        with pytest.raises(SystemExit) as stop:
+            loop.main(argv)
+        assert str(stop.value).startswith(message) and "\n" not in str(stop.value), str(stop.value)
+
+    records = tmp_path / "records"
+    records.mkdir()
+    stops(["compose", str(records), str(out)], f"{records}: no inplace_seed<S>.json records of the released variant; nothing written")
+    scores = [{"epoch": e, "acc": 0.8, "f1": 0.8, "auc": 0.9} for e in range(0, 500, 10)]
+    for prefix in ("inplace", "clone"):
+        for seed in (0, 1):
+            (records / f"{prefix}_seed{seed}.json").write_text(json.dumps({"seed": seed, "scores": scores}))
+    (records / "clone_seed1.json").write_text('{"seed": 1, "scores": [')  # cut short
+    stops(["compose", str(records), str(out)], f"{records / 'clone_seed1.json'}: corrupt released-loop record (not valid JSON")
+    (records / "clone_seed1.json").write_text(json.dumps({"seed": 1, "scores": scores}))
+    stops(["compose", str(tmp_path / "nowhere"), str(out)], f"{tmp_path / 'nowhere'}: not a folder")
+    assert not out.exists()
+    loop.main(["compose", str(records), str(out)])
+    assert [r["seed"] for r in json.loads(out.read_text())["variants"]["clone_before_mixing"]] == [0, 1]
+    stops(["compare", str(out), str(tmp_path / "missing.json")], f"{tmp_path / 'missing.json'}: no such file")
+    (tmp_path / "empty.json").write_text(json.dumps({"variants": {}}))
+    stops(["compare", str(tmp_path / "empty.json"), str(tmp_path / "missing.json")], f"{tmp_path / 'empty.json'}: the released variant needs at least two seeds")
+
+
+def test_seed_statistics_name_a_bad_file_in_one_line(tmp_path):
+    import seed_stats
+
+    good, bad = tmp_path / "a.json", tmp_path / "b.json"
+    good.write_text("[0.8, 0.85, 0.9]")
+    for text, message in (("[0.8,", "not valid JSON"), ('{"values": [0.8]}', "expected a list of at least two finite numbers"), ('["x", 1]', "expected a list")):
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as stop:
+            seed_stats.main([str(good), str(bad)])
+        assert str(stop.value).startswith(f"seed_stats: {bad}: {message}")
+    with pytest.raises(SystemExit, match=f"^seed_stats: {re.escape(str(tmp_path / 'none.json'))}: no such file$"):
+        seed_stats.main([str(good), str(tmp_path / "none.json")])
