@@ -51,7 +51,7 @@ class MogonetSpec:
     name: str
     num_classes: int
     feature_counts: Tuple[int, ...]
-    train_size: int
+    train_size: int  # rows of the released split (a data folder with others is read, with a warning)
     test_size: int
     emb_dim: int
     post_dim: int
@@ -59,10 +59,6 @@ class MogonetSpec:
     metrics: str  # "binary" (ACC, F1, AUC) or "multiclass" (ACC, weighted F1, macro F1)
     published: Mapping[str, Mapping[str, Tuple[float, Optional[float]]]]
     sha256: Optional[Mapping[str, str]] = None
-
-    def file_names(self) -> List[str]:
-        names = [f"{v}_{part}.csv" for v in range(1, NUM_VIEWS + 1) for part in ("tr", "te", "featname")]
-        return names + ["labels_tr.csv", "labels_te.csv"]
 
 
 @dataclass
@@ -425,5 +421,9 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
         data = load_mogonet(data_dir, num_classes=spec.num_classes, feature_counts=spec.feature_counts)
     except MogonetFormatError as err:
         raise SystemExit(f"{spec.name}: {err}") from None
+    rows = (len(data.train_labels), len(data.test_labels))
+    if rows != (spec.train_size, spec.test_size):
+        print(f"warning: the released {spec.name} split has {spec.train_size} training and {spec.test_size} test rows; "
+              f"{data_dir} has {rows[0]} and {rows[1]}", flush=True)
     task = make_task(spec, data, dropout=args.dropout)
     return cli.launch(task, config, args.seeds, args.output_dir, workers=args.workers)

@@ -127,3 +127,13 @@ def test_released_recipe_sets_a_corrupt_checkpoint_aside_when_asked(tmp_path, ca
     assert len(list((out / "checkpoints").glob("seed0.pt.corrupt-*"))) == 1
     assert json.loads((out / "seeds" / "seed0.json").read_text())["resumed_at_epoch"] is None
     assert "set aside the corrupt checkpoint" in capsys.readouterr().out
+
+
+def test_recipe_help_lists_what_the_released_recipe_does_not_copy():
+    from training import recipes
+    from training.imagetext import pipeline as imagetext_pipeline
+
+    import food101
+
+    text = " ".join(imagetext_pipeline.build_parser(food101.FOOD101).format_help().split())
+    assert "Not copied: " in text and all(" ".join(item.what.split()) in text for item in recipes.IMAGETEXT_NOT_COPIED)

@@ -513,6 +513,8 @@ def test_bf16_on_the_cpu_and_plateau_without_validation_stop_in_one_line_before_
         omics.main(ROSMAP, ["--data-dir", str(folder), "--output-dir", str(out), "--scheduler", "plateau", "--holdout", "0", "--epochs", "2", "--workers", "1", "--no-progress"])
     assert str(caught.value) == f"ROSMAP: {training.trainer.PLATEAU_NEEDS_VALIDATION}"
     assert not out.exists()
+    # the generated folder is smaller than the released split: read, with a warning
+    assert f"warning: the released ROSMAP split has 245 training and 106 test rows; {folder} has 40 and 20" in capsys.readouterr().out
 
 
 class _Ran(Exception):

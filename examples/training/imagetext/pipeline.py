@@ -197,7 +197,7 @@ def build_parser(spec: ImageTextSpec) -> argparse.ArgumentParser:
     parser.add_argument("--noise-samples", type=cli.int_at_least(1), default=2048, help="training pairs used to estimate the noise's mean and variance (default: %(default)s)")
     parser.add_argument("--verify-images", action="store_true", help="decode every image before training and stop with the list of unreadable files (otherwise one is found when its batch is loaded)")
     parser.add_argument("--smoke", action="store_true", help="generate a tiny dataset and tiny random encoders in a temporary folder and run 2 epochs on the CPU")
-    recipes.add_recipe_argument(parser, recipes.IMAGETEXT_RELEASED)
+    recipes.add_recipe_argument(parser, recipes.IMAGETEXT_RELEASED, recipes.IMAGETEXT_NOT_COPIED)
     parser.add_argument("--valid-step", type=cli.int_at_least(1), default=None, help=f"--recipe released: optimiser steps between validations (default: {RELEASED_VALID_STEP})")
     parser.add_argument("--min-epoch", type=cli.int_at_least(-1), default=None, help=f"--recipe released: validate once the epoch index exceeds this (default: {spec.min_epoch})")
     cli.add_arguments(parser, d)
