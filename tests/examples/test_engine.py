@@ -322,16 +322,20 @@ def test_run_refuses_unusable_options_before_any_training(tmp_path, monkeypatch)
         training.run(one_member, config(), [0], tmp_path / "out")
 
 
-def test_changed_data_is_trained_again_and_recorded(tmp_path, monkeypatch):
+def test_changed_data_is_not_trained_over_the_finished_seed_and_is_recorded(tmp_path, monkeypatch):
     task = dataclasses.replace(tiny_task(), data_id="sha256:aaaa")
-    first = training.run(task, config(epochs=2), [0], tmp_path)
+    first = training.run(task, config(epochs=2), [0], tmp_path / "a")
     assert first["data_id"] == "sha256:aaaa"
     trained = []
     original = training.train_seed
     monkeypatch.setattr(training.seeds, "train_seed", lambda *a, **k: trained.append(1) or original(*a, **k))
-    training.run(task, config(epochs=2), [0], tmp_path)
+    training.run(task, config(epochs=2), [0], tmp_path / "a")
     assert trained == []  # same data: the finished seed is reused
-    again = training.run(dataclasses.replace(task, data_id="sha256:bbbb"), config(epochs=2), [0], tmp_path)
+    changed = dataclasses.replace(task, data_id="sha256:bbbb")
+    with pytest.raises(training.ConfigError, match="seed0.json is the finished record of seed 0"):  # never overwritten
+        training.run(changed, config(epochs=2), [0], tmp_path / "a")
+    assert trained == []
+    again = training.run(changed, config(epochs=2), [0], tmp_path / "b")
     assert trained == [1] and again["data_id"] == "sha256:bbbb"
 
 
