@@ -44,7 +44,7 @@ from unittest import mock
 
 from training import omics
 from training.cli import int_at_least, output_folder
-from training.config import Task, TrainConfig
+from training.config import ConfigError, Task, TrainConfig
 from training.cputune import ALLOCATOR_ENV, keep_freed_memory
 from training.data import stratified_holdout
 from training.io import atomic_write_json
@@ -170,11 +170,24 @@ def allocator_rounds(argv: list, rounds: int, steps: int) -> dict:
     }
 
 
+FULL_BATCH_ONLY = "--floor, --floor-only, --allocator-rounds and --compile-rounds time full-batch runs: drop --batch-size"
+
+
 def load_task(rosmap_argv: list, output_dir: str):
-    """The ROSMAP task and run configuration that ``rosmap.py rosmap_argv --output-dir output_dir`` would train."""
+    """The ROSMAP task and full-batch run configuration that ``rosmap.py rosmap_argv --output-dir output_dir``
+    would train; a bad option or data file stops with one line (SystemExit), before any timing."""
     options = omics.parse(ROSMAP, list(rosmap_argv) + ["--output-dir", output_dir])
-    data = omics.load_mogonet(omics.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
-    return options, omics.make_task(ROSMAP, data, dropout=options.dropout), omics.config_from_args(ROSMAP, options)
+    try:
+        config = omics.config_from_args(ROSMAP, options)
+    except ConfigError as err:
+        raise SystemExit(f"{ROSMAP.name}: {err}") from None
+    if config.batch_size is not None:
+        raise SystemExit(f"rosmap_bench: {FULL_BATCH_ONLY}")
+    try:
+        data = omics.load_mogonet(omics.find_data_dir(ROSMAP, options.data_dir), num_classes=ROSMAP.num_classes, feature_counts=ROSMAP.feature_counts)
+    except omics.MogonetFormatError as err:
+        raise SystemExit(f"{ROSMAP.name}: {err}") from None
+    return options, omics.make_task(ROSMAP, data, dropout=options.dropout), config
 
 
 def run_flops(task: Task, config: TrainConfig, num_seeds: int) -> dict:
@@ -296,7 +309,7 @@ def main(argv=None) -> dict:
         return record
     run_dir = args.output_dir / "run"
     passthrough = list(passthrough)
-    if "--seeds" not in passthrough:
+    if not hasattr(omics.given_options(ROSMAP, passthrough), "seeds"):
         passthrough += ["--seeds", "0", "1", "2", "3", "4"]
     floor = None
     if args.floor or args.floor_only:

@@ -17,7 +17,7 @@ from rosmap import ROSMAP
 from training import omics
 from training.config import METHODS, PROTOCOLS
 from training.io import atomic_write_json, atomic_write_text
-from training.report import format_percent
+from training.report import format_percent, holdout_share
 
 METRICS = ("acc", "f1", "auc")
 
@@ -58,8 +58,7 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
         for label, row in ROSMAP.published.items()
     )
     if held_out:
-        holdout = next(iter(rows.values()))["config"]["holdout"]
-        share = f"{100 * holdout:.0f} %" if holdout < 1 else f"{holdout:.0f} samples"
+        share = holdout_share(next(iter(rows.values()))["config"]["holdout"])
         validation = f"`val.`: the epoch is chosen on a stratified {share} of the training set held out (the honest figure);"
         held_out_note = " `val. split ACC` is the held-out accuracy at the chosen epoch."
     else:
@@ -68,8 +67,13 @@ def grid_markdown(rows: Mapping[str, Mapping], *, title: str) -> str:
     lines += [
         "",
         f"Test-set ACC / F1 / AUC in percent, mean ± sample std over seeds. {validation} `final`: the last epoch;"
-        f" `best-on-test*`: the best test score over the epochs scored ({scored_epochs(rows)}) - optimistic,"
-        f" it selects on the test set.{held_out_note}"
+        + (
+            f" `best-on-test*`: the best test score over the epochs scored ({scored_epochs(rows)}) - optimistic,"
+            " it selects on the test set."
+            if "best_on_test" in protocols
+            else " no `best-on-test*` (`--test-every 0`: the test set is scored after the last epoch only)."
+        )
+        + held_out_note
         + (
             " `common-epoch*`: the test ACC at the one epoch (the same for every seed) with the best mean test ACC -"
             " optimistic too, but it cannot pick each seed's luckiest epoch; it bounds any rule that fixes one epoch count."

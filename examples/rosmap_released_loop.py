@@ -1,9 +1,9 @@
 """The authors' own ROSMAP loop, measured: its per-seed figures and how they compare with the package's.
 
 The released ``train_medical.py`` cannot run as published (two crashes, below), prints no score
-and sets no seed. ``examples/results/rosmap_released_loop.json`` holds what it gives once made
-to run, for seeds 0-4 on a CPU in float32: the test ACC, F1 and AUC it computes after epochs
-0, 10, ..., 490. The released code itself is not part of this repository; to measure it again,
+and sets no seed. The stored file, ``examples/results/rosmap_released_loop/released_loop.json``,
+holds what it gives once made to run, for seeds 0-4 on a CPU in float32: the test ACC, F1 and
+AUC it computes after epochs 0, 10, ..., 490. The released code itself is not part of this repository; to measure it again,
 take ``train_medical.py``, ``model/model_med.py``, ``model/utils.py``, ``src/config.py`` and
 ``src/functions.py`` of github.com/RaghavSinghal10/M3CoL (commit 818abdb) and change only:
 
@@ -20,20 +20,20 @@ for S in 0-4. The variant ``clone_before_mixing`` calls ``mixco_text`` on a copy
 embedding, so that the partner passed to ``mixco_nce`` is the clean embedding: what this package
 computed under ``reference`` before it contrasted mixed with mixed.
 
-    python examples/rosmap_released_loop.py compose RECORDS_DIR OUT.json   # one JSON per seed and variant -> the stored file
-    python examples/rosmap_released_loop.py compare OUT.json GRID/m3col.json
+    python examples/rosmap_released_loop.py compose RECORDS_DIR OUT.json   # inplace_seed<S>.json, clone_seed<S>.json -> the stored file
+    python examples/rosmap_released_loop.py compare OUT.json GRID/m3col/results.json   # a package run's results.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
 from training import stats as seed_stats
 from training.cli import path_argument
-from training.io import atomic_write_json
+from training.io import RESULTS_KEYS, CorruptFileError, atomic_write_json, load_json_object
 from training.report import format_percent, mean_and_std
 
 VARIANTS = ("released", "clone_before_mixing")
@@ -54,20 +54,75 @@ def best_and_last(scores: List[Mapping[str, float]]) -> Dict[str, Dict[str, floa
     return {"best": dict(best), "last": dict(scores[-1])}
 
 
+RECORD_KEYS = {"seed": int, "scores": list}
+SCORE_KEYS = {"epoch": int, "acc": (int, float), "f1": (int, float), "auc": (int, float)}
+SCORES_PER_RUN = 50  # epochs 0, 10, ..., 490
+
+
+def _read(path: Path, what: str, required: Mapping[str, Any]) -> Dict[str, Any]:
+    """A JSON object with the ``required`` keys, or SystemExit with one line naming the file."""
+    try:
+        return load_json_object(path, what=what, required=required, advice="fix or rewrite it")
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"{path}: a folder, not a {what}") from None
+    except CorruptFileError as err:
+        raise SystemExit(str(err)) from None
+
+
 def compose(records_dir: Path) -> Dict[str, Any]:
-    """The stored record from per-seed files ``<variant>_seed<S>.json`` (``inplace`` for the released variant)."""
+    """The stored record from per-seed files ``<variant>_seed<S>.json`` (``inplace`` for the released variant).
+
+    Raises:
+        SystemExit: the folder is missing, a variant has no record, or a record is malformed
+            (the message names the file).
+    """
     import torch
 
+    records_dir = Path(records_dir)
+    if not records_dir.is_dir():
+        raise SystemExit(f"{records_dir}: not a folder of per-seed records")
     variants: Dict[str, List[Dict[str, Any]]] = {}
     for variant, prefix in (("released", "inplace"), ("clone_before_mixing", "clone")):
+        named = {}
+        for path in records_dir.glob(f"{prefix}_seed*.json"):
+            match = re.fullmatch(rf"{prefix}_seed(\d+)\.json", path.name)
+            if match is not None:
+                named[int(match[1])] = path
+        if not named:
+            raise SystemExit(f"{records_dir}: no {prefix}_seed<S>.json records of the {variant} variant; nothing written")
         runs = []
-        for path in sorted(Path(records_dir).glob(f"{prefix}_seed*.json"), key=lambda p: int(p.stem.split("seed")[1])):
-            run = json.loads(path.read_text())
-            if len(run["scores"]) != 50:
-                raise SystemExit(f"{path}: {len(run['scores'])} scores, expected 50 (epochs 0, 10, ..., 490)")
+        for seed in sorted(named):
+            path = named[seed]
+            run = _read(path, "released-loop record", RECORD_KEYS)
+            if len(run["scores"]) != SCORES_PER_RUN:
+                raise SystemExit(f"{path}: {len(run['scores'])} scores, expected {SCORES_PER_RUN} (epochs 0, 10, ..., 490)")
+            wrong = next((score for score in run["scores"] if not isinstance(score, dict) or any(not isinstance(score.get(k), t) for k, t in SCORE_KEYS.items())), None)
+            if wrong is not None:
+                raise SystemExit(f"{path}: a score is {wrong!r}, not an object with {', '.join(SCORE_KEYS)}")
             runs.append({"seed": run["seed"], **best_and_last(run["scores"]), "scores": run["scores"]})
         variants[variant] = runs
     return {"how": HOW.format(torch=torch.__version__), "dataset": "ROSMAP", "variants": variants}
+
+
+def read_record(path: Path) -> Dict[str, Any]:
+    """The stored record (:func:`compose`), checked: every variant with at least two seeds."""
+    record = _read(path, "released-loop file", {"variants": dict})
+    for variant in VARIANTS:
+        runs = record["variants"].get(variant)
+        if not isinstance(runs, list) or len(runs) < 2 or not all(isinstance(r, dict) and {"seed", "best", "last", "scores"} <= set(r) for r in runs):
+            raise SystemExit(f"{path}: the {variant} variant needs at least two seeds of {{seed, best, last, scores}}; compose it again")
+    return record
+
+
+def read_package_results(path: Path) -> Dict[str, Any]:
+    """A package run's ``results.json``, checked: at least two seeds scored under best_on_test."""
+    results = _read(path, "results file", RESULTS_KEYS)
+    best = [seed.get("protocols", {}).get("best_on_test", {}).get("acc") if isinstance(seed, dict) else None for seed in results["per_seed"]]
+    if len(best) < 2 or any(not isinstance(v, (int, float)) for v in best):
+        raise SystemExit(f"{path}: needs at least two seeds with a best_on_test ACC (a run with --test-every > 0)")
+    return results
 
 
 def summary(record: Mapping[str, Any], variant: str) -> Dict[str, Any]:
@@ -129,8 +184,7 @@ def main(argv=None) -> None:
         atomic_write_json(args.out, compose(args.records_dir))
         print(f"wrote {args.out}")
         return
-    record = json.loads(args.record.read_text())
-    results = json.loads(args.package_results.read_text())
+    record, results = read_record(args.record), read_package_results(args.package_results)
     for variant in VARIANTS:
         print(f"{variant}: {describe(record, variant)}")
     print(f"package minus released loop: {comparison(record, results)}")

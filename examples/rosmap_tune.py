@@ -4,8 +4,8 @@
 
 Each setting trains every seed through ``rosmap.py``'s pipeline into ``OUT/<setting>/`` (finished
 seeds are kept, so an interrupted sweep resumes). The setting chosen is the one with the highest
-mean accuracy on the held-out 20 % of the training set at each seed's chosen epoch (ties: the
-lower held-out loss); the test set plays no part in the choice. ``OUT/tune.md`` and
+mean accuracy on the held-out part of the training set (``--holdout``, 20 % by default) at each
+seed's chosen epoch (ties: the lower held-out loss); the test set plays no part in the choice. ``OUT/tune.md`` and
 ``OUT/tune.json`` list every setting with its held-out scores and, for reference, its test scores
 under the validation protocol, and name the chosen one.
 """
@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from rosmap import ROSMAP
 from training import omics
 from training.io import atomic_write_json, atomic_write_text
-from training.report import format_percent
+from training.report import format_percent, holdout_share
 
 # Released settings: lr 2e-3, weight decay 1e-4, no dropout, beta 0.1, t 0.1, no weight averaging.
 SETTINGS: Dict[str, List[str]] = {
@@ -56,9 +56,10 @@ def tune_markdown(rows: Mapping[str, Mapping], chosen: str, *, title: str) -> st
             f"| `{name}`{mark} | {' '.join(SETTINGS[name]) or 'released'} | {pct(val['acc'])} "
             f"| {loss['mean']:.3f} | {pct(test['acc'])} | {pct(test['f1'])} | {pct(test['auc'])} |"
         )
+    share = holdout_share(next(iter(rows.values()))["config"]["holdout"])
     lines += [
         "",
-        "Percent, mean ± sample std over seeds. Held-out: the stratified 20 % of the training set at each seed's chosen"
+        f"Percent, mean ± sample std over seeds. Held-out: the stratified {share} of the training set at each seed's chosen"
         " epoch (the choice of setting uses these columns only). Test columns: the validation protocol (the test set"
         " scored once, at the epoch chosen on the held-out split), shown for reference.",
     ]
@@ -73,17 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args, passthrough = build_parser().parse_known_args(argv)
-    if "--method" not in passthrough:
-        passthrough = list(passthrough) + ["--method", "m3col"]
+    passthrough = list(passthrough)
+    if not hasattr(omics.given_options(ROSMAP, passthrough), "method"):
+        passthrough += ["--method", "m3col"]
     for name in args.settings:
-        omics.check_passed_on(ROSMAP, list(passthrough) + SETTINGS[name])
+        setting = omics.parse(ROSMAP, passthrough + SETTINGS[name] + ["--output-dir", "unused"])  # argparse's exit 2 names a bad option
+        if setting.holdout == 0:
+            raise SystemExit("rosmap_tune: the settings are chosen on the held-out split: --holdout 0 leaves none")
     rows = {}
     for name in args.settings:
         out = args.output_dir / name
         print(f"== {name} {' '.join(SETTINGS[name])} -> {out}", flush=True)
         results = omics.main(ROSMAP, list(passthrough) + SETTINGS[name] + ["--output-dir", str(out)])
-        if not results.get("val_scores") or "validation" not in results["protocols"]:
-            raise SystemExit("tuning needs the held-out split: do not pass --holdout 0")
         rows[name] = results
     chosen = choose(rows)
     first = next(iter(rows.values()))

@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    print(describe(read_values(args.a), read_values(args.b), scale=args.scale))
+    try:
+        a, b = read_values(args.a), read_values(args.b)
+    except ValueError as err:
+        raise SystemExit(f"seed_stats: {err}") from None
+    print(describe(a, b, scale=args.scale))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from training.config import ConfigError
 from training.distributed import is_main_process
-from training.io import CorruptFileError, atomic_torch_save, load_checkpoint, set_aside
+from training.io import CHECKPOINT_KEYS, CorruptFileError, atomic_torch_save, load_checkpoint, set_aside
 
-__all__ = ["Evaluation", "BestEpoch", "RunState", "cpu_state", "read_checkpoint", "check_fingerprint", "restore", "save_checkpoint"]
+__all__ = ["Evaluation", "BestEpoch", "RunState", "cpu_state", "read_checkpoint", "unresumed_checkpoint", "check_fingerprint", "restore", "save_checkpoint"]
 
 HISTORY_KEYS = ("epoch", "lr", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc")
 
@@ -88,15 +88,19 @@ class RunState:
         return self.averaged.module if self.averaged is not None else self.model
 
 
-def read_checkpoint(path: Path, *, device: torch.device, seed: int, set_aside_corrupt: bool) -> Optional[Dict[str, Any]]:
+def read_checkpoint(
+    path: Path, *, device: torch.device, seed: int, set_aside_corrupt: bool, required: Mapping[str, Any] = CHECKPOINT_KEYS
+) -> Optional[Dict[str, Any]]:
     """The checkpoint at ``path`` to resume from; None when it was corrupt and has been set aside
-    (``set_aside_corrupt``: the seed then starts afresh).
+    (``set_aside_corrupt``: the seed then starts afresh). ``required``: the entries (and their
+    types) the checkpoint must hold, by default those of the engine's :func:`save_checkpoint`.
 
     Raises:
-        CorruptFileError: the file is empty, truncated or garbled and ``set_aside_corrupt`` is off.
+        CorruptFileError: the file is empty, truncated, garbled or lacks an entry, and
+            ``set_aside_corrupt`` is off.
     """
     try:
-        return load_checkpoint(path, map_location=device)
+        return load_checkpoint(path, map_location=device, required=required)
     except FileNotFoundError:
         if not set_aside_corrupt:
             raise
@@ -107,6 +111,24 @@ def read_checkpoint(path: Path, *, device: torch.device, seed: int, set_aside_co
         if is_main_process():  # the ranks read one file; one of them renames it
             print(f"set aside the corrupt checkpoint {path} as {set_aside(path).name}; seed {seed} starts afresh", flush=True)
         return None
+
+
+def unresumed_checkpoint(path: Path, fingerprint: str, seed: int) -> Optional[str]:
+    """Why a run without ``resume`` must not start ``seed`` afresh at ``path``, or None.
+
+    A checkpoint of this ``fingerprint`` holds a run that ``resume`` would continue; training the
+    seed from epoch 0 would overwrite it. A checkpoint of another configuration, a corrupt one or
+    none is no reason (a corrupt one cannot be resumed anyway).
+    """
+    if not path.exists():
+        return None
+    try:
+        saved = load_checkpoint(path, map_location="cpu", required={"fingerprint": str, "epoch": int})
+    except (CorruptFileError, FileNotFoundError):
+        return None
+    if saved["fingerprint"] != fingerprint:
+        return None
+    return f"checkpoint at epoch {saved['epoch']} for seed {seed} ({path}): pass --resume to continue, or remove it"
 
 
 def check_fingerprint(saved: Mapping[str, Any], fingerprint: str, path: Path) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "holdout_size",
     "path_argument",
     "output_folder",
+    "http_url",
     "PASSTHROUGH_EPILOG",
     "add_arguments",
     "config_from_args",
@@ -117,6 +118,22 @@ def path_argument(what: str = "path") -> Callable[[str], Path]:
 
 output_folder = path_argument("folder")
 output_folder.__doc__ = "An argparse type: a folder path, not empty (``\"\"`` would write into the current folder)."
+
+
+def _http_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an http(s) URL such as https://example.org/data/; got {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"must be an http(s) URL such as https://example.org/data/; got {text!r}")
+    return text.strip()
+
+
+http_url = _named(_http_url, "http(s) URL", accepts="https://example.org/data/", rejects=["example.org/data", "ftp://example.org/", "https://", ""])
+http_url.__doc__ = "An argparse type: an http or https URL with a host."
 
 
 PASSTHROUGH_EPILOG = "Every other option (--seeds, --epochs, --convention, --holdout, --workers, ...) is passed to each run of {script}; see its --help."

@@ -155,6 +155,8 @@ class TrainConfig:
             device = None
         need(device is not None, "device", "a torch device such as 'cpu' or 'cuda:0'")
         need(device.type != "cuda" or torch.cuda.is_available(), "device", "available (this torch has no usable CUDA device)")
+        if self.bf16 and device.type != "cuda":
+            raise ConfigError(f"bf16 autocast (--bf16) is meant for CUDA devices; got device {self.device!r}")
         return self
 
     def validation_due(self, epoch: int) -> bool:

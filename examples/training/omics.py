@@ -51,7 +51,7 @@ class MogonetSpec:
     name: str
     num_classes: int
     feature_counts: Tuple[int, ...]
-    train_size: int
+    train_size: int  # rows of the released split (a data folder with others is read, with a warning)
     test_size: int
     emb_dim: int
     post_dim: int
@@ -59,10 +59,6 @@ class MogonetSpec:
     metrics: str  # "binary" (ACC, F1, AUC) or "multiclass" (ACC, weighted F1, macro F1)
     published: Mapping[str, Mapping[str, Tuple[float, Optional[float]]]]
     sha256: Optional[Mapping[str, str]] = None
-
-    def file_names(self) -> List[str]:
-        names = [f"{v}_{part}.csv" for v in range(1, NUM_VIEWS + 1) for part in ("tr", "te", "featname")]
-        return names + ["labels_tr.csv", "labels_te.csv"]
 
 
 @dataclass
@@ -292,6 +288,11 @@ def download(spec: MogonetSpec, dest: Path, *, base_url: Optional[str] = None, t
     """
     if not spec.sha256:
         raise SystemExit(f"no checksums are known for {spec.name}; fetch it from https://github.com/txWang/MOGONET by hand")
+    if base_url is not None:
+        try:
+            base_url = cli.http_url(base_url)
+        except argparse.ArgumentTypeError as err:
+            raise SystemExit(f"{spec.name}: base_url {err}") from None
     base = (base_url or default_base_url(spec)).rstrip("/") + "/"
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -307,7 +308,7 @@ def download(spec: MogonetSpec, dest: Path, *, base_url: Optional[str] = None, t
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
                 while block := response.read(1 << 20):
                     out.write(block)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a URL urllib cannot open
             tmp.unlink(missing_ok=True)
             raise SystemExit(f"could not download {url}: {err}") from None
         got = sha256_of(tmp)
@@ -346,7 +347,7 @@ def build_parser(spec: MogonetSpec) -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-dir", type=cli.path_argument("folder"), default=None, help=f"folder with the {spec.name} CSVs (default: $M3CO_DATA_DIR/{spec.name}, then ../shared/data/{spec.name})")
     parser.add_argument("--download", type=cli.path_argument("folder"), metavar="DIR", default=None, help="download the CSVs into DIR, verify their SHA-256, and exit")
-    parser.add_argument("--base-url", default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
+    parser.add_argument("--base-url", type=cli.http_url, default=None, help="where --download fetches from (default: the MOGONET repository's raw files)")
     parser.add_argument("--dropout", type=cli.dropout_rate, default=0.0, help="head dropout in [0, 1) (the released code never applies its 0.5)")
     recipes.add_recipe_argument(parser, recipes.MEDICAL_RELEASED)
     cli.add_arguments(parser, default_config(spec))
@@ -365,6 +366,19 @@ def parse(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> argparse.N
 def check_passed_on(spec: MogonetSpec, argv: Sequence[str]) -> None:
     """Check the options a sweep passes on to each run before the first run starts (argparse's exit 2 names a bad one)."""
     parse(spec, list(argv) + ["--output-dir", "unused"])
+
+
+def given_options(spec: MogonetSpec, argv: Sequence[str]) -> argparse.Namespace:
+    """The options that ``argv`` gives explicitly, parsed by the pipeline's parser (``--seeds=1``,
+    ``--seeds 1`` and an abbreviation alike); an option not given is absent from the namespace,
+    so that a sweep can set its own default only then (``--output-dir`` is left out).
+    argparse's exit 2 names a bad option."""
+    parser = build_parser(spec)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = parser.parse_args(list(argv) + ["--output-dir", "unused"])
+    del given.output_dir
+    return given
 
 
 def sweep_parser(spec: MogonetSpec, description: str) -> argparse.ArgumentParser:
@@ -407,5 +421,9 @@ def main(spec: MogonetSpec, argv: Optional[Sequence[str]] = None) -> Optional[di
         data = load_mogonet(data_dir, num_classes=spec.num_classes, feature_counts=spec.feature_counts)
     except MogonetFormatError as err:
         raise SystemExit(f"{spec.name}: {err}") from None
+    rows = (len(data.train_labels), len(data.test_labels))
+    if rows != (spec.train_size, spec.test_size):
+        print(f"warning: the released {spec.name} split has {spec.train_size} training and {spec.test_size} test rows; "
+              f"{data_dir} has {rows[0]} and {rows[1]}", flush=True)
     task = make_task(spec, data, dropout=args.dropout)
     return cli.launch(task, config, args.seeds, args.output_dir, workers=args.workers)

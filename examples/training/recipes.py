@@ -103,18 +103,20 @@ IMAGETEXT_NOT_COPIED: Tuple[RecipeItem, ...] = (
 )
 
 
-def recipe_help(items: Sequence[RecipeItem]) -> str:
-    """``--help`` text of ``--recipe`` for one family of pipelines."""
+def recipe_help(items: Sequence[RecipeItem], not_copied: Sequence[RecipeItem] = ()) -> str:
+    """``--help`` text of ``--recipe`` for one family of pipelines (``not_copied``: what it leaves out, and why)."""
     listed = "; ".join(f"({i + 1}) {item.line()}" for i, item in enumerate(items))
+    skipped = "; ".join(item.line() for item in not_copied)
     return (
         "training loop: 'package' (default) or 'released', the authors' released loop, which here means: "
         + listed.replace("%", "%%")
+        + (". Not copied: " + skipped.replace("%", "%%") if skipped else "")
         + ". Files and lines are those of github.com/RaghavSinghal10/M3CoL."
     )
 
 
-def add_recipe_argument(parser, items: Sequence[RecipeItem]) -> None:
-    parser.add_argument("--recipe", choices=RECIPES, default="package", help=recipe_help(items))
+def add_recipe_argument(parser, items: Sequence[RecipeItem], not_copied: Sequence[RecipeItem] = ()) -> None:
+    parser.add_argument("--recipe", choices=RECIPES, default="package", help=recipe_help(items, not_copied))
 
 
 def _refuse(recipe: str, option: str, why: str) -> None:

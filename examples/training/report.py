@@ -10,7 +10,7 @@ import numpy as np
 from training.config import PROTOCOL_LABELS, PROTOCOLS, Task, TrainConfig
 from training.io import atomic_write, atomic_write_json, atomic_write_text
 
-__all__ = ["mean_and_std", "best_common_epoch", "summarise", "format_percent", "results_markdown", "plot_curves", "write_results"]
+__all__ = ["mean_and_std", "best_common_epoch", "summarise", "format_percent", "holdout_share", "results_markdown", "plot_curves", "write_results"]
 
 
 def mean_and_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -79,6 +79,11 @@ def summarise(task: Task, config: TrainConfig, per_seed: Sequence[Mapping[str, A
         "published": {label: {m: list(v) for m, v in row.items()} for label, row in task.published.items()},
         "notes": list(task.notes),
     }
+
+
+def holdout_share(holdout: float) -> str:
+    """A run's ``holdout`` in words: ``"20 %"`` for a fraction, ``"50 samples"`` for a count."""
+    return f"{100 * holdout:g} %" if holdout < 1 else f"{holdout:.0f} samples"
 
 
 def format_percent(stat: Optional[Mapping[str, Optional[float]]]) -> str:

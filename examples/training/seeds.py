@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from m3co_loss import distributed as dist_utils
+from training.checkpoint import unresumed_checkpoint
 from training.config import ConfigError, Task, TrainConfig, run_fingerprint
 from training.data import check_holdout
 from training.distributed import is_main_process
 from training.io import CorruptFileError, RunLock, atomic_write_json, load_seed_record, remove_stale_temporaries, seed_of_record_file, set_aside
 from training.report import summarise, write_results
-from training.trainer import train_seed
+from training.trainer import PLATEAU_NEEDS_VALIDATION, train_seed
 
 __all__ = ["SeedPiece", "plan_seed_pieces", "run", "finished_seeds"]
 
@@ -91,7 +92,6 @@ def run(
     output_dir: Union[str, Path],
     *,
     workers: int = 1,
-    write: bool = True,
 ) -> Dict[str, Any]:
     """Train every seed, summarise the protocols and write the results (rank 0 only).
 
@@ -103,6 +103,11 @@ def run(
     numbers of the uninterrupted run. A seed whose record is already in ``output_dir/seeds``
     with the same configuration fingerprint is not trained again, and the results summarise
     every such record in the folder (those of earlier runs too), in seed order.
+
+    Before any seed trains, :class:`ConfigError` stops a run that would lose a result: a seed
+    whose record in ``output_dir/seeds`` has another fingerprint (a finished result is never
+    overwritten), or, without ``config.resume``, a seed whose checkpoint has this fingerprint
+    (it would restart from epoch 0 over it).
 
     The run holds the folder's :class:`RunLock` while it writes there: a second run into the
     same folder fails at once with :class:`OutputFolderBusy`. A corrupt seed record or
@@ -120,13 +125,15 @@ def run(
         raise ConfigError(f"workers must be >= 1; got {workers}")
     if config.distributed and workers != 1:
         raise ConfigError(f"workers must be 1 with distributed training (the ranks train one seed at a time); got {workers}")
+    if config.scheduler == "plateau" and not config.holdout and task.val is None and task.trainer is None:
+        raise ConfigError(PLATEAU_NEEDS_VALIDATION)  # before the folder is locked and any seed trains
     if config.holdout and task.val is None and task.train_labels is not None:
         check_holdout(task.train_labels, config.holdout)  # before any training, not deep inside the first seed
     if isinstance(output_dir, str) and not output_dir.strip():
         raise ConfigError("output_dir must name a folder; got an empty path")
     output_dir = Path(output_dir)
-    if not (write and is_main_process()):
-        return _run_in_folder(task, config, seeds, output_dir, workers=workers, write=write)
+    if not is_main_process():  # the other ranks of a distributed run train along and write nothing
+        return _run_in_folder(task, config, seeds, output_dir, workers=workers)
     try:  # a path that cannot be a folder fails now, not after the training
         output_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -134,7 +141,7 @@ def run(
     with RunLock(output_dir) as lock:
         for folder in (output_dir, output_dir / "seeds", output_dir / "checkpoints"):
             remove_stale_temporaries(folder, lock=lock)  # left by a run that was killed while writing
-        return _run_in_folder(task, config, seeds, output_dir, workers=workers, write=write)
+        return _run_in_folder(task, config, seeds, output_dir, workers=workers)
 
 
 def finished_seeds(seed_dir: Path, fingerprint: str, *, on_corrupt: str = "raise") -> Tuple[Dict[int, Dict[str, Any]], List[str]]:
@@ -169,23 +176,40 @@ def finished_seeds(seed_dir: Path, fingerprint: str, *, on_corrupt: str = "raise
     return records, others
 
 
-def _run_in_folder(task: Task, config: TrainConfig, seeds: Sequence[int], output_dir: Path, *, workers: int, write: bool) -> Dict[str, Any]:
+def _conflict(seed_dir: Path, ckpt_dir: Path, seed: int, fingerprint: str, others: Sequence[str], config: TrainConfig) -> Optional[str]:
+    """Why ``seed`` cannot be trained into this folder, or None: a finished record of another
+    configuration would be overwritten, or a checkpoint of this one would be restarted from epoch 0."""
+    record = seed_dir / f"seed{seed}.json"
+    if record.name in others:
+        theirs = load_seed_record(record)["fingerprint"]
+        return (
+            f"{record} is the finished record of seed {seed} with fingerprint {theirs}, another configuration or data than "
+            f"this run's ({fingerprint}); it is never overwritten: choose another --output-dir, or move the file away to retrain seed {seed} here"
+        )
+    if not config.resume:
+        return unresumed_checkpoint(ckpt_dir / f"seed{seed}.pt", fingerprint, seed)
+    return None
+
+
+def _run_in_folder(task: Task, config: TrainConfig, seeds: Sequence[int], output_dir: Path, *, workers: int) -> Dict[str, Any]:
     seed_dir = output_dir / "seeds"
     ckpt_dir = output_dir / "checkpoints"
     fingerprint = run_fingerprint(task, config)
     start = time.perf_counter()
     records: Dict[int, Dict[str, Any]] = {}  # the finished seeds of this configuration, in the folder or trained now
     others: List[str] = []
-    if is_main_process():  # rank 0's view decides for every rank (below)
-        # only the lock's holder renames a corrupt record; a run that writes nothing passes it over
-        on_corrupt = ("set_aside" if write else "skip") if config.set_aside_corrupt else "raise"
-        records, others = finished_seeds(seed_dir, fingerprint, on_corrupt=on_corrupt)
+    problems: List[str] = []
+    if is_main_process():  # rank 0's view decides for every rank (below); it holds the folder's lock
+        records, others = finished_seeds(seed_dir, fingerprint, on_corrupt="set_aside" if config.set_aside_corrupt else "raise")
+        problems = [p for p in (_conflict(seed_dir, ckpt_dir, s, fingerprint, others, config) for s in seeds if s not in records) if p]
     todo = [seed for seed in seeds if seed not in records]
     if config.distributed and dist_utils.world_size() > 1:
         # rank 0's view of the finished seeds decides for every rank (ranks must train the same seeds)
-        shared = [todo, records]
+        shared = [todo, records, problems]
         torch.distributed.broadcast_object_list(shared, src=0)
-        todo, records = shared
+        todo, records, problems = shared
+    if problems:  # before any training: a finished result or a resumable run is never lost
+        raise ConfigError(problems[0])
     workers = min(workers, max(1, len(todo)))
     if config.threads is None and torch.device(config.device).type == "cpu":
         # one thread per seed: a seed's numbers then do not depend on how many run in parallel
@@ -198,7 +222,7 @@ def _run_in_folder(task: Task, config: TrainConfig, seeds: Sequence[int], output
     if workers == 1:
         for seed in todo:
             record = train_seed(task, config, seed, checkpoint_path=ckpt(seed))
-            if write and is_main_process():
+            if is_main_process():
                 atomic_write_json(seed_dir / f"seed{seed}.json", record)
             records[seed] = record
     else:
@@ -246,6 +270,6 @@ def _run_in_folder(task: Task, config: TrainConfig, seeds: Sequence[int], output
     results["data_id"] = task.data_id
     if others:
         results["ignored_seed_records"] = others  # of another configuration or data
-    if write and is_main_process():
+    if is_main_process():
         write_results(task, results, per_seed, output_dir)
     return results

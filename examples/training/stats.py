@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
@@ -88,6 +89,25 @@ def describe(a: Sequence[float], b: Sequence[float], *, scale: float = 100.0) ->
 
 
 def read_values(path: Path) -> list:
-    """Per-seed figures from a JSON file: a list, or ``{"values": [...]}``."""
-    data = json.loads(Path(path).read_text())
-    return data["values"] if isinstance(data, dict) else data
+    """Per-seed figures from a JSON file: a list, or ``{"values": [...]}``, of at least two finite numbers.
+
+    Raises:
+        ValueError: the file is missing, not JSON or holds no such list; the message names it.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it ({type(err).__name__}: {err})") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    values = data.get("values") if isinstance(data, dict) else data
+    ok = isinstance(values, list) and len(values) >= 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    if not ok:
+        raise ValueError(f"{path}: expected a list of at least two finite numbers, or {{\"values\": [...]}}")
+    return values

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,15 +22,18 @@ from torch.utils.data import Dataset
 
 import m3co_loss
 from m3co_loss import distributed as dist_utils
-from training.checkpoint import Evaluation, RunState, cpu_state, read_checkpoint, restore, save_checkpoint
-from training.config import Task, TrainConfig, run_fingerprint
+from training.checkpoint import Evaluation, RunState, check_fingerprint, cpu_state, read_checkpoint, restore, save_checkpoint, unresumed_checkpoint
+from training.config import ConfigError, Task, TrainConfig, run_fingerprint
 from training.cputune import keep_freed_memory
 from training.data import Batches, EpochBatchSampler, TensorMultimodalDataset, move_to, stratified_holdout
 from training.distributed import gather_objects, is_main_process, rank_device
+from training.io import CHECKPOINT_KEYS
 from training.model import MultimodalClassifier
 from training.objective import Objective, TrainStep
 
-__all__ = ["AnalysisContext", "Trainer", "train_seed"]
+__all__ = ["AnalysisContext", "Trainer", "train_seed", "PLATEAU_NEEDS_VALIDATION"]
+
+PLATEAU_NEEDS_VALIDATION = "--scheduler plateau steps on validation accuracy and needs a validation split: --holdout > 0"
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Trainer:
         self.rank, self.world_size = (dist_utils.rank(), dist_utils.world_size()) if self.distributed else (0, 1)
         self.device = rank_device(config.device) if self.distributed else torch.device(config.device)
         if config.bf16 and self.device.type != "cuda":
-            raise ValueError("bf16 autocast is meant for CUDA devices; got device " + config.device)
+            raise ConfigError(f"bf16 autocast (--bf16) is meant for CUDA devices; got device {config.device!r}")
 
     # -- distributed seam ------------------------------------------------------------------
 
@@ -146,9 +149,6 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-
-    # -- the loop --------------------------------------------------------------------------
-
     def fit(self, *, stop_epoch: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Train, score the protocols and return the seed's record.
 
@@ -213,7 +213,7 @@ class Trainer:
 
             averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay), use_buffers=True)
         if c.scheduler == "plateau" and not has_validation:
-            raise ValueError("scheduler='plateau' steps on validation accuracy and needs a validation split (holdout > 0)")
+            raise ConfigError(PLATEAU_NEEDS_VALIDATION)
         objective = Objective.from_config(
             c,
             num_modalities=model.num_modalities,
@@ -236,14 +236,34 @@ class Trainer:
             step.compile(backend=c.compile)
         return RunState(model=model, optimizer=optimizer, objective=objective, scheduler=scheduler, averaged=averaged), step
 
-    def resume(self, run: RunState, fingerprint: str) -> None:
-        """Continue ``run`` from the seed's checkpoint when ``resume`` is set and one is there."""
+    def saved_run(self, fingerprint: str, *, required: Mapping[str, Any] = CHECKPOINT_KEYS) -> Optional[Dict[str, Any]]:
+        """The seed's checkpoint to resume from, or None (no ``resume``, no checkpoint, or a corrupt
+        one set aside with ``set_aside_corrupt``). ``required``: the entries it must hold.
+
+        Without ``resume``, a checkpoint of this configuration raises :class:`ConfigError`: the
+        run would start afresh and overwrite it. With it, a checkpoint of another configuration
+        raises :class:`ConfigError` and a corrupt one :class:`CorruptFileError`.
+        """
         path = self.checkpoint_path
-        if not (self.config.resume and path is not None and path.exists()):
-            return
-        saved = read_checkpoint(path, device=self.device, seed=self.seed, set_aside_corrupt=self.config.set_aside_corrupt)
+        if path is None:
+            return None
+        if not self.config.resume:
+            refused = unresumed_checkpoint(path, fingerprint, self.seed)
+            if refused:
+                raise ConfigError(refused)
+            return None
+        if not path.exists():
+            return None
+        saved = read_checkpoint(path, device=self.device, seed=self.seed, set_aside_corrupt=self.config.set_aside_corrupt, required=required)
         if saved is not None:
-            restore(run, saved, path=path, fingerprint=fingerprint, device=self.device, rank=self.rank, world_size=self.world_size, distributed=self.distributed)
+            check_fingerprint(saved, fingerprint, path)
+        return saved
+
+    def resume(self, run: RunState, fingerprint: str) -> None:
+        """Continue ``run`` from the seed's checkpoint when ``resume`` is set and one is there (:meth:`saved_run`)."""
+        saved = self.saved_run(fingerprint)
+        if saved is not None:
+            restore(run, saved, path=self.checkpoint_path, fingerprint=fingerprint, device=self.device, rank=self.rank, world_size=self.world_size, distributed=self.distributed)
 
     def checkpoint(self, run: RunState, epoch: int, *, fingerprint: str, start_time: float) -> None:
         """Write the run after ``epoch`` (every rank calls it; rank 0 writes)."""

@@ -322,16 +322,20 @@ def test_run_refuses_unusable_options_before_any_training(tmp_path, monkeypatch)
         training.run(one_member, config(), [0], tmp_path / "out")
 
 
-def test_changed_data_is_trained_again_and_recorded(tmp_path, monkeypatch):
+def test_changed_data_is_not_trained_over_the_finished_seed_and_is_recorded(tmp_path, monkeypatch):
     task = dataclasses.replace(tiny_task(), data_id="sha256:aaaa")
-    first = training.run(task, config(epochs=2), [0], tmp_path)
+    first = training.run(task, config(epochs=2), [0], tmp_path / "a")
     assert first["data_id"] == "sha256:aaaa"
     trained = []
     original = training.train_seed
     monkeypatch.setattr(training.seeds, "train_seed", lambda *a, **k: trained.append(1) or original(*a, **k))
-    training.run(task, config(epochs=2), [0], tmp_path)
+    training.run(task, config(epochs=2), [0], tmp_path / "a")
     assert trained == []  # same data: the finished seed is reused
-    again = training.run(dataclasses.replace(task, data_id="sha256:bbbb"), config(epochs=2), [0], tmp_path)
+    changed = dataclasses.replace(task, data_id="sha256:bbbb")
+    with pytest.raises(training.ConfigError, match="seed0.json is the finished record of seed 0"):  # never overwritten
+        training.run(changed, config(epochs=2), [0], tmp_path / "a")
+    assert trained == []
+    again = training.run(changed, config(epochs=2), [0], tmp_path / "b")
     assert trained == [1] and again["data_id"] == "sha256:bbbb"
 
 
@@ -482,8 +486,12 @@ def test_bad_options_are_named():
     for field_name, value in (("method", "m3co"), ("epochs", 0), ("convention", "released"), ("holdout", 1.5), ("batch_size", 1), ("gamma", 2.0)):
         with pytest.raises(ValueError, match=field_name):
             training.TrainConfig(**{field_name: value}).validate()
-    with pytest.raises(ValueError, match="plateau"):
+    with pytest.raises(training.ConfigError, match="plateau"):
         training.train_seed(tiny_task(), config(scheduler="plateau", holdout=0), seed=0)
+    with pytest.raises(training.ConfigError, match="plateau"):
+        training.run(tiny_task(), config(scheduler="plateau", holdout=0), [0], "unused")
+    with pytest.raises(training.ConfigError, match="bf16"):
+        config(bf16=True, device="cpu").validate()
     with pytest.raises(ValueError, match="seeds"):
         training.run(tiny_task(), config(), [0, 0], "unused")
 

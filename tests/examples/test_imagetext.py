@@ -509,3 +509,18 @@ def test_command_line_errors_are_clear(food, encoders, tmp_path, monkeypatch, ca
     (food / "texts" / "test_titles.csv").write_text("a.jpg,only two\n")
     with pytest.raises(SystemExit, match=r"food101: .*test_titles\.csv, line 1: expected 3 fields"):
         food101.main(food101.FOOD101, args)
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_an_unreadable_image_met_in_training_stops_in_one_line(food, encoders, tmp_path, num_workers):
+    import food101
+
+    splits = data.load_food101(food, validation_size=4)
+    broken = splits.train[0].image
+    broken.write_bytes(b"not a jpeg")
+    args = train_args(food, encoders, tmp_path / "out") + ["--num-workers", num_workers]
+    with pytest.raises(SystemExit) as stop:  # from the main process, or re-raised from a DataLoader worker
+        food101.main(food101.FOOD101, args)
+    message = str(stop.value)
+    assert message.startswith(f"food101: cannot read image {broken}: ") and message.endswith("; --verify-images checks every image before training")
+    assert "\n" not in message and "Traceback" not in message

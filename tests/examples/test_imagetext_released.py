@@ -108,3 +108,32 @@ def test_released_recipe_refuses_what_it_cannot_honour_in_one_line(food, encoder
         food101.main(food101.FOOD101, train_args(food, encoders, tmp_path / "out") + extra)
     assert message in str(stop.value) and "\n" not in str(stop.value)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_released_recipe_sets_a_corrupt_checkpoint_aside_when_asked(tmp_path, capsys):
+    """--recipe released reads its checkpoint as the engine does: --set-aside-corrupt applies."""
+    import food101
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    corrupt = out / "checkpoints" / "seed0.pt"
+    corrupt.write_bytes(b"garbage\n")
+    args = ["--smoke", "--recipe", "released", "--seeds", "0", "--output-dir", str(out), "--workers", "1", "--no-progress", "--resume"]
+    with pytest.raises(SystemExit) as stop:
+        food101.main(food101.FOOD101, args)
+    assert f"{corrupt}: corrupt checkpoint" in str(stop.value) and "\n" not in str(stop.value)
+    results = food101.main(food101.FOOD101, args + ["--set-aside-corrupt"])
+    assert results["seeds"] == [0]
+    assert len(list((out / "checkpoints").glob("seed0.pt.corrupt-*"))) == 1
+    assert json.loads((out / "seeds" / "seed0.json").read_text())["resumed_at_epoch"] is None
+    assert "set aside the corrupt checkpoint" in capsys.readouterr().out
+
+
+def test_recipe_help_lists_what_the_released_recipe_does_not_copy():
+    from training import recipes
+    from training.imagetext import pipeline as imagetext_pipeline
+
+    import food101
+
+    text = " ".join(imagetext_pipeline.build_parser(food101.FOOD101).format_help().split())
+    assert "Not copied: " in text and all(" ".join(item.what.split()) in text for item in recipes.IMAGETEXT_NOT_COPIED)

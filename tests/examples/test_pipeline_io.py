@@ -344,3 +344,52 @@ def test_an_empty_output_folder_is_refused(tmp_path, monkeypatch):
     with pytest.raises(training.ConfigError, match="empty path"):
         training.run(pipeline_run.tiny_task(), config(epochs=1), [0], " ")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- finished results and checkpoints are never overwritten
+
+
+def test_a_finished_record_of_another_configuration_is_refused_not_overwritten(tmp_path, monkeypatch):
+    task = pipeline_run.tiny_task()
+    training.run(task, config(epochs=2), [0], tmp_path)
+    record = tmp_path / "seeds" / "seed0.json"
+    before = record.read_bytes()
+    theirs = json.loads(before)["fingerprint"]
+    monkeypatch.setattr(training.seeds, "train_seed", lambda *a, **k: pytest.fail("trained over a finished record"))
+    for seeds in ([0], [1, 0]):  # checked before any seed trains
+        with pytest.raises(training.ConfigError) as caught:
+            training.run(task, config(epochs=3), seeds, tmp_path)
+        message = str(caught.value)
+        assert str(record) in message and theirs in message and "--output-dir" in message and "\n" not in message
+    assert record.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "seeds").iterdir()) == ["seed0.json"]
+    assert not (tmp_path / io.LOCK_NAME).exists()
+
+
+def test_a_checkpoint_of_this_configuration_needs_resume(tmp_path, monkeypatch):
+    task = pipeline_run.tiny_task()
+    cfg = config(epochs=4, checkpoint_every=1)
+    path = tmp_path / "checkpoints" / "seed0.pt"
+    assert training.Trainer(task, cfg, 0, checkpoint_path=path).fit(stop_epoch=2) is None  # a run killed after epoch 1
+    before = path.read_bytes()
+    original = training.seeds.train_seed
+    monkeypatch.setattr(training.seeds, "train_seed", lambda *a, **k: pytest.fail("restarted a resumable seed"))
+    with pytest.raises(training.ConfigError, match=re.escape(f"checkpoint at epoch 1 for seed 0 ({path}): pass --resume to continue, or remove it")):
+        training.run(task, cfg, [1, 0], tmp_path)
+    with pytest.raises(training.ConfigError, match="pass --resume"):  # train_seed on its own too
+        original(task, cfg, 0, checkpoint_path=path)
+    assert path.read_bytes() == before and not (tmp_path / "seeds").exists()
+    monkeypatch.setattr(training.seeds, "train_seed", original)
+    training.run(task, dataclasses.replace(cfg, resume=True), [0], tmp_path)
+    assert io.load_seed_record(tmp_path / "seeds" / "seed0.json")["resumed_at_epoch"] == 2
+    # a checkpoint of another configuration is not this run's to resume: it is overwritten as before
+    other = tmp_path / "other"
+    assert training.Trainer(task, dataclasses.replace(cfg, lr=0.5), 0, checkpoint_path=other / "checkpoints" / "seed0.pt").fit(stop_epoch=2) is None
+    training.run(task, cfg, [0], other)
+    assert io.load_seed_record(other / "seeds" / "seed0.json")["resumed_at_epoch"] is None
+
+
+def test_run_has_no_write_switch():
+    import inspect
+
+    assert "write" not in inspect.signature(training.run).parameters

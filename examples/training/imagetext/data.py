@@ -5,7 +5,7 @@ The readers take the layouts of the public releases:
 * UPMC Food-101: ``images/{train,test}/<class>/<file>.jpg`` and ``texts/{train,test}_titles.csv``
   whose rows are ``image file name, text, class name``. The 5000-sample validation split is
   held out from the training set with a fixed seed. (The authors' own layout, with texts in
-  ``texts_txt/``, is read by ``food101_released.py``.)
+  ``texts_txt/``, is read by :func:`training.imagetext.food101.load_food101_released`.)
 * N24News: ``news/nytimes_{train,dev,test}.json`` (a JSON list of records with ``headline``,
   ``abstract``, ``caption``, ``article``, ``image_id`` and ``section``) and
   ``imgs/<image_id>.jpg``; the label is ``section``.

@@ -197,7 +197,7 @@ def build_parser(spec: ImageTextSpec) -> argparse.ArgumentParser:
     parser.add_argument("--noise-samples", type=cli.int_at_least(1), default=2048, help="training pairs used to estimate the noise's mean and variance (default: %(default)s)")
     parser.add_argument("--verify-images", action="store_true", help="decode every image before training and stop with the list of unreadable files (otherwise one is found when its batch is loaded)")
     parser.add_argument("--smoke", action="store_true", help="generate a tiny dataset and tiny random encoders in a temporary folder and run 2 epochs on the CPU")
-    recipes.add_recipe_argument(parser, recipes.IMAGETEXT_RELEASED)
+    recipes.add_recipe_argument(parser, recipes.IMAGETEXT_RELEASED, recipes.IMAGETEXT_NOT_COPIED)
     parser.add_argument("--valid-step", type=cli.int_at_least(1), default=None, help=f"--recipe released: optimiser steps between validations (default: {RELEASED_VALID_STEP})")
     parser.add_argument("--min-epoch", type=cli.int_at_least(-1), default=None, help=f"--recipe released: validate once the epoch index exceeds this (default: {spec.min_epoch})")
     cli.add_arguments(parser, d)
@@ -425,6 +425,20 @@ def check_images(splits: ImageTextSplits, *, threads: int = 1) -> None:
     print(f"verified {len({s.image for s in samples})} images in {time.perf_counter() - start:.1f} s", flush=True)
 
 
+def data_error_line(err: DataError) -> str:
+    """The message of a :class:`DataError`, also when a DataLoader worker re-raised it.
+
+    The re-raised error's message is the worker's traceback ("Caught DataError in DataLoader
+    worker process 0. Original Traceback ..."); its last line holds the original message.
+    """
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    name, _, message = last.partition(": ")
+    return message if name.endswith("DataError") and message else last
+
+
 def _run(spec: ImageTextSpec, args) -> Optional[dict]:
     data_dir = find_data_dir(spec, args.data_dir)
     try:
@@ -445,6 +459,8 @@ def _run(spec: ImageTextSpec, args) -> Optional[dict]:
         return cli.launch(task, config, args.seeds, args.output_dir, workers=args.workers)
     except (ConfigError, EncoderLoadError) as err:
         raise SystemExit(f"{spec.name}: {err}") from None
+    except DataError as err:  # an image that cannot be decoded, found when its batch is loaded
+        raise SystemExit(f"{spec.name}: {data_error_line(err)}; --verify-images checks every image before training") from None
 
 
 def main(spec: ImageTextSpec, argv: Optional[Sequence[str]] = None) -> Optional[dict]:

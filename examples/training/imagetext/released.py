@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 
 import m3co_loss
-from training.checkpoint import check_fingerprint, cpu_state
+from training.checkpoint import cpu_state
 from training.config import ConfigError, TrainConfig, run_fingerprint
 from training.data import Batches, EpochBatchSampler, move_to
-from training.io import atomic_torch_save, load_checkpoint
+from training.io import atomic_torch_save
 from training.objective import Objective, TrainStep
 from training.trainer import AnalysisContext, Trainer
 
@@ -114,9 +114,8 @@ class ReleasedImageTextTrainer(Trainer):
         model.fusion.register_forward_hook(lambda module, args, out: fused.append(out.detach()))
 
         state, start_epoch = _LoopState(), 0
-        if c.resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            saved = load_checkpoint(self.checkpoint_path, map_location=self.device, required=RELEASED_CHECKPOINT_KEYS)
-            check_fingerprint(saved, fingerprint, self.checkpoint_path)
+        saved = self.saved_run(fingerprint, required=RELEASED_CHECKPOINT_KEYS)
+        if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -161,9 +160,7 @@ class ReleasedImageTextTrainer(Trainer):
                 scheduler.step(correct / seen)  # the epoch's training accuracy (train_image_text.py:348-354)
                 objective.epoch_end()
                 bar.set_postfix(loss=f"{train_loss:.3f}", best_val=f"{state.best_valid:.3f}")
-                last = epoch == c.epochs - 1
-                stopping = epoch == stop_epoch - 1 and not last
-                if self.checkpoint_path is not None and (stopping or (c.checkpoint_every and ((epoch + 1) % c.checkpoint_every == 0 or last))):
+                if self.checkpoint_due(epoch, stop_epoch):
                     self._checkpoint(fingerprint, epoch, model, optimizer, scheduler, objective, state, seconds_before + time.perf_counter() - start_time)
         bar.close()
         if stop_epoch < c.epochs:
