@@ -231,7 +231,7 @@ def _batch_layout(
     dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
     message = problems[0].encode() if problems else b""
-    assert len(extra) <= _EXTRA_INTS, "raise _EXTRA_INTS"
+    assert len(extra) <= _EXTRA_INTS, "a call sends more extra ints than _EXTRA_INTS holds"
     padding = [0] * (_EXTRA_INTS - len(extra))
     table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, len(message), *extra, *padding], z.device)
     if any(row[2] == _LOCAL_ERROR for row in table):
