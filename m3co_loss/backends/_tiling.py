@@ -44,10 +44,15 @@ __all__ = [
 # Largest 2/t for which exp(S - 1/t) neither underflows a whole row nor overflows.
 _SAFE_SPAN: Dict[torch.dtype, float] = {torch.float32: 80.0, torch.float64: 600.0}
 
-# torch.set_num_threads is process-wide: the worker threads of one call set it to 1 and the call
-# restores it. Two calls at once, from different Python threads, could each save the other's 1
-# and leave the process at one thread; this lock makes the save / run / restore one step.
+# torch.set_num_threads sets the calling thread's intra-op thread count and the count that a
+# thread takes when it first uses torch (so it reaches beyond the worker that calls it). The
+# workers of one call set 1 and the call restores its count afterwards; two calls at once, from
+# different Python threads, could record each other's 1, and this lock makes the save / run /
+# restore one step.
 _THREADS_LOCK = threading.Lock()
+# Set in the worker threads: a tiled call made from inside a worker runs in that worker, without
+# workers of its own (and without waiting for the lock its caller holds).
+_IN_WORKER = threading.local()
 
 Task = TypeVar("Task")
 State = TypeVar("State")
@@ -186,10 +191,11 @@ def span(x: slice) -> int:
 
 def num_workers(x: Tensor, tasks: int, parallel: bool) -> int:
     """Worker threads for ``tasks`` tiles of ``x``: one per torch thread on CPU when ``parallel``, else 1."""
-    if not parallel or x.device.type != "cpu" or tasks <= 1:
+    if not parallel or x.device.type != "cpu" or tasks <= 1 or getattr(_IN_WORKER, "active", False):
         return 1
-    # Read under the lock of run_tiles: while another call runs its workers the process is at
-    # one thread, and the worker count (hence the order of the sums) must not depend on that.
+    # Read under the lock of run_tiles: a thread that first uses torch while another call runs
+    # its workers starts at one thread, and the worker count (hence the order of the sums)
+    # should not depend on such timing.
     with _THREADS_LOCK:
         threads = torch.get_num_threads()
     return max(1, min(threads, tasks))
@@ -203,9 +209,9 @@ def run_tiles(tasks: Sequence[Task], work: Callable[[Sequence[Task], State], Lis
     is about ``workers`` times one worker's (in the tiled kernels: its tile buffers and, in the
     backward passes, full-size gradient accumulators); the sets are summed into the first.
 
-    With several workers, ``torch.set_num_threads(1)`` is in force for the whole process while
-    they run (it cannot be set for one thread only): torch operations of other Python threads
-    run on one intra-op thread meanwhile, and other calls of this function wait for this one.
+    With several workers, each sets ``torch.set_num_threads(1)``, which also becomes the count
+    of any thread that first uses torch while they run; the calling thread's count is restored
+    afterwards, and other calls of this function wait for this one.
     """
     if workers <= 1:
         with torch.no_grad():
@@ -214,6 +220,7 @@ def run_tiles(tasks: Sequence[Task], work: Callable[[Sequence[Task], State], Lis
 
     def run(j: int) -> List[Any]:
         torch.set_num_threads(1)
+        _IN_WORKER.active = True
         with torch.no_grad():
             return work(tasks[j::workers], states[j])
 

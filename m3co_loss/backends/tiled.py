@@ -34,9 +34,9 @@ operation (each costs a scheduler time slice when other processes share the core
 core works on its own tile in its own cache. The assignment of tiles to workers is static, so
 results do not depend on timing. Each worker holds its own accumulators (full-size gradients
 in the backward passes) and tile buffers, so the extra memory is about the number of workers
-times one worker's. ``torch.set_num_threads`` is set to 1 inside the workers and restored
-afterwards; it is a process-wide setting, so meanwhile the torch operations of other Python
-threads see one intra-op thread, and concurrent calls take turns.
+times one worker's. ``torch.set_num_threads`` is set to 1 inside the workers and the caller's
+count restored afterwards; a thread that first uses torch meanwhile starts at one intra-op
+thread, and concurrent calls take turns.
 ``set_config(parallel_workers=False)`` uses torch's own threading instead.
 
 Single-process MultiSClip runs the fused kernel :class:`~m3co_loss.backends.softclip.SoftClip`

@@ -464,3 +464,22 @@ def test_static_shift_decisions_agree_on_floats_and_tensors(dtype):
         assert expected == (2.0 / t <= safe_span(dtype))
         assert bool(StreamingBackend._static_shift_tensor(torch.tensor(t, dtype=torch.float64), dtype)) == expected
         assert bool(StreamingBackend._static_shift_tensor(t, dtype)) == expected
+
+
+def test_a_tiled_call_inside_a_worker_runs_there_instead_of_waiting_for_its_caller():
+    from m3co_loss.backends import _tiling
+
+    x = torch.zeros(4, 2)
+    inner_workers = []
+
+    def outer(tasks, state):
+        workers = _tiling.num_workers(x, 8, True)
+        inner_workers.append(workers)
+        return _tiling.run_tiles(list(range(8)), lambda ts, s: [torch.tensor(float(len(ts)))], workers, lambda: None)
+
+    done = []
+    caller = threading.Thread(target=lambda: done.append(_tiling.run_tiles([0, 1], outer, 2, lambda: None)), daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "a nested tiled call waited for the lock its caller holds"
+    assert inner_workers == [1, 1] and float(done[0][0]) == 16.0
