@@ -10,8 +10,9 @@ compute the per-sample vector, and reduce it (:func:`_reduce`); see
 Over a process group the value checks of a call (NaN or Inf, permutations, ``lam``, labels,
 temperatures) collect their problems in a list (:func:`_problems`) instead of raising, and
 :func:`_batch_layout` raises them on every rank once the layout is exchanged. A TypeError or
-ValueError of the argument checks that run before it is held by :class:`_LocalChecks`, which
-takes this rank's part in the same exchange and then raises it, so that the other ranks raise too.
+ValueError of the argument checks that run before it is shared by :class:`_LocalChecks` as its
+block exits: this rank takes its part in the same exchange and then raises it, so that the
+other ranks raise too.
 """
 
 from __future__ import annotations
@@ -165,37 +166,28 @@ def _problems(spread: bool) -> Optional[List[str]]:
 
 
 class _LocalChecks:
-    """Holds the TypeError or ValueError of a call's argument checks over a process group.
+    """Shares the TypeError or ValueError of a call's argument checks with the other ranks of a process group.
 
-    Use ``with guard:`` around every check of a call that runs before :func:`_batch_layout`,
-    then ``guard.raise_if_failed()`` before it. Over a process group of more than one rank
-    (``gather_distributed`` True, as :func:`_spread` reads it) such an error is kept instead of
-    propagating, and :meth:`raise_if_failed` takes this rank's part in the collectives that
-    the other ranks make in :func:`_batch_layout` (the layout table, with the dtype code
-    ``_LOCAL_ERROR`` and the length of ``"<TypeName>: <message>"``, then the messages) before it
-    raises the error itself: this rank raises its own exception, the others
-    ``ValueError("rank r: <TypeName>: <message>")``, and no rank is left waiting. Otherwise the
-    error propagates from the ``with`` block unchanged, and a call without an error makes no
+    Use ``with _LocalChecks(gather_distributed):`` around every check of a call that runs before
+    :func:`_batch_layout`. Over a process group of more than one rank (``gather_distributed``
+    True, as :func:`_spread` reads it) such an error makes this rank take its part in the
+    collectives that the other ranks make in :func:`_batch_layout` (the layout table, with the
+    dtype code ``_LOCAL_ERROR`` and the length of ``"<TypeName>: <message>"``, then the
+    messages) as the ``with`` block exits, and then propagate: this rank raises its own
+    exception, the others ``ValueError("rank r: <TypeName>: <message>")``, and no rank is left
+    waiting. Otherwise the error propagates unchanged, and a call without an error makes no
     collective here.
     """
 
     def __init__(self, gather_distributed: object) -> None:
         self.gather_distributed = gather_distributed
-        self.error: Optional[Exception] = None
 
     def __enter__(self) -> "_LocalChecks":
         return self
 
-    def __exit__(self, kind: Optional[Type[BaseException]], error: Optional[BaseException], traceback: Optional[TracebackType]) -> bool:
+    def __exit__(self, kind: Optional[Type[BaseException]], error: Optional[BaseException], traceback: Optional[TracebackType]) -> None:
         if isinstance(error, (TypeError, ValueError)) and self.gather_distributed is True and dist_utils.world_size() > 1:
-            self.error = error
-            return True
-        return False
-
-    def raise_if_failed(self) -> None:
-        """Nothing when the checks passed; else share the error with the other ranks, and raise it."""
-        if self.error is not None:
-            self._share_and_raise(self.error)
+            self._share_and_raise(error)
 
     @staticmethod
     def _share_and_raise(error: Exception) -> NoReturn:
@@ -224,9 +216,7 @@ def _batch_layout(
     compares D and dtypes, the others ``"rank r: <TypeName>: <message>"``.
     """
     z = zs[0]
-    if not spread:
-        if problems:
-            raise ValueError(problems[0])
+    if not spread:  # the value checks raised as they found a problem (problems is None)
         return _Batch((z.shape[0],), 0, _compute_dtype(zs), (tuple(extra),))
     dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1

@@ -298,8 +298,7 @@ def contrastive_loss(
         >>> contrastive_loss(z_a, z_b, partners=partners, weights=torch.stack([lam, 1 - lam], 1)).shape
         torch.Size([])
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         spread = _spread(gather_distributed)
         problems = _problems(spread)
@@ -317,7 +316,6 @@ def contrastive_loss(
             labels = check_labels("labels", labels, n, device)
         stats, detail = _local_value_stats(partners, weights, labels)
         t, _ = _temperatures(t, [z_a, z_b], problems=problems)
-    guard.raise_if_failed()
     layout = _batch_layout([z_a, z_b], spread, "z_a", stats, problems)
     _raise_value_errors(layout, partners, weights, detail)
     reference = convention == "reference"

@@ -212,8 +212,7 @@ def m3co_pair(
         gather_distributed: contrast against the batch of every rank (``perm`` and ``lam``
             stay local: mixing partners live on the same rank).
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         spread = _spread(gather_distributed)
         problems = _problems(spread)
@@ -222,7 +221,6 @@ def m3co_pair(
         perm = check_perm("perm", perm, n, mixed_a.device, problems)
         lam = check_lam("lam", lam, n, mixed_a.device, problems)
         t, _ = _temperatures(t, [mixed_a, clean_b], problems=problems)
-    guard.raise_if_failed()
     layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a", problems=problems)
     with _no_autocast(mixed_a.device):
         a, b = _prepare([mixed_a, clean_b], layout)
@@ -276,8 +274,7 @@ def m3co(
         mixed = [plan.mix(x, m) for m, x in enumerate(z)]
         loss = m3co(mixed, None, plan.perms, plan.lam, convention="reference")
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         partner = resolve_partner(partner, convention)
         spread = _spread(gather_distributed)
@@ -301,7 +298,6 @@ def m3co(
         # Only the embeddings that enter a term are normalised and gathered.
         used = list(mixed) + (list(clean) if partner == "clean" and clean is not None else [])
         t, _ = _temperatures(t, used, problems=problems)
-    guard.raise_if_failed()
     layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed", problems=problems)
     reference = convention == "reference"
     with _no_autocast(device):
@@ -353,8 +349,7 @@ def multisoftclip_pair(
             inputs of inconsistent shapes (named).
         TypeError: inputs of the wrong kind or dtype (named).
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
         detach = check_flag("detach_targets", detach_targets)
@@ -362,7 +357,6 @@ def multisoftclip_pair(
         problems = _problems(spread)
         z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
         t, target_t = _temperatures(t, [z_a, z_b], target, problems)
-    guard.raise_if_failed()
     layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
@@ -392,8 +386,7 @@ def multisoftclip(
         temperature: as in :func:`multisoftclip_pair`; so are ``target_temperature``,
             ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
         detach = check_flag("detach_targets", detach_targets)
@@ -401,7 +394,6 @@ def multisoftclip(
         problems = _problems(spread)
         z = _check_modalities("z", z, min_rows=_min_rows(spread), problems=problems)
         t, target = _temperatures(t, z, target, problems)
-    guard.raise_if_failed()
     layout = _batch_layout(z, spread, "z", problems=problems)
     reference = convention == "reference"
     with _no_autocast(z[0].device):
@@ -438,15 +430,13 @@ def clip_loss(
     directions, not their average, so that it equals :func:`m3co_pair` at ``lam = 1``).
     ``temperature`` is a float or a 0-dim tensor, as in :func:`m3co_pair`.
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = check_temperature("temperature", temperature)
         check_choice("reduction", reduction, REDUCTIONS)
         spread = _spread(gather_distributed)
         problems = _problems(spread)
         z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
         t, _ = _temperatures(t, [z_a, z_b], problems=problems)
-    guard.raise_if_failed()
     layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
@@ -484,8 +474,7 @@ def unis_mmc(
             batch, the same value on every rank, so that the average over ranks and DDP's
             averaged gradient are those of one process on the concatenated batch.
     """
-    guard = _LocalChecks(gather_distributed)  # a TypeError or ValueError here raises on every rank
-    with guard:
+    with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = check_temperature("temperature", temperature)
         spread = _spread(gather_distributed)
         problems = _problems(spread)
@@ -496,7 +485,6 @@ def unis_mmc(
         if value_checks_enabled() and has_values(y) and not bool(((y >= 0) & (y < num_classes)).all()):
             value_problem(f"y must hold class indices in [0, {num_classes})", problems)
         t, _ = _temperatures(t, r, problems=problems)
-    guard.raise_if_failed()
     layout = _batch_layout(r, spread, "r[0]", problems=problems)
 
     with _no_autocast(r[0].device):

@@ -509,8 +509,7 @@ class M3CoLoss(ContrastiveOptions):
             plan: the :class:`MixupPlan` used for ``mixed``; drawn here when None.
             step: schedule position; default the counter advanced by :meth:`step`.
         """
-        guard = _LocalChecks(self.gather_distributed)  # a TypeError or ValueError here raises on every rank
-        with guard:
+        with _LocalChecks(self.gather_distributed):  # a TypeError or ValueError here raises on every rank
             spread = _spread(self.gather_distributed)
             # Over a process group the loss below finds and shares the value problems of z.
             z = F._check_modalities("z", z, min_rows=_min_rows(spread), problems=[] if spread else None)
@@ -519,17 +518,12 @@ class M3CoLoss(ContrastiveOptions):
                 if plan is None:
                     if mixed is not None:
                         raise ValueError("mixed was given without the plan that made it; pass plan=")
-                    plan = self.sampler.sample(z[0].shape[0], len(z), device=z[0].device)
                 elif not isinstance(plan, MixupPlan):
                     raise TypeError(f"plan must be a MixupPlan; got {type(plan).__name__}")
-                if plan.num_modalities != len(z):
+                elif plan.num_modalities != len(z):
                     raise ValueError(f"plan was drawn for {plan.num_modalities} modalities but z holds {len(z)}")
-                if plan.batch_size != z[0].shape[0]:
+                elif plan.batch_size != z[0].shape[0]:
                     raise ValueError(f"plan was drawn for a batch of {plan.batch_size} but z holds N = {z[0].shape[0]} rows")
-                plan = plan.to(z[0].device)  # a plan drawn on the CPU serves embeddings on any device
-                if mixed is None:
-                    mixed = [plan.mix(x, m) for m, x in enumerate(z)]
-        guard.raise_if_failed()
         options: Dict[str, Any] = dict(reduction=self.reduction, convention=self.convention, backend=self.backend, gather_distributed=self.gather_distributed)
         if phase == "multisclip":
             loss = F.multisoftclip(
@@ -540,7 +534,12 @@ class M3CoLoss(ContrastiveOptions):
                 **options,
             )
         else:
-            assert plan is not None and mixed is not None, "set above"
+            # drawn and applied outside the checks: a graph break in the sampler stays one break
+            if plan is None:
+                plan = self.sampler.sample(z[0].shape[0], len(z), device=z[0].device)
+            plan = plan.to(z[0].device)  # a plan drawn on the CPU serves embeddings on any device
+            if mixed is None:
+                mixed = [plan.mix(x, m) for m, x in enumerate(z)]
             loss = F.m3co(mixed, z, plan.perms, plan.lam, temperature=self.temperature, partner=self.partner, **options)
         return self.beta * loss
 
