@@ -63,11 +63,11 @@ def value_problem(message: str, problems: Optional[List[str]]) -> None:
     problems.append(message)
 
 
-def check_int(name: str, value: object, *, minimum: int) -> int:
+def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int:
     """An int (not a bool) of at least ``minimum``: TypeError for another type, ValueError below it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
     return int(value)
 

@@ -17,6 +17,7 @@ the gradients of the parameters used there), like any other parameter (docs page
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -178,6 +179,7 @@ class ContrastiveLoss(ContrastiveOptions):
             backend=self.backend,
             gather_distributed=self.gather_distributed,
         )
+
 
 class MultiSClipLoss(ContrastiveOptions):
     """MultiSClip over M >= 2 modalities: :func:`m3co_loss.functional.multisoftclip`.
@@ -389,7 +391,7 @@ class M3CoLoss(ContrastiveOptions):
         self.multisclip_logit_scale = self._learnable("multisclip_temperature", self._multisclip_temperature)
         self.multisclip_target_temperature = check_target_temperature("multisclip_target_temperature", multisclip_target_temperature)
         self.detach_targets = check_flag("detach_targets", detach_targets)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float, numbers.Real)):  # numpy scalars too
             raise TypeError(f"beta must be a real number; got {type(beta).__name__}")
         if not 0 <= beta < math.inf:
             raise ValueError(f"beta must be a finite number >= 0; got {beta!r}")

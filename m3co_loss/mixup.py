@@ -57,7 +57,7 @@ class MixupPlan:
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-        if check_int("modality", modality, minimum=0) >= self.num_modalities:
+        if not 0 <= check_int("modality", modality) < self.num_modalities:
             raise ValueError(f"modality must be an int in [0, {self.num_modalities}); got {modality!r}")
         if not x.is_floating_point():
             raise TypeError(

@@ -182,11 +182,11 @@ def multisoftclip_pairs(
     ``S = p_a p_b^T / t`` (and the dense backend shares each modality's soft targets between
     pairs); with ``distributed`` every direction is one :func:`multisoftclip_vector`, which needs
     ``gather``. ``target_t`` and ``detach_targets`` are those of :func:`multisoftclip_vector`.
-    A pair whose two weights are 0 adds nothing, in every backend (zeros when every pair is such).
+    A pair whose two weights are 0 adds nothing, in every backend; not every weight may be 0.
 
     Raises:
         TypeError: ``weights`` is not a mapping.
-        ValueError: ``weights`` is empty, has a key other than ``(a, b)`` with
+        ValueError: ``weights`` is empty or all zero, has a key other than ``(a, b)`` with
             ``0 <= a < b < len(rows)``, or a value other than two finite non-negative numbers;
             or ``distributed`` without ``gather``.
     """
@@ -208,4 +208,4 @@ def multisoftclip_pairs(
                 pair = v if pair is None else pair + v
         pair_sum = cast(Tensor, pair)  # a weight of the pair is nonzero
         total = pair_sum if total is None else total + pair_sum
-    return rows[0].local.new_zeros(rows[0].local.shape[0]) if total is None else total
+    return cast(Tensor, total)  # check_pair_weights refuses weights that are all zero

@@ -43,6 +43,8 @@ def check_pair_weights(weights: object, modalities: int) -> Dict[Tuple[int, int]
     for key, value in weights.items():
         if not (isinstance(key, tuple) and len(key) == 2 and all(_is_index(i) for i in key) and 0 <= key[0] < key[1] < modalities):
             raise ValueError(f"weights: every key must be a pair (a, b) of modality indices, 0 <= a < b < {modalities}; got {key!r}")
+        if hasattr(value, "tolist") and not isinstance(value, str):  # a tensor or an array of the two weights
+            value = value.tolist()
         pair = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
         if len(pair) != 2 or not all(_is_weight(w) for w in pair):
             raise ValueError(f"weights[{key!r}] must be two finite non-negative numbers (the weights of the two directions); got {value!r}")
@@ -58,7 +60,13 @@ def _is_index(i: object) -> bool:
 
 
 def _is_weight(w: object) -> bool:
-    return isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(float(w)) and float(w) >= 0
+    if not isinstance(w, numbers.Real) or isinstance(w, bool):
+        return False
+    try:
+        value = float(w)
+    except OverflowError:  # an int beyond float's range
+        return False
+    return math.isfinite(value) and value >= 0
 
 
 def nonzero_pairs(weights: PairWeights) -> Dict[Tuple[int, int], Tuple[float, float]]:

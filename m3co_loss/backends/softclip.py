@@ -565,10 +565,7 @@ def soft_clip(
             float64); ``m3co_loss.functional`` with ``backend='tiled'`` computes those.
     """
     target_t = t if target_t is None else target_t
-    if not torch.compiler.is_compiling():
-        # Under torch.compile a CPU tensor's value is not read while tracing; the operator's
-        # forward pass checks it when it runs.
-        check_temperatures(t, target_t, a.dtype)
+    if not torch.compiler.is_compiling():  # the forward pass checks the temperatures (check_temperatures)
         return SoftClip.apply(a, b, t, target_t, coefficients, detach_targets)  # type: ignore[no-any-return, no-untyped-call]
     shared = _one_tensor(t, target_t)
     v: Tensor = _softclip_op(a, b, *split_temperature(t), *split_temperature(target_t), [float(x) for x in coefficients], detach_targets, shared)[0]

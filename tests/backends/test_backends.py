@@ -332,3 +332,14 @@ def test_set_config_and_config_take_every_option_and_only_those():
         assert list(inspect.signature(fn).parameters) == options, fn.__name__
     with backends.config(**dataclasses.asdict(backends.get_config())) as current:
         assert current == backends.get_config()
+
+
+def test_pair_weights_may_be_tensors_or_arrays():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(3)
+    rows = [Rows(x, x, 0) for x in (F.normalize(torch.randn(6, 4, generator=g)) for _ in range(2))]
+    expected = backends.multisoftclip_pairs(rows, {(0, 1): (1.0, 0.5)}, 0.1, reference=False)
+    for value in (torch.tensor([1.0, 0.5]), np.array([1.0, 0.5])):
+        assert torch.equal(backends.multisoftclip_pairs(rows, {(0, 1): value}, 0.1, reference=False), expected)
+    with pytest.raises(ValueError, match=r"weights\[\(0, 1\)\] must be two finite"):
+        backends.multisoftclip_pairs(rows, {(0, 1): (10**400, 1.0)}, 0.1, reference=False)

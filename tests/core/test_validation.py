@@ -253,6 +253,16 @@ def test_wrong_types_raise_type_errors_by_name(make, match):
         make()
 
 
+def test_numbers_of_other_real_types_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert m3co_loss.M3CoLoss(beta=np.float32(0.5)).beta == 0.5
+    assert m3co_loss.M3CoLoss(total_steps=np.int64(30)).total_steps == 30
+    plan = m3co_loss.MixupSampler().sample(4, 2)
+    for modality in (-1, 2):
+        with pytest.raises(ValueError, match=r"^modality must be an int in \[0, 2\); got"):
+            plan.mix(torch.randn(4, 2), modality)
+
+
 def test_modules_reject_wrong_types_in_init():
     with pytest.raises(TypeError, match="gather_distributed"):
         m3co_loss.CLIPLoss(gather_distributed="yes")
