@@ -47,7 +47,8 @@ def communication_device(group: Optional[ProcessGroup] = None) -> torch.device:
 
     For a collective whose tensors a rank makes itself (e.g. :func:`all_gather_ints` on a rank
     that has no valid input tensor to take a device from). The CPU when torch.distributed is not
-    initialised.
+    initialised. With NCCL each rank must have made its own GPU current
+    (``torch.cuda.set_device(local_rank)``, as DDP training scripts do), or this is GPU 0.
     """
     if is_initialized() and torch.distributed.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
