@@ -167,13 +167,13 @@ def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch
 
 
 def check_embeddings(
-    name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2, problems: Optional[List[str]] = None
+    name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2, problems: Optional[List[str]] = None, values: bool = True
 ) -> Tensor:
     """A floating (N, D) tensor with N >= ``min_rows``, optionally of a given N and D.
 
     ``min_rows`` is 2 for a contrastive loss on one process; a rank of a process group may hold
     fewer rows (the batch is checked as a whole once the row counts are gathered). ``problems``:
-    see :func:`value_problem` (NaN or Inf).
+    see :func:`value_problem` (NaN or Inf); ``values=False`` leaves the values to a later check.
     """
     if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(z).__name__}")
@@ -191,7 +191,7 @@ def check_embeddings(
         raise ValueError(f"{name} has {z.shape[0]} rows but the batch has N = {n}")
     if d is not None and z.shape[1] != d:
         raise ValueError(f"{name} has dimension {z.shape[1]} but the other embeddings have D = {d}")
-    if _VALUE_CHECKS and not all_finite(z):
+    if values and _VALUE_CHECKS and not all_finite(z):
         value_problem(f"{name} contains NaN or Inf", problems)
     return z
 

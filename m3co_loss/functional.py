@@ -126,13 +126,13 @@ def _multisoftclip_vector(
 
 
 def _check_modalities(
-    name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2, problems: Optional[List[str]] = None
+    name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2, problems: Optional[List[str]] = None, values: bool = True
 ) -> List[Tensor]:
     zs = check_sequence(name, zs)
-    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows, problems=problems)
+    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows, problems=problems, values=values)
     out = [first]
     for m, z in enumerate(zs[1:], start=1):
-        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1], min_rows=min_rows, problems=problems))
+        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1], min_rows=min_rows, problems=problems, values=values))
     check_same_device([f"{name}[{m}]" for m in range(len(out))], out)
     return out
 

@@ -513,8 +513,9 @@ class M3CoLoss(ContrastiveOptions):
         """
         with _LocalChecks(self.gather_distributed):  # a TypeError or ValueError here raises on every rank
             spread = _spread(self.gather_distributed)
-            # Over a process group the loss below finds and shares the value problems of z.
-            z = F._check_modalities("z", z, min_rows=_min_rows(spread), problems=[] if spread else None)
+            # Over a process group the loss below checks the values of z and shares their problems
+            # (a check here would cost a host sync per modality for nothing).
+            z = F._check_modalities("z", z, min_rows=_min_rows(spread), values=not spread)
             phase = self.phase(step)
             if phase != "multisclip":
                 if plan is None:
