@@ -137,6 +137,17 @@ def _check_modalities(
     return out
 
 
+def _multisclip_options(
+    temperature: object, target_temperature: object, detach_targets: object, reduction: object, convention: object, gather_distributed: object
+) -> Tuple[Union[float, Tensor], Optional[Union[float, Tensor]], bool, bool, Optional[List[str]]]:
+    """The checked options of a MultiSClip call: ``(t, target_t or None, detach, spread, problems)``."""
+    t = _check_common(temperature, reduction, convention)
+    target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
+    detach = check_flag("detach_targets", detach_targets)
+    spread = _spread(gather_distributed)
+    return t, target, detach, spread, _problems(spread)
+
+
 def _per_modality_lam(lam: object, num: int, n: int, device: torch.device, problems: Optional[List[str]] = None) -> List[Tensor]:
     """lam as one (N,) tensor shared by all modalities, an (M, N) tensor or a list of M tensors."""
     if isinstance(lam, Tensor) and lam.dim() == 2:
@@ -350,11 +361,7 @@ def multisoftclip_pair(
         TypeError: inputs of the wrong kind or dtype (named).
     """
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
-        t = _check_common(temperature, reduction, convention)
-        target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
-        detach = check_flag("detach_targets", detach_targets)
-        spread = _spread(gather_distributed)
-        problems = _problems(spread)
+        t, target, detach, spread, problems = _multisclip_options(temperature, target_temperature, detach_targets, reduction, convention, gather_distributed)
         z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
         t, target_t = _temperatures(t, [z_a, z_b], target, problems)
     layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
@@ -387,11 +394,7 @@ def multisoftclip(
             ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
-        t = _check_common(temperature, reduction, convention)
-        target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
-        detach = check_flag("detach_targets", detach_targets)
-        spread = _spread(gather_distributed)
-        problems = _problems(spread)
+        t, target, detach, spread, problems = _multisclip_options(temperature, target_temperature, detach_targets, reduction, convention, gather_distributed)
         z = _check_modalities("z", z, min_rows=_min_rows(spread), problems=problems)
         t, target = _temperatures(t, z, target, problems)
     layout = _batch_layout(z, spread, "z", problems=problems)
