@@ -29,7 +29,7 @@ from torch import Tensor
 from .._validation import BACKENDS, check_choice
 from . import dense, tiled, triton
 from ._config import BackendConfig, config, get_config, set_config
-from ._interface import Backend, PairWeights, Rows, Temperature, check_pair_weights, nonzero_pairs
+from ._interface import Backend, PairWeights, Rows, Temperature, check_pair_weights
 
 __all__ = [
     "BACKENDS",
@@ -198,7 +198,7 @@ def multisoftclip_pairs(
         raise ValueError("gather is needed with distributed=True: it concatenates per-row vectors over the process group")
     vector = impl.multisoftclip_vector
     total: Optional[Tensor] = None
-    for (a, b), (weight_a, weight_b) in nonzero_pairs(weights).items():
+    for (a, b), (weight_a, weight_b) in weights.items():
         pair: Optional[Tensor] = None
         for weight, targets, other in ((weight_a, rows[a], rows[b]), (weight_b, rows[b], rows[a])):
             if weight:

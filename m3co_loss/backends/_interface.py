@@ -18,7 +18,7 @@ from typing import Callable, Dict, Mapping, NamedTuple, Optional, Protocol, Sequ
 import torch
 from torch import Tensor
 
-__all__ = ["Rows", "PairWeights", "Backend", "Temperature", "check_pair_weights", "nonzero_pairs"]
+__all__ = ["Rows", "PairWeights", "Backend", "Temperature", "check_pair_weights"]
 
 # A temperature: a float, or a 0-dim tensor of the embeddings' dtype and device (it may require grad).
 Temperature = Union[float, Tensor]
@@ -28,8 +28,9 @@ PairWeights = Mapping[Tuple[int, int], Sequence[float]]
 
 
 def check_pair_weights(weights: object, modalities: int) -> Dict[Tuple[int, int], Tuple[float, float]]:
-    """``weights`` as a dict of float pairs, checked: at least one pair, keys ``(a, b)`` with
-    ``0 <= a < b < modalities``, values two finite non-negative numbers, not all zero.
+    """The pairs of ``weights`` with a nonzero weight, as a dict of float pairs, checked: at least
+    one pair, keys ``(a, b)`` with ``0 <= a < b < modalities``, values two finite non-negative
+    numbers, not all zero. A pair whose two weights are 0 adds nothing, in every backend.
 
     Raises:
         TypeError: ``weights`` is not a mapping.
@@ -48,9 +49,9 @@ def check_pair_weights(weights: object, modalities: int) -> Dict[Tuple[int, int]
         pair = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
         if len(pair) != 2 or not all(_is_weight(w) for w in pair):
             raise ValueError(f"weights[{key!r}] must be two finite non-negative numbers (the weights of the two directions); got {value!r}")
-        checked[(int(key[0]), int(key[1]))] = (float(pair[0]), float(pair[1]))
-    if not any(w for pair in checked.values() for w in pair):
-        # the loss would be a constant 0 with no graph to differentiate
+        if pair[0] or pair[1]:
+            checked[(int(key[0]), int(key[1]))] = (float(pair[0]), float(pair[1]))
+    if not checked:  # the loss would be a constant 0 with no graph to differentiate
         raise ValueError("weights must hold at least one nonzero weight")
     return checked
 
@@ -67,11 +68,6 @@ def _is_weight(w: object) -> bool:
     except OverflowError:  # an int beyond float's range
         return False
     return math.isfinite(value) and value >= 0
-
-
-def nonzero_pairs(weights: PairWeights) -> Dict[Tuple[int, int], Tuple[float, float]]:
-    """The pairs of ``weights`` with a nonzero weight: a pair whose two weights are 0 adds nothing, in every backend."""
-    return {key: (value[0], value[1]) for key, value in weights.items() if value[0] or value[1]}
 
 
 class Rows(NamedTuple):

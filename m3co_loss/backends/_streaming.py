@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Tuple, cast
 import torch
 from torch import Tensor
 
-from ._interface import PairWeights, Rows, nonzero_pairs
+from ._interface import PairWeights, Rows, check_pair_weights
 from ._tiling import Temperature, host_value, safe_span, static_shift_ok
 from .softclip import SoftClipCoefficients, soft_clip
 
@@ -196,10 +196,10 @@ class StreamingBackend:
     ) -> Tensor:
         """``sum over pairs (a, b) of weight_a Ls(a; a, b) + weight_b Ls(b; a, b)``, one fused call per pair.
 
-        A pair whose two weights are 0 is skipped (zeros when no pair is left).
+        A pair whose two weights are 0 is skipped; not every weight may be 0 (``ValueError``).
         """
         total: Optional[Tensor] = None
-        for (a, b), (weight_a, weight_b) in nonzero_pairs(weights).items():
+        for (a, b), (weight_a, weight_b) in check_pair_weights(weights, len(p)).items():
             v = self.multisoftclip_pair_vector(p[a], p[b], t, weight_a, weight_b, reference=reference, target_t=target_t, detach_targets=detach_targets)
             total = v if total is None else total + v
-        return p[0].new_zeros(p[0].shape[0]) if total is None else total
+        return cast(Tensor, total)  # check_pair_weights leaves a nonzero weight

@@ -10,12 +10,12 @@ backend, and the only one that can be differentiated twice. Every op is traced b
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor
 
-from ._interface import PairWeights, Rows, Temperature, nonzero_pairs
+from ._interface import PairWeights, Rows, Temperature, check_pair_weights
 
 __all__ = ["row_col_lse", "m3co_vector", "clip_vector", "multisoftclip_vector", "multisoftclip_pairs"]
 
@@ -98,7 +98,7 @@ def multisoftclip_pairs(
     ``S`` swapped), and every term with targets from modality m shares
     ``W_m = softmax(p_m p_m^T / target_t)``. So M(M-1)/2 cross and at most M target matrices are formed,
     instead of two matrices per directed term (for M = 3, 6 instead of 12). A pair whose two
-    weights are 0 is skipped (zeros when no pair is left).
+    weights are 0 is skipped; not every weight may be 0 (``ValueError``).
     """
     targets: Dict[int, Tensor] = {}
     target_t = t if target_t is None else target_t
@@ -109,7 +109,7 @@ def multisoftclip_pairs(
         return targets[m]
 
     total: Optional[Tensor] = None
-    for (a, b), (weight_a, weight_b) in nonzero_pairs(weights).items():
+    for (a, b), (weight_a, weight_b) in check_pair_weights(weights, len(p)).items():
         s = (p[a] / t) @ p[b].T
         lse_rows, lse_cols = torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
         # (weight, targets, S of the direction, its row and column log-sum-exps)
@@ -123,4 +123,4 @@ def multisoftclip_pairs(
                 v = c + (w * (r.unsqueeze(0) - 2 * s_cols)).sum(1)
             v = weight * v
             total = v if total is None else total + v
-    return p[0].new_zeros(p[0].shape[0]) if total is None else total
+    return cast(Tensor, total)  # check_pair_weights leaves a nonzero weight
