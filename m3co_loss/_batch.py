@@ -7,12 +7,10 @@ process group (:func:`_batch_layout`), normalise and gather the embeddings (:fun
 compute the per-sample vector, and reduce it (:func:`_reduce`); see
 :mod:`m3co_loss.functional`'s module docstring for the distributed scaling.
 
-Over a process group the value checks of a call (NaN or Inf, permutations, ``lam``, labels,
-temperatures) collect their problems in a list (:func:`_problems`) instead of raising, and
-:func:`_batch_layout` raises them on every rank once the layout is exchanged. A TypeError or
-ValueError of the argument checks that run before it is shared by :class:`_LocalChecks` as its
-block exits: this rank takes its part in the same exchange and then raises it, so that the
-other ranks raise too.
+Over a process group a TypeError or ValueError of a call's checks (types, shapes, NaN or Inf,
+permutations, ``lam``, labels, temperatures), all of which run before :func:`_batch_layout`, is
+shared by :class:`_LocalChecks` as its block exits: this rank takes its part in the layout
+exchange and then raises it, so that the other ranks raise too.
 """
 
 from __future__ import annotations
@@ -160,11 +158,6 @@ def _min_rows(spread: bool) -> int:
     return 0 if spread else 2
 
 
-def _problems(spread: bool) -> Optional[List[str]]:
-    """Where the value checks of a call record their problems: a list over a process group, else None (they raise)."""
-    return [] if spread else None
-
-
 class _LocalChecks:
     """Shares the TypeError or ValueError of a call's argument checks with the other ranks of a process group.
 
@@ -199,33 +192,26 @@ class _LocalChecks:
         raise error
 
 
-def _batch_layout(
-    zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence[int] = (), problems: Optional[List[str]] = None
-) -> _Batch:
+def _batch_layout(zs: Sequence[Tensor], spread: bool, name: str, extra: Sequence[int] = ()) -> _Batch:
     """Every rank's row count, after checking that all ranks agree on D and dtype.
 
     ``zs`` are the embeddings of the call (all of one shape). Every rank receives the same
     table, so every rank raises the same error (no rank is left waiting in a collective).
     ``extra`` are integers of this rank that every rank needs (e.g. the outcome of its value
     checks): they travel in the same collective and come back, per rank, in ``extra``.
-    ``problems`` are this rank's value problems (from :func:`_problems`): the length of the
-    first travels in the table too, and when any rank has one every rank raises a ValueError,
-    this rank's own message if it has one, else ``"rank r: "`` and the message of the first
-    rank r that has one (see :func:`_raise_problems`). A rank whose argument checks raised
-    (:class:`_LocalChecks`) sends the code ``_LOCAL_ERROR``: every rank then raises before it
-    compares D and dtypes, the others ``"rank r: <TypeName>: <message>"``.
+    A rank whose checks raised (:class:`_LocalChecks`) sends the code ``_LOCAL_ERROR`` and the
+    length of its message: every rank then raises before it compares D and dtypes, the others
+    ``"rank r: <TypeName>: <message>"`` (see :func:`_raise_shared_error`).
     """
     z = zs[0]
-    if not spread:  # the value checks raised as they found a problem (problems is None)
+    if not spread:
         return _Batch((z.shape[0],), 0, _compute_dtype(zs), (tuple(extra),))
     dtype = _compute_dtype(zs)
     code = _GATHER_DTYPES.index(dtype) if dtype in _GATHER_DTYPES else -1
-    message = problems[0].encode() if problems else b""
     assert len(extra) <= _EXTRA_INTS, "a call sends more extra ints than _EXTRA_INTS holds"
     padding = [0] * (_EXTRA_INTS - len(extra))
-    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, len(message), *extra, *padding], z.device)
-    if any(row[2] == _LOCAL_ERROR for row in table):
-        _raise_problems(table, message, z.device)
+    table = dist_utils.all_gather_ints([z.shape[0], z.shape[1], code, 0, *extra, *padding], z.device)
+    _raise_shared_error(table, z.device)
     sizes = tuple(row[0] for row in table)
     for r, (_, d, c, *_) in enumerate(table):
         if d != table[0][1]:
@@ -234,27 +220,22 @@ def _batch_layout(
             raise TypeError(f"{name} is promoted to {_dtype_name(c)} on rank {r} but to {_dtype_name(table[0][2])} on rank 0; pass one dtype on every rank")
     if sum(sizes) < 2:
         raise ValueError(f"{name} must hold at least 2 samples over all ranks for a contrastive loss; the ranks hold {list(sizes)}")
-    _raise_problems(table, message, z.device)
     return _Batch(sizes, dist_utils.rank(), dtype, tuple(tuple(row[4 : 4 + len(extra)]) for row in table))
 
 
-def _raise_problems(table: Sequence[Sequence[int]], message: bytes, device: torch.device) -> None:
-    """Raise on every rank when any rank has a value problem or an error of its argument checks.
+def _raise_shared_error(table: Sequence[Sequence[int]], device: torch.device) -> None:
+    """On a rank whose checks passed: raise when another rank's did not (``row[2] == _LOCAL_ERROR`` in the
+    layout ``table``, ``row[3]`` the length of its message), naming the first such rank.
 
-    ``table``: the layout table (``row[3]``: the length of each rank's message, 0 for none;
-    ``row[2] == _LOCAL_ERROR``: that rank's checks raised, see :class:`_LocalChecks`); ``message``:
-    this rank's. Only then do the ranks exchange their messages, in a second small collective: a
-    call without problems costs no more than the layout exchange. A rank with a message raises
-    it; the others name the first rank whose checks raised, else the first with a value problem.
+    Only then do the ranks exchange their messages, in a second small collective (the failing
+    ranks take part in :meth:`_LocalChecks._share_and_raise`): a call without an error costs no
+    more than the layout exchange.
     """
-    lengths = [row[3] for row in table]
+    lengths = [row[3] if row[2] == _LOCAL_ERROR else 0 for row in table]
     if not any(lengths):
         return
-    texts = _share_messages(lengths, message, device)
-    if message:
-        raise ValueError(message.decode())
-    failed = [r for r, row in enumerate(table) if row[2] == _LOCAL_ERROR]
-    bad = failed[0] if failed else next(r for r, length in enumerate(lengths) if length)
+    texts = _share_messages(lengths, b"", device)
+    bad = next(r for r, length in enumerate(lengths) if length)
     raise ValueError(f"rank {bad}: {bytes(texts[bad][: lengths[bad]]).decode(errors='replace')}")
 
 
@@ -309,23 +290,22 @@ def _temperatures(
     temperature: Temperature,
     zs: Sequence[Tensor],
     target_temperature: Optional[Temperature] = None,
-    problems: Optional[List[str]] = None,
 ) -> Tuple[Temperature, Temperature]:
     """``(t, target_t)`` ready for the kernels (see :func:`~m3co_loss._validation.resolve_temperature`); ``target_t`` None: ``t``.
 
     ``zs``: the embeddings of the call, which give the dtype (:func:`_compute_dtype`) and the device.
     """
     dtype, device = _compute_dtype(zs), zs[0].device
-    t = resolve_temperature("temperature", temperature, dtype, device, problems)
+    t = resolve_temperature("temperature", temperature, dtype, device)
     if target_temperature is None:
         return t, t
-    return t, resolve_temperature("target_temperature", target_temperature, dtype, device, problems)
+    return t, resolve_temperature("target_temperature", target_temperature, dtype, device)
 
 
 def _check_pair(
-    name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2, problems: Optional[List[str]] = None
+    name_a: str, z_a: object, name_b: str, z_b: object, *, min_rows: int = 2
 ) -> Tuple[Tensor, Tensor]:
-    z_a = check_embeddings(name_a, z_a, min_rows=min_rows, problems=problems)
-    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows, problems=problems)
+    z_a = check_embeddings(name_a, z_a, min_rows=min_rows)
+    z_b = check_embeddings(name_b, z_b, n=z_a.shape[0], d=z_a.shape[1], min_rows=min_rows)
     check_same_device((name_a, name_b), (z_a, z_b))
     return z_a, z_b

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._batch import _Batch, _LocalChecks, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _problems, _reduce, _spread, _temperatures
+from ._batch import _Batch, _LocalChecks, _batch_layout, _check_common, _check_pair, _min_rows, _no_autocast, _prepare, _reduce, _spread, _temperatures
 from ._validation import (
     WEIGHTS_NEGATIVE,
     WEIGHTS_NOT_FINITE,
@@ -301,8 +301,7 @@ def contrastive_loss(
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         spread = _spread(gather_distributed)
-        problems = _problems(spread)
-        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
+        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
         n, device = z_a.shape[0], z_a.device
         if partners is not None and labels is not None:
             raise ValueError("pass either partners (with weights) or labels, not both: they are two forms of the targets")
@@ -315,8 +314,8 @@ def contrastive_loss(
         if labels is not None:
             labels = check_labels("labels", labels, n, device)
         stats, detail = _local_value_stats(partners, weights, labels)
-        t, _ = _temperatures(t, [z_a, z_b], problems=problems)
-    layout = _batch_layout([z_a, z_b], spread, "z_a", stats, problems)
+        t, _ = _temperatures(t, [z_a, z_b])
+    layout = _batch_layout([z_a, z_b], spread, "z_a", stats)
     _raise_value_errors(layout, partners, weights, detail)
     reference = convention == "reference"
     with _no_autocast(device):

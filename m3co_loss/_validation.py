@@ -50,19 +50,6 @@ def value_checks(enabled: bool) -> Iterator[None]:
         set_value_checks(previous)
 
 
-def value_problem(message: str, problems: Optional[List[str]]) -> None:
-    """Raise ``ValueError(message)``; given a list, append the message to it instead.
-
-    A call that spans a process group collects the value problems of its rank in a list and
-    shares their presence in the collective that exchanges the batch layout, after which every
-    rank raises (:func:`m3co_loss._batch._batch_layout`): a rank that raised alone before that
-    collective would leave the others waiting in it.
-    """
-    if problems is None:
-        raise ValueError(message)
-    problems.append(message)
-
-
 def check_int(name: str, value: object, *, minimum: Optional[int] = None) -> int:
     """An int (not a bool) of at least ``minimum``: TypeError for another type, ValueError below it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -137,11 +124,11 @@ def min_temperature(dtype: torch.dtype) -> float:
     return 2.0 ** -((exponent - 10) // 3)
 
 
-def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch.dtype, problems: Optional[List[str]] = None) -> None:
+def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch.dtype) -> None:
     """Refuse a temperature below :func:`min_temperature` for embeddings of ``dtype`` (or a tensor's NaN, Inf, <= 0).
 
     A float is always checked (on the host, for free); a tensor only while value checks are on.
-    ``problems``: see :func:`value_problem`.
+   
     """
     low = min_temperature(dtype)
     if isinstance(value, Tensor):
@@ -151,29 +138,28 @@ def check_temperature_value(name: str, value: Union[float, Tensor], dtype: torch
             return
         number = float(value.detach())
         if not math.isfinite(number) or number <= 0:
-            value_problem(f"{name} must be a finite number > 0; got a tensor holding {number}", problems)
+            raise ValueError(f"{name} must be a finite number > 0; got a tensor holding {number}")
             return
     else:
         number = value
         if number >= low:
             return
     compute = torch.promote_types(dtype, torch.float32)
-    value_problem(
+    raise ValueError(
         f"{name} = {number:.3g} is below the smallest supported temperature for {compute} computation, "
         f"{low:.3g} (2^{round(math.log2(low))}): 1/t^3 would overflow in the gradients"
-        + ("; pass float64 embeddings for smaller temperatures" if compute != torch.float64 else ""),
-        problems,
+        + ("; pass float64 embeddings for smaller temperatures" if compute != torch.float64 else "")
     )
 
 
 def check_embeddings(
-    name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2, problems: Optional[List[str]] = None, values: bool = True
+    name: str, z: object, *, n: int | None = None, d: int | None = None, min_rows: int = 2, values: bool = True
 ) -> Tensor:
     """A floating (N, D) tensor with N >= ``min_rows``, optionally of a given N and D.
 
     ``min_rows`` is 2 for a contrastive loss on one process; a rank of a process group may hold
-    fewer rows (the batch is checked as a whole once the row counts are gathered). ``problems``:
-    see :func:`value_problem` (NaN or Inf); ``values=False`` leaves the values to a later check.
+    fewer rows (the batch is checked as a whole once the row counts are gathered). ``values=False``
+    leaves the values (NaN or Inf) to a later check.
     """
     if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D); got {type(z).__name__}")
@@ -192,7 +178,7 @@ def check_embeddings(
     if d is not None and z.shape[1] != d:
         raise ValueError(f"{name} has dimension {z.shape[1]} but the other embeddings have D = {d}")
     if values and _VALUE_CHECKS and not all_finite(z):
-        value_problem(f"{name} contains NaN or Inf", problems)
+        raise ValueError(f"{name} contains NaN or Inf")
     return z
 
 
@@ -223,8 +209,8 @@ def check_same_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             raise ValueError(f"{name} is on {tensor.device} but {names[0]} is on {device}; move them to one device")
 
 
-def check_perm(name: str, perm: object, n: int, device: torch.device, problems: Optional[List[str]] = None) -> Tensor:
-    """An integer tensor of shape (N,) holding a permutation of 0..N-1 (``problems``: see :func:`value_problem`)."""
+def check_perm(name: str, perm: object, n: int, device: torch.device) -> Tensor:
+    """An integer tensor of shape (N,) holding a permutation of 0..N-1."""
     if not isinstance(perm, Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor of shape ({n},); got {type(perm).__name__}")
     if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
@@ -237,12 +223,12 @@ def check_perm(name: str, perm: object, n: int, device: torch.device, problems: 
     if _VALUE_CHECKS and has_values(perm):
         in_range = bool(((perm >= 0) & (perm < n)).all())
         if not in_range or not bool((torch.bincount(perm, minlength=n) == 1).all()):
-            value_problem(f"{name} must be a permutation of 0..{n - 1}", problems)
+            raise ValueError(f"{name} must be a permutation of 0..{n - 1}")
     return perm
 
 
-def check_lam(name: str, lam: object, n: int, device: torch.device, problems: Optional[List[str]] = None) -> Tensor:
-    """A floating tensor of shape (N,) with values in [0, 1] (``problems``: see :func:`value_problem`)."""
+def check_lam(name: str, lam: object, n: int, device: torch.device) -> Tensor:
+    """A floating tensor of shape (N,) with values in [0, 1]."""
     if not isinstance(lam, Tensor):
         raise TypeError(f"{name} must be a floating torch.Tensor of shape ({n},); got {type(lam).__name__}")
     if not lam.is_floating_point():
@@ -252,7 +238,7 @@ def check_lam(name: str, lam: object, n: int, device: torch.device, problems: Op
     if lam.device != device:
         raise ValueError(f"{name} is on {lam.device} but the embeddings are on {device}")
     if _VALUE_CHECKS and has_values(lam) and not bool(((lam >= 0) & (lam <= 1)).all()):
-        value_problem(f"{name} must lie in [0, 1] (NaN is not allowed)", problems)
+        raise ValueError(f"{name} must lie in [0, 1] (NaN is not allowed)")
     return lam
 
 
@@ -333,7 +319,7 @@ def check_labels(name: str, labels: object, n: int, device: torch.device) -> Ten
     return labels.long()
 
 
-def check_logits(name: str, logits: object, r: Sequence[Tensor], problems: Optional[List[str]] = None) -> Tuple[List[Tensor], int]:
+def check_logits(name: str, logits: object, r: Sequence[Tensor]) -> Tuple[List[Tensor], int]:
     """One floating (N, C) tensor per modality of ``r``, with the same C, on ``r``'s device: ``(logits, C)``."""
     tensors = check_sequence(name, logits)
     if len(tensors) != len(r):
@@ -348,7 +334,7 @@ def check_logits(name: str, logits: object, r: Sequence[Tensor], problems: Optio
         if lg.shape[1] != num_classes:
             raise ValueError(f"{name}[{m}] has {lg.shape[1]} classes but {name}[0] has {num_classes}")
         if value_checks_enabled() and not all_finite(lg):
-            value_problem(f"{name}[{m}] contains NaN or Inf", problems)
+            raise ValueError(f"{name}[{m}] contains NaN or Inf")
     check_same_device(["r[0]"] + [f"{name}[{m}]" for m in range(len(tensors))], [r[0]] + tensors)
     return tensors, num_classes
 
@@ -368,13 +354,13 @@ def check_flag(name: str, value: object) -> bool:
 
 
 def resolve_temperature(
-    name: str, value: Union[float, Tensor], dtype: torch.dtype, device: torch.device, problems: Optional[List[str]] = None
+    name: str, value: Union[float, Tensor], dtype: torch.dtype, device: torch.device
 ) -> Union[float, Tensor]:
     """A temperature (from :func:`check_temperature`) as the kernels take it, range checked for ``dtype``.
 
     A float stays a float. A tensor is moved from the CPU to ``device`` if need be (any other
     device is refused) and cast to ``dtype`` (the embeddings' compute dtype); autograd carries
-    its gradient back through both. ``problems``: see :func:`value_problem`.
+    its gradient back through both.
     """
     if isinstance(value, Tensor):
         if value.device != device:
@@ -382,5 +368,5 @@ def resolve_temperature(
                 raise ValueError(f"{name} is on {value.device} but the embeddings are on {device}; move it to one device")
             value = value.to(device)
         value = value.to(dtype)
-    check_temperature_value(name, value, dtype, problems)
+    check_temperature_value(name, value, dtype)
     return value

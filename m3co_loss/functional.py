@@ -57,7 +57,6 @@ from ._batch import (
     _min_rows,
     _no_autocast,
     _prepare,
-    _problems,
     _reduce,
     _spread,
     normalize,
@@ -80,7 +79,6 @@ from ._validation import (
     min_temperature,
     resolve_partner,
     value_checks_enabled,
-    value_problem,
 )
 from .backends import Rows, Temperature
 
@@ -126,42 +124,41 @@ def _multisoftclip_vector(
 
 
 def _check_modalities(
-    name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2, problems: Optional[List[str]] = None, values: bool = True
+    name: str, zs: object, *, n: Optional[int] = None, d: Optional[int] = None, min_rows: int = 2, values: bool = True
 ) -> List[Tensor]:
     zs = check_sequence(name, zs)
-    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows, problems=problems, values=values)
+    first = check_embeddings(f"{name}[0]", zs[0], n=n, d=d, min_rows=min_rows, values=values)
     out = [first]
     for m, z in enumerate(zs[1:], start=1):
-        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1], min_rows=min_rows, problems=problems, values=values))
+        out.append(check_embeddings(f"{name}[{m}]", z, n=first.shape[0], d=first.shape[1], min_rows=min_rows, values=values))
     check_same_device([f"{name}[{m}]" for m in range(len(out))], out)
     return out
 
 
 def _multisclip_options(
     temperature: object, target_temperature: object, detach_targets: object, reduction: object, convention: object, gather_distributed: object
-) -> Tuple[Union[float, Tensor], Optional[Union[float, Tensor]], bool, bool, Optional[List[str]]]:
-    """The checked options of a MultiSClip call: ``(t, target_t or None, detach, spread, problems)``."""
+) -> Tuple[Union[float, Tensor], Optional[Union[float, Tensor]], bool, bool]:
+    """The checked options of a MultiSClip call: ``(t, target_t or None, detach, spread)``."""
     t = _check_common(temperature, reduction, convention)
     target = None if target_temperature is None else check_temperature("target_temperature", target_temperature)
     detach = check_flag("detach_targets", detach_targets)
-    spread = _spread(gather_distributed)
-    return t, target, detach, spread, _problems(spread)
+    return t, target, detach, _spread(gather_distributed)
 
 
-def _per_modality_lam(lam: object, num: int, n: int, device: torch.device, problems: Optional[List[str]] = None) -> List[Tensor]:
+def _per_modality_lam(lam: object, num: int, n: int, device: torch.device) -> List[Tensor]:
     """lam as one (N,) tensor shared by all modalities, an (M, N) tensor or a list of M tensors."""
     if isinstance(lam, Tensor) and lam.dim() == 2:
         if lam.shape[0] != num:
             raise ValueError(f"lam has shape {tuple(lam.shape)}; a 2-D lam needs one row per modality ({num}, {n})")
-        return [check_lam(f"lam[{m}]", lam[m], n, device, problems) for m in range(num)]
+        return [check_lam(f"lam[{m}]", lam[m], n, device) for m in range(num)]
     if isinstance(lam, Tensor):
-        return [check_lam("lam", lam, n, device, problems)] * num
+        return [check_lam("lam", lam, n, device)] * num
     if not isinstance(lam, (list, tuple)):
         raise TypeError(f"lam must be a torch.Tensor of shape ({n},) or ({num}, {n}), or a list of {num} tensors; got {type(lam).__name__}")
     lams = list(lam)
     if len(lams) != num:
         raise ValueError(f"lam holds {len(lams)} tensors but there are {num} modalities")
-    return [check_lam(f"lam[{m}]", x, n, device, problems) for m, x in enumerate(lams)]
+    return [check_lam(f"lam[{m}]", x, n, device) for m, x in enumerate(lams)]
 
 
 def _directed_pairs(num: int, convention: str) -> List[Tuple[int, int, float]]:
@@ -226,13 +223,12 @@ def m3co_pair(
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = _check_common(temperature, reduction, convention)
         spread = _spread(gather_distributed)
-        problems = _problems(spread)
-        mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b, min_rows=_min_rows(spread), problems=problems)
+        mixed_a, clean_b = _check_pair("mixed_a", mixed_a, "clean_b", clean_b, min_rows=_min_rows(spread))
         n = mixed_a.shape[0]
-        perm = check_perm("perm", perm, n, mixed_a.device, problems)
-        lam = check_lam("lam", lam, n, mixed_a.device, problems)
-        t, _ = _temperatures(t, [mixed_a, clean_b], problems=problems)
-    layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a", problems=problems)
+        perm = check_perm("perm", perm, n, mixed_a.device)
+        lam = check_lam("lam", lam, n, mixed_a.device)
+        t, _ = _temperatures(t, [mixed_a, clean_b])
+    layout = _batch_layout([mixed_a, clean_b], spread, "mixed_a")
     with _no_autocast(mixed_a.device):
         a, b = _prepare([mixed_a, clean_b], layout)
         v = _m3co_vector(a, b, perm, lam.to(a.local.dtype), t, convention == "reference", layout, backend)
@@ -289,14 +285,13 @@ def m3co(
         t = _check_common(temperature, reduction, convention)
         partner = resolve_partner(partner, convention)
         spread = _spread(gather_distributed)
-        problems = _problems(spread)
         if clean is None:
             if partner == "clean":
                 raise ValueError("clean is None, but partner='clean' contrasts each mixed modality with clean embeddings; pass clean or partner='mixed'")
-            mixed = _check_modalities("mixed", mixed, min_rows=_min_rows(spread), problems=problems)
+            mixed = _check_modalities("mixed", mixed, min_rows=_min_rows(spread))
         else:
-            clean = _check_modalities("clean", clean, min_rows=_min_rows(spread), problems=problems)
-            mixed = _check_modalities("mixed", mixed, n=clean[0].shape[0], d=clean[0].shape[1], min_rows=_min_rows(spread), problems=problems)
+            clean = _check_modalities("clean", clean, min_rows=_min_rows(spread))
+            mixed = _check_modalities("mixed", mixed, n=clean[0].shape[0], d=clean[0].shape[1], min_rows=_min_rows(spread))
             if len(mixed) != len(clean):
                 raise ValueError(f"mixed holds {len(mixed)} modalities but clean holds {len(clean)}")
             check_same_device(("clean[0]", "mixed[0]"), (clean[0], mixed[0]))
@@ -304,12 +299,12 @@ def m3co(
         perms = check_sequence("perms", perms, min_len=0)  # a wrong count is named below
         if len(perms) != num:
             raise ValueError(f"perms holds {len(perms)} permutations but there are {num} modalities")
-        perms = [check_perm(f"perms[{m}]", p, n, device, problems) for m, p in enumerate(perms)]
-        lams = _per_modality_lam(lam, num, n, device, problems)
+        perms = [check_perm(f"perms[{m}]", p, n, device) for m, p in enumerate(perms)]
+        lams = _per_modality_lam(lam, num, n, device)
         # Only the embeddings that enter a term are normalised and gathered.
         used = list(mixed) + (list(clean) if partner == "clean" and clean is not None else [])
-        t, _ = _temperatures(t, used, problems=problems)
-    layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed", problems=problems)
+        t, _ = _temperatures(t, used)
+    layout = _batch_layout(used, spread, "clean" if partner == "clean" else "mixed")
     reference = convention == "reference"
     with _no_autocast(device):
         rows = _prepare(used, layout)
@@ -361,10 +356,10 @@ def multisoftclip_pair(
         TypeError: inputs of the wrong kind or dtype (named).
     """
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
-        t, target, detach, spread, problems = _multisclip_options(temperature, target_temperature, detach_targets, reduction, convention, gather_distributed)
-        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
-        t, target_t = _temperatures(t, [z_a, z_b], target, problems)
-    layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
+        t, target, detach, spread = _multisclip_options(temperature, target_temperature, detach_targets, reduction, convention, gather_distributed)
+        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
+        t, target_t = _temperatures(t, [z_a, z_b], target)
+    layout = _batch_layout([z_a, z_b], spread, "z_a")
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
         v = _multisoftclip_vector(a, b, t, convention == "reference", layout, backend, target_t=target_t, detach_targets=detach)
@@ -394,10 +389,10 @@ def multisoftclip(
             ``detach_targets``, ``reduction``, ``convention``, ``backend`` and ``gather_distributed``.
     """
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
-        t, target, detach, spread, problems = _multisclip_options(temperature, target_temperature, detach_targets, reduction, convention, gather_distributed)
-        z = _check_modalities("z", z, min_rows=_min_rows(spread), problems=problems)
-        t, target = _temperatures(t, z, target, problems)
-    layout = _batch_layout(z, spread, "z", problems=problems)
+        t, target, detach, spread = _multisclip_options(temperature, target_temperature, detach_targets, reduction, convention, gather_distributed)
+        z = _check_modalities("z", z, min_rows=_min_rows(spread))
+        t, target = _temperatures(t, z, target)
+    layout = _batch_layout(z, spread, "z")
     reference = convention == "reference"
     with _no_autocast(z[0].device):
         rows = _prepare(z, layout)
@@ -437,10 +432,9 @@ def clip_loss(
         t = check_temperature("temperature", temperature)
         check_choice("reduction", reduction, REDUCTIONS)
         spread = _spread(gather_distributed)
-        problems = _problems(spread)
-        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread), problems=problems)
-        t, _ = _temperatures(t, [z_a, z_b], problems=problems)
-    layout = _batch_layout([z_a, z_b], spread, "z_a", problems=problems)
+        z_a, z_b = _check_pair("z_a", z_a, "z_b", z_b, min_rows=_min_rows(spread))
+        t, _ = _temperatures(t, [z_a, z_b])
+    layout = _batch_layout([z_a, z_b], spread, "z_a")
     with _no_autocast(z_a.device):
         a, b = _prepare([z_a, z_b], layout)
         return _reduce(_clip_vector(a, b, t, layout, backend), reduction, layout)
@@ -480,15 +474,14 @@ def unis_mmc(
     with _LocalChecks(gather_distributed):  # a TypeError or ValueError here raises on every rank
         t = check_temperature("temperature", temperature)
         spread = _spread(gather_distributed)
-        problems = _problems(spread)
-        r = _check_modalities("r", r, min_rows=_min_rows(spread), problems=problems)
+        r = _check_modalities("r", r, min_rows=_min_rows(spread))
         n = r[0].shape[0]
-        logits, num_classes = check_logits("logits", logits, r, problems)
+        logits, num_classes = check_logits("logits", logits, r)
         y = check_labels("y", y, n, r[0].device)
         if value_checks_enabled() and has_values(y) and not bool(((y >= 0) & (y < num_classes)).all()):
-            value_problem(f"y must hold class indices in [0, {num_classes})", problems)
-        t, _ = _temperatures(t, r, problems=problems)
-    layout = _batch_layout(r, spread, "r[0]", problems=problems)
+            raise ValueError(f"y must hold class indices in [0, {num_classes})")
+        t, _ = _temperatures(t, r)
+    layout = _batch_layout(r, spread, "r[0]")
 
     with _no_autocast(r[0].device):
         p = [normalize(x, layout.dtype) for x in r]

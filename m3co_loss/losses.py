@@ -513,8 +513,8 @@ class M3CoLoss(ContrastiveOptions):
         """
         with _LocalChecks(self.gather_distributed):  # a TypeError or ValueError here raises on every rank
             spread = _spread(self.gather_distributed)
-            # Over a process group the loss below checks the values of z and shares their problems
-            # (a check here would cost a host sync per modality for nothing).
+            # Over a process group the loss below checks the values of z (a check here would cost
+            # a host sync per modality twice).
             z = F._check_modalities("z", z, min_rows=_min_rows(spread), values=not spread)
             phase = self.phase(step)
             if phase != "multisclip":

@@ -143,7 +143,7 @@ def test_a_bad_value_on_one_rank_raises_on_every_rank(value_problem_outcomes):
     for r, outcome in enumerate(outcomes):
         for name, (message, raised) in outcome.items():
             if message is not None:
-                expected = f"ValueError: {message}" if r == bad else f"ValueError: rank {bad}: {message}"
+                expected = f"ValueError: {message}" if r == bad else f"ValueError: rank {bad}: ValueError: {message}"
                 assert raised == expected, (r, name, raised)
         # two bad ranks: each raises its own problem
         own = "lam must lie in [0, 1] (NaN is not allowed)" if r == 0 else "mixed_a contains NaN or Inf"
